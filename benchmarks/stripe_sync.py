@@ -1,0 +1,214 @@
+"""Stripe sync benchmark: our engine against the fetch-only limit, a naive loader and dlt.
+
+One run, one machine, one Postgres server, one sandbox (in its own process): the sandbox holds
+N charges over D days; we measure
+  - fetch-only: every page our Stripe client reads for the backfill, parsed, no database;
+  - ours: the full backfill (every day, through the same `sync_partition` the assets call), then
+    a re-sync of the same days with nothing changed;
+  - naive: fetch + one `INSERT ... ON CONFLICT` and one COMMIT per row, on a subset, scaled;
+  - dlt: its `rest_api` source into the same Postgres with `merge` on id (first load and re-run);
+and peak RSS of our sync at two sizes, each in a fresh process, to show memory does not grow with
+the record count. Rates are charges per second of wall time; ratios are against baselines measured
+in this same run.
+
+    python benchmarks/stripe_sync.py [--charges 200000] [--days 90] [--small 50000] [--skip-dlt]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BENCH_KEY = "sk_test_benchmark_{}"
+
+
+def _days(now: datetime, days: int) -> list:
+    today = now.date()
+    return [today - timedelta(days=n) for n in range(days, -1, -1)]
+
+
+def _sandbox_now(url: str) -> datetime:
+    import httpx
+
+    return datetime.fromtimestamp(httpx.get(f"{url}/_sandbox/clock").json()["now"], UTC)
+
+
+def fetch_only(url: str, api_key: str, days: int) -> dict:
+    """Every page the backfill reads, through our client, parsed; no database."""
+    from nextcrm_pipelines.core.connections import Connection
+    from nextcrm_pipelines.core.runner import day_window
+    from nextcrm_pipelines.core.vault import Secrets
+    from nextcrm_pipelines.providers.stripe.client import StripeApi
+
+    connection = Connection(id="bench", provider="stripe", display_name="bench", base_url=url,
+                            settings={"requests_per_second": 0})  # fmt: skip
+    started = time.perf_counter()
+    records = 0
+    with StripeApi(connection, Secrets({"api_key": api_key})) as api:
+        for day in _days(_sandbox_now(url), days):
+            for page in api.charges(day_window(day)):
+                records += len(page)
+        requests = api.stats.requests
+    seconds = time.perf_counter() - started
+    return {"records_read": records, "seconds": seconds, "requests": requests}
+
+
+def ours(database_url: str, url: str, api_key: str, days: int, schema: str) -> dict:
+    """Full backfill then an unchanged re-sync, day by day, through the assets' sync path."""
+    import psycopg
+    from cryptography.fernet import Fernet
+
+    os.environ["NEXTCRM_SECRET_KEY"] = Fernet.generate_key().decode()
+    os.environ["NEXTCRM_DB_SCHEMA"] = schema
+    from nextcrm_pipelines.core import connections as vault
+    from nextcrm_pipelines.core import db
+    from nextcrm_pipelines.core.runner import day_window, sync_partition
+    from nextcrm_pipelines.core.vault import SecretBox
+    from nextcrm_pipelines.providers import get_provider
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    db.upgrade(database_url, schema)
+    box = SecretBox.from_environment()
+    with psycopg.connect(database_url) as conn:
+        connection = vault.add_connection(conn, provider="stripe", display_name="Bench", secrets={"api_key": api_key},
+                                          box=box, base_url=url, settings={"requests_per_second": 0})  # fmt: skip
+    provider = get_provider("stripe")
+    day_list = _days(_sandbox_now(url), days)
+    out: dict = {}
+    for phase in ("backfill", "resync"):
+        started = time.perf_counter()
+        totals = {"inserted": 0, "updated": 0, "unchanged": 0, "failed": 0, "requests": 0}
+        for day in day_list:
+            result = sync_partition(database_url=database_url, schema=schema, provider=provider,
+                                    entity_name="stripe_payments", connection_id=connection.id,
+                                    window=day_window(day), box=box)  # fmt: skip
+            for name in ("inserted", "updated", "unchanged", "failed"):
+                totals[name] += getattr(result.counts, name)
+            totals["requests"] += result.stats.requests
+        totals["seconds"] = time.perf_counter() - started
+        out[phase] = totals
+    with psycopg.connect(database_url) as conn:
+        out["rows"] = conn.execute(f'SELECT count(*) FROM "{schema}".stripe_payments').fetchone()[0]
+    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+def _child(args: argparse.Namespace) -> None:
+    print(json.dumps(ours(args.database_url, args.sandbox_url, args.api_key, args.days, args.schema)))
+
+
+def _run_child(database_url: str, url: str, api_key: str, days: int, schema: str) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", "--database-url", database_url, "--sandbox-url", url,
+         "--api-key", api_key, "--days", str(days), "--schema", schema],
+        check=True, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--charges", type=int, default=200_000)
+    parser.add_argument("--small", type=int, default=50_000, help="second size for the memory comparison")
+    parser.add_argument("--days", type=int, default=90)
+    parser.add_argument("--naive-subset", type=int, default=20_000)
+    parser.add_argument("--skip-dlt", action="store_true")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--sandbox-url", help=argparse.SUPPRESS)
+    parser.add_argument("--api-key", help=argparse.SUPPRESS)
+    parser.add_argument("--schema", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args)
+        return
+
+    from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+    from nextcrm_pipelines.sandbox.server import SandboxServer
+
+    folder = None
+    database_url = os.environ.get("BENCH_DATABASE_URL")
+    if not database_url:
+        folder = Path(tempfile.mkdtemp(prefix="nextcrm-bench-"))
+        database_url = ensure_embedded_postgres(folder).url
+    report: dict = {"charges": args.charges, "days": args.days}
+    try:
+        with SandboxServer(subprocess=True) as sandbox:
+            big, small = BENCH_KEY.format("big"), BENCH_KEY.format("small")
+            started = time.perf_counter()
+            sandbox.add_stripe_account(api_key=big, seed=42, charges=args.charges, subscriptions=10,
+                                       days=args.days, requests_per_second=0)  # fmt: skip
+            sandbox.add_stripe_account(api_key=small, seed=43, charges=args.small, subscriptions=10,
+                                       days=args.days, requests_per_second=0)  # fmt: skip
+            print(f"sandbox ready in {time.perf_counter() - started:.1f}s at {sandbox.url}", flush=True)
+
+            report["fetch_only"] = fetch_only(sandbox.url, big, args.days)
+            print("fetch-only", report["fetch_only"], flush=True)
+            report["ours"] = _run_child(database_url, sandbox.url, big, args.days, "bench_ours")
+            print("ours", report["ours"], flush=True)
+            report["ours_small"] = _run_child(database_url, sandbox.url, small, args.days, "bench_ours_small")
+            print("ours (small)", report["ours_small"], flush=True)
+
+            from benchmarks.baselines import dlt_load, naive_load
+
+            report["naive"] = naive_load(sandbox.url, big, database_url, limit_records=args.naive_subset)
+            print("naive", report["naive"], flush=True)
+            if not args.skip_dlt:
+                pipelines = tempfile.mkdtemp(prefix="nextcrm-bench-dlt-")
+                report["dlt_first"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
+                print("dlt first load", report["dlt_first"], flush=True)
+                report["dlt_rerun"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
+                print("dlt re-run", report["dlt_rerun"], flush=True)
+                shutil.rmtree(pipelines, ignore_errors=True)
+    finally:
+        if folder:
+            stop_embedded_postgres(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    print_report(report)
+
+
+def print_report(report: dict) -> None:
+    n = report["charges"]
+    fetch = n / report["fetch_only"]["seconds"]
+    backfill = n / report["ours"]["backfill"]["seconds"]
+    resync = n / report["ours"]["resync"]["seconds"]
+    naive = report["naive"]["records_per_second"]
+    lines = [
+        "",
+        f"== Stripe sync benchmark: {n:,} charges over {report['days']} days "
+        f"({report['fetch_only']['records_read']:,} records read incl. the events feed) ==",
+        f"fetch-only (client, no DB)   {fetch:10,.0f} charges/s  ({report['fetch_only']['seconds']:.1f}s)",
+        f"ours: full backfill          {backfill:10,.0f} charges/s  ({report['ours']['backfill']['seconds']:.1f}s)"
+        f"  = {backfill / fetch:.0%} of fetch-only",
+        f"ours: unchanged re-sync      {resync:10,.0f} charges/s  ({report['ours']['resync']['seconds']:.1f}s)",
+        f"naive row-by-row (subset)    {naive:10,.0f} charges/s  -> ours is {backfill / naive:.1f}x",
+    ]
+    if "dlt_first" in report:
+        dlt = n / report["dlt_first"]["seconds"]
+        dlt2 = n / report["dlt_rerun"]["seconds"]
+        lines.append(f"dlt rest_api merge: load     {dlt:10,.0f} charges/s  -> ours is {backfill / dlt:.1f}x")
+        lines.append(f"dlt rest_api merge: re-run   {dlt2:10,.0f} charges/s  -> ours is {resync / dlt2:.1f}x")
+    lines.append(
+        f"peak RSS of our sync: {report['ours_small']['peak_rss_mb']:.0f} MB at {report['ours_small']['rows']:,} rows, "
+        f"{report['ours']['peak_rss_mb']:.0f} MB at {report['ours']['rows']:,} rows"
+    )
+    lines.append(f"rows mirrored: {report['ours']['rows']:,} (sandbox: {n:,})")
+    print("\n".join(lines))
+    print(json.dumps(report, default=str))
+
+
+if __name__ == "__main__":
+    main()

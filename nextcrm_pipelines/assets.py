@@ -1,0 +1,100 @@
+"""Asset factory: one partitioned asset per provider entity, built from the registry.
+
+A run may hold many connection x day partitions (a backfill runs as one process, see
+`BackfillPolicy.single_run`); each partition is synced and logged on its own, a failed day does
+not stop the others, and the run fails at the end naming what failed so the retry policy (or the
+user) re-runs it. Re-running is always safe: writes are idempotent and never regress.
+"""
+
+from collections import defaultdict
+from datetime import date
+from typing import Any
+
+import dagster as dg
+
+from nextcrm_pipelines.core.http import AuthenticationFailed
+from nextcrm_pipelines.core.provider import Provider
+from nextcrm_pipelines.core.runner import ConnectionUnavailable, day_window, sync_partition
+from nextcrm_pipelines.core.sync import EntitySpec, SyncResult
+from nextcrm_pipelines.partitions import connection_day_partitions
+from nextcrm_pipelines.resources import MirrorDatabase
+
+SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+COUNTERS = ("rows_in_window", "records", "inserted", "updated", "unchanged", "failed", "requests", "retries", "rate_limit_waits")
+
+
+def _metadata(results: list[SyncResult]) -> dict[str, Any]:
+    totals: dict[str, int] = defaultdict(int)
+    for result in results:
+        for name, value in result.summary().items():
+            if name in COUNTERS:
+                totals[name] += int(value)
+    metadata: dict[str, Any] = {"dagster/row_count": totals.pop("rows_in_window", 0), **totals}
+    if results:
+        metadata["window"] = (
+            f"{min(r.window.start for r in results).isoformat()} .. " + max(r.window.end for r in results).isoformat()
+        )
+        metadata["duration_seconds"] = dg.FloatMetadataValue(round(sum(r.duration for r in results), 3))
+        metadata["partitions"] = len(results)
+        metadata["sync_log_ids"] = ", ".join(str(r.sync_log_id) for r in results[:50])
+    failed_ids = [f.id for r in results for f in r.failures][:50]
+    if failed_ids:
+        metadata["failed_record_ids"] = ", ".join(failed_ids)
+    return metadata
+
+
+def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefinition:
+    partitions_def = connection_day_partitions(provider.name)
+
+    @dg.asset(
+        name=entity.name,
+        group_name=provider.name,
+        description=entity.description,
+        partitions_def=partitions_def,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        retry_policy=SYNC_RETRY_POLICY,
+        kinds={"postgres", provider.name},
+        metadata={"table": entity.table.name, "provider": provider.name},
+        tags={"nextcrm/provider": provider.name},
+    )
+    def _sync(context: dg.AssetExecutionContext, mirror: MirrorDatabase) -> dg.MaterializeResult:
+        keys = sorted(
+            (partitions_def.get_partition_key_from_str(k) for k in context.partition_keys),
+            key=lambda k: (k.keys_by_dimension["connection"], k.keys_by_dimension["date"]),
+        )
+        url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
+        results: list[SyncResult] = []
+        failures: list[str] = []
+        for key in keys:
+            connection_id = key.keys_by_dimension["connection"]
+            day = date.fromisoformat(key.keys_by_dimension["date"])
+            try:
+                result = sync_partition(
+                    database_url=url, schema=schema, provider=provider, entity_name=entity.name,
+                    connection_id=connection_id, window=day_window(day), box=box,
+                    run_id=context.run_id, partition=str(key),
+                )  # fmt: skip
+            except (AuthenticationFailed, ConnectionUnavailable) as exc:
+                raise dg.Failure(str(exc), allow_retries=False) from None
+            except Exception as exc:
+                context.log.error(f"{entity.name} {key}: {exc}")
+                failures.append(f"{key}: {exc}")
+                continue
+            results.append(result)
+            context.log.info(f"{entity.name} {key}: {result.summary()}")
+            if len(keys) > 1:
+                context.log_event(
+                    dg.AssetObservation(asset_key=context.asset_key, partition=str(key), metadata=_metadata([result]))
+                )
+        if failures:
+            raise dg.Failure(
+                f"{len(failures)} of {len(keys)} partition(s) failed; committed data stays, re-run to finish",
+                metadata={"failures": "\n".join(failures[:20]), **_metadata(results)},
+            )
+        return dg.MaterializeResult(metadata=_metadata(results))
+
+    return _sync
+
+
+def build_provider_assets(provider: Provider) -> list[dg.AssetsDefinition]:
+    return [build_entity_asset(provider, entity) for entity in provider.entities]

@@ -1,0 +1,352 @@
+"""`nextcrm-pipelines`: database, connections, secrets, sandbox, demo and dev server commands.
+
+Secrets are read from the provider's environment variable or a hidden prompt, never from a
+command-line argument (which would land in shell history and `ps`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from datetime import UTC, date, datetime, timedelta
+
+import click
+import psycopg
+from psycopg import sql
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core import db, settings
+from nextcrm_pipelines.core.vault import SecretBox, VaultError, ensure_local_key
+from nextcrm_pipelines.providers import PROVIDERS, get_provider
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+@click.group()
+def main() -> None:
+    """NextCRM integration pipelines: provider data mirrored into Postgres by Dagster."""
+
+
+# --- database ---------------------------------------------------------------------------------
+
+
+@main.group("db")
+def db_group() -> None:
+    """The Postgres database (DATABASE_URL, or the embedded server)."""
+
+
+@db_group.command("upgrade")
+def db_upgrade() -> None:
+    """Create or upgrade the schema to the latest migration."""
+    from nextcrm_pipelines import environment
+
+    env = environment.prepare(upgrade=False)
+    revision = db.upgrade(env.database_url, env.schema)
+    click.echo(f"schema {env.schema} at revision {revision} on {settings.redact_url(env.database_url)}")
+
+
+@db_group.command("url")
+def db_url() -> None:
+    """Print the database URL (password redacted), starting the embedded server if needed."""
+    click.echo(settings.redact_url(settings.database_url()))
+
+
+@db_group.command("stop")
+def db_stop() -> None:
+    """Stop the embedded server (no effect when DATABASE_URL points elsewhere)."""
+    from nextcrm_pipelines.core.embedded_pg import stop_embedded_postgres
+
+    stopped = stop_embedded_postgres(settings.data_dir())
+    click.echo("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+
+
+# --- connections ------------------------------------------------------------------------------
+
+
+def _box() -> SecretBox:
+    try:
+        return SecretBox.from_environment()
+    except VaultError as exc:
+        _fail(str(exc))
+        raise
+
+
+def _register_partition(provider: str, connection_id: str) -> None:
+    """Make the connection visible in the Dagster UI now (the connections sensor would, too)."""
+    from dagster import DagsterInstance
+
+    from nextcrm_pipelines.partitions import connections_partitions_name
+
+    try:
+        instance = DagsterInstance.get()
+        name = connections_partitions_name(provider)
+        if not instance.has_dynamic_partition(name, connection_id):
+            instance.add_dynamic_partitions(name, [connection_id])
+    except Exception as exc:
+        click.echo(f"note: the Dagster instance was not updated ({type(exc).__name__}); "
+                   "the connections sensor will add the partition", err=True)  # fmt: skip
+
+
+@main.group("connections")
+def connections_group() -> None:
+    """Connected provider accounts (secrets encrypted at rest)."""
+
+
+@connections_group.command("add")
+@click.argument("provider", type=click.Choice(sorted(PROVIDERS)))
+@click.option("--name", "display_name", required=True, help="Display name of the account.")
+@click.option("--tenant", "external_tenant", help="Provider account/tenant id (Stripe: acct_... for Connect).")
+@click.option("--base-url", help="API base URL override (a sandbox); default: the provider's real API.")
+@click.option("--setting", "settings_kv", multiple=True, help="Non-secret option key=value (repeatable).")
+def connections_add(provider: str, display_name: str, external_tenant: str | None, base_url: str | None,
+                    settings_kv: tuple[str, ...]) -> None:  # fmt: skip
+    """Add (or re-connect) an account. Secrets come from the environment or a hidden prompt."""
+    from nextcrm_pipelines import environment
+
+    spec = get_provider(provider)
+    secrets: dict[str, str] = {}
+    for field in spec.secret_fields:
+        value = os.environ.get(field.env_var)
+        if not value:
+            if not sys.stdin.isatty():
+                _fail(f"set {field.env_var} (or run interactively to be prompted)")
+            value = click.prompt(field.prompt, hide_input=True)
+        secrets[field.name] = value.strip()
+    options: dict[str, object] = {}
+    for item in settings_kv:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--setting expects key=value, got {item!r}")
+        options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        connection = vault.add_connection(
+            conn, provider=provider, display_name=display_name, secrets=secrets, box=_box(),
+            external_tenant=external_tenant, base_url=base_url, settings=options,
+        )  # fmt: skip
+    _register_partition(provider, connection.id)
+    click.echo(f"connection {connection.id} ({provider}, {display_name!r}) is active")
+
+
+@connections_group.command("list")
+def connections_list() -> None:
+    """List connections and their sync state (never their secrets)."""
+    from nextcrm_pipelines import environment
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        rows = vault.list_connections(conn)
+    if not rows:
+        click.echo("no connections yet: add one with `nextcrm-pipelines connections add stripe --name ...`")
+        return
+    click.echo(f"{'id':32} {'provider':10} {'status':13} {'last sync':10} {'last synced at':25} error")
+    for c in rows:
+        synced = c.last_synced_at.isoformat(timespec="seconds") if c.last_synced_at else "-"
+        click.echo(f"{c.id:32} {c.provider:10} {c.status:13} {c.sync_status:10} {synced:25} {c.last_error or ''}")
+
+
+def _set_status(connection_id: str, status: str) -> None:
+    from nextcrm_pipelines import environment
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        vault.get_connection(conn, connection_id)
+        vault.set_status(conn, connection_id, status)
+    click.echo(f"connection {connection_id} is {status}")
+
+
+@connections_group.command("disable")
+@click.argument("connection_id")
+def connections_disable(connection_id: str) -> None:
+    """Stop syncing a connection (its data and history stay)."""
+    _set_status(connection_id, "disabled")
+
+
+@connections_group.command("enable")
+@click.argument("connection_id")
+def connections_enable(connection_id: str) -> None:
+    """Resume syncing a disabled connection."""
+    _set_status(connection_id, "active")
+
+
+# --- secrets ----------------------------------------------------------------------------------
+
+
+@main.group("secrets")
+def secrets_group() -> None:
+    """The encryption key of the connection vault."""
+
+
+@secrets_group.command("generate-key")
+def secrets_generate_key() -> None:
+    """Print a new key for NEXTCRM_SECRET_KEY."""
+    from cryptography.fernet import Fernet
+
+    click.echo(Fernet.generate_key().decode())
+
+
+@secrets_group.command("rotate")
+def secrets_rotate() -> None:
+    """Re-encrypt every stored secret under the current key.
+
+    With env keys: set NEXTCRM_SECRET_KEY to the new key and NEXTCRM_SECRET_KEY_PREVIOUS to the
+    old one(s), run this, then drop the old keys. With the local key file (demo): a new key is
+    generated, everything is re-encrypted, and the file then holds only the new key.
+    """
+    from cryptography.fernet import Fernet
+
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core import vault as keys
+
+    env = environment.prepare()
+    uses_file = not os.environ.get("NEXTCRM_SECRET_KEY")
+    if uses_file:
+        old = keys.configured_keys()
+        if not old:
+            _fail("no key configured: nothing to rotate")
+        new = Fernet.generate_key().decode()
+        box = SecretBox([new, *old])
+        keys.key_file().write_text("\n".join([new, *old]) + "\n")
+    else:
+        box = _box()
+    with psycopg.connect(env.database_url) as conn:
+        rotated, current = vault.rotate_secrets(conn, box)
+    if uses_file:
+        keys.key_file().write_text(new + "\n")
+    click.echo(f"re-encrypted {rotated} connection secret(s); {current} already used the current key")
+
+
+# --- sandbox ----------------------------------------------------------------------------------
+
+
+@main.group("sandbox")
+def sandbox_group() -> None:
+    """Local emulators of the providers (demo and tests)."""
+
+
+@sandbox_group.command("serve", context_settings={"ignore_unknown_options": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sandbox_serve(args: tuple[str, ...]) -> None:
+    """Serve the emulators on loopback (see --help of `python -m nextcrm_pipelines.sandbox.server`)."""
+    from nextcrm_pipelines.sandbox import server
+
+    server.main(list(args))
+
+
+# --- demo and dev -----------------------------------------------------------------------------
+
+DEMO_API_KEY = "sk_test_nextcrm_demo_0000000000000000"
+DEMO_DAYS = 7
+
+
+def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
+    counts = []
+    with psycopg.connect(database_url) as conn:
+        for provider in PROVIDERS.values():
+            for entity in provider.entities:
+                query = sql.SQL("SELECT count(*) FROM {}").format(db.table(entity.table.name, schema))
+                counts.append((entity.table.name, conn.execute(query).fetchone()[0]))
+    return counts
+
+
+@main.command("demo")
+@click.option("--days", default=DEMO_DAYS, show_default=True, help="How many recent days to materialise.")
+def demo(days: int) -> None:
+    """Embedded Postgres + sandbox + a demo Stripe connection; materialise recent days; print counts."""
+    import dagster as dg
+
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.definitions import defs
+    from nextcrm_pipelines.partitions import connections_partitions_name
+    from nextcrm_pipelines.sandbox.server import SandboxServer
+
+    created_key = ensure_local_key()
+    if created_key:
+        click.echo(f"generated a local encryption key at {created_key} (set NEXTCRM_SECRET_KEY in production)")
+    env = environment.prepare()
+    click.echo(f"database: {settings.redact_url(env.database_url)} (schema {env.schema})")
+    anchor = int(datetime.now(UTC).replace(minute=0, second=0, microsecond=0).timestamp())
+    with SandboxServer(now=anchor) as sandbox:
+        sandbox.add_stripe_account(api_key=DEMO_API_KEY, seed=7, charges=3000, subscriptions=300, days=30)
+        with psycopg.connect(env.database_url) as conn:
+            connection = vault.add_connection(
+                conn, provider="stripe", display_name="Demo Stripe", secrets={"api_key": DEMO_API_KEY},
+                box=_box(), base_url=sandbox.url, settings={"requests_per_second": 100},
+            )  # fmt: skip
+        instance = dg.DagsterInstance.get()
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        today = datetime.now(UTC).date()
+        day_keys = [(today - timedelta(days=n)).isoformat() for n in range(days - 1, -1, -1)]
+        job = defs.get_job_def("stripe_sync")
+        result = job.execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
+                "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
+            },
+            raise_on_error=False,
+        )
+        if not result.success:
+            _fail("the demo sync failed; see the log above")
+    click.echo(f"materialised {len(day_keys)} day(s) for connection {connection.id}:")
+    for name, count in _table_counts(env.database_url, env.schema):
+        click.echo(f"  {env.schema}.{name}: {count} rows")
+    click.echo(f"DATABASE_URL={settings.redact_url(env.database_url)}")
+
+
+@main.command("dev", context_settings={"ignore_unknown_options": True})
+@click.option("--port", default=3000, show_default=True)
+@click.option("--sandbox-port", default=12111, show_default=True)
+def dev(port: int, sandbox_port: int) -> None:
+    """Serve the Dagster UI on 127.0.0.1 (and the sandbox, for the demo connection)."""
+    import subprocess
+
+    from nextcrm_pipelines import environment
+
+    env = environment.prepare()
+    click.echo(f"database: {settings.redact_url(env.database_url)}; Dagster home: {env.dagster_home}")
+    sandbox = subprocess.Popen([sys.executable, "-m", "nextcrm_pipelines.sandbox.server",
+                                "--port", str(sandbox_port)])  # fmt: skip
+    try:
+        subprocess.run(
+            ["dagster", "dev", "-w", str(settings.PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
+            check=False,
+        )
+    finally:
+        sandbox.terminate()
+        sandbox.wait(timeout=10)
+
+
+# --- ad-hoc sync --------------------------------------------------------------------------------
+
+
+@main.command("sync")
+@click.argument("connection_id")
+@click.option("--entity", "entities", multiple=True, help="Entity to sync (default: all of the provider's).")
+@click.option("--from", "start", type=click.DateTime(["%Y-%m-%d"]), required=True, help="First day (UTC).")
+@click.option("--to", "end", type=click.DateTime(["%Y-%m-%d"]), help="Last day (UTC, inclusive; default: --from).")
+def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: datetime | None) -> None:
+    """Sync days of one connection outside Dagster (same engine, same sync logs)."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core.runner import day_window, sync_partition
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        connection = vault.get_connection(conn, connection_id)
+    provider = get_provider(connection.provider)
+    day: date = start.date()
+    last = (end or start).date()
+    while day <= last:
+        for name in entities or [e.name for e in provider.entities]:
+            result = sync_partition(
+                database_url=env.database_url, schema=env.schema, provider=provider, entity_name=name,
+                connection_id=connection_id, window=day_window(day), partition=f"{connection_id}|{day}",
+            )  # fmt: skip
+            click.echo(f"{name} {day}: {result.summary()}")
+        day += timedelta(days=1)
+
+
+if __name__ == "__main__":
+    main()

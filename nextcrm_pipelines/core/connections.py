@@ -1,0 +1,192 @@
+"""The connection vault: one row per connected provider account, secrets encrypted at rest.
+
+`Connection` carries no secret material; `load_secrets` decrypts on demand and returns a
+`Secrets` whose repr is redacted, so neither can leak into logs or Dagster metadata by accident.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.vault import SecretBox, Secrets
+
+STATUSES = ("active", "needs_reauth", "disabled")
+_COLUMNS = (
+    "id, provider, display_name, external_tenant, base_url, status, sync_status, last_error, "
+    "last_synced_at, settings, token_version, token_expires_at, created_at"
+)
+
+
+class ConnectionNotFound(LookupError):
+    """No connection with that id; the message says how to list them."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """A connected account as stored, without its secrets."""
+
+    id: str
+    provider: str
+    display_name: str
+    external_tenant: str | None = None
+    base_url: str | None = None
+    status: str = "active"
+    sync_status: str = "never_synced"
+    last_error: str | None = None
+    last_synced_at: datetime | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    token_version: int = 0
+    token_expires_at: datetime | None = None
+    created_at: datetime | None = None
+
+
+def slugify(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug or "account"
+
+
+def connection_id_for(provider: str, display_name: str) -> str:
+    """A stable, readable id (also the Dagster partition key): `<provider>-<name-slug>`."""
+    return f"{provider}-{slugify(display_name)}"[:120]
+
+
+def add_connection(
+    conn: psycopg.Connection,
+    *,
+    provider: str,
+    display_name: str,
+    secrets: dict[str, str],
+    box: SecretBox,
+    external_tenant: str | None = None,
+    base_url: str | None = None,
+    settings: dict[str, Any] | None = None,
+    connection_id: str | None = None,
+) -> Connection:
+    """Insert a connection, or update the one with the same id (re-connecting the same account)."""
+    cid = connection_id or connection_id_for(provider, display_name)
+    conn.execute(
+        sql.SQL(
+            """
+            INSERT INTO {t} (id, provider, display_name, external_tenant, base_url, settings,
+                             secrets_encrypted, status, token_version)
+            VALUES (%(id)s, %(provider)s, %(name)s, %(tenant)s, %(base_url)s, %(settings)s, %(secret)s, 'active', 1)
+            ON CONFLICT (id) DO UPDATE SET
+                display_name = EXCLUDED.display_name, external_tenant = EXCLUDED.external_tenant,
+                base_url = EXCLUDED.base_url, settings = EXCLUDED.settings,
+                secrets_encrypted = EXCLUDED.secrets_encrypted, status = 'active', last_error = NULL,
+                token_version = {t}.token_version + 1, updated_at = now()
+            WHERE {t}.provider = EXCLUDED.provider
+            """
+        ).format(t=table("integration_connections")),
+        {
+            "id": cid,
+            "provider": provider,
+            "name": display_name,
+            "tenant": external_tenant,
+            "base_url": base_url,
+            "settings": Jsonb(settings or {}),
+            "secret": box.encrypt(cid, secrets),
+        },
+    )
+    return get_connection(conn, cid)
+
+
+def get_connection(conn: psycopg.Connection, connection_id: str) -> Connection:
+    row = conn.execute(
+        sql.SQL("SELECT {cols} FROM {t} WHERE id = %s").format(
+            cols=sql.SQL(_COLUMNS), t=table("integration_connections")
+        ),
+        (connection_id,),
+    ).fetchone()
+    if row is None:
+        raise ConnectionNotFound(
+            f"no connection {connection_id!r}: list them with `nextcrm-pipelines connections list`"
+        )
+    return Connection(*row)
+
+
+def list_connections(
+    conn: psycopg.Connection, *, provider: str | None = None, status: str | None = None
+) -> list[Connection]:
+    clauses, params = [], []
+    if provider:
+        clauses.append("provider = %s")
+        params.append(provider)
+    if status:
+        clauses.append("status = %s")
+        params.append(status)
+    where = sql.SQL(" WHERE " + " AND ".join(clauses)) if clauses else sql.SQL("")
+    rows = conn.execute(
+        sql.SQL("SELECT {cols} FROM {t}{where} ORDER BY id").format(
+            cols=sql.SQL(_COLUMNS), t=table("integration_connections"), where=where
+        ),
+        params,
+    ).fetchall()
+    return [Connection(*row) for row in rows]
+
+
+def load_secrets(conn: psycopg.Connection, connection_id: str, box: SecretBox) -> Secrets:
+    row = conn.execute(
+        sql.SQL("SELECT secrets_encrypted FROM {t} WHERE id = %s").format(t=table("integration_connections")),
+        (connection_id,),
+    ).fetchone()
+    if row is None:
+        raise ConnectionNotFound(f"no connection {connection_id!r}")
+    if row[0] is None:
+        return Secrets({})
+    return box.decrypt(connection_id, row[0])
+
+
+def set_status(conn: psycopg.Connection, connection_id: str, status: str, error: str | None = None) -> None:
+    """Set the connection's status (`active`, `needs_reauth`, `disabled`) and its last error."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown connection status {status!r}; expected one of {STATUSES}")
+    conn.execute(
+        sql.SQL("UPDATE {t} SET status = %s, last_error = %s, updated_at = now() WHERE id = %s").format(
+            t=table("integration_connections")
+        ),
+        (status, error, connection_id),
+    )
+
+
+def record_sync_outcome(conn: psycopg.Connection, connection_id: str, sync_status: str, error: str | None) -> None:
+    """Remember how the connection's latest sync ended (shown by `connections list`)."""
+    conn.execute(
+        sql.SQL(
+            "UPDATE {t} SET sync_status = %s, last_error = %s, updated_at = now(), "
+            "last_synced_at = CASE WHEN %s = 'success' THEN now() ELSE last_synced_at END WHERE id = %s"
+        ).format(t=table("integration_connections")),
+        (sync_status, error, sync_status, connection_id),
+    )
+
+
+def rotate_secrets(conn: psycopg.Connection, box: SecretBox) -> tuple[int, int]:
+    """Re-encrypt every stored secret under the current key; returns (rotated, already current)."""
+    rotated = current = 0
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(
+            sql.SQL("SELECT id, secrets_encrypted FROM {t} WHERE secrets_encrypted IS NOT NULL FOR UPDATE").format(
+                t=table("integration_connections")
+            )
+        ).fetchall()
+        for row in rows:
+            if box.is_current(row["secrets_encrypted"]):
+                current += 1
+                continue
+            cur.execute(
+                sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(
+                    t=table("integration_connections")
+                ),
+                (box.rotate(row["secrets_encrypted"]), row["id"]),
+            )
+            rotated += 1
+    return rotated, current

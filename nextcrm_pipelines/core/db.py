@@ -1,0 +1,71 @@
+"""Postgres access: psycopg 3 connections to the project's schema, and Alembic migrations.
+
+Runtime code talks to Postgres through psycopg 3 (COPY and server-side statements are the fast
+path); SQLAlchemy is used by Alembic to manage the schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from nextcrm_pipelines.core import settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def connect(url: str | None = None, *, autocommit: bool = False) -> psycopg.Connection:
+    """A psycopg 3 connection to `url` (default: the configured database)."""
+    return psycopg.connect(settings.libpq_url(url or settings.database_url()), autocommit=autocommit)
+
+
+@contextmanager
+def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
+    """A connection whose work commits on success and rolls back on error."""
+    with connect(url) as conn:
+        yield conn
+
+
+def table(name: str, schema: str | None = None) -> sql.Composed:
+    """A schema-qualified, quoted table name for composing SQL."""
+    return sql.Identifier(schema or settings.db_schema(), name)
+
+
+def alembic_config(url: str, schema: str):
+    """An Alembic config that targets `schema` on `url`, independent of the working directory."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("path_separator", "os")
+    cfg.attributes["database_url"] = settings.sqlalchemy_url(url)
+    cfg.attributes["schema"] = schema
+    return cfg
+
+
+def upgrade(url: str | None = None, schema: str | None = None, revision: str = "head") -> str:
+    """Create or upgrade the project schema (and Dagster's storage schema) to `revision`."""
+    from alembic import command
+
+    url = url or settings.database_url()
+    schema = schema or settings.db_schema()
+    with connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(settings.DAGSTER_SCHEMA)))
+    command.upgrade(alembic_config(url, schema), revision)
+    return current_revision(url, schema) or ""
+
+
+def current_revision(url: str | None = None, schema: str | None = None) -> str | None:
+    """The Alembic revision the schema is at, or None before the first upgrade."""
+    schema = schema or settings.db_schema()
+    with connect(url, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass(%s)", (f"{schema}.alembic_version",)).fetchone()
+        if not exists or exists[0] is None:
+            return None
+        row = conn.execute(sql.SQL("SELECT version_num FROM {}").format(table("alembic_version", schema))).fetchone()
+        return row[0] if row else None

@@ -1,0 +1,249 @@
+"""The HTTP layer every provider client uses: pooling, pacing, retries, budgets, clear errors.
+
+One pooled `httpx.Client` per provider client; a client-side token bucket at the provider's
+published rate; retries with exponential backoff and full jitter on connection errors, 5xx and
+429, honouring `Retry-After` and provider hints; a hard time budget so a broken provider fails the
+run instead of hanging; errors that name provider, connection, endpoint and status (never a
+credential). Counters feed the sync log and Dagster metadata.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+
+class ProviderError(RuntimeError):
+    """A provider call failed for good. Carries where it failed; never secrets or bodies with them."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str,
+        connection_id: str | None = None,
+        endpoint: str | None = None,
+        status: int | None = None,
+        retryable: bool = False,
+    ):
+        self.provider = provider
+        self.connection_id = connection_id
+        self.endpoint = endpoint
+        self.status = status
+        self.retryable = retryable
+        where = f"{provider} connection {connection_id!r}" if connection_id else provider
+        detail = f" {endpoint}" if endpoint else ""
+        code = f" -> HTTP {status}" if status is not None else ""
+        super().__init__(f"{where}{detail}{code}: {message}")
+
+
+class AuthenticationFailed(ProviderError):
+    """The provider refused the credentials: the connection needs re-authorisation."""
+
+
+class DailyLimitExhausted(ProviderError):
+    """The provider's daily quota is spent; retrying before the reset only burns requests."""
+
+
+class BudgetExhausted(ProviderError):
+    """The call chain exceeded its time budget (a provider that keeps failing or throttling)."""
+
+
+@dataclass
+class RequestStats:
+    """Counters for one sync: what the provider cost us."""
+
+    requests: int = 0
+    retries: int = 0
+    rate_limit_waits: int = 0
+    throttle_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: float) -> None:
+        with self._lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "requests": self.requests,
+            "retries": self.retries,
+            "rate_limit_waits": self.rate_limit_waits,
+            "throttle_seconds": round(self.throttle_seconds, 3),
+        }
+
+
+class RateLimiter:
+    """A thread-safe token bucket: at most `rate` requests per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.capacity = burst if burst is not None else max(1.0, rate)
+        self._tokens = self.capacity
+        self._clock = clock
+        self._stamp = clock()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> float:
+        """Take one token, sleeping until one is free; returns the seconds waited."""
+        if self.rate <= 0:
+            return 0.0
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+            self._tokens -= 1
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            time.sleep(wait)
+        return wait
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard to try: attempts per request, backoff shape and the total time budget."""
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 30.0
+    budget_seconds: float = 600.0
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def backoff_delay(attempt: int, policy: RetryPolicy) -> float:
+    """Exponential backoff with jitter for retry number `attempt` (1-based): between half and all
+    of `base * 2**(attempt-1)`, capped at `max_delay`."""
+    ceiling = min(policy.max_delay, policy.base_delay * (2 ** (attempt - 1)))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """`Retry-After` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+class Budget:
+    """A deadline shared by every request of one sync."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+
+class HttpClient:
+    """A provider's pooled HTTP client with pacing, retries and a time budget."""
+
+    def __init__(
+        self,
+        *,
+        provider: str,
+        connection_id: str | None,
+        base_url: str,
+        headers: Mapping[str, str] | None = None,
+        auth: httpx.Auth | None = None,
+        requests_per_second: float = 0,
+        timeout: float = 30.0,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        stats: RequestStats | None = None,
+        classify: Callable[[httpx.Response], str | None] | None = None,
+    ):
+        self.provider = provider
+        self.connection_id = connection_id
+        self.retry = retry
+        self.stats = stats or RequestStats()
+        self.limiter = RateLimiter(requests_per_second)
+        self.budget = Budget(retry.budget_seconds)
+        self._classify = classify
+        self._client = httpx.Client(
+            base_url=base_url,
+            headers=dict(headers or {}),
+            auth=auth,
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            limits=httpx.Limits(max_connections=10, max_keepalive_connections=10),
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset_budget(self) -> None:
+        self.budget = Budget(self.retry.budget_seconds)
+
+    def _error(self, message: str, endpoint: str, status: int | None, cls: type[ProviderError] = ProviderError):
+        return cls(message, provider=self.provider, connection_id=self.connection_id, endpoint=endpoint, status=status)
+
+    def _sleep(self, seconds: float, endpoint: str, status: int | None) -> None:
+        if seconds > self.budget.remaining():
+            raise self._error(
+                f"gave up: the {self.budget.seconds:.0f}s budget for this sync is spent "
+                f"(next retry would wait {seconds:.1f}s)",
+                endpoint,
+                status,
+                BudgetExhausted,
+            )
+        time.sleep(seconds)
+
+    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """Send one logical request; retry what is retryable; raise `ProviderError` on failure."""
+        endpoint = f"{method.upper()} {path}"
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.budget.remaining() <= 0:
+                raise self._error("the time budget for this sync is spent", endpoint, None, BudgetExhausted)
+            waited = self.limiter.acquire()
+            self.stats.add(requests=1, throttle_seconds=waited, retries=1 if attempt > 1 else 0)
+            try:
+                response = self._client.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                if attempt >= self.retry.max_attempts:
+                    raise self._error(f"{type(exc).__name__} after {attempt} attempts", endpoint, None) from exc
+                self._sleep(backoff_delay(attempt, self.retry), endpoint, None)
+                continue
+            verdict = self._classify(response) if self._classify else None
+            if verdict == "daily_limit":
+                raise self._error("daily request quota exhausted; resumes after the reset", endpoint,
+                                  response.status_code, DailyLimitExhausted)  # fmt: skip
+            if response.status_code in (401, 403) and verdict != "retry":
+                raise self._error("credentials refused", endpoint, response.status_code, AuthenticationFailed)
+            if response.status_code < 400:
+                return response
+            retryable = verdict == "retry" or (verdict != "fatal" and response.status_code in RETRYABLE_STATUSES)
+            if not retryable or attempt >= self.retry.max_attempts:
+                raise self._error(f"request failed after {attempt} attempt(s)", endpoint, response.status_code)
+            if response.status_code == 429:
+                self.stats.add(rate_limit_waits=1)
+            hinted = retry_after_seconds(response.headers)
+            delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
+            self._sleep(delay, endpoint, response.status_code)
+
+    def get_json(self, path: str, **kwargs: Any) -> Any:
+        import orjson
+
+        return orjson.loads(self.send("GET", path, **kwargs).content)

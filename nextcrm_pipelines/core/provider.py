@@ -1,0 +1,48 @@
+"""What a provider plugs into the generic machinery: its entities, secrets and fetch functions.
+
+Adding a provider is one folder under `providers/` exporting a `Provider`, plus one line in the
+registry (`nextcrm_pipelines.providers.PROVIDERS`); assets, schedules, CLI prompts and sync logs
+come from here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.sync import EntitySpec, Record, SyncWindow
+from nextcrm_pipelines.core.vault import Secrets
+
+OpenClient = Callable[[Connection, Secrets, RequestStats], AbstractContextManager[Any]]
+Fetch = Callable[[Any, SyncWindow], Iterator[list[Record]]]
+
+
+@dataclass(frozen=True)
+class SecretField:
+    """A secret the connect flow asks for, and the environment variable it may come from."""
+
+    name: str
+    env_var: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A provider's contribution: entities with their fetchers, and how to open a client."""
+
+    name: str
+    category: str
+    entities: tuple[EntitySpec, ...]
+    fetchers: dict[str, Fetch]
+    open_client: OpenClient
+    secret_fields: tuple[SecretField, ...] = field(default_factory=tuple)
+
+    def entity(self, name: str) -> EntitySpec:
+        for entity in self.entities:
+            if entity.name == name:
+                return entity
+        raise KeyError(f"{self.name} has no entity {name!r}")

@@ -1,0 +1,101 @@
+"""Sync one connection x window of one entity: load the connection, open its client, run the engine.
+
+Shared by the Dagster assets, the CLI and the benchmarks so they exercise the same path. A
+session-level advisory lock per connection keeps two syncs of one connection from overlapping,
+however they were launched (Dagster's tag concurrency limit covers runs; this covers the rest).
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core.http import AuthenticationFailed, ProviderError, RequestStats
+from nextcrm_pipelines.core.provider import Provider
+from nextcrm_pipelines.core.settings import libpq_url
+from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
+from nextcrm_pipelines.core.vault import SecretBox
+
+log = logging.getLogger(__name__)
+
+
+class ConnectionUnavailable(RuntimeError):
+    """The connection exists but may not sync now (disabled, or waiting for re-authorisation)."""
+
+
+def day_window(day: date) -> SyncWindow:
+    start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+    return SyncWindow(start, start + timedelta(days=1))
+
+
+@contextmanager
+def connection_lock(database_url: str, connection_id: str) -> Iterator[None]:
+    """Hold a Postgres advisory lock for `connection_id` for the duration of the block."""
+    key = zlib.crc32(f"nextcrm-sync:{connection_id}".encode())
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+
+
+def sync_partition(
+    *,
+    database_url: str,
+    schema: str,
+    provider: Provider,
+    entity_name: str,
+    connection_id: str,
+    window: SyncWindow,
+    box: SecretBox | None = None,
+    run_id: str | None = None,
+    partition: str | None = None,
+    batch_size: int = 5000,
+) -> SyncResult:
+    """Sync `entity_name` of one connection over `window`; marks the connection on auth failure."""
+    url = libpq_url(database_url)
+    box = box or SecretBox.from_environment()
+    with psycopg.connect(url, autocommit=True) as conn:
+        connection = vault.get_connection(conn, connection_id)
+        if connection.provider != provider.name:
+            raise ConnectionUnavailable(f"connection {connection_id!r} is a {connection.provider} connection")
+        if connection.status != "active":
+            hint = (
+                f"re-authorise it with `nextcrm-pipelines connections add {connection.provider}`"
+                if connection.status == "needs_reauth"
+                else f"enable it with `nextcrm-pipelines connections enable {connection_id}`"
+            )
+            raise ConnectionUnavailable(f"connection {connection_id!r} is {connection.status}: {hint}")
+        secrets = vault.load_secrets(conn, connection_id, box)
+    stats = RequestStats()
+    entity = provider.entity(entity_name)
+    try:
+        with connection_lock(url, connection_id), provider.open_client(connection, secrets, stats) as client:
+            return sync_entity(
+                database_url=url,
+                schema=schema,
+                provider=provider.name,
+                entity=entity,
+                connection_id=connection_id,
+                window=window,
+                pages=provider.fetchers[entity_name](client, window),
+                stats=stats,
+                run_id=run_id,
+                partition=partition,
+                batch_size=batch_size,
+            )
+    except AuthenticationFailed as exc:
+        with psycopg.connect(url, autocommit=True) as conn:
+            vault.set_status(conn, connection_id, "needs_reauth", str(exc))
+        log.error("%s", exc)
+        raise
+    except ProviderError as exc:
+        log.error("%s", exc)
+        raise

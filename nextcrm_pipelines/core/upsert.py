@@ -1,0 +1,225 @@
+"""The fast, idempotent, never-regressing write path into one entity table.
+
+Per batch, in one transaction: look up the stored hashes of the batch's ids and drop records whose
+raw JSON is unchanged (a re-sync then costs an index lookup, not a rewrite); binary `COPY` the rest
+into a temporary table; one `INSERT ... SELECT ... ON CONFLICT DO UPDATE` that only replaces a row
+when the incoming version is not older than the stored one and the content differs. A batch that
+the database refuses is split in halves until the bad records are isolated, so one malformed
+record is logged with its id and the rest still lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.adapt import Dumper
+from psycopg.pq import Format
+
+from nextcrm_pipelines.core.db import table
+
+log = logging.getLogger(__name__)
+
+JSONB_OID = 3802
+
+# Every entity table ends with these columns, in this order (see migrations).
+MIRROR_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("created_at", "timestamptz"),
+    ("source_updated_at", "timestamptz"),
+    ("deleted", "bool"),
+    ("raw", "jsonb"),
+    ("raw_hash", "bytea"),
+)
+
+
+class RawJsonbDumper(Dumper):
+    """Binary jsonb from bytes that already hold JSON text (orjson output).
+
+    Without it psycopg would dump a `str` bound for jsonb as a JSON *string* in binary COPY.
+    """
+
+    format = Format.BINARY
+    oid = JSONB_OID
+
+    def dump(self, obj: bytes) -> bytes:
+        return b"\x01" + obj
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """An entity table: its name and typed columns (between the key and the mirror columns)."""
+
+    name: str
+    columns: tuple[tuple[str, str], ...]
+
+    @property
+    def copy_columns(self) -> list[str]:
+        return ["connection_id", "id", *(c for c, _ in self.columns), *(c for c, _ in MIRROR_COLUMNS)]
+
+    @property
+    def copy_types(self) -> list[str]:
+        return ["text", "text", *(t for _, t in self.columns), *(t for _, t in MIRROR_COLUMNS)]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One mapped record, ready to write."""
+
+    id: str
+    values: tuple[Any, ...]
+    created_at: datetime | None
+    version: datetime
+    deleted: bool
+    raw: bytes
+    raw_hash: bytes
+
+    @classmethod
+    def build(
+        cls,
+        id: str,
+        values: tuple[Any, ...],
+        *,
+        created_at: datetime | None,
+        version: datetime,
+        deleted: bool,
+        raw: dict[str, Any],
+    ) -> Row:
+        """A row from the provider's object: serialises the raw JSON once and hashes it."""
+        raw_bytes = orjson.dumps(raw)
+        return cls(
+            id, values, created_at, version, deleted, raw_bytes, hashlib.blake2b(raw_bytes, digest_size=16).digest()
+        )
+
+
+@dataclass
+class BatchCounts:
+    """What one write did: rows inserted, updated, left unchanged (same or older) and refused."""
+
+    inserted: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+    def add(self, other: BatchCounts) -> None:
+        self.inserted += other.inserted
+        self.updated += other.updated
+        self.unchanged += other.unchanged
+        self.failed += other.failed
+
+
+@dataclass(frozen=True)
+class FailedRecord:
+    id: str
+    error: str
+
+
+def dedupe_latest(rows: Sequence[Row]) -> list[Row]:
+    """One row per id: the newest version wins, and on a tie the one that came later."""
+    latest: dict[str, Row] = {}
+    for row in rows:
+        held = latest.get(row.id)
+        if held is None or row.version >= held.version:
+            latest[row.id] = row
+    return list(latest.values())
+
+
+class UpsertWriter:
+    """Writes batches of rows for one connection into one entity table, one transaction each."""
+
+    def __init__(self, conn: psycopg.Connection, spec: TableSpec, connection_id: str, schema: str):
+        self.conn = conn
+        self.spec = spec
+        self.connection_id = connection_id
+        self.failures: list[FailedRecord] = []
+        conn.adapters.register_dumper(None, RawJsonbDumper)
+        target = table(spec.name, schema)
+        self._stage = sql.Identifier(f"stage_{spec.name}")
+        columns = sql.SQL(", ").join(map(sql.Identifier, spec.copy_columns))
+        updatable = [c for c in spec.copy_columns if c not in ("connection_id", "id")]
+        self._create_stage = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        ).format(stage=self._stage, target=target)
+        self._copy = sql.SQL("COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)").format(
+            stage=self._stage, columns=columns
+        )
+        self._existing = sql.SQL("SELECT id, raw_hash FROM {target} WHERE connection_id = %s AND id = ANY(%s)").format(
+            target=target
+        )
+        self._merge = sql.SQL(
+            """
+            INSERT INTO {target} AS t ({columns}, synced_at)
+            SELECT {columns}, now() FROM {stage}
+            ON CONFLICT (connection_id, id) DO UPDATE SET {assignments}, synced_at = now()
+            WHERE t.source_updated_at <= EXCLUDED.source_updated_at
+              AND t.raw_hash IS DISTINCT FROM EXCLUDED.raw_hash
+            RETURNING (xmax = 0) AS inserted
+            """
+        ).format(
+            target=target,
+            columns=columns,
+            stage=self._stage,
+            assignments=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updatable
+            ),
+        )
+        self._stage_ready = False
+
+    def _tuple(self, row: Row) -> tuple[Any, ...]:
+        return (
+            self.connection_id, row.id, *row.values,
+            row.created_at, row.version, row.deleted, row.raw, row.raw_hash,
+        )  # fmt: skip
+
+    def write(self, rows: Sequence[Row]) -> BatchCounts:
+        """Upsert `rows` (any order, duplicates allowed) and commit; returns the counts."""
+        counts = BatchCounts()
+        unique = dedupe_latest(rows)
+        counts.unchanged += len(rows) - len(unique)
+        if not unique:
+            return counts
+        try:
+            counts.add(self._write_once(unique))
+        except psycopg.DataError as exc:
+            self.conn.rollback()
+            if len(unique) == 1:
+                self._record_failure(unique[0].id, exc)
+                counts.failed += 1
+            else:
+                half = len(unique) // 2
+                counts.add(self.write(unique[:half]))
+                counts.add(self.write(unique[half:]))
+        return counts
+
+    def _record_failure(self, record_id: str, exc: Exception) -> None:
+        message = str(exc).splitlines()[0][:300]
+        log.warning("%s: record %s refused by the database: %s", self.spec.name, record_id, message)
+        self.failures.append(FailedRecord(record_id, message))
+
+    def _write_once(self, rows: list[Row]) -> BatchCounts:
+        counts = BatchCounts()
+        with self.conn.cursor() as cur:
+            if not self._stage_ready:
+                cur.execute(self._create_stage)
+            stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())
+            changed = [r for r in rows if stored.get(r.id) != r.raw_hash]
+            counts.unchanged += len(rows) - len(changed)
+            if changed:
+                with cur.copy(self._copy) as copy:
+                    copy.set_types(self.spec.copy_types)
+                    for row in changed:
+                        copy.write_row(self._tuple(row))
+                inserted_flags = cur.execute(self._merge).fetchall()
+                inserted = sum(1 for (flag,) in inserted_flags if flag)
+                counts.inserted += inserted
+                counts.updated += len(inserted_flags) - inserted
+                counts.unchanged += len(changed) - len(inserted_flags)
+        self.conn.commit()
+        self._stage_ready = True
+        return counts

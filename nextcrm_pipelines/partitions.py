@@ -1,0 +1,31 @@
+"""Partitions: connection x day, one dynamic connection dimension per provider.
+
+The dynamic dimension is kept in step with `integration_connections` by the connections sensor
+(and by the CLI when it adds a connection), so an account connected by any means appears in the
+UI. The daily dimension ends with today (`end_offset=1`) so the schedule can re-sync it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+DEFAULT_START_DATE = "2024-01-01"
+
+
+def connections_partitions_name(provider: str) -> str:
+    return f"{provider}_connections"
+
+
+def sync_start_date() -> str:
+    return os.environ.get("NEXTCRM_SYNC_START_DATE", DEFAULT_START_DATE)
+
+
+def connection_day_partitions(provider: str) -> dg.MultiPartitionsDefinition:
+    return dg.MultiPartitionsDefinition(
+        {
+            "connection": dg.DynamicPartitionsDefinition(name=connections_partitions_name(provider)),
+            "date": dg.DailyPartitionsDefinition(start_date=sync_start_date(), end_offset=1, timezone="UTC"),
+        }
+    )

@@ -1,0 +1,13 @@
+"""The provider registry: one line per provider."""
+
+from nextcrm_pipelines.core.provider import Provider
+from nextcrm_pipelines.providers import stripe
+
+PROVIDERS: dict[str, Provider] = {p.name: p for p in (stripe.PROVIDER,)}
+
+
+def get_provider(name: str) -> Provider:
+    try:
+        return PROVIDERS[name]
+    except KeyError:
+        raise KeyError(f"unknown provider {name!r}; known: {', '.join(sorted(PROVIDERS))}") from None

@@ -1,0 +1,224 @@
+"""Stripe API client: the official SDK for auth, versioning, encoding and retries; our pacing.
+
+Stripe objects have no updated time (only `created`), so a day's sync lists the objects *created*
+that day and, while the day is inside the 30-day retention of `/v1/events`, the objects *changed*
+that day from the events feed (newest event per object wins) — see ../shared/providers/stripe.md
+§3-§4. Canceled subscriptions are only listed with `status=all`.
+
+Requests go through `StripeClient` (with `base_addresses` for a sandbox and `max_network_retries`
+set, since a `StripeClient` retries nothing by default) over a transport that applies our
+client-side rate limit and counts every attempt. The SDK does not retry 429 unless Stripe says
+`Stripe-Should-Retry: true`, so 429s that reach us get our own backoff. Pages are fetched with the
+SDK's requestor and parsed with orjson: `StripeResponse` parses every body with
+`json.loads(object_pairs_hook=OrderedDict)`, which costs about four times orjson on list pages and
+would be the largest CPU cost of a sync.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+import stripe
+
+from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.http import (
+    DEFAULT_RETRY,
+    AuthenticationFailed,
+    Budget,
+    ProviderError,
+    RateLimiter,
+    RequestStats,
+    RetryPolicy,
+    backoff_delay,
+    retry_after_seconds,
+)
+from nextcrm_pipelines.core.sync import Record, SyncWindow
+from nextcrm_pipelines.core.vault import Secrets
+
+PROVIDER = "stripe"
+PAGE_SIZE = 100
+EVENTS_RETENTION = timedelta(days=30)
+# Published limits: 100 req/s live, 25 req/s in test mode (https://docs.stripe.com/rate-limits).
+DEFAULT_RATE = {True: 100.0, False: 25.0}
+_KEY_PATTERN = re.compile(r"\b([sr]k|whsec)_(test_|live_)?[A-Za-z0-9*]+")
+
+
+def redact_keys(text: str) -> str:
+    """Remove anything shaped like a Stripe key from a message (Stripe echoes a masked key on 401)."""
+    return _KEY_PATTERN.sub(lambda m: f"{m.group(1)}_***", text)
+
+
+class _PacedTransport(stripe.HTTPClient):
+    """The SDK's HTTP transport on a pooled httpx client, with our rate limiter and counters."""
+
+    name = "nextcrm-httpx"
+
+    def __init__(self, limiter: RateLimiter, stats: RequestStats, timeout: float):
+        super().__init__()
+        self._limiter = limiter
+        self._stats = stats
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
+        )
+
+    def request(self, method, url, headers, post_data=None, *, _usage=None):  # type: ignore[override]
+        waited = self._limiter.acquire()
+        self._stats.add(requests=1, throttle_seconds=waited)
+        try:
+            response = self._client.request(method, url, headers=headers, content=post_data or None)
+        except (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError) as exc:
+            raise stripe.APIConnectionError(f"could not reach Stripe: {type(exc).__name__}", should_retry=True) from exc
+        if response.status_code == 429:
+            self._stats.add(rate_limit_waits=1)
+        return response.content, response.status_code, response.headers
+
+    def request_stream(self, method, url, headers, post_data=None, *, _usage=None):  # type: ignore[override]
+        raise NotImplementedError("streaming responses are not used by the sync")
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class StripeApi:
+    """A Stripe account's read API for the sync: paged lists and the events feed."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        secrets: Secrets,
+        *,
+        stats: RequestStats | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        timeout: float = 30.0,
+    ):
+        api_key = secrets.get("api_key")
+        if not api_key:
+            raise AuthenticationFailed(
+                "no API key stored; reconnect with `nextcrm-pipelines connections add stripe`",
+                provider=PROVIDER,
+                connection_id=connection.id,
+            )
+        self.connection = connection
+        self.stats = stats or RequestStats()
+        self.retry = retry
+        self.budget = Budget(retry.budget_seconds)
+        livemode = api_key.startswith(("sk_live_", "rk_live_"))
+        rate = float(connection.settings.get("requests_per_second", DEFAULT_RATE[livemode]))
+        self._transport = _PacedTransport(RateLimiter(rate), self.stats, timeout)
+        options: dict[str, Any] = {}
+        if connection.base_url:
+            options["base_addresses"] = {"api": connection.base_url.rstrip("/")}
+        if connection.external_tenant and connection.external_tenant.startswith("acct_"):
+            options["stripe_account"] = connection.external_tenant
+        self._client = stripe.StripeClient(
+            api_key,
+            max_network_retries=max(0, retry.max_attempts - 1),
+            http_client=self._transport,
+            **options,
+        )
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> StripeApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _error(self, exc: stripe.StripeError, path: str) -> ProviderError:
+        message = redact_keys(getattr(exc, "user_message", None) or str(exc) or type(exc).__name__)
+        cls = AuthenticationFailed if isinstance(exc, stripe.AuthenticationError) else ProviderError
+        if cls is AuthenticationFailed:
+            message = f"{message}; store a valid key with `nextcrm-pipelines connections add stripe`"
+        return cls(message, provider=PROVIDER, connection_id=self.connection.id, endpoint=f"GET {path}",
+                   status=getattr(exc, "http_status", None))  # fmt: skip
+
+    def get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """GET `path`; 429s beyond the SDK's own retries are backed off here within the budget."""
+        first = self.stats.requests
+        try:
+            return self._get(path, params)
+        finally:
+            self.stats.add(retries=max(0, self.stats.requests - first - 1))
+
+    def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        requestor = self._client._requestor
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                body, status, headers = requestor.request_raw(
+                    "get", path, params=dict(params), base_address="api", api_mode="V1"
+                )
+                if not 200 <= status < 300:
+                    requestor._interpret_response(body, status, headers, "V1")
+                return orjson.loads(body)
+            except stripe.RateLimitError as exc:
+                hinted = retry_after_seconds(exc.headers) if exc.headers else None
+                delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
+                if attempt >= self.retry.max_attempts or delay > self.budget.remaining():
+                    raise self._error(exc, path) from None
+                time.sleep(delay)
+            except stripe.StripeError as exc:
+                raise self._error(exc, path) from None
+
+    def list_pages(self, path: str, params: Mapping[str, Any]) -> Iterator[tuple[list[dict[str, Any]], datetime]]:
+        """Every page of a list endpoint, newest first, each with the time it was requested."""
+        query = {**params, "limit": PAGE_SIZE}
+        while True:
+            requested_at = datetime.now(UTC)
+            page = self.get(path, query)
+            data = page.get("data") or []
+            yield data, requested_at
+            if not page.get("has_more") or not data:
+                return
+            query["starting_after"] = data[-1]["id"]
+
+    def created_in(
+        self, path: str, window: SyncWindow, extra: Mapping[str, Any] | None = None
+    ) -> Iterator[list[Record]]:
+        """Objects created in the window, each stamped with the time its page was fetched."""
+        params = {"created": {"gte": int(window.start.timestamp()), "lt": int(window.end.timestamp())}, **(extra or {})}
+        for data, observed in self.list_pages(path, params):
+            yield [(obj, observed) for obj in data]
+
+    def changed_in(self, event_type: str, object_type: str, window: SyncWindow,
+                   now: datetime | None = None) -> Iterator[list[Record]]:  # fmt: skip
+        """Objects changed in the window, from the events feed: the newest event per object wins.
+
+        Only the part of the window inside Stripe's 30-day events retention is read; older days
+        rely on their creation listing, which returns the objects' current state.
+        """
+        now = now or datetime.now(UTC)
+        oldest = now - EVENTS_RETENTION + timedelta(minutes=5)
+        start = max(window.start, oldest)
+        if start >= window.end:
+            return
+        seen: set[str] = set()
+        params = {"type": event_type, "created": {"gte": int(start.timestamp()), "lt": int(window.end.timestamp())}}
+        for events, _ in self.list_pages("/v1/events", params):
+            records: list[Record] = []
+            for event in events:
+                obj = (event.get("data") or {}).get("object") or {}
+                if obj.get("object") != object_type or obj.get("id") in seen:
+                    continue
+                seen.add(obj["id"])
+                records.append((obj, datetime.fromtimestamp(event["created"], UTC)))
+            if records:
+                yield records
+
+    def charges(self, window: SyncWindow) -> Iterator[list[Record]]:
+        yield from self.created_in("/v1/charges", window)
+        yield from self.changed_in("charge.*", "charge", window)
+
+    def subscriptions(self, window: SyncWindow) -> Iterator[list[Record]]:
+        yield from self.created_in("/v1/subscriptions", window, {"status": "all"})
+        yield from self.changed_in("customer.subscription.*", "subscription", window)

@@ -1,0 +1,99 @@
+"""Shared fixtures: a real Postgres (TEST_DATABASE_URL or an embedded server), a fresh schema per
+test, a fresh encryption key, and the sandbox emulators over real HTTP on loopback."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+from nextcrm_pipelines.sandbox.server import SandboxServer
+from psycopg import sql
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core import db
+from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.vault import SecretBox
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    configured = os.environ.get("TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+
+    folder = Path(tempfile.mkdtemp(prefix="nextcrm-test-pg-"))
+    server = ensure_embedded_postgres(folder)
+    try:
+        yield server.url
+    finally:
+        stop_embedded_postgres(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def schema(database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A freshly migrated schema of its own for each test, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("NEXTCRM_DB_SCHEMA", name)
+    monkeypatch.setenv("DATABASE_URL", database_url)
+    db.upgrade(database_url, name)
+    try:
+        yield name
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def secret_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    key = Fernet.generate_key().decode()
+    monkeypatch.setenv("NEXTCRM_SECRET_KEY", key)
+    monkeypatch.delenv("NEXTCRM_SECRET_KEY_PREVIOUS", raising=False)
+    return key
+
+
+@pytest.fixture
+def box(secret_key: str) -> SecretBox:
+    return SecretBox([secret_key])
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Iterator[SandboxServer]:
+    with SandboxServer() as server:
+        yield server
+
+
+@pytest.fixture
+def stripe_account(sandbox: SandboxServer, request: pytest.FixtureRequest):
+    """Factory: a fresh sandbox Stripe account with a unique key; returns the key."""
+
+    def make(charges: int = 300, subscriptions: int = 60, days: int = 10, seed: int = 11, **extra) -> str:
+        key = f"sk_test_{uuid.uuid4().hex}"
+        sandbox.add_stripe_account(api_key=key, seed=seed, charges=charges, subscriptions=subscriptions,
+                                   days=days, requests_per_second=0, **extra)  # fmt: skip
+        return key
+
+    return make
+
+
+@pytest.fixture
+def stripe_connection(database_url: str, schema: str, box: SecretBox, sandbox: SandboxServer):
+    """Factory: a vault connection to a sandbox Stripe account."""
+
+    def make(api_key: str, name: str = "Acme", **settings) -> Connection:
+        with psycopg.connect(database_url) as conn:
+            return vault.add_connection(
+                conn, provider="stripe", display_name=name, secrets={"api_key": api_key}, box=box,
+                base_url=sandbox.url, settings=settings,
+            )  # fmt: skip
+
+    return make

@@ -1,0 +1,75 @@
+"""Test helpers: reading the mirror and the sandbox's truth, and syncing day ranges."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.money import minor_to_major
+from nextcrm_pipelines.core.runner import day_window, sync_partition
+from nextcrm_pipelines.core.sync import SyncResult
+from nextcrm_pipelines.providers import get_provider
+
+
+def sandbox_now(sandbox_url: str) -> datetime:
+    return datetime.fromtimestamp(httpx.get(f"{sandbox_url}/_sandbox/clock").json()["now"], UTC)
+
+
+def export(sandbox_url: str, api_key: str, kind: str) -> list[dict[str, Any]]:
+    response = httpx.get(f"{sandbox_url}/_sandbox/stripe/export/{kind}", params={"api_key": api_key}, timeout=60)
+    response.raise_for_status()
+    return response.json()
+
+
+def days_back(today: date, days: int) -> list[date]:
+    return [today - timedelta(days=n) for n in range(days, -1, -1)]
+
+
+def sync_days(database_url: str, schema: str, connection_id: str, entity: str, days: list[date],
+              **kwargs: Any) -> list[SyncResult]:  # fmt: skip
+    provider = get_provider("stripe")
+    return [
+        sync_partition(
+            database_url=database_url,
+            schema=schema,
+            provider=provider,
+            entity_name=entity,
+            connection_id=connection_id,
+            window=day_window(day),
+            **kwargs,
+        )
+        for day in days
+    ]
+
+
+def mirror_rows(database_url: str, schema: str, name: str, columns: str = "*") -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            sql.SQL("SELECT " + columns + " FROM {} ORDER BY connection_id, id").format(table(name, schema))
+        ).fetchall()
+
+
+def charges_by_id(database_url: str, schema: str) -> dict[str, tuple[Decimal, Decimal, str, str, bool]]:
+    rows = mirror_rows(
+        database_url, schema, "stripe_payments", "id, amount, amount_refunded, currency, status, refunded"
+    )
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def expected_charges(sandbox_url: str, api_key: str) -> dict[str, tuple[Decimal, Decimal, str, str, bool]]:
+    return {
+        c["id"]: (
+            minor_to_major(c["amount"], c["currency"]),
+            minor_to_major(c["amount_refunded"], c["currency"]),
+            c["currency"],
+            c["status"],
+            c["refunded"],
+        )
+        for c in export(sandbox_url, api_key, "charges")
+    }

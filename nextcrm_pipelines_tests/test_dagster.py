@@ -1,0 +1,181 @@
+"""The code location: its snapshot, runs through Dagster, the schedule and the connections sensor."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.definitions import defs
+from nextcrm_pipelines.partitions import connections_partitions_name
+from nextcrm_pipelines_tests.helpers import charges_by_id, days_back, expected_charges, export, sandbox_now
+
+SNAPSHOT = Path(__file__).with_name("code_location_snapshot.json")
+
+
+def code_location_snapshot() -> dict:
+    repo = defs.get_repository_def()
+    assets = {}
+    for key, asset in sorted(repo.assets_defs_by_key.items(), key=lambda kv: kv[0].to_user_string()):
+        partitions = asset.partitions_def
+        assets[key.to_user_string()] = {
+            "group": asset.group_names_by_key[key],
+            "partitions": {
+                dim.name: type(dim.partitions_def).__name__
+                + (f":{dim.partitions_def.name}" if isinstance(dim.partitions_def, dg.DynamicPartitionsDefinition)
+                   else f":{dim.partitions_def.cron_schedule}:{dim.partitions_def.timezone}")
+                for dim in partitions.partitions_defs
+            },
+            "backfill_policy": str(asset.backfill_policy.policy_type.value) if asset.backfill_policy else None,
+            "retry_policy": bool(asset.op.retry_policy),
+        }  # fmt: skip
+    return {
+        "assets": assets,
+        "jobs": sorted(j.name for j in repo.get_all_jobs() if not j.name.startswith("__")),
+        "schedules": {s.name: s.cron_schedule for s in repo.schedule_defs},
+        "sensors": sorted(s.name for s in repo.sensor_defs),
+    }
+
+
+def test_code_location_matches_its_snapshot():
+    current = code_location_snapshot()
+    assert current == json.loads(SNAPSHOT.read_text()), (
+        "the code location changed; if intended, update the snapshot:\n" + json.dumps(current, indent=2)
+    )
+
+
+def _materialize(instance: dg.DagsterInstance, connection_id: str, day: str) -> dg.ExecuteInProcessResult:
+    return defs.get_job_def("stripe_sync").execute_in_process(
+        instance=instance,
+        partition_key=dg.MultiPartitionKey({"connection": connection_id, "date": day}),
+        raise_on_error=False,
+    )
+
+
+def _all_event_text(instance: dg.DagsterInstance, run_id: str) -> str:
+    records = instance.all_logs(run_id)
+    return "\n".join(dg.serialize_value(r) for r in records)
+
+
+def test_a_partition_materialises_through_dagster_with_metadata_and_no_secret_anywhere(
+    database_url, schema, sandbox, stripe_account, stripe_connection, caplog
+):
+    key = stripe_account(charges=300, subscriptions=20, days=2)
+    connection = stripe_connection(key)
+    today = sandbox_now(sandbox.url).date().isoformat()
+    caplog.set_level(logging.DEBUG)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        result = _materialize(instance, connection.id, today)
+        assert result.success
+        materialization = result.asset_materializations_for_node("stripe_payments")[0]
+        metadata = {k: v.value for k, v in materialization.metadata.items()}
+        assert metadata["records"] >= metadata["inserted"] > 0  # records read include the events feed
+        assert {"requests", "retries", "rate_limit_waits", "window", "duration_seconds"} <= set(metadata)
+        run = instance.get_run_by_id(result.run_id)
+        texts = [_all_event_text(instance, result.run_id), json.dumps(run.run_config), caplog.text]
+        assert all(key not in text for text in texts)
+    mirrored, truth = charges_by_id(database_url, schema), expected_charges(sandbox.url, key)
+    created_today = {c["id"] for c in export(sandbox.url, key, "charges")
+                     if datetime.fromtimestamp(c["created"], UTC).date().isoformat() == today}  # fmt: skip
+    assert created_today and created_today <= set(mirrored)
+    assert metadata["dagster/row_count"] == len(created_today)
+    assert all(truth[record_id] == values for record_id, values in mirrored.items())
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            sql.SQL("SELECT t::text FROM {} t").format(table("integration_connections", schema))
+        ).fetchone()[0]
+        logs = conn.execute(
+            sql.SQL("SELECT status, total_records, run_id FROM {} WHERE asset = 'stripe_payments'").format(
+                table("integration_sync_logs", schema)
+            )
+        ).fetchall()
+    assert key not in stored and key[8:] not in stored
+    assert logs == [("success", metadata["records"], result.run_id)]
+    assert metadata["inserted"] == len(mirrored)
+
+
+def test_a_wrong_key_fails_the_run_without_retrying_and_leaks_nothing(database_url, schema, sandbox, stripe_connection):
+    bad_key = "sk_test_definitely_not_valid_98765"
+    connection = stripe_connection(bad_key, name="Broken")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        result = _materialize(instance, connection.id, sandbox_now(sandbox.url).date().isoformat())
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        message = failure.step_failure_data.error.message
+        assert "stripe connection 'stripe-broken'" in message and "HTTP 401" in message
+        assert bad_key not in _all_event_text(instance, result.run_id)
+        assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
+
+
+def test_hourly_schedule_requests_todays_partition_for_active_connections_only(database_url, schema, stripe_connection):
+    from nextcrm_pipelines.core import connections as vault
+
+    active = stripe_connection("sk_test_a", name="Active One")
+    disabled = stripe_connection("sk_test_b", name="Switched Off")
+    with psycopg.connect(database_url) as conn:
+        vault.set_status(conn, disabled.id, "disabled")
+    schedule = defs.get_schedule_def("stripe_hourly")
+    when = datetime(2026, 11, 26, 14, 7, tzinfo=UTC)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [active.id, disabled.id])
+        with dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=when,
+            resources={"mirror": defs.resources["mirror"]},
+            repository_def=defs.get_repository_def(),
+        ) as context:
+            requests = list(schedule.evaluate_tick(context).run_requests)
+    assert [r.partition_key for r in requests] == [
+        dg.MultiPartitionKey({"connection": active.id, "date": "2026-11-26"})
+    ]
+    assert requests[0].run_key == f"{active.id}|2026-11-26T14"
+
+
+def test_connections_sensor_adds_partitions_for_rows_added_by_any_means(database_url, schema, box):
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {} (id, provider, display_name) VALUES ('stripe-from-sql', 'stripe', 'From SQL')")
+            .format(table("integration_connections", schema))
+        )  # fmt: skip
+    sensor = defs.get_sensor_def("connections_sensor")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), ["stripe-gone"])
+        context = dg.build_sensor_context(instance=instance, resources={"mirror": defs.resources["mirror"]})
+        result = sensor(context)
+    requests = {type(r).__name__: r.partition_keys for r in result.dynamic_partitions_requests}
+    assert requests == {
+        "AddDynamicPartitionsRequest": ["stripe-from-sql"],
+        "DeleteDynamicPartitionsRequest": ["stripe-gone"],
+    }
+
+
+def test_a_date_range_backfills_in_one_run(database_url, schema, sandbox, stripe_account, stripe_connection):
+    key = stripe_account(charges=200, subscriptions=20, days=3)
+    connection = stripe_connection(key)
+    days = [d.isoformat() for d in days_back(sandbox_now(sandbox.url).date(), 3)]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        result = defs.get_job_def("stripe_sync").execute_in_process(
+            instance=instance,
+            tags={
+                "dagster/asset_partition_range_start": f"{connection.id}|{days[0]}",
+                "dagster/asset_partition_range_end": f"{connection.id}|{days[-1]}",
+            },
+        )
+        assert result.success
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+    with psycopg.connect(database_url) as conn:
+        partitions = conn.execute(
+            sql.SQL("SELECT DISTINCT partition, run_id FROM {} WHERE asset = 'stripe_payments'").format(
+                table("integration_sync_logs", schema)
+            )
+        ).fetchall()
+    assert len(partitions) == len(days) and len({run for _, run in partitions}) == 1

@@ -1,0 +1,122 @@
+"""The generic HTTP layer against a live loopback server: retries, pacing, budget, clear errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from nextcrm_pipelines.core.http import (
+    AuthenticationFailed,
+    BudgetExhausted,
+    DailyLimitExhausted,
+    HttpClient,
+    ProviderError,
+    RetryPolicy,
+)
+
+
+class Script:
+    """Responses to hand out in order, then 200s."""
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[int, dict[str, str]]] = []
+        self.hits = 0
+
+
+SCRIPT = Script()
+
+
+async def endpoint(request: Request) -> JSONResponse:
+    SCRIPT.hits += 1
+    if SCRIPT.queue:
+        status, headers = SCRIPT.queue.pop(0)
+        return JSONResponse({"error": "scripted"}, status_code=status, headers=headers)
+    return JSONResponse({"ok": True, "hit": SCRIPT.hits})
+
+
+@pytest.fixture(scope="module")
+def server_url() -> Iterator[str]:
+    app = Starlette(routes=[Route("/thing", endpoint)])
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def reset_script():
+    SCRIPT.queue.clear()
+    SCRIPT.hits = 0
+
+
+def client(url: str, **kwargs) -> HttpClient:
+    retry = kwargs.pop("retry", RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, budget_seconds=10))
+    return HttpClient(provider="acme", connection_id="acme-main", base_url=url, retry=retry, **kwargs)
+
+
+def test_5xx_and_429_are_retried_and_counted(server_url):
+    SCRIPT.queue += [(503, {}), (429, {"Retry-After": "0"}), (502, {})]
+    with client(server_url) as http:
+        assert http.get_json("/thing")["ok"] is True
+        assert http.stats.requests == 4 and http.stats.retries == 3 and http.stats.rate_limit_waits == 1
+
+
+def test_retry_after_is_honoured(server_url):
+    SCRIPT.queue += [(429, {"Retry-After": "1"})]
+    with client(server_url) as http:
+        started = time.monotonic()
+        http.get_json("/thing")
+        assert time.monotonic() - started >= 0.95
+
+
+def test_errors_name_provider_connection_endpoint_and_status(server_url):
+    SCRIPT.queue += [(404, {})]
+    with client(server_url) as http, pytest.raises(ProviderError) as failure:
+        http.get_json("/thing")
+    assert str(failure.value).startswith("acme connection 'acme-main' GET /thing -> HTTP 404")
+
+
+def test_401_is_an_authentication_failure_not_retried(server_url):
+    SCRIPT.queue += [(401, {}), (401, {})]
+    with client(server_url) as http, pytest.raises(AuthenticationFailed):
+        http.get_json("/thing")
+    assert SCRIPT.hits == 1
+
+
+def test_a_provider_that_keeps_failing_hits_the_budget(server_url):
+    SCRIPT.queue += [(503, {"Retry-After": "2"})] * 10
+    retry = RetryPolicy(max_attempts=10, base_delay=0.01, max_delay=0.05, budget_seconds=1)
+    with client(server_url, retry=retry) as http, pytest.raises(BudgetExhausted, match="budget"):
+        http.get_json("/thing")
+
+
+def test_a_daily_limit_is_reported_as_such_and_not_retried(server_url):
+    SCRIPT.queue += [(429, {"X-Rate-Limit-Problem": "day"})]
+    classify = lambda r: "daily_limit" if r.headers.get("x-rate-limit-problem") == "day" else None  # noqa: E731
+    with client(server_url, classify=classify) as http, pytest.raises(DailyLimitExhausted, match="daily"):
+        http.get_json("/thing")
+    assert SCRIPT.hits == 1
+
+
+def test_the_client_side_limiter_paces_requests(server_url):
+    with client(server_url, requests_per_second=20) as http:
+        started = time.monotonic()
+        for _ in range(30):
+            http.get_json("/thing")
+        elapsed = time.monotonic() - started
+    # 20 tokens of burst, then 10 more at 20/s: at least ~0.5 s.
+    assert elapsed >= 0.45 and http.stats.throttle_seconds > 0

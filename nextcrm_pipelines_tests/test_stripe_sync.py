@@ -1,0 +1,277 @@
+"""The ARCHITECTURE.md invariants, proved on the Stripe slice: real Postgres, sandbox over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+
+import psycopg
+import pytest
+import stripe
+from nextcrm_pipelines.sandbox.server import SandboxServer
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.http import AuthenticationFailed
+from nextcrm_pipelines_tests.helpers import (
+    charges_by_id,
+    days_back,
+    expected_charges,
+    export,
+    mirror_rows,
+    sandbox_now,
+    sync_days,
+)
+
+
+def sdk(sandbox: SandboxServer, api_key: str) -> stripe.StripeClient:
+    return stripe.StripeClient(api_key, base_addresses={"api": sandbox.url}, max_network_retries=0)
+
+
+def test_backfill_mirrors_every_charge_exactly(database_url, schema, sandbox, stripe_account, stripe_connection):
+    key = stripe_account(charges=400, days=10)
+    connection = stripe_connection(key)
+    days = days_back(sandbox_now(sandbox.url).date(), 10)
+    results = sync_days(database_url, schema, connection.id, "stripe_payments", days)
+    assert all(r.status == "success" for r in results)
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+
+
+def test_rerunning_a_partition_changes_nothing(database_url, schema, sandbox, stripe_account, stripe_connection):
+    key = stripe_account(charges=300, subscriptions=80, days=5)
+    connection = stripe_connection(key)
+    days = days_back(sandbox_now(sandbox.url).date(), 5)
+    for entity in ("stripe_payments", "stripe_subscriptions"):
+        sync_days(database_url, schema, connection.id, entity, days)
+    before = {e: mirror_rows(database_url, schema, e) for e in ("stripe_payments", "stripe_subscriptions")}
+    again = sync_days(database_url, schema, connection.id, "stripe_payments", days)
+    again += sync_days(database_url, schema, connection.id, "stripe_subscriptions", days)
+    after = {e: mirror_rows(database_url, schema, e) for e in ("stripe_payments", "stripe_subscriptions")}
+    assert after == before  # every column, synced_at included
+    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
+    assert sum(r.counts.unchanged for r in again) == sum(r.total for r in again) > 0
+
+
+def test_old_partition_backfill_does_not_overwrite_newer_row(database_url, schema, stripe_account, stripe_connection):
+    with SandboxServer() as own:
+        key = f"sk_test_regress_{os.getpid()}"
+        own.add_stripe_account(api_key=key, seed=5, charges=200, subscriptions=10, days=5, requests_per_second=0)
+        from nextcrm_pipelines.core import connections as vault
+        from nextcrm_pipelines.core.vault import SecretBox
+
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(conn, provider="stripe", display_name="Regress",
+                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
+                                              base_url=own.url)  # fmt: skip
+        now = sandbox_now(own.url)
+        old_day = (now - __import__("datetime").timedelta(days=3)).date()
+        charge = next(c for c in export(own.url, key, "charges")
+                      if c["status"] == "succeeded" and not c["refunded"]
+                      and __import__("datetime").datetime.fromtimestamp(c["created"]).date() == old_day)  # fmt: skip
+        sdk(own, key).v1.refunds.create({"charge": charge["id"]})
+        # The newer state arrives first (today's events), then the old day is backfilled: its
+        # `charge.succeeded` event carries the pre-refund state and must not win.
+        sync_days(database_url, schema, connection.id, "stripe_payments", [now.date()])
+        sync_days(database_url, schema, connection.id, "stripe_payments", [old_day])
+        row = charges_by_id(database_url, schema)[charge["id"]]
+        assert row[4] is True and row[1] == row[0]  # refunded in full, as in the sandbox
+
+
+def test_engine_never_replaces_a_row_with_an_older_version(database_url, schema, stripe_connection):
+    from datetime import UTC, datetime, timedelta
+
+    from nextcrm_pipelines.core.http import RequestStats
+    from nextcrm_pipelines.core.sync import SyncWindow, sync_entity
+    from nextcrm_pipelines.providers.stripe import PAYMENTS
+
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    base = {"id": "ch_x", "object": "charge", "amount": 500, "currency": "usd", "status": "succeeded",
+            "created": int(t0.timestamp()), "refunded": False, "amount_refunded": 0}  # fmt: skip
+
+    def write(raw, version):
+        return sync_entity(database_url=database_url, schema=schema, provider="stripe", entity=PAYMENTS,
+                           connection_id=connection.id, window=SyncWindow(t0, t0 + timedelta(days=1)),
+                           pages=[[(raw, version)]], stats=RequestStats())  # fmt: skip
+
+    write({**base, "refunded": True, "amount_refunded": 500}, t0 + timedelta(hours=5))
+    stale = write(base, t0 + timedelta(hours=1))
+    assert stale.counts.unchanged == 1 and stale.counts.updated == 0
+    assert charges_by_id(database_url, schema)["ch_x"][1] == Decimal("5.00")
+    newer = write({**base, "refunded": True, "amount_refunded": 200}, t0 + timedelta(hours=6))
+    assert newer.counts.updated == 1
+    assert charges_by_id(database_url, schema)["ch_x"][1] == Decimal("2.00")
+
+
+def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
+    database_url, schema, sandbox, stripe_account, stripe_connection, secret_key
+):
+    key = stripe_account(charges=3000, subscriptions=5, days=1)
+    connection = stripe_connection(key)
+    today = sandbox_now(sandbox.url).date()
+    days = days_back(today, 1)
+    sandbox.set_stripe_faults(api_key=key, latency_ms=40)
+    script = textwrap.dedent(
+        f"""
+        from datetime import date
+        from nextcrm_pipelines_tests.helpers import sync_days
+        days = [date.fromisoformat(d) for d in {[d.isoformat() for d in days]!r}]
+        sync_days({database_url!r}, {schema!r}, {connection.id!r}, "stripe_payments", days, batch_size=200)
+        """
+    )
+    env = {**os.environ, "NEXTCRM_SECRET_KEY": secret_key, "NEXTCRM_DB_SCHEMA": schema}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            count = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
+            if count >= 400:
+                break
+            assert child.poll() is None, "the sync finished before it could be killed; slow it down"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    partial = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
+    expected = expected_charges(sandbox.url, key)
+    assert 0 < partial < len(expected)
+    sandbox.clear_stripe_faults(api_key=key)
+    sync_days(database_url, schema, connection.id, "stripe_payments", days)
+    mirrored = mirror_rows(database_url, schema, "stripe_payments", "id")
+    assert len(mirrored) == len({r[0] for r in mirrored})  # no duplicates
+    assert charges_by_id(database_url, schema) == expected  # no gaps, same amounts
+
+
+def test_refund_made_after_first_sync_shows_after_next_days_sync(database_url, schema, stripe_connection):
+    with SandboxServer() as own:
+        key = f"sk_test_refund_{os.getpid()}"
+        own.add_stripe_account(api_key=key, seed=9, charges=200, subscriptions=10, days=3, requests_per_second=0)
+        from nextcrm_pipelines.core import connections as vault
+        from nextcrm_pipelines.core.vault import SecretBox
+
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(conn, provider="stripe", display_name="Refunds",
+                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
+                                              base_url=own.url)  # fmt: skip
+        first_days = days_back(sandbox_now(own.url).date(), 3)
+        sync_days(database_url, schema, connection.id, "stripe_payments", first_days)
+        charge = next(c for c in export(own.url, key, "charges") if c["status"] == "succeeded" and not c["refunded"])
+        assert charges_by_id(database_url, schema)[charge["id"]][4] is False
+        own.advance_clock(86400)
+        sdk(own, key).v1.refunds.create({"charge": charge["id"], "amount": 100})
+        sync_days(database_url, schema, connection.id, "stripe_payments", [sandbox_now(own.url).date()])
+        row = charges_by_id(database_url, schema)[charge["id"]]
+        assert row[1] == expected_charges(own.url, key)[charge["id"]][1] > 0
+        assert charges_by_id(database_url, schema) == expected_charges(own.url, key)
+
+
+def test_jpy_and_usd_amounts_are_exact(database_url, schema, sandbox, stripe_account, stripe_connection):
+    key = stripe_account(charges=500, days=5)
+    connection = stripe_connection(key)
+    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox.url).date(), 5))
+    truth = {c["id"]: c for c in export(sandbox.url, key, "charges")}
+    rows = mirror_rows(database_url, schema, "stripe_payments", "id, amount, currency, pg_typeof(amount)::text, "
+                       "jsonb_typeof(raw), (raw->>'amount')::bigint")  # fmt: skip
+    currencies = {r[2] for r in rows}
+    assert {"jpy", "usd"} <= currencies
+    for record_id, amount, currency, pg_type, raw_type, raw_amount in rows:
+        assert pg_type == "numeric" and raw_type == "object"
+        minor = truth[record_id]["amount"]
+        assert raw_amount == minor
+        if currency == "jpy":
+            assert amount == Decimal(minor) and amount == amount.to_integral_value()
+        elif currency == "usd":
+            assert amount * 100 == Decimal(minor)
+
+
+def test_subscriptions_include_canceled_and_a_cancellation_becomes_visible(database_url, schema, stripe_connection):
+    with SandboxServer() as own:
+        key = f"sk_test_subs_{os.getpid()}"
+        own.add_stripe_account(api_key=key, seed=3, charges=20, subscriptions=150, days=4, requests_per_second=0)
+        from nextcrm_pipelines.core import connections as vault
+        from nextcrm_pipelines.core.vault import SecretBox
+
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(conn, provider="stripe", display_name="Subs",
+                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
+                                              base_url=own.url)  # fmt: skip
+        days = days_back(sandbox_now(own.url).date(), 4)
+        sync_days(database_url, schema, connection.id, "stripe_subscriptions", days)
+        truth = export(own.url, key, "subscriptions")
+        rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
+        assert set(rows) == {s["id"] for s in truth}
+        assert any(s["status"] == "canceled" for s in truth)
+        for s in truth:
+            assert rows[s["id"]] == (s["status"], s["status"] in ("canceled", "incomplete_expired"))
+        active = next(s for s in truth if s["status"] == "active")
+        sdk(own, key).v1.subscriptions.cancel(active["id"])
+        sync_days(database_url, schema, connection.id, "stripe_subscriptions", [sandbox_now(own.url).date()])
+        rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
+        assert rows[active["id"]] == ("canceled", True)
+
+
+def test_429_bursts_and_5xx_are_survived(database_url, schema, sandbox, stripe_account, stripe_connection):
+    key = stripe_account(charges=300, days=2)
+    connection = stripe_connection(key)
+    sandbox.set_stripe_faults(api_key=key, rate_limit_burst=6, server_errors=3)
+    results = sync_days(database_url, schema, connection.id, "stripe_payments",
+                        days_back(sandbox_now(sandbox.url).date(), 2))  # fmt: skip
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+    assert sum(r.stats.rate_limit_waits for r in results) >= 6
+    assert sum(r.stats.retries for r in results) >= 9
+    with psycopg.connect(database_url) as conn:
+        logged = conn.execute(
+            sql.SQL("SELECT sum(retries), sum(rate_limit_waits) FROM {}").format(table("integration_sync_logs", schema))
+        ).fetchone()
+    assert logged[0] >= 9 and logged[1] >= 6
+
+
+def test_wrong_api_key_fails_with_a_clear_message_and_marks_the_connection(
+    database_url, schema, sandbox, stripe_connection
+):
+    connection = stripe_connection("sk_test_this_key_is_wrong_12345")
+    with pytest.raises(AuthenticationFailed) as failure:
+        sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox.url).date(), 0))
+    message = str(failure.value)
+    assert "stripe connection 'stripe-acme'" in message and "HTTP 401" in message
+    assert "connections add stripe" in message
+    assert "sk_test_this_key_is_wrong_12345" not in message and "2345" not in message
+    with psycopg.connect(database_url) as conn:
+        status, error = conn.execute(
+            sql.SQL("SELECT status, last_error FROM {} WHERE id = %s").format(table("integration_connections", schema)),
+            (connection.id,),
+        ).fetchone()
+    assert status == "needs_reauth" and "HTTP 401" in error
+
+
+def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url, schema, stripe_connection, caplog):
+    from datetime import UTC, datetime, timedelta
+
+    from nextcrm_pipelines.core.http import RequestStats
+    from nextcrm_pipelines.core.sync import SyncWindow, sync_entity
+    from nextcrm_pipelines.providers.stripe import PAYMENTS
+
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 2, 1, tzinfo=UTC)
+    good = [{"id": f"ch_{i}", "object": "charge", "amount": 100 + i, "currency": "eur", "status": "succeeded",
+             "created": int(t0.timestamp()) + i} for i in range(50)]  # fmt: skip
+    bad = [{**good[0], "id": "ch_bad_amount", "amount": "12.5"}, {**good[0], "id": "ch_no_currency", "currency": None}]
+    result = sync_entity(database_url=database_url, schema=schema, provider="stripe", entity=PAYMENTS,
+                         connection_id=connection.id, window=SyncWindow(t0, t0 + timedelta(days=1)),
+                         pages=[[(r, t0) for r in good[:25] + bad[:1]],
+                                [(r, t0) for r in good[25:] + bad[1:]]],
+                         stats=RequestStats())  # fmt: skip
+    assert result.status == "partial" and result.counts.failed == 2 and result.counts.inserted == 50
+    assert {f.id for f in result.failures} == {"ch_bad_amount", "ch_no_currency"}
+    assert "ch_bad_amount" in caplog.text and "ch_no_currency" in caplog.text
+    assert len(mirror_rows(database_url, schema, "stripe_payments", "id")) == 50
+    with psycopg.connect(database_url) as conn:
+        status, failed, error = conn.execute(
+            sql.SQL("SELECT status, failed_records, error FROM {}").format(table("integration_sync_logs", schema))
+        ).fetchone()
+    assert status == "partial" and failed == 2 and "ch_bad_amount" in error

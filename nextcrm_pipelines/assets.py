@@ -20,7 +20,10 @@ from nextcrm_pipelines.partitions import connection_day_partitions
 from nextcrm_pipelines.resources import MirrorDatabase
 
 SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
-COUNTERS = ("rows_in_window", "records", "inserted", "updated", "unchanged", "failed", "requests", "retries", "rate_limit_waits")
+COUNTERS = (
+    "rows_in_window", "records", "inserted", "updated", "unchanged",
+    "failed", "requests", "retries", "rate_limit_waits",
+)  # fmt: skip
 
 
 def _metadata(results: list[SyncResult]) -> dict[str, Any]:

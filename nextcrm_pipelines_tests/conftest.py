@@ -13,13 +13,13 @@ from pathlib import Path
 import psycopg
 import pytest
 from cryptography.fernet import Fernet
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core import db
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.vault import SecretBox
+from nextcrm_pipelines.sandbox.server import SandboxServer
 
 
 @pytest.fixture(scope="session")

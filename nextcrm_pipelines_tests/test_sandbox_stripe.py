@@ -83,9 +83,7 @@ def test_created_window_filters(server: SandboxServer) -> None:
     assert got_exact == {row["id"] for row in export if row["created"] == exact}
 
 
-def test_ending_before_returns_the_previous_page_newest_first(
-    http: httpx.Client, server: SandboxServer
-) -> None:
+def test_ending_before_returns_the_previous_page_newest_first(http: httpx.Client, server: SandboxServer) -> None:
     ids = [row["id"] for row in server.stripe_export(READ_KEY, "charges")]
     page = http.get("/v1/charges", params={"limit": 5, "ending_before": ids[20]}).json()
     assert [c["id"] for c in page["data"]] == ids[15:20]
@@ -102,9 +100,7 @@ def test_ending_before_returns_the_previous_page_newest_first(
 def test_backward_auto_paging_with_ending_before(server: SandboxServer) -> None:
     client = _client(server, READ_KEY)
     ids = [row["id"] for row in server.stripe_export(READ_KEY, "charges")]
-    walked = [
-        ch.id for ch in client.v1.charges.list({"limit": 7, "ending_before": ids[30]}).auto_paging_iter()
-    ]
+    walked = [ch.id for ch in client.v1.charges.list({"limit": 7, "ending_before": ids[30]}).auto_paging_iter()]
     assert walked == list(reversed(ids[:30]))
 
 
@@ -114,9 +110,7 @@ def test_customer_filter_and_expand(server: SandboxServer, http: httpx.Client) -
     client = _client(server, READ_KEY)
     mine = [ch.id for ch in client.v1.charges.list({"customer": customer, "limit": 100}).auto_paging_iter()]
     assert mine == [row["id"] for row in export if row["customer"] == customer]
-    page = http.get(
-        "/v1/charges", params={"limit": 5, "expand[]": "data.customer", "customer": customer}
-    ).json()
+    page = http.get("/v1/charges", params={"limit": 5, "expand[]": "data.customer", "customer": customer}).json()
     assert page["data"] and all(c["customer"]["id"] == customer for c in page["data"])
     assert page["data"][0]["customer"]["object"] == "customer"
     bad = http.get("/v1/charges", params={"expand[]": "data.invoice"})
@@ -138,9 +132,7 @@ def test_subscriptions_hide_ended_unless_status_all(server: SandboxServer) -> No
         "paused",
     }
     default = [s.id for s in client.v1.subscriptions.list({"limit": 100}).auto_paging_iter()]
-    everything = [
-        s.id for s in client.v1.subscriptions.list({"status": "all", "limit": 100}).auto_paging_iter()
-    ]
+    everything = [s.id for s in client.v1.subscriptions.list({"status": "all", "limit": 100}).auto_paging_iter()]
     ended = [s.id for s in client.v1.subscriptions.list({"status": "ended", "limit": 100}).auto_paging_iter()]
     canceled = list(client.v1.subscriptions.list({"status": "canceled", "limit": 100}).auto_paging_iter())
     assert everything == [row["id"] for row in export]
@@ -158,9 +150,7 @@ def test_events_type_filters(server: SandboxServer, http: httpx.Client) -> None:
     assert all_events
     now = server.clock()
     assert all(now - EVENT_RETENTION_SECONDS <= e.created <= now for e in all_events)
-    charge_events = [
-        e.id for e in client.v1.events.list({"type": "charge.*", "limit": 100}).auto_paging_iter()
-    ]
+    charge_events = [e.id for e in client.v1.events.list({"type": "charge.*", "limit": 100}).auto_paging_iter()]
     assert charge_events == [e.id for e in all_events if e.type.startswith("charge.")]
     picked = ["charge.failed", "customer.subscription.deleted"]
     typed = [e.id for e in client.v1.events.list({"types": picked, "limit": 100}).auto_paging_iter()]
@@ -288,9 +278,7 @@ def test_refund_updates_charge_and_feeds_events(server: SandboxServer) -> None:
     assert charge.refunded is True and charge.amount_refunded == target["amount"]
 
     refunded_events = [
-        e
-        for e in client.v1.events.list({"type": "charge.refunded", "limit": 100})
-        if e.data.object.id == target["id"]
+        e for e in client.v1.events.list({"type": "charge.refunded", "limit": 100}) if e.data.object.id == target["id"]
     ]
     snapshots = sorted(
         (e.data.object.amount_refunded, e.data.object.refunded, e.data.previous_attributes.to_dict())
@@ -406,9 +394,7 @@ def test_charge_shape_and_zero_decimal_jpy(server: SandboxServer) -> None:
     statuses = [row["status"] for row in export]
     assert 0.8 < statuses.count("succeeded") / len(statuses) < 0.97
     assert any(row["refunded"] for row in export)
-    assert any(0 < row["amount_refunded"] < row["amount"] for row in export) or any(
-        row["refunded"] for row in export
-    )
+    assert any(0 < row["amount_refunded"] < row["amount"] for row in export) or any(row["refunded"] for row in export)
     jpy = [row for row in export if row["currency"] == "jpy"]
     assert jpy
     for row in jpy:
@@ -467,9 +453,7 @@ def test_bracket_parser() -> None:
 
 def test_subprocess_server_and_account_replacement() -> None:
     key = "sk_live_subprocess00000000000001"
-    with SandboxServer(
-        [{"api_key": key, "seed": 1, "charges": 40, "subscriptions": 5}], subprocess=True
-    ) as srv:
+    with SandboxServer([{"api_key": key, "seed": 1, "charges": 40, "subscriptions": 5}], subprocess=True) as srv:
         assert srv.pid is not None
         client = _client(srv, key)
         charges = list(client.v1.charges.list({"limit": 100}).auto_paging_iter())
@@ -496,18 +480,14 @@ def test_two_hundred_thousand_charges() -> None:
     key = "sk_test_scale000000000000000001"
     with SandboxServer() as srv:
         started = time.perf_counter()
-        summary = srv.add_stripe_account(
-            key, seed=42, charges=200_000, subscriptions=2_000, requests_per_second=0
-        )
+        summary = srv.add_stripe_account(key, seed=42, charges=200_000, subscriptions=2_000, requests_per_second=0)
         elapsed = time.perf_counter() - started
         assert summary["charges"] == 200_000
         assert elapsed < 20, f"generating 200k charges took {elapsed:.1f}s"
         with httpx.Client(base_url=srv.url, auth=(key, "")) as http:
             page = http.get("/v1/charges", params={"limit": 100}).json()
             assert len(page["data"]) == 100 and page["has_more"] is True
-            nxt = http.get(
-                "/v1/charges", params={"limit": 100, "starting_after": page["data"][-1]["id"]}
-            ).json()
+            nxt = http.get("/v1/charges", params={"limit": 100, "starting_after": page["data"][-1]["id"]}).json()
             assert len(nxt["data"]) == 100
             assert nxt["data"][0]["created"] <= page["data"][-1]["created"]
         assert srv.app is not None

@@ -13,11 +13,11 @@ from decimal import Decimal
 import psycopg
 import pytest
 import stripe
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed
+from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines_tests.helpers import (
     charges_by_id,
     days_back,

@@ -1385,8 +1385,7 @@ class StripeAccount:
                 if status not in SUBSCRIPTION_STATUSES:
                     raise StripeError(
                         400,
-                        "Invalid status: must be one of "
-                        + ", ".join((*SUBSCRIPTION_STATUSES, "all", "ended")),
+                        "Invalid status: must be one of " + ", ".join((*SUBSCRIPTION_STATUSES, "all", "ended")),
                         param="status",
                     )
                 narrow(coll.view(("status", status), lambda m, s=status: m[0] == s))
@@ -1407,9 +1406,7 @@ class StripeAccount:
             type_ = params.get("type") or None
             types = params.get("types") or None
             if type_ is not None and types is not None:
-                raise StripeError(
-                    400, "You may only specify one of these parameters: type, types.", param="types"
-                )
+                raise StripeError(400, "You may only specify one of these parameters: type, types.", param="types")
             if type_ is not None:
                 pattern = re.compile("^" + re.escape(_as_str(type_, "type")).replace(r"\*", ".*") + "$")
                 narrow(coll.view(("type", type_), lambda m, p=pattern: p.match(m[0]) is not None))
@@ -1543,19 +1540,13 @@ class StripeAccount:
         }
     )
 
-    def create_charge(
-        self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
-    ) -> bytes:
+    def create_charge(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None) -> bytes:
         """``POST /v1/charges``: a succeeded card charge created at ``now``; emits ``charge.succeeded``."""
         _check_params(params, self._CHARGE_CREATE)
         if "amount" not in params:
-            raise StripeError(
-                400, "Missing required param: amount.", code="parameter_missing", param="amount"
-            )
+            raise StripeError(400, "Missing required param: amount.", code="parameter_missing", param="amount")
         if "currency" not in params:
-            raise StripeError(
-                400, "Missing required param: currency.", code="parameter_missing", param="currency"
-            )
+            raise StripeError(400, "Missing required param: currency.", code="parameter_missing", param="currency")
         expand = self._expansions("charges", params, "")
         amount = _as_int(params["amount"], "amount", minimum=1, maximum=99_999_999)
         currency = _as_str(params["currency"], "currency").lower()
@@ -1611,9 +1602,7 @@ class StripeAccount:
     _REFUND_CREATE = frozenset({"charge", "payment_intent", "amount", "reason", "metadata", "expand"})
     _REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 
-    def create_refund(
-        self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
-    ) -> bytes:
+    def create_refund(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None) -> bytes:
         """``POST /v1/refunds``: refund (part of) a charge; emits ``charge.refunded``, ``refund.created``."""
         _check_params(params, self._REFUND_CREATE)
         if params.get("expand"):
@@ -1634,9 +1623,7 @@ class StripeAccount:
         i = self.charges.pos.get(cid)
         if i is None:
             shown = cid if param == "charge" else params["payment_intent"]
-            raise _missing(
-                "charge" if param == "charge" else "payment_intent", shown, param=param, status=400
-            )
+            raise _missing("charge" if param == "charge" else "payment_intent", shown, param=param, status=400)
         ch = orjson.loads(self.charges.blob(i))
         if ch["status"] != "succeeded":
             raise StripeError(
@@ -1836,9 +1823,7 @@ _SERVER_ERROR_BODY = orjson.dumps(
 _ACCOUNT_FIELDS = frozenset(
     {"api_key", "seed", "charges", "subscriptions", "customers", "days", "requests_per_second", "now"}
 )
-_FAULT_FIELDS = frozenset(
-    {"api_key", "rate_limit_burst", "server_errors", "latency_ms", "fail_after_requests"}
-)
+_FAULT_FIELDS = frozenset({"api_key", "rate_limit_burst", "server_errors", "latency_ms", "fail_after_requests"})
 
 
 def _request_id() -> str:
@@ -1956,9 +1941,7 @@ class StripeSandbox:
         if account is None and current is not None:
             return current.account, "unchanged"
         assert account is not None
-        self._runtime[key] = _Runtime(
-            account=account, spec=norm, bucket=_TokenBucket(norm["requests_per_second"])
-        )
+        self._runtime[key] = _Runtime(account=account, spec=norm, bucket=_TokenBucket(norm["requests_per_second"]))
         return account, "created" if current is None else "replaced"
 
     def account(self, api_key: str) -> StripeAccount | None:
@@ -1977,9 +1960,7 @@ class StripeSandbox:
         routes: list[BaseRoute] = []
         for res in RESOURCES:
             routes.append(Route(f"/v1/{res}", self._endpoint(res, False), methods=["GET", "POST", "DELETE"]))
-            routes.append(
-                Route(f"/v1/{res}/{{oid}}", self._endpoint(res, True), methods=["GET", "POST", "DELETE"])
-            )
+            routes.append(Route(f"/v1/{res}/{{oid}}", self._endpoint(res, True), methods=["GET", "POST", "DELETE"]))
         routes += [
             Route("/_sandbox/stripe/accounts", self._control_accounts, methods=["GET", "POST"]),
             Route("/_sandbox/stripe/faults", self._control_faults, methods=["POST", "DELETE"]),
@@ -2034,9 +2015,7 @@ class StripeSandbox:
             faults.rate_limit_burst -= 1
             rt.rate_limited += 1
             return Response(_RATE_LIMIT_BODY, 429, headers={**headers, "stripe-should-retry": "true"})
-        if faults.server_errors > 0 or (
-            faults.fail_after_requests is not None and faults.fail_after_requests <= 0
-        ):
+        if faults.server_errors > 0 or (faults.fail_after_requests is not None and faults.fail_after_requests <= 0):
             if faults.server_errors > 0:
                 faults.server_errors -= 1
             rt.server_errors += 1
@@ -2170,9 +2149,7 @@ class StripeSandbox:
     async def _control_accounts(self, request: Request) -> Response:
         try:
             if request.method == "GET":
-                return _json_response(
-                    200, [self._account_summary(rt.account, rt) for rt in self._runtime.values()]
-                )
+                return _json_response(200, [self._account_summary(rt.account, rt) for rt in self._runtime.values()])
             norm = self.normalise_spec(await self._json_body(request))
             started = time.perf_counter()
             built = await run_in_threadpool(self._build, norm)

@@ -1,0 +1,87 @@
+"""The deployment surface: the embedded server, dagster.yaml on Postgres, per-connection exclusion."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+from psycopg import sql
+
+from nextcrm_pipelines.core import settings
+from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+from nextcrm_pipelines.core.runner import connection_lock
+
+
+def test_embedded_server_is_reused_and_keeps_data_across_restarts():
+    folder = Path(tempfile.mkdtemp(prefix="nextcrm-embedded-"))
+    try:
+        first = ensure_embedded_postgres(folder)
+        assert ensure_embedded_postgres(folder) == first  # a running server is reused
+        with psycopg.connect(first.url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE kept (v int)")
+            conn.execute("INSERT INTO kept VALUES (42)")
+        assert stop_embedded_postgres(folder)
+        again = ensure_embedded_postgres(folder)
+        with psycopg.connect(again.url) as conn:
+            assert conn.execute("SELECT v FROM kept").fetchone() == (42,)
+    finally:
+        stop_embedded_postgres(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def project_instance(database_url: str, monkeypatch: pytest.MonkeyPatch):
+    """A Dagster instance built from the project's dagster.yaml, storage in a schema of its own."""
+    storage_schema = f"dagster_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(storage_schema)))
+    url = settings.libpq_url(database_url) + f"?options=-csearch_path%3D{storage_schema}"
+    artifacts = tempfile.mkdtemp(prefix="nextcrm-dagster-")
+    monkeypatch.setenv("NEXTCRM_DAGSTER_STORAGE_URL", url)
+    monkeypatch.setenv("NEXTCRM_DAGSTER_ARTIFACTS", artifacts)
+    monkeypatch.setenv("NEXTCRM_DAGSTER_COMPUTE_LOGS", artifacts + "/logs")
+    try:
+        yield lambda: dg.DagsterInstance.from_config(str(settings.PROJECT_ROOT))
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(storage_schema)))
+        shutil.rmtree(artifacts, ignore_errors=True)
+
+
+def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(project_instance):
+    instance = project_instance()
+    assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+    limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
+    assert {"key": "dagster/partition/connection", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+    instance.add_dynamic_partitions("stripe_connections", ["stripe-acme"])
+    run = instance.create_run_for_job(dg.GraphDefinition(name="noop", node_defs=[]).to_job(), run_id=None)
+    instance.dispose()
+    restarted = project_instance()  # a new process would read the same storage
+    assert restarted.get_run_by_id(run.run_id) is not None
+    assert restarted.get_dynamic_partitions("stripe_connections") == ["stripe-acme"]
+    restarted.dispose()
+
+
+def test_syncs_of_one_connection_never_overlap(database_url):
+    order: list[str] = []
+
+    def second() -> None:
+        with connection_lock(database_url, "stripe-shared"):
+            order.append("second")
+
+    with connection_lock(database_url, "stripe-shared"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.5)
+        with connection_lock(database_url, "stripe-other"):  # other connections are not blocked
+            order.append("other")
+        order.append("first done")
+    waiter.join(timeout=10)
+    assert order == ["other", "first done", "second"]

@@ -42,7 +42,7 @@ def project_instance(database_url: str, monkeypatch: pytest.MonkeyPatch):
     storage_schema = f"dagster_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(storage_schema)))
-    url = settings.libpq_url(database_url) + f"?options=-csearch_path%3D{storage_schema}"
+    url = settings.dagster_storage_url(database_url).replace("search_path%3Ddagster", f"search_path%3D{storage_schema}")
     artifacts = tempfile.mkdtemp(prefix="nextcrm-dagster-")
     monkeypatch.setenv("NEXTCRM_DAGSTER_STORAGE_URL", url)
     monkeypatch.setenv("NEXTCRM_DAGSTER_ARTIFACTS", artifacts)
@@ -62,9 +62,11 @@ def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(pro
     assert {"key": "dagster/partition/connection", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
     instance.add_dynamic_partitions("stripe_connections", ["stripe-acme"])
     run = instance.create_run_for_job(dg.GraphDefinition(name="noop", node_defs=[]).to_job(), run_id=None)
+    instance.report_engine_event("stored in Postgres", run)
     instance.dispose()
     restarted = project_instance()  # a new process would read the same storage
     assert restarted.get_run_by_id(run.run_id) is not None
+    assert any(e.message == "stored in Postgres" for e in restarted.all_logs(run.run_id))
     assert restarted.get_dynamic_partitions("stripe_connections") == ["stripe-acme"]
     restarted.dispose()
 

@@ -58,8 +58,12 @@ def libpq_url(url: str) -> str:
 
 
 def dagster_storage_url(url: str) -> str:
-    """The URL Dagster's run/event/schedule storage uses: same server, its own schema."""
-    base = libpq_url(url)
+    """The URL Dagster's run/event/schedule storage uses: same server, its own schema.
+
+    dagster-postgres is written for psycopg2 (e.g. `NOTIFY run_events, %(id)s`), while SQLAlchemy
+    2.1 picks psycopg 3 for a bare `postgresql://` URL, so the driver is named explicitly.
+    """
+    base = "postgresql+psycopg2://" + libpq_url(url)[len("postgresql://") :]
     option = f"options=-csearch_path%3D{DAGSTER_SCHEMA}"
     return f"{base}{'&' if '?' in base else '?'}{option}"
 

@@ -282,6 +282,7 @@ def demo(days: int) -> None:
         job = defs.get_job_def("stripe_sync")
         result = job.execute_in_process(
             instance=instance,
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             tags={
                 "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
                 "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",

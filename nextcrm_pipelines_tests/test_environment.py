@@ -74,16 +74,15 @@ def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(pro
 def test_syncs_of_one_connection_never_overlap(database_url):
     order: list[str] = []
 
-    def second() -> None:
-        with connection_lock(database_url, "stripe-shared"):
-            order.append("second")
+    def hold(connection_id: str, label: str) -> None:
+        with psycopg.connect(database_url) as conn, connection_lock(conn, connection_id):
+            order.append(label)
 
-    with connection_lock(database_url, "stripe-shared"):
-        waiter = threading.Thread(target=second)
+    with psycopg.connect(database_url) as conn, connection_lock(conn, "stripe-shared"):
+        waiter = threading.Thread(target=hold, args=("stripe-shared", "second"))
         waiter.start()
         time.sleep(0.5)
-        with connection_lock(database_url, "stripe-other"):  # other connections are not blocked
-            order.append("other")
+        hold("stripe-other", "other")  # other connections are not blocked
         order.append("first done")
     waiter.join(timeout=10)
     assert order == ["other", "first done", "second"]

@@ -95,7 +95,8 @@ def test_engine_never_replaces_a_row_with_an_older_version(database_url, schema,
             "created": int(t0.timestamp()), "refunded": False, "amount_refunded": 0}  # fmt: skip
 
     def write(raw, version):
-        return sync_entity(database_url=database_url, schema=schema, provider="stripe", entity=PAYMENTS,
+        with psycopg.connect(database_url) as conn:
+            return sync_entity(conn=conn, schema=schema, provider="stripe", entity=PAYMENTS,
                            connection_id=connection.id, window=SyncWindow(t0, t0 + timedelta(days=1)),
                            pages=[[(raw, version)]], stats=RequestStats())  # fmt: skip
 
@@ -261,7 +262,8 @@ def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url,
     good = [{"id": f"ch_{i}", "object": "charge", "amount": 100 + i, "currency": "eur", "status": "succeeded",
              "created": int(t0.timestamp()) + i} for i in range(50)]  # fmt: skip
     bad = [{**good[0], "id": "ch_bad_amount", "amount": "12.5"}, {**good[0], "id": "ch_no_currency", "currency": None}]
-    result = sync_entity(database_url=database_url, schema=schema, provider="stripe", entity=PAYMENTS,
+    with psycopg.connect(database_url) as conn:
+        result = sync_entity(conn=conn, schema=schema, provider="stripe", entity=PAYMENTS,
                          connection_id=connection.id, window=SyncWindow(t0, t0 + timedelta(days=1)),
                          pages=[[(r, t0) for r in good[:25] + bad[:1]],
                                 [(r, t0) for r in good[25:] + bad[1:]]],

@@ -35,15 +35,17 @@ def day_window(day: date) -> SyncWindow:
 
 
 @contextmanager
-def connection_lock(database_url: str, connection_id: str) -> Iterator[None]:
-    """Hold a Postgres advisory lock for `connection_id` for the duration of the block."""
+def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[None]:
+    """Hold a session-level Postgres advisory lock for `connection_id` on `conn` for the block."""
     key = zlib.crc32(f"nextcrm-sync:{connection_id}".encode())
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.commit()
 
 
 def sync_partition(
@@ -62,7 +64,9 @@ def sync_partition(
     """Sync `entity_name` of one connection over `window`; marks the connection on auth failure."""
     url = libpq_url(database_url)
     box = box or SecretBox.from_environment()
-    with psycopg.connect(url, autocommit=True) as conn:
+    entity = provider.entity(entity_name)
+    stats = RequestStats()
+    with psycopg.connect(url) as conn:
         connection = vault.get_connection(conn, connection_id)
         if connection.provider != provider.name:
             raise ConnectionUnavailable(f"connection {connection_id!r} is a {connection.provider} connection")
@@ -74,28 +78,28 @@ def sync_partition(
             )
             raise ConnectionUnavailable(f"connection {connection_id!r} is {connection.status}: {hint}")
         secrets = vault.load_secrets(conn, connection_id, box)
-    stats = RequestStats()
-    entity = provider.entity(entity_name)
-    try:
-        with connection_lock(url, connection_id), provider.open_client(connection, secrets, stats) as client:
-            return sync_entity(
-                database_url=url,
-                schema=schema,
-                provider=provider.name,
-                entity=entity,
-                connection_id=connection_id,
-                window=window,
-                pages=provider.fetchers[entity_name](client, window),
-                stats=stats,
-                run_id=run_id,
-                partition=partition,
-                batch_size=batch_size,
-            )
-    except AuthenticationFailed as exc:
-        with psycopg.connect(url, autocommit=True) as conn:
+        conn.commit()
+        try:
+            with connection_lock(conn, connection_id), provider.open_client(connection, secrets, stats) as client:
+                return sync_entity(
+                    conn=conn,
+                    schema=schema,
+                    provider=provider.name,
+                    entity=entity,
+                    connection_id=connection_id,
+                    window=window,
+                    pages=provider.fetchers[entity_name](client, window),
+                    stats=stats,
+                    run_id=run_id,
+                    partition=partition,
+                    batch_size=batch_size,
+                )
+        except AuthenticationFailed as exc:
+            conn.rollback()
             vault.set_status(conn, connection_id, "needs_reauth", str(exc))
-        log.error("%s", exc)
-        raise
-    except ProviderError as exc:
-        log.error("%s", exc)
-        raise
+            conn.commit()
+            log.error("%s", exc)
+            raise
+        except ProviderError as exc:
+            log.error("%s", exc)
+            raise

@@ -183,7 +183,7 @@ def _finish_log(conn: psycopg.Connection, schema: str, result: SyncResult) -> No
 
 def sync_entity(
     *,
-    database_url: str,
+    conn: psycopg.Connection,
     schema: str,
     provider: str,
     entity: EntitySpec,
@@ -196,60 +196,58 @@ def sync_entity(
     batch_size: int = 5000,
     queue_depth: int = 3,
 ) -> SyncResult:
-    """Stream `pages` into the entity's table; every committed batch stays if the sync dies.
+    """Stream `pages` into the entity's table over `conn`; every committed batch stays if the sync dies.
 
     Raises the fetch or write error after recording it (status `failed`); a run that only lost
     individual malformed records ends `partial` with their ids in the log and the result.
     """
     result = SyncResult(entity=entity.name, connection_id=connection_id, window=window, stats=stats)
     started = time.monotonic()
-    with psycopg.connect(database_url) as conn:
-        result.sync_log_id = _start_log(conn, schema, provider, entity.name, connection_id, window, run_id, partition)
-        writer = UpsertWriter(conn, entity.table, connection_id, schema)
-        handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
-        stop = threading.Event()
-        producer = threading.Thread(
-            target=_produce, args=(pages, entity, batch_size, handoff, stop), name=f"fetch-{entity.name}", daemon=True
+    result.sync_log_id = _start_log(conn, schema, provider, entity.name, connection_id, window, run_id, partition)
+    writer = UpsertWriter(conn, entity.table, connection_id, schema)
+    handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
+    stop = threading.Event()
+    producer = threading.Thread(
+        target=_produce, args=(pages, entity, batch_size, handoff, stop), name=f"fetch-{entity.name}", daemon=True
+    )
+    producer.start()
+    failure: BaseException | None = None
+    try:
+        while True:
+            item = handoff.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            rows, mapping_failures = item
+            for failed in mapping_failures:
+                log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)
+            result.failures.extend(mapping_failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
+            result.counts.failed += len(mapping_failures)
+            result.total += len(rows) + len(mapping_failures)
+            if rows:
+                result.counts.add(writer.write(rows))
+            result.failures.extend(writer.failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
+            writer.failures.clear()
+    except BaseException as exc:
+        failure = exc
+        conn.rollback()
+    finally:
+        stop.set()
+        producer.join(timeout=30)
+    result.duration = time.monotonic() - started
+    if failure is not None:
+        result.status = "failed"
+        result.error = f"{type(failure).__name__}: {failure}"[:2000]
+    elif result.counts.failed:
+        result.status = "partial"
+        result.error = f"{result.counts.failed} record(s) could not be stored: " + ", ".join(
+            f.id for f in result.failures[:20]
         )
-        producer.start()
-        failure: BaseException | None = None
-        try:
-            while True:
-                item = handoff.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                rows, mapping_failures = item
-                for failed in mapping_failures:
-                    log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)
-                result.failures.extend(mapping_failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
-                result.counts.failed += len(mapping_failures)
-                result.total += len(rows) + len(mapping_failures)
-                if rows:
-                    result.counts.add(writer.write(rows))
-                result.failures.extend(writer.failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
-                writer.failures.clear()
-        except BaseException as exc:
-            failure = exc
-            stop.set()
-            conn.rollback()
-        finally:
-            stop.set()
-            producer.join(timeout=30)
-        result.duration = time.monotonic() - started
-        if failure is not None:
-            result.status = "failed"
-            result.error = f"{type(failure).__name__}: {failure}"[:2000]
-        elif result.counts.failed:
-            result.status = "partial"
-            result.error = f"{result.counts.failed} record(s) could not be stored: " + ", ".join(
-                f.id for f in result.failures[:20]
-            )
-        else:
-            result.status = "success"
-        result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, window)
-        _finish_log(conn, schema, result)
+    else:
+        result.status = "success"
+    result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, window)
+    _finish_log(conn, schema, result)
     if failure is not None:
         raise failure
     return result

@@ -1,9 +1,12 @@
 """The fast, idempotent, never-regressing write path into one entity table.
 
 Per batch, in one transaction: look up the stored hashes of the batch's ids and drop records whose
-raw JSON is unchanged (a re-sync then costs an index lookup, not a rewrite); binary `COPY` the rest
-into a temporary table; one `INSERT ... SELECT ... ON CONFLICT DO UPDATE` that only replaces a row
-when the incoming version is not older than the stored one and the content differs. A batch that
+raw JSON is unchanged (a re-sync then costs an index lookup, not a rewrite); binary `COPY` records
+not stored yet straight into the table; binary `COPY` changed ones into a temporary table and apply
+them with one `INSERT ... SELECT ... ON CONFLICT DO UPDATE` that only replaces a row when the
+incoming version is not older than the stored one and the content differs. Should another writer
+insert one of the "new" ids in between, the unique key refuses the direct COPY and the batch is
+redone through the staged upsert, so the fast path never trades away correctness. A batch that
 the database refuses is split in halves until the bad records are isolated, so one malformed
 record is logged with its id and the rest still lands.
 """
@@ -19,6 +22,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import psycopg.errors
 from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
@@ -146,8 +150,11 @@ class UpsertWriter:
         self._create_stage = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         ).format(stage=self._stage, target=target)
-        self._copy = sql.SQL("COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)").format(
+        self._copy_stage = sql.SQL("COPY {stage} ({columns}) FROM STDIN (FORMAT BINARY)").format(
             stage=self._stage, columns=columns
+        )
+        self._copy_target = sql.SQL("COPY {target} ({columns}) FROM STDIN (FORMAT BINARY)").format(
+            target=target, columns=columns
         )
         self._existing = sql.SQL("SELECT id, raw_hash FROM {target} WHERE connection_id = %s AND id = ANY(%s)").format(
             target=target
@@ -185,7 +192,11 @@ class UpsertWriter:
         if not unique:
             return counts
         try:
-            counts.add(self._write_once(unique))
+            try:
+                counts.add(self._write_once(unique, direct_inserts=True))
+            except psycopg.errors.UniqueViolation:
+                self.conn.rollback()
+                counts.add(self._write_once(unique, direct_inserts=False))
         except psycopg.DataError as exc:
             self.conn.rollback()
             if len(unique) == 1:
@@ -202,24 +213,31 @@ class UpsertWriter:
         log.warning("%s: record %s refused by the database: %s", self.spec.name, record_id, message)
         self.failures.append(FailedRecord(record_id, message))
 
-    def _write_once(self, rows: list[Row]) -> BatchCounts:
+    def _copy(self, cur: psycopg.Cursor, statement: sql.Composed, rows: list[Row]) -> None:
+        with cur.copy(statement) as copy:
+            copy.set_types(self.spec.copy_types)
+            for row in rows:
+                copy.write_row(self._tuple(row))
+
+    def _write_once(self, rows: list[Row], *, direct_inserts: bool) -> BatchCounts:
         counts = BatchCounts()
         with self.conn.cursor() as cur:
             if not self._stage_ready:
                 cur.execute(self._create_stage)
             stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())
-            changed = [r for r in rows if stored.get(r.id) != r.raw_hash]
-            counts.unchanged += len(rows) - len(changed)
-            if changed:
-                with cur.copy(self._copy) as copy:
-                    copy.set_types(self.spec.copy_types)
-                    for row in changed:
-                        copy.write_row(self._tuple(row))
+            new = [r for r in rows if r.id not in stored] if direct_inserts else []
+            staged = [r for r in rows if stored.get(r.id) != r.raw_hash and (r.id in stored or not direct_inserts)]
+            counts.unchanged += len(rows) - len(new) - len(staged)
+            if new:
+                self._copy(cur, self._copy_target, new)
+                counts.inserted += len(new)
+            if staged:
+                self._copy(cur, self._copy_stage, staged)
                 inserted_flags = cur.execute(self._merge).fetchall()
                 inserted = sum(1 for (flag,) in inserted_flags if flag)
                 counts.inserted += inserted
                 counts.updated += len(inserted_flags) - inserted
-                counts.unchanged += len(changed) - len(inserted_flags)
+                counts.unchanged += len(staged) - len(inserted_flags)
         self.conn.commit()
         self._stage_ready = True
         return counts

@@ -8,15 +8,20 @@ that day from the events feed (newest event per object wins) — see ../shared/p
 Requests go through `StripeClient` (with `base_addresses` for a sandbox and `max_network_retries`
 set, since a `StripeClient` retries nothing by default) over a transport that applies our
 client-side rate limit and counts every attempt. The SDK does not retry 429 unless Stripe says
-`Stripe-Should-Retry: true`, so 429s that reach us get our own backoff. Pages are fetched with the
-SDK's requestor and parsed with orjson: `StripeResponse` parses every body with
-`json.loads(object_pairs_hook=OrderedDict)`, which costs about four times orjson on list pages and
-would be the largest CPU cost of a sync.
+`Stripe-Should-Retry: true`, so 429s that reach us get our own backoff.
+
+Pages are requested one level below `StripeClient.raw_request` (same request building, auth,
+versioning and retries) and parsed with orjson, because the public path costs more CPU than the
+rest of a sync: `StripeResponse` parses every body with `json.loads(object_pairs_hook=OrderedDict)`
+(about four times orjson on a list page), and `request_raw` formats the whole response body for a
+debug log line on every response, whether logging is on or not (`stripe/_api_requestor.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -54,6 +59,12 @@ def redact_keys(text: str) -> str:
     return _KEY_PATTERN.sub(lambda m: f"{m.group(1)}_***", text)
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """One verified TLS context per process: building one loads the CA bundle (~20 ms)."""
+    return ssl.create_default_context(cafile=stripe.ca_bundle_path)
+
+
 class _PacedTransport(stripe.HTTPClient):
     """The SDK's HTTP transport on a pooled httpx client, with our rate limiter and counters."""
 
@@ -64,6 +75,7 @@ class _PacedTransport(stripe.HTTPClient):
         self._limiter = limiter
         self._stats = stats
         self._client = httpx.Client(
+            verify=_tls_context(),
             timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
             limits=httpx.Limits(max_connections=4, max_keepalive_connections=4),
         )
@@ -155,8 +167,11 @@ class StripeApi:
         while True:
             attempt += 1
             try:
-                body, status, headers = requestor.request_raw(
-                    "get", path, params=dict(params), base_address="api", api_mode="V1"
+                method, url, headers, post_data, max_retries, usage, _, _ = requestor._args_for_request_with_retries(
+                    "get", path, dict(params), None, base_address="api", api_mode="V1", usage=["nextcrm_sync"]
+                )
+                body, status, headers = requestor._get_http_client().request_with_retries(
+                    method, url, headers, post_data, max_network_retries=max_retries, _usage=usage
                 )
                 if not 200 <= status < 300:
                     requestor._interpret_response(body, status, headers, "V1")
@@ -183,19 +198,33 @@ class StripeApi:
             query["starting_after"] = data[-1]["id"]
 
     def created_in(
-        self, path: str, window: SyncWindow, extra: Mapping[str, Any] | None = None
+        self, path: str, window: SyncWindow, extra: Mapping[str, Any] | None = None, listed: set[str] | None = None
     ) -> Iterator[list[Record]]:
-        """Objects created in the window, each stamped with the time its page was fetched."""
+        """Objects created in the window, each stamped with the time its page was fetched.
+
+        Their ids are added to `listed`, so the events pass can skip what this listing already saw.
+        """
         params = {"created": {"gte": int(window.start.timestamp()), "lt": int(window.end.timestamp())}, **(extra or {})}
         for data, observed in self.list_pages(path, params):
+            if listed is not None:
+                listed.update(obj["id"] for obj in data)
             yield [(obj, observed) for obj in data]
 
-    def changed_in(self, event_type: str, object_type: str, window: SyncWindow,
-                   now: datetime | None = None) -> Iterator[list[Record]]:  # fmt: skip
+    def changed_in(
+        self,
+        event_type: str,
+        object_type: str,
+        window: SyncWindow,
+        *,
+        listed_at: datetime | None = None,
+        listed: set[str] | None = None,
+        now: datetime | None = None,
+    ) -> Iterator[list[Record]]:
         """Objects changed in the window, from the events feed: the newest event per object wins.
 
         Only the part of the window inside Stripe's 30-day events retention is read; older days
-        rely on their creation listing, which returns the objects' current state.
+        rely on their creation listing, which returns the objects' current state. An event older
+        than `listed_at` about an object in `listed` is skipped: that listing saw a later state.
         """
         now = now or datetime.now(UTC)
         oldest = now - EVENTS_RETENTION + timedelta(minutes=5)
@@ -203,22 +232,37 @@ class StripeApi:
         if start >= window.end:
             return
         seen: set[str] = set()
+        listed = listed or set()
+        cutoff = int(listed_at.timestamp()) if listed_at else 0
         params = {"type": event_type, "created": {"gte": int(start.timestamp()), "lt": int(window.end.timestamp())}}
         for events, _ in self.list_pages("/v1/events", params):
             records: list[Record] = []
             for event in events:
                 obj = (event.get("data") or {}).get("object") or {}
-                if obj.get("object") != object_type or obj.get("id") in seen:
+                object_id = obj.get("id")
+                if obj.get("object") != object_type or object_id in seen:
                     continue
-                seen.add(obj["id"])
+                seen.add(object_id)
+                if event["created"] < cutoff and object_id in listed:
+                    continue
                 records.append((obj, datetime.fromtimestamp(event["created"], UTC)))
             if records:
                 yield records
 
+    def _created_then_changed(
+        self, path: str, event_type: str, object_type: str, window: SyncWindow, extra: Mapping[str, Any] | None = None
+    ) -> Iterator[list[Record]]:
+        listed_at = datetime.now(UTC)
+        listed: set[str] = set()
+        yield from self.created_in(path, window, extra, listed)
+        yield from self.changed_in(event_type, object_type, window, listed_at=listed_at, listed=listed)
+
     def charges(self, window: SyncWindow) -> Iterator[list[Record]]:
-        yield from self.created_in("/v1/charges", window)
-        yield from self.changed_in("charge.*", "charge", window)
+        """Charges created in the window, then charges changed in it (refunds, captures, failures)."""
+        return self._created_then_changed("/v1/charges", "charge.*", "charge", window)
 
     def subscriptions(self, window: SyncWindow) -> Iterator[list[Record]]:
-        yield from self.created_in("/v1/subscriptions", window, {"status": "all"})
-        yield from self.changed_in("customer.subscription.*", "subscription", window)
+        """Subscriptions created in the window in every status, then those changed in it."""
+        return self._created_then_changed(
+            "/v1/subscriptions", "customer.subscription.*", "subscription", window, {"status": "all"}
+        )

@@ -74,7 +74,7 @@ def ours(database_url: str, url: str, api_key: str, days: int, schema: str) -> d
     os.environ["NEXTCRM_DB_SCHEMA"] = schema
     from nextcrm_pipelines.core import connections as vault
     from nextcrm_pipelines.core import db
-    from nextcrm_pipelines.core.runner import day_window, sync_partition
+    from nextcrm_pipelines.core.runner import day_window, sync_partitions
     from nextcrm_pipelines.core.vault import SecretBox
     from nextcrm_pipelines.providers import get_provider
 
@@ -86,18 +86,19 @@ def ours(database_url: str, url: str, api_key: str, days: int, schema: str) -> d
         connection = vault.add_connection(conn, provider="stripe", display_name="Bench", secrets={"api_key": api_key},
                                           box=box, base_url=url, settings={"requests_per_second": 0})  # fmt: skip
     provider = get_provider("stripe")
-    day_list = _days(_sandbox_now(url), days)
     out: dict = {}
+    windows = [day_window(day) for day in _days(_sandbox_now(url), days)]
     for phase in ("backfill", "resync"):
         started = time.perf_counter()
-        totals = {"inserted": 0, "updated": 0, "unchanged": 0, "failed": 0, "requests": 0}
-        for day in day_list:
-            result = sync_partition(database_url=database_url, schema=schema, provider=provider,
-                                    entity_name="stripe_payments", connection_id=connection.id,
-                                    window=day_window(day), box=box)  # fmt: skip
-            for name in ("inserted", "updated", "unchanged", "failed"):
-                totals[name] += getattr(result.counts, name)
-            totals["requests"] += result.stats.requests
+        results = sync_partitions(database_url=database_url, schema=schema, provider=provider,
+                                  entity_name="stripe_payments", connection_id=connection.id, windows=windows,
+                                  box=box)  # fmt: skip
+        totals = {
+            name: sum(getattr(r.counts, name) for r in results)
+            for name in ("inserted", "updated", "unchanged", "failed")
+        }
+        totals["requests"] = sum(r.stats.requests for r in results)
+        totals["failed_windows"] = sum(r.status == "failed" for r in results)
         totals["seconds"] = time.perf_counter() - started
         out[phase] = totals
     with psycopg.connect(database_url) as conn:

@@ -14,7 +14,7 @@ import dagster as dg
 
 from nextcrm_pipelines.core.http import AuthenticationFailed
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.core.runner import ConnectionUnavailable, day_window, sync_partition
+from nextcrm_pipelines.core.runner import ConnectionUnavailable, day_window, sync_partitions
 from nextcrm_pipelines.core.sync import EntitySpec, SyncResult
 from nextcrm_pipelines.partitions import connection_day_partitions
 from nextcrm_pipelines.resources import MirrorDatabase
@@ -61,38 +61,39 @@ def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefin
         tags={"nextcrm/provider": provider.name},
     )
     def _sync(context: dg.AssetExecutionContext, mirror: MirrorDatabase) -> dg.MaterializeResult:
-        keys = sorted(
-            (partitions_def.get_partition_key_from_str(k) for k in context.partition_keys),
-            key=lambda k: (k.keys_by_dimension["connection"], k.keys_by_dimension["date"]),
-        )
+        days_by_connection: dict[str, list[date]] = defaultdict(list)
+        for key in context.partition_keys:
+            dims = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+            days_by_connection[dims["connection"]].append(date.fromisoformat(dims["date"]))
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         results: list[SyncResult] = []
-        failures: list[str] = []
-        for key in keys:
-            connection_id = key.keys_by_dimension["connection"]
-            day = date.fromisoformat(key.keys_by_dimension["date"])
+        for connection_id, days in sorted(days_by_connection.items()):
+            days.sort()
+            partitions = [str(dg.MultiPartitionKey({"connection": connection_id, "date": d.isoformat()})) for d in days]
             try:
-                result = sync_partition(
+                synced = sync_partitions(
                     database_url=url, schema=schema, provider=provider, entity_name=entity.name,
-                    connection_id=connection_id, window=day_window(day), box=box,
-                    run_id=context.run_id, partition=str(key),
+                    connection_id=connection_id, windows=[day_window(d) for d in days], partitions=partitions,
+                    box=box, run_id=context.run_id,
                 )  # fmt: skip
             except (AuthenticationFailed, ConnectionUnavailable) as exc:
                 raise dg.Failure(str(exc), allow_retries=False) from None
-            except Exception as exc:
-                context.log.error(f"{entity.name} {key}: {exc}")
-                failures.append(f"{key}: {exc}")
-                continue
-            results.append(result)
-            context.log.info(f"{entity.name} {key}: {result.summary()}")
-            if len(keys) > 1:
-                context.log_event(
-                    dg.AssetObservation(asset_key=context.asset_key, partition=str(key), metadata=_metadata([result]))
-                )
-        if failures:
+            for partition, result in zip(partitions, synced, strict=True):
+                log = context.log.error if result.status == "failed" else context.log.info
+                log(f"{entity.name} {partition}: {result.summary()}" + (f" - {result.error}" if result.error else ""))
+                if len(context.partition_keys) > 1:
+                    context.log_event(
+                        dg.AssetObservation(
+                            asset_key=context.asset_key, partition=partition, metadata=_metadata([result])
+                        )
+                    )
+            results.extend(synced)
+        failed = [r for r in results if r.status == "failed"]
+        if failed:
             raise dg.Failure(
-                f"{len(failures)} of {len(keys)} partition(s) failed; committed data stays, re-run to finish",
-                metadata={"failures": "\n".join(failures[:20]), **_metadata(results)},
+                f"{len(failed)} of {len(results)} partition(s) failed; committed data stays, re-run to finish: "
+                + "; ".join(f"{r.window.start.date()}: {r.error}" for r in failed[:5]),
+                metadata=_metadata([r for r in results if r.status != "failed"]),
             )
         return dg.MaterializeResult(metadata=_metadata(results))
 

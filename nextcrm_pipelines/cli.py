@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import click
 import psycopg
@@ -331,22 +331,26 @@ def dev(port: int, sandbox_port: int) -> None:
 def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: datetime | None) -> None:
     """Sync days of one connection outside Dagster (same engine, same sync logs)."""
     from nextcrm_pipelines import environment
-    from nextcrm_pipelines.core.runner import day_window, sync_partition
+    from nextcrm_pipelines.core.runner import day_window, sync_partitions
 
     env = environment.prepare()
     with psycopg.connect(env.database_url) as conn:
         connection = vault.get_connection(conn, connection_id)
     provider = get_provider(connection.provider)
-    day: date = start.date()
-    last = (end or start).date()
-    while day <= last:
-        for name in entities or [e.name for e in provider.entities]:
-            result = sync_partition(
-                database_url=env.database_url, schema=env.schema, provider=provider, entity_name=name,
-                connection_id=connection_id, window=day_window(day), partition=f"{connection_id}|{day}",
-            )  # fmt: skip
-            click.echo(f"{name} {day}: {result.summary()}")
-        day += timedelta(days=1)
+    first, last = start.date(), (end or start).date()
+    days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+    failed = 0
+    for name in entities or [e.name for e in provider.entities]:
+        results = sync_partitions(
+            database_url=env.database_url, schema=env.schema, provider=provider, entity_name=name,
+            connection_id=connection_id, windows=[day_window(d) for d in days],
+            partitions=[f"{connection_id}|{d}" for d in days],
+        )  # fmt: skip
+        for day, result in zip(days, results, strict=True):
+            click.echo(f"{name} {day}: {result.summary()}" + (f" - {result.error}" if result.error else ""))
+            failed += result.status == "failed"
+    if failed:
+        _fail(f"{failed} partition(s) failed; committed data stays, re-run to finish")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,10 @@ from datetime import UTC, date, datetime, timedelta
 import psycopg
 
 from nextcrm_pipelines.core import connections as vault
-from nextcrm_pipelines.core.http import AuthenticationFailed, ProviderError, RequestStats
+from nextcrm_pipelines.core.http import AuthenticationFailed, RequestStats
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.settings import libpq_url
-from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
+from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_windows
 from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
@@ -48,20 +48,25 @@ def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[No
         conn.commit()
 
 
-def sync_partition(
+def sync_partitions(
     *,
     database_url: str,
     schema: str,
     provider: Provider,
     entity_name: str,
     connection_id: str,
-    window: SyncWindow,
+    windows: list[SyncWindow],
+    partitions: list[str | None] | None = None,
     box: SecretBox | None = None,
     run_id: str | None = None,
-    partition: str | None = None,
-    batch_size: int = 5000,
-) -> SyncResult:
-    """Sync `entity_name` of one connection over `window`; marks the connection on auth failure."""
+    batch_size: int = 2000,
+) -> list[SyncResult]:
+    """Sync several windows of one connection with one client and one database session.
+
+    The next window is fetched while the previous one is written. A window that fails is logged
+    and reported in its result (`status == "failed"`); bad credentials mark the connection
+    `needs_reauth` and raise `AuthenticationFailed`.
+    """
     url = libpq_url(database_url)
     box = box or SecretBox.from_environment()
     entity = provider.entity(entity_name)
@@ -81,18 +86,20 @@ def sync_partition(
         conn.commit()
         try:
             with connection_lock(conn, connection_id), provider.open_client(connection, secrets, stats) as client:
-                return sync_entity(
+                fetch = provider.fetchers[entity_name]
+                return sync_windows(
                     conn=conn,
                     schema=schema,
                     provider=provider.name,
                     entity=entity,
                     connection_id=connection_id,
-                    window=window,
-                    pages=provider.fetchers[entity_name](client, window),
+                    windows=windows,
+                    fetch=lambda window: fetch(client, window),
                     stats=stats,
                     run_id=run_id,
-                    partition=partition,
+                    partitions=partitions,
                     batch_size=batch_size,
+                    fatal=(AuthenticationFailed,),
                 )
         except AuthenticationFailed as exc:
             conn.rollback()
@@ -100,6 +107,28 @@ def sync_partition(
             conn.commit()
             log.error("%s", exc)
             raise
-        except ProviderError as exc:
-            log.error("%s", exc)
-            raise
+
+
+def sync_partition(
+    *,
+    database_url: str,
+    schema: str,
+    provider: Provider,
+    entity_name: str,
+    connection_id: str,
+    window: SyncWindow,
+    box: SecretBox | None = None,
+    run_id: str | None = None,
+    partition: str | None = None,
+    batch_size: int = 2000,
+) -> SyncResult:
+    """Sync one window of one connection; raises the error if it failed."""
+    (result,) = sync_partitions(
+        database_url=database_url, schema=schema, provider=provider, entity_name=entity_name,
+        connection_id=connection_id, windows=[window], partitions=[partition], box=box, run_id=run_id,
+        batch_size=batch_size,
+    )  # fmt: skip
+    if result.exception is not None:
+        log.error("%s", result.exception)
+        raise result.exception
+    return result

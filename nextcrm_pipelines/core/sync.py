@@ -3,8 +3,9 @@
 A provider's client yields pages of raw records for a window, each with the time its state was
 true; the entity's mapping turns each into a `Row`; this engine streams them through a bounded
 queue (a producer thread fetches and maps while the caller's thread writes, so HTTP and Postgres
-overlap), writes batches with `UpsertWriter`, and records the outcome in `integration_sync_logs`.
-Memory is bounded by the queue depth times the batch size, whatever the number of records.
+overlap, also across the windows of a backfill), writes batches with `UpsertWriter`, and records
+each window's outcome in `integration_sync_logs`. Memory is bounded by the queue depth times the
+batch size, whatever the number of records or windows.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class SyncResult:
     failures: list[FailedRecord] = field(default_factory=list)
     sync_log_id: int | None = None
     rows_in_window: int = 0
+    exception: BaseException | None = field(default=None, repr=False)
 
     @property
     def synced(self) -> int:
@@ -95,14 +97,25 @@ class _Stop(Exception):
     """The writer gave up; the producer stops fetching."""
 
 
+Fetch = Callable[[SyncWindow], Iterable[list[Record]]]
+
+
 def _produce(
-    pages: Iterable[list[Record]],
+    windows: list[SyncWindow],
+    fetch: Fetch,
     entity: EntitySpec,
+    stats: RequestStats,
     batch_size: int,
     out: queue.Queue,
     stop: threading.Event,
+    fatal: tuple[type[BaseException], ...],
 ) -> None:
-    """Fetch pages, map records to rows and hand over batches; map failures travel as FailedRecord."""
+    """Fetch each window's pages, map records to rows and hand over batches, window by window.
+
+    Messages: ("rows", i, rows, failures), ("end", i, request counts, error or None), then None.
+    A window whose fetch fails ends with its error and the next window starts, unless the error is
+    `fatal` (bad credentials: every later window would fail the same way).
+    """
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -114,19 +127,31 @@ def _produce(
         raise _Stop
 
     try:
-        batch: list[Row] = []
-        failures: list[FailedRecord] = []
-        for page in pages:
-            for raw, version in page:
-                try:
-                    batch.append(entity.to_row(raw, version))
-                except Exception as exc:
-                    record_id = raw.get("id", "<no id>") if isinstance(raw, dict) else "<not an object>"
-                    failures.append(FailedRecord(str(record_id), f"{type(exc).__name__}: {exc}"[:300]))
-            if len(batch) >= batch_size or failures:
-                put((batch, failures))
-                batch, failures = [], []
-        put((batch, failures))
+        for index, window in enumerate(windows):
+            before = stats.as_dict()
+            error: BaseException | None = None
+            batch: list[Row] = []
+            failures: list[FailedRecord] = []
+            try:
+                for page in fetch(window):
+                    for raw, version in page:
+                        try:
+                            batch.append(entity.to_row(raw, version))
+                        except Exception as exc:
+                            record_id = raw.get("id", "<no id>") if isinstance(raw, dict) else "<not an object>"
+                            failures.append(FailedRecord(str(record_id), f"{type(exc).__name__}: {exc}"[:300]))
+                    if len(batch) >= batch_size or failures:
+                        put(("rows", index, batch, failures))
+                        batch, failures = [], []
+            except _Stop:
+                raise
+            except Exception as exc:
+                error = exc
+            put(("rows", index, batch, failures))
+            after = stats.as_dict()
+            put(("end", index, {k: after[k] - before[k] for k in after}, error))
+            if error is not None and isinstance(error, fatal):
+                break
         put(None)
     except _Stop:
         return
@@ -181,6 +206,116 @@ def _finish_log(conn: psycopg.Connection, schema: str, result: SyncResult) -> No
     conn.commit()
 
 
+def sync_windows(
+    *,
+    conn: psycopg.Connection,
+    schema: str,
+    provider: str,
+    entity: EntitySpec,
+    connection_id: str,
+    windows: list[SyncWindow],
+    fetch: Fetch,
+    stats: RequestStats,
+    run_id: str | None = None,
+    partitions: list[str | None] | None = None,
+    batch_size: int = 2000,
+    queue_depth: int = 4,
+    fatal: tuple[type[BaseException], ...] = (),
+) -> list[SyncResult]:
+    """Sync each window of one connection's entity over `conn`, fetching the next while writing.
+
+    Each window gets its own sync log row and result; every committed batch stays if the process
+    dies. A window whose fetch failed is logged `failed` with its error (in `result.error`) and
+    the others go on; a `fatal` fetch error or a database error stops the run and is raised after
+    the windows seen so far are logged. A window that only lost malformed records ends `partial`.
+    """
+    partitions = partitions or [None] * len(windows)
+    writer = UpsertWriter(conn, entity.table, connection_id, schema)
+    handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
+    stop = threading.Event()
+    producer = threading.Thread(
+        target=_produce,
+        args=(windows, fetch, entity, stats, batch_size, handoff, stop, fatal),
+        name=f"fetch-{entity.name}",
+        daemon=True,
+    )
+    results: list[SyncResult] = []
+    current: SyncResult | None = None
+    current_index = -1
+    started = 0.0
+    raised: BaseException | None = None
+
+    def begin(index: int) -> SyncResult:
+        nonlocal started
+        started = time.monotonic()
+        result = SyncResult(entity=entity.name, connection_id=connection_id, window=windows[index])
+        result.sync_log_id = _start_log(
+            conn, schema, provider, entity.name, connection_id, windows[index], run_id, partitions[index]
+        )
+        results.append(result)
+        return result
+
+    def finish(result: SyncResult, counts: dict[str, float], error: BaseException | None) -> None:
+        result.stats.add(**counts)
+        result.duration = time.monotonic() - started
+        if error is not None:
+            result.status = "failed"
+            result.error = f"{type(error).__name__}: {error}"[:2000]
+            result.exception = error
+        elif result.counts.failed:
+            result.status = "partial"
+            result.error = f"{result.counts.failed} record(s) could not be stored: " + ", ".join(
+                f.id for f in result.failures[:20]
+            )
+        else:
+            result.status = "success"
+        result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, result.window)
+        _finish_log(conn, schema, result)
+
+    producer.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            kind, index = item[0], item[1]
+            if current is None or current_index != index:
+                current, current_index = begin(index), index
+            if kind == "rows":
+                _, _, rows, mapping_failures = item
+                for failed in mapping_failures:
+                    log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)
+                current.failures.extend(mapping_failures[: MAX_REMEMBERED_FAILURES - len(current.failures)])
+                current.counts.failed += len(mapping_failures)
+                current.total += len(rows) + len(mapping_failures)
+                if rows:
+                    current.counts.add(writer.write(rows))
+                current.failures.extend(writer.failures[: MAX_REMEMBERED_FAILURES - len(current.failures)])
+                writer.failures.clear()
+            else:
+                _, _, counts, error = item
+                finish(current, counts, error)
+                if error is not None and isinstance(error, fatal):
+                    raised = error
+                current = None
+    except BaseException as exc:
+        raised = exc
+        if current is not None:
+            try:
+                conn.rollback()
+                finish(current, {}, exc)
+            except psycopg.Error:
+                log.exception("%s: could not record the failed sync of %s", entity.name, current.window)
+    finally:
+        stop.set()
+        producer.join(timeout=30)
+    if raised is not None:
+        raise raised
+    return results
+
+
 def sync_entity(
     *,
     conn: psycopg.Connection,
@@ -193,61 +328,14 @@ def sync_entity(
     stats: RequestStats,
     run_id: str | None = None,
     partition: str | None = None,
-    batch_size: int = 5000,
-    queue_depth: int = 3,
+    batch_size: int = 2000,
 ) -> SyncResult:
-    """Stream `pages` into the entity's table over `conn`; every committed batch stays if the sync dies.
-
-    Raises the fetch or write error after recording it (status `failed`); a run that only lost
-    individual malformed records ends `partial` with their ids in the log and the result.
-    """
-    result = SyncResult(entity=entity.name, connection_id=connection_id, window=window, stats=stats)
-    started = time.monotonic()
-    result.sync_log_id = _start_log(conn, schema, provider, entity.name, connection_id, window, run_id, partition)
-    writer = UpsertWriter(conn, entity.table, connection_id, schema)
-    handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
-    stop = threading.Event()
-    producer = threading.Thread(
-        target=_produce, args=(pages, entity, batch_size, handoff, stop), name=f"fetch-{entity.name}", daemon=True
-    )
-    producer.start()
-    failure: BaseException | None = None
-    try:
-        while True:
-            item = handoff.get()
-            if item is None:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            rows, mapping_failures = item
-            for failed in mapping_failures:
-                log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)
-            result.failures.extend(mapping_failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
-            result.counts.failed += len(mapping_failures)
-            result.total += len(rows) + len(mapping_failures)
-            if rows:
-                result.counts.add(writer.write(rows))
-            result.failures.extend(writer.failures[: MAX_REMEMBERED_FAILURES - len(result.failures)])
-            writer.failures.clear()
-    except BaseException as exc:
-        failure = exc
-        conn.rollback()
-    finally:
-        stop.set()
-        producer.join(timeout=30)
-    result.duration = time.monotonic() - started
-    if failure is not None:
-        result.status = "failed"
-        result.error = f"{type(failure).__name__}: {failure}"[:2000]
-    elif result.counts.failed:
-        result.status = "partial"
-        result.error = f"{result.counts.failed} record(s) could not be stored: " + ", ".join(
-            f.id for f in result.failures[:20]
-        )
-    else:
-        result.status = "success"
-    result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, window)
-    _finish_log(conn, schema, result)
-    if failure is not None:
-        raise failure
+    """Stream one window's `pages` into the entity's table; raises the error of a failed window."""
+    (result,) = sync_windows(
+        conn=conn, schema=schema, provider=provider, entity=entity, connection_id=connection_id,
+        windows=[window], fetch=lambda _window: pages, stats=stats, run_id=run_id, partitions=[partition],
+        batch_size=batch_size,
+    )  # fmt: skip
+    if result.exception is not None:
+        raise result.exception
     return result

@@ -239,6 +239,23 @@ def sandbox_serve(args: tuple[str, ...]) -> None:
 
 DEMO_API_KEY = "sk_test_nextcrm_demo_0000000000000000"
 DEMO_DAYS = 7
+# The demo connection points here; `make dev` serves the same sandbox account on this port so the
+# connection keeps working from the UI and the hourly schedule.
+SANDBOX_PORT = 12111
+
+
+def _sandbox(port: int, *, subprocess: bool = False):
+    """A sandbox on the well-known port holding the demo Stripe account (same data all day)."""
+    from nextcrm_pipelines.sandbox.server import SandboxServer
+
+    start_of_day = int(datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+    try:
+        server = SandboxServer(port=port, subprocess=subprocess).start()
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        _fail(f"cannot serve the sandbox on 127.0.0.1:{port} ({exc}); is `make dev` already running?")
+    server.add_stripe_account(api_key=DEMO_API_KEY, seed=7, charges=3000, subscriptions=300, days=30,
+                              requests_per_second=100, now=start_of_day)  # fmt: skip
+    return server
 
 
 def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
@@ -260,16 +277,13 @@ def demo(days: int) -> None:
     from nextcrm_pipelines import environment
     from nextcrm_pipelines.definitions import defs
     from nextcrm_pipelines.partitions import connections_partitions_name
-    from nextcrm_pipelines.sandbox.server import SandboxServer
 
     created_key = ensure_local_key()
     if created_key:
         click.echo(f"generated a local encryption key at {created_key} (set NEXTCRM_SECRET_KEY in production)")
     env = environment.prepare()
     click.echo(f"database: {settings.redact_url(env.database_url)} (schema {env.schema})")
-    anchor = int(datetime.now(UTC).replace(minute=0, second=0, microsecond=0).timestamp())
-    with SandboxServer(now=anchor) as sandbox:
-        sandbox.add_stripe_account(api_key=DEMO_API_KEY, seed=7, charges=3000, subscriptions=300, days=30)
+    with _sandbox(SANDBOX_PORT) as sandbox:
         with psycopg.connect(env.database_url) as conn:
             connection = vault.add_connection(
                 conn, provider="stripe", display_name="Demo Stripe", secrets={"api_key": DEMO_API_KEY},
@@ -297,27 +311,23 @@ def demo(days: int) -> None:
     click.echo(f"DATABASE_URL={settings.redact_url(env.database_url)}")
 
 
-@main.command("dev", context_settings={"ignore_unknown_options": True})
-@click.option("--port", default=3000, show_default=True)
-@click.option("--sandbox-port", default=12111, show_default=True)
-def dev(port: int, sandbox_port: int) -> None:
+@main.command("dev")
+@click.option("--port", default=3000, show_default=True, help="Port of the Dagster UI.")
+def dev(port: int) -> None:
     """Serve the Dagster UI on 127.0.0.1 (and the sandbox, for the demo connection)."""
     import subprocess
 
     from nextcrm_pipelines import environment
 
+    ensure_local_key()
     env = environment.prepare()
     click.echo(f"database: {settings.redact_url(env.database_url)}; Dagster home: {env.dagster_home}")
-    sandbox = subprocess.Popen([sys.executable, "-m", "nextcrm_pipelines.sandbox.server",
-                                "--port", str(sandbox_port)])  # fmt: skip
-    try:
+    with _sandbox(SANDBOX_PORT, subprocess=True) as sandbox:
+        click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}")
+        workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
         subprocess.run(
-            ["dagster", "dev", "-w", str(settings.PROJECT_ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],
-            check=False,
+            [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)], check=False
         )
-    finally:
-        sandbox.terminate()
-        sandbox.wait(timeout=10)
 
 
 # --- ad-hoc sync --------------------------------------------------------------------------------

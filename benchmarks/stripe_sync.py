@@ -152,15 +152,18 @@ def main() -> None:
             started = time.perf_counter()
             sandbox.add_stripe_account(api_key=big, seed=42, charges=args.charges, subscriptions=10,
                                        days=args.days, requests_per_second=0)  # fmt: skip
+            # Same charges per day as the big account, so the two sizes differ only in record count.
+            small_days = max(1, round(args.days * args.small / args.charges))
+            report["small_days"] = small_days
             sandbox.add_stripe_account(api_key=small, seed=43, charges=args.small, subscriptions=10,
-                                       days=args.days, requests_per_second=0)  # fmt: skip
+                                       days=small_days, requests_per_second=0)  # fmt: skip
             print(f"sandbox ready in {time.perf_counter() - started:.1f}s at {sandbox.url}", flush=True)
 
             report["fetch_only"] = fetch_only(sandbox.url, big, args.days)
             print("fetch-only", report["fetch_only"], flush=True)
             report["ours"] = _run_child(database_url, sandbox.url, big, args.days, "bench_ours")
             print("ours", report["ours"], flush=True)
-            report["ours_small"] = _run_child(database_url, sandbox.url, small, args.days, "bench_ours_small")
+            report["ours_small"] = _run_child(database_url, sandbox.url, small, small_days, "bench_ours_small")
             print("ours (small)", report["ours_small"], flush=True)
 
             from benchmarks.baselines import dlt_load, naive_load
@@ -203,8 +206,9 @@ def print_report(report: dict) -> None:
         lines.append(f"dlt rest_api merge: load     {dlt:10,.0f} charges/s  -> ours is {backfill / dlt:.1f}x")
         lines.append(f"dlt rest_api merge: re-run   {dlt2:10,.0f} charges/s  -> ours is {resync / dlt2:.1f}x")
     lines.append(
-        f"peak RSS of our sync: {report['ours_small']['peak_rss_mb']:.0f} MB at {report['ours_small']['rows']:,} rows, "
-        f"{report['ours']['peak_rss_mb']:.0f} MB at {report['ours']['rows']:,} rows"
+        f"peak RSS of our sync (same charges per day): {report['ours_small']['peak_rss_mb']:.0f} MB at "
+        f"{report['ours_small']['rows']:,} rows over {report['small_days']} days, "
+        f"{report['ours']['peak_rss_mb']:.0f} MB at {report['ours']['rows']:,} rows over {report['days']} days"
     )
     lines.append(f"rows mirrored: {report['ours']['rows']:,} (sandbox: {n:,})")
     print("\n".join(lines))

@@ -19,7 +19,7 @@ from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.http import AuthenticationFailed, RequestStats
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.settings import libpq_url
-from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_windows
+from nextcrm_pipelines.core.sync import BATCH_SIZE, SyncResult, SyncWindow, sync_windows
 from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def sync_partitions(
     partitions: list[str | None] | None = None,
     box: SecretBox | None = None,
     run_id: str | None = None,
-    batch_size: int = 2000,
+    batch_size: int = BATCH_SIZE,
 ) -> list[SyncResult]:
     """Sync several windows of one connection with one client and one database session.
 
@@ -120,7 +120,7 @@ def sync_partition(
     box: SecretBox | None = None,
     run_id: str | None = None,
     partition: str | None = None,
-    batch_size: int = 2000,
+    batch_size: int = BATCH_SIZE,
 ) -> SyncResult:
     """Sync one window of one connection; raises the error if it failed."""
     (result,) = sync_partitions(

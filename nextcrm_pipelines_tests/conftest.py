@@ -97,3 +97,25 @@ def stripe_connection(database_url: str, schema: str, box: SecretBox, sandbox: S
             )  # fmt: skip
 
     return make
+
+
+@pytest.fixture
+def own_stripe(database_url: str, schema: str, box: SecretBox):
+    """Factory for tests that move the sandbox clock or mutate data: a sandbox of their own (stopped
+    afterwards) with one Stripe account and a vault connection to it; returns (server, key, connection)."""
+    servers: list[SandboxServer] = []
+
+    def make(seed: int, charges: int, subscriptions: int, days: int) -> tuple[SandboxServer, str, Connection]:
+        server = SandboxServer().start()
+        servers.append(server)
+        key = f"sk_test_{uuid.uuid4().hex}"
+        server.add_stripe_account(api_key=key, seed=seed, charges=charges, subscriptions=subscriptions, days=days,
+                                  requests_per_second=0)  # fmt: skip
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(conn, provider="stripe", display_name=f"Own {seed}",
+                                              secrets={"api_key": key}, box=box, base_url=server.url)  # fmt: skip
+        return server, key, connection
+
+    yield make
+    for server in servers:
+        server.stop()

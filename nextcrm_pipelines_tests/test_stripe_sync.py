@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
@@ -57,33 +58,23 @@ def test_rerunning_a_partition_changes_nothing(database_url, schema, sandbox, st
     assert sum(r.counts.unchanged for r in again) == sum(r.total for r in again) > 0
 
 
-def test_old_partition_backfill_does_not_overwrite_newer_row(database_url, schema, stripe_account, stripe_connection):
-    with SandboxServer() as own:
-        key = f"sk_test_regress_{os.getpid()}"
-        own.add_stripe_account(api_key=key, seed=5, charges=200, subscriptions=10, days=5, requests_per_second=0)
-        from nextcrm_pipelines.core import connections as vault
-        from nextcrm_pipelines.core.vault import SecretBox
-
-        with psycopg.connect(database_url) as conn:
-            connection = vault.add_connection(conn, provider="stripe", display_name="Regress",
-                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
-                                              base_url=own.url)  # fmt: skip
-        now = sandbox_now(own.url)
-        old_day = (now - __import__("datetime").timedelta(days=3)).date()
-        charge = next(c for c in export(own.url, key, "charges")
-                      if c["status"] == "succeeded" and not c["refunded"]
-                      and __import__("datetime").datetime.fromtimestamp(c["created"]).date() == old_day)  # fmt: skip
-        sdk(own, key).v1.refunds.create({"charge": charge["id"]})
-        # The newer state arrives first (today's events), then the old day is backfilled: its
-        # `charge.succeeded` event carries the pre-refund state and must not win.
-        sync_days(database_url, schema, connection.id, "stripe_payments", [now.date()])
-        sync_days(database_url, schema, connection.id, "stripe_payments", [old_day])
-        row = charges_by_id(database_url, schema)[charge["id"]]
-        assert row[4] is True and row[1] == row[0]  # refunded in full, as in the sandbox
+def test_old_partition_backfill_does_not_overwrite_newer_row(database_url, schema, own_stripe):
+    own, key, connection = own_stripe(seed=5, charges=200, subscriptions=10, days=5)
+    now = sandbox_now(own.url)
+    old_day = (now - timedelta(days=3)).date()
+    charge = next(c for c in export(own.url, key, "charges")
+                  if c["status"] == "succeeded" and not c["refunded"]
+                  and datetime.fromtimestamp(c["created"], UTC).date() == old_day)  # fmt: skip
+    sdk(own, key).v1.refunds.create({"charge": charge["id"]})
+    # The newer state arrives first (today's events), then the old day is backfilled: its
+    # `charge.succeeded` event carries the pre-refund state and must not win.
+    sync_days(database_url, schema, connection.id, "stripe_payments", [now.date()])
+    sync_days(database_url, schema, connection.id, "stripe_payments", [old_day])
+    row = charges_by_id(database_url, schema)[charge["id"]]
+    assert row[4] is True and row[1] == row[0]  # refunded in full, as in the sandbox
 
 
 def test_engine_never_replaces_a_row_with_an_older_version(database_url, schema, stripe_connection):
-    from datetime import UTC, datetime, timedelta
 
     from nextcrm_pipelines.core.http import RequestStats
     from nextcrm_pipelines.core.sync import SyncWindow, sync_entity
@@ -148,27 +139,17 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     assert charges_by_id(database_url, schema) == expected  # no gaps, same amounts
 
 
-def test_refund_made_after_first_sync_shows_after_next_days_sync(database_url, schema, stripe_connection):
-    with SandboxServer() as own:
-        key = f"sk_test_refund_{os.getpid()}"
-        own.add_stripe_account(api_key=key, seed=9, charges=200, subscriptions=10, days=3, requests_per_second=0)
-        from nextcrm_pipelines.core import connections as vault
-        from nextcrm_pipelines.core.vault import SecretBox
-
-        with psycopg.connect(database_url) as conn:
-            connection = vault.add_connection(conn, provider="stripe", display_name="Refunds",
-                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
-                                              base_url=own.url)  # fmt: skip
-        first_days = days_back(sandbox_now(own.url).date(), 3)
-        sync_days(database_url, schema, connection.id, "stripe_payments", first_days)
-        charge = next(c for c in export(own.url, key, "charges") if c["status"] == "succeeded" and not c["refunded"])
-        assert charges_by_id(database_url, schema)[charge["id"]][4] is False
-        own.advance_clock(86400)
-        sdk(own, key).v1.refunds.create({"charge": charge["id"], "amount": 100})
-        sync_days(database_url, schema, connection.id, "stripe_payments", [sandbox_now(own.url).date()])
-        row = charges_by_id(database_url, schema)[charge["id"]]
-        assert row[1] == expected_charges(own.url, key)[charge["id"]][1] > 0
-        assert charges_by_id(database_url, schema) == expected_charges(own.url, key)
+def test_refund_made_after_first_sync_shows_after_next_days_sync(database_url, schema, own_stripe):
+    own, key, connection = own_stripe(seed=9, charges=200, subscriptions=10, days=3)
+    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(own.url).date(), 3))
+    charge = next(c for c in export(own.url, key, "charges") if c["status"] == "succeeded" and not c["refunded"])
+    assert charges_by_id(database_url, schema)[charge["id"]][4] is False
+    own.advance_clock(86400)
+    sdk(own, key).v1.refunds.create({"charge": charge["id"], "amount": 100})
+    sync_days(database_url, schema, connection.id, "stripe_payments", [sandbox_now(own.url).date()])
+    row = charges_by_id(database_url, schema)[charge["id"]]
+    assert row[1] == expected_charges(own.url, key)[charge["id"]][1] > 0
+    assert charges_by_id(database_url, schema) == expected_charges(own.url, key)
 
 
 def test_jpy_and_usd_amounts_are_exact(database_url, schema, sandbox, stripe_account, stripe_connection):
@@ -190,30 +171,21 @@ def test_jpy_and_usd_amounts_are_exact(database_url, schema, sandbox, stripe_acc
             assert amount * 100 == Decimal(minor)
 
 
-def test_subscriptions_include_canceled_and_a_cancellation_becomes_visible(database_url, schema, stripe_connection):
-    with SandboxServer() as own:
-        key = f"sk_test_subs_{os.getpid()}"
-        own.add_stripe_account(api_key=key, seed=3, charges=20, subscriptions=150, days=4, requests_per_second=0)
-        from nextcrm_pipelines.core import connections as vault
-        from nextcrm_pipelines.core.vault import SecretBox
-
-        with psycopg.connect(database_url) as conn:
-            connection = vault.add_connection(conn, provider="stripe", display_name="Subs",
-                                              secrets={"api_key": key}, box=SecretBox.from_environment(),
-                                              base_url=own.url)  # fmt: skip
-        days = days_back(sandbox_now(own.url).date(), 4)
-        sync_days(database_url, schema, connection.id, "stripe_subscriptions", days)
-        truth = export(own.url, key, "subscriptions")
-        rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
-        assert set(rows) == {s["id"] for s in truth}
-        assert any(s["status"] == "canceled" for s in truth)
-        for s in truth:
-            assert rows[s["id"]] == (s["status"], s["status"] in ("canceled", "incomplete_expired"))
-        active = next(s for s in truth if s["status"] == "active")
-        sdk(own, key).v1.subscriptions.cancel(active["id"])
-        sync_days(database_url, schema, connection.id, "stripe_subscriptions", [sandbox_now(own.url).date()])
-        rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
-        assert rows[active["id"]] == ("canceled", True)
+def test_subscriptions_include_canceled_and_a_cancellation_becomes_visible(database_url, schema, own_stripe):
+    own, key, connection = own_stripe(seed=3, charges=20, subscriptions=150, days=4)
+    days = days_back(sandbox_now(own.url).date(), 4)
+    sync_days(database_url, schema, connection.id, "stripe_subscriptions", days)
+    truth = export(own.url, key, "subscriptions")
+    rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
+    assert set(rows) == {s["id"] for s in truth}
+    assert any(s["status"] == "canceled" for s in truth)
+    for s in truth:
+        assert rows[s["id"]] == (s["status"], s["status"] in ("canceled", "incomplete_expired"))
+    active = next(s for s in truth if s["status"] == "active")
+    sdk(own, key).v1.subscriptions.cancel(active["id"])
+    sync_days(database_url, schema, connection.id, "stripe_subscriptions", [sandbox_now(own.url).date()])
+    rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
+    assert rows[active["id"]] == ("canceled", True)
 
 
 def test_429_bursts_and_5xx_are_survived(database_url, schema, sandbox, stripe_account, stripe_connection):
@@ -251,7 +223,6 @@ def test_wrong_api_key_fails_with_a_clear_message_and_marks_the_connection(
 
 
 def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url, schema, stripe_connection, caplog):
-    from datetime import UTC, datetime, timedelta
 
     from nextcrm_pipelines.core.http import RequestStats
     from nextcrm_pipelines.core.sync import SyncWindow, sync_entity

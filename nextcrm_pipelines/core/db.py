@@ -6,8 +6,6 @@ path); SQLAlchemy is used by Alembic to manage the schema.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -21,13 +19,6 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 def connect(url: str | None = None, *, autocommit: bool = False) -> psycopg.Connection:
     """A psycopg 3 connection to `url` (default: the configured database)."""
     return psycopg.connect(settings.libpq_url(url or settings.database_url()), autocommit=autocommit)
-
-
-@contextmanager
-def transaction(url: str | None = None) -> Iterator[psycopg.Connection]:
-    """A connection whose work commits on success and rolls back on error."""
-    with connect(url) as conn:
-        yield conn
 
 
 def table(name: str, schema: str | None = None) -> sql.Composed:

@@ -33,13 +33,11 @@ class ProviderError(RuntimeError):
         connection_id: str | None = None,
         endpoint: str | None = None,
         status: int | None = None,
-        retryable: bool = False,
     ):
         self.provider = provider
         self.connection_id = connection_id
         self.endpoint = endpoint
         self.status = status
-        self.retryable = retryable
         where = f"{provider} connection {connection_id!r}" if connection_id else provider
         detail = f" {endpoint}" if endpoint else ""
         code = f" -> HTTP {status}" if status is not None else ""
@@ -191,9 +189,6 @@ class HttpClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def reset_budget(self) -> None:
-        self.budget = Budget(self.retry.budget_seconds)
 
     def _error(self, message: str, endpoint: str, status: int | None, cls: type[ProviderError] = ProviderError):
         return cls(message, provider=self.provider, connection_id=self.connection_id, endpoint=endpoint, status=status)

@@ -226,7 +226,7 @@ def sandbox_group() -> None:
     """Local emulators of the providers (demo and tests)."""
 
 
-@sandbox_group.command("serve", context_settings={"ignore_unknown_options": True})
+@sandbox_group.command("serve", context_settings={"ignore_unknown_options": True}, add_help_option=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def sandbox_serve(args: tuple[str, ...]) -> None:
     """Serve the emulators on loopback (see --help of `python -m nextcrm_pipelines.sandbox.server`)."""

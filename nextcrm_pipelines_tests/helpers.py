@@ -6,7 +6,6 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import httpx
 import psycopg
 from psycopg import sql
 
@@ -15,16 +14,11 @@ from nextcrm_pipelines.core.money import minor_to_major
 from nextcrm_pipelines.core.runner import day_window, sync_partition
 from nextcrm_pipelines.core.sync import SyncResult
 from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines.sandbox.server import SandboxServer
 
 
-def sandbox_now(sandbox_url: str) -> datetime:
-    return datetime.fromtimestamp(httpx.get(f"{sandbox_url}/_sandbox/clock").json()["now"], UTC)
-
-
-def export(sandbox_url: str, api_key: str, kind: str) -> list[dict[str, Any]]:
-    response = httpx.get(f"{sandbox_url}/_sandbox/stripe/export/{kind}", params={"api_key": api_key}, timeout=60)
-    response.raise_for_status()
-    return response.json()
+def sandbox_now(sandbox: SandboxServer) -> datetime:
+    return datetime.fromtimestamp(sandbox.clock(), UTC)
 
 
 def days_back(today: date, days: int) -> list[date]:
@@ -62,7 +56,7 @@ def charges_by_id(database_url: str, schema: str) -> dict[str, tuple[Decimal, De
     return {r[0]: tuple(r[1:]) for r in rows}
 
 
-def expected_charges(sandbox_url: str, api_key: str) -> dict[str, tuple[Decimal, Decimal, str, str, bool]]:
+def expected_charges(sandbox: SandboxServer, api_key: str) -> dict[str, tuple[Decimal, Decimal, str, str, bool]]:
     return {
         c["id"]: (
             minor_to_major(c["amount"], c["currency"]),
@@ -71,5 +65,5 @@ def expected_charges(sandbox_url: str, api_key: str) -> dict[str, tuple[Decimal,
             c["status"],
             c["refunded"],
         )
-        for c in export(sandbox_url, api_key, "charges")
+        for c in sandbox.stripe_export(api_key, "charges")
     }

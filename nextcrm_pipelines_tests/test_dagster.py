@@ -14,7 +14,7 @@ from psycopg import sql
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.definitions import defs
 from nextcrm_pipelines.partitions import connections_partitions_name
-from nextcrm_pipelines_tests.helpers import charges_by_id, days_back, expected_charges, export, sandbox_now
+from nextcrm_pipelines_tests.helpers import charges_by_id, days_back, expected_charges, sandbox_now
 
 SNAPSHOT = Path(__file__).with_name("code_location_snapshot.json")
 
@@ -68,7 +68,7 @@ def test_a_partition_materialises_through_dagster_with_metadata_and_no_secret_an
 ):
     key = stripe_account(charges=300, subscriptions=20, days=2)
     connection = stripe_connection(key)
-    today = sandbox_now(sandbox.url).date().isoformat()
+    today = sandbox_now(sandbox).date().isoformat()
     caplog.set_level(logging.DEBUG)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
@@ -81,8 +81,8 @@ def test_a_partition_materialises_through_dagster_with_metadata_and_no_secret_an
         run = instance.get_run_by_id(result.run_id)
         texts = [_all_event_text(instance, result.run_id), json.dumps(run.run_config), caplog.text]
         assert all(key not in text for text in texts)
-    mirrored, truth = charges_by_id(database_url, schema), expected_charges(sandbox.url, key)
-    created_today = {c["id"] for c in export(sandbox.url, key, "charges")
+    mirrored, truth = charges_by_id(database_url, schema), expected_charges(sandbox, key)
+    created_today = {c["id"] for c in sandbox.stripe_export(key, "charges")
                      if datetime.fromtimestamp(c["created"], UTC).date().isoformat() == today}  # fmt: skip
     assert created_today and created_today <= set(mirrored)
     assert metadata["dagster/row_count"] == len(created_today)
@@ -106,7 +106,7 @@ def test_a_wrong_key_fails_the_run_without_retrying_and_leaks_nothing(database_u
     connection = stripe_connection(bad_key, name="Broken")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
-        result = _materialize(instance, connection.id, sandbox_now(sandbox.url).date().isoformat())
+        result = _materialize(instance, connection.id, sandbox_now(sandbox).date().isoformat())
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         message = failure.step_failure_data.error.message
@@ -160,7 +160,7 @@ def test_connections_sensor_adds_partitions_for_rows_added_by_any_means(database
 def test_a_date_range_backfills_in_one_run(database_url, schema, sandbox, stripe_account, stripe_connection):
     key = stripe_account(charges=200, subscriptions=20, days=3)
     connection = stripe_connection(key)
-    days = [d.isoformat() for d in days_back(sandbox_now(sandbox.url).date(), 3)]
+    days = [d.isoformat() for d in days_back(sandbox_now(sandbox).date(), 3)]
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
         result = defs.get_job_def("stripe_sync").execute_in_process(
@@ -171,7 +171,7 @@ def test_a_date_range_backfills_in_one_run(database_url, schema, sandbox, stripe
             },
         )
         assert result.success
-    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox, key)
     with psycopg.connect(database_url) as conn:
         partitions = conn.execute(
             sql.SQL("SELECT DISTINCT partition, run_id FROM {} WHERE asset = 'stripe_payments'").format(

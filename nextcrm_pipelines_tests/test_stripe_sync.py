@@ -23,7 +23,6 @@ from nextcrm_pipelines_tests.helpers import (
     charges_by_id,
     days_back,
     expected_charges,
-    export,
     mirror_rows,
     sandbox_now,
     sync_days,
@@ -37,16 +36,16 @@ def sdk(sandbox: SandboxServer, api_key: str) -> stripe.StripeClient:
 def test_backfill_mirrors_every_charge_exactly(database_url, schema, sandbox, stripe_account, stripe_connection):
     key = stripe_account(charges=400, days=10)
     connection = stripe_connection(key)
-    days = days_back(sandbox_now(sandbox.url).date(), 10)
+    days = days_back(sandbox_now(sandbox).date(), 10)
     results = sync_days(database_url, schema, connection.id, "stripe_payments", days)
     assert all(r.status == "success" for r in results)
-    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox, key)
 
 
 def test_rerunning_a_partition_changes_nothing(database_url, schema, sandbox, stripe_account, stripe_connection):
     key = stripe_account(charges=300, subscriptions=80, days=5)
     connection = stripe_connection(key)
-    days = days_back(sandbox_now(sandbox.url).date(), 5)
+    days = days_back(sandbox_now(sandbox).date(), 5)
     for entity in ("stripe_payments", "stripe_subscriptions"):
         sync_days(database_url, schema, connection.id, entity, days)
     before = {e: mirror_rows(database_url, schema, e) for e in ("stripe_payments", "stripe_subscriptions")}
@@ -60,9 +59,9 @@ def test_rerunning_a_partition_changes_nothing(database_url, schema, sandbox, st
 
 def test_old_partition_backfill_does_not_overwrite_newer_row(database_url, schema, own_stripe):
     own, key, connection = own_stripe(seed=5, charges=200, subscriptions=10, days=5)
-    now = sandbox_now(own.url)
+    now = sandbox_now(own)
     old_day = (now - timedelta(days=3)).date()
-    charge = next(c for c in export(own.url, key, "charges")
+    charge = next(c for c in own.stripe_export(key, "charges")
                   if c["status"] == "succeeded" and not c["refunded"]
                   and datetime.fromtimestamp(c["created"], UTC).date() == old_day)  # fmt: skip
     sdk(own, key).v1.refunds.create({"charge": charge["id"]})
@@ -105,7 +104,7 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
 ):
     key = stripe_account(charges=3000, subscriptions=5, days=1)
     connection = stripe_connection(key)
-    today = sandbox_now(sandbox.url).date()
+    today = sandbox_now(sandbox).date()
     days = days_back(today, 1)
     sandbox.set_stripe_faults(api_key=key, latency_ms=40)
     script = textwrap.dedent(
@@ -130,7 +129,7 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     finally:
         child.wait(timeout=30)
     partial = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
-    expected = expected_charges(sandbox.url, key)
+    expected = expected_charges(sandbox, key)
     assert 0 < partial < len(expected)
     sandbox.clear_stripe_faults(api_key=key)
     sync_days(database_url, schema, connection.id, "stripe_payments", days)
@@ -141,22 +140,22 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
 
 def test_refund_made_after_first_sync_shows_after_next_days_sync(database_url, schema, own_stripe):
     own, key, connection = own_stripe(seed=9, charges=200, subscriptions=10, days=3)
-    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(own.url).date(), 3))
-    charge = next(c for c in export(own.url, key, "charges") if c["status"] == "succeeded" and not c["refunded"])
+    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(own).date(), 3))
+    charge = next(c for c in own.stripe_export(key, "charges") if c["status"] == "succeeded" and not c["refunded"])
     assert charges_by_id(database_url, schema)[charge["id"]][4] is False
     own.advance_clock(86400)
     sdk(own, key).v1.refunds.create({"charge": charge["id"], "amount": 100})
-    sync_days(database_url, schema, connection.id, "stripe_payments", [sandbox_now(own.url).date()])
+    sync_days(database_url, schema, connection.id, "stripe_payments", [sandbox_now(own).date()])
     row = charges_by_id(database_url, schema)[charge["id"]]
-    assert row[1] == expected_charges(own.url, key)[charge["id"]][1] > 0
-    assert charges_by_id(database_url, schema) == expected_charges(own.url, key)
+    assert row[1] == expected_charges(own, key)[charge["id"]][1] > 0
+    assert charges_by_id(database_url, schema) == expected_charges(own, key)
 
 
 def test_jpy_and_usd_amounts_are_exact(database_url, schema, sandbox, stripe_account, stripe_connection):
     key = stripe_account(charges=500, days=5)
     connection = stripe_connection(key)
-    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox.url).date(), 5))
-    truth = {c["id"]: c for c in export(sandbox.url, key, "charges")}
+    sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox).date(), 5))
+    truth = {c["id"]: c for c in sandbox.stripe_export(key, "charges")}
     rows = mirror_rows(database_url, schema, "stripe_payments", "id, amount, currency, pg_typeof(amount)::text, "
                        "jsonb_typeof(raw), (raw->>'amount')::bigint")  # fmt: skip
     currencies = {r[2] for r in rows}
@@ -173,9 +172,9 @@ def test_jpy_and_usd_amounts_are_exact(database_url, schema, sandbox, stripe_acc
 
 def test_subscriptions_include_canceled_and_a_cancellation_becomes_visible(database_url, schema, own_stripe):
     own, key, connection = own_stripe(seed=3, charges=20, subscriptions=150, days=4)
-    days = days_back(sandbox_now(own.url).date(), 4)
+    days = days_back(sandbox_now(own).date(), 4)
     sync_days(database_url, schema, connection.id, "stripe_subscriptions", days)
-    truth = export(own.url, key, "subscriptions")
+    truth = own.stripe_export(key, "subscriptions")
     rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
     assert set(rows) == {s["id"] for s in truth}
     assert any(s["status"] == "canceled" for s in truth)
@@ -183,7 +182,7 @@ def test_subscriptions_include_canceled_and_a_cancellation_becomes_visible(datab
         assert rows[s["id"]] == (s["status"], s["status"] in ("canceled", "incomplete_expired"))
     active = next(s for s in truth if s["status"] == "active")
     sdk(own, key).v1.subscriptions.cancel(active["id"])
-    sync_days(database_url, schema, connection.id, "stripe_subscriptions", [sandbox_now(own.url).date()])
+    sync_days(database_url, schema, connection.id, "stripe_subscriptions", [sandbox_now(own).date()])
     rows = {r[0]: r[1:] for r in mirror_rows(database_url, schema, "stripe_subscriptions", "id, status, deleted")}
     assert rows[active["id"]] == ("canceled", True)
 
@@ -193,8 +192,8 @@ def test_429_bursts_and_5xx_are_survived(database_url, schema, sandbox, stripe_a
     connection = stripe_connection(key)
     sandbox.set_stripe_faults(api_key=key, rate_limit_burst=6, server_errors=3)
     results = sync_days(database_url, schema, connection.id, "stripe_payments",
-                        days_back(sandbox_now(sandbox.url).date(), 2))  # fmt: skip
-    assert charges_by_id(database_url, schema) == expected_charges(sandbox.url, key)
+                        days_back(sandbox_now(sandbox).date(), 2))  # fmt: skip
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox, key)
     assert sum(r.stats.rate_limit_waits for r in results) >= 6
     assert sum(r.stats.retries for r in results) >= 9
     with psycopg.connect(database_url) as conn:
@@ -209,7 +208,7 @@ def test_wrong_api_key_fails_with_a_clear_message_and_marks_the_connection(
 ):
     connection = stripe_connection("sk_test_this_key_is_wrong_12345")
     with pytest.raises(AuthenticationFailed) as failure:
-        sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox.url).date(), 0))
+        sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox).date(), 0))
     message = str(failure.value)
     assert "stripe connection 'stripe-acme'" in message and "HTTP 401" in message
     assert "connections add stripe" in message

@@ -34,7 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.myob import MyobSandbox
+from nextcrm_pipelines.sandbox.quickbooks import QuickBooksSandbox
 from nextcrm_pipelines.sandbox.stripe import StripeSandbox
+from nextcrm_pipelines.sandbox.xero import XeroSandbox
 
 __all__ = ["DEFAULT_PORT", "SandboxClock", "SandboxServer", "build_app", "main"]
 
@@ -102,10 +105,21 @@ def build_app(accounts: list[dict[str, Any]] | None = None, now: int | None = No
     stripe = StripeSandbox(clock.now)
     for spec in accounts or []:
         stripe.add_account(spec)
-    routes: list[BaseRoute] = [*_clock_routes(clock), *stripe.routes(), *stripe.fallback_routes()]
+    xero, quickbooks, myob = XeroSandbox(clock.now), QuickBooksSandbox(clock.now), MyobSandbox(clock.now)
+    routes: list[BaseRoute] = [
+        *_clock_routes(clock),
+        *xero.routes(),
+        *quickbooks.routes(),
+        *myob.routes(),
+        *stripe.routes(),
+        *stripe.fallback_routes(),
+    ]
     app = Starlette(routes=routes)
     app.state.clock = clock
     app.state.stripe = stripe
+    app.state.xero = xero
+    app.state.quickbooks = quickbooks
+    app.state.myob = myob
     return app
 
 
@@ -185,7 +199,7 @@ class SandboxServer:
         self._wait_ready()
         if self.subprocess:
             for spec in self._accounts:
-                self._control("POST", "/_sandbox/stripe/accounts", json=spec)
+                self.control("POST", "/_sandbox/stripe/accounts", json=spec)
         return self
 
     def _start_thread(self) -> None:
@@ -297,7 +311,8 @@ class SandboxServer:
 
     # --- control API helpers ----------------------------------------------------------------------------
 
-    def _control(self, method: str, path: str, **kwargs: Any) -> Any:
+    def control(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Call the unauthenticated control API (``/_sandbox/...``) and return its JSON answer."""
         if self._client is None:
             raise RuntimeError("sandbox server is not running")
         resp = self._client.request(method, path, **kwargs)
@@ -331,31 +346,31 @@ class SandboxServer:
             spec["requests_per_second"] = requests_per_second
         if now is not None:
             spec["now"] = now
-        return self._control("POST", "/_sandbox/stripe/accounts", json=spec)
+        return self.control("POST", "/_sandbox/stripe/accounts", json=spec)
 
     def clock(self) -> int:
         """``GET /_sandbox/clock``."""
-        return int(self._control("GET", "/_sandbox/clock")["now"])
+        return int(self.control("GET", "/_sandbox/clock")["now"])
 
     def advance_clock(self, seconds: float) -> int:
         """``POST /_sandbox/clock/advance``; returns the new time."""
-        return int(self._control("POST", "/_sandbox/clock/advance", json={"seconds": seconds})["now"])
+        return int(self.control("POST", "/_sandbox/clock/advance", json={"seconds": seconds})["now"])
 
     def set_stripe_faults(self, api_key: str, **faults: Any) -> dict[str, Any]:
         """``POST /_sandbox/stripe/faults`` with any of the fault fields (see the Stripe control API)."""
-        return self._control("POST", "/_sandbox/stripe/faults", json={"api_key": api_key, **faults})
+        return self.control("POST", "/_sandbox/stripe/faults", json={"api_key": api_key, **faults})
 
     def clear_stripe_faults(self, api_key: str) -> None:
         """``DELETE /_sandbox/stripe/faults?api_key=...``."""
-        self._control("DELETE", "/_sandbox/stripe/faults", params={"api_key": api_key})
+        self.control("DELETE", "/_sandbox/stripe/faults", params={"api_key": api_key})
 
     def stripe_export(self, api_key: str, kind: str) -> list[dict[str, Any]]:
         """``GET /_sandbox/stripe/export/{charges|subscriptions}?api_key=...``."""
-        return self._control("GET", f"/_sandbox/stripe/export/{kind}", params={"api_key": api_key})
+        return self.control("GET", f"/_sandbox/stripe/export/{kind}", params={"api_key": api_key})
 
     def stripe_stats(self, api_key: str) -> dict[str, Any]:
         """``GET /_sandbox/stripe/stats?api_key=...``."""
-        return self._control("GET", "/_sandbox/stripe/stats", params={"api_key": api_key})
+        return self.control("GET", "/_sandbox/stripe/stats", params={"api_key": api_key})
 
 
 def _parse_account(value: str) -> dict[str, Any]:

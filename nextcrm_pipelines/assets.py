@@ -12,7 +12,7 @@ from typing import Any
 
 import dagster as dg
 
-from nextcrm_pipelines.core.http import AuthenticationFailed
+from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import ConnectionUnavailable, day_window, sync_partitions
 from nextcrm_pipelines.core.sync import EntitySpec, SyncResult
@@ -76,7 +76,8 @@ def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefin
                     connection_id=connection_id, windows=[day_window(d) for d in days], partitions=partitions,
                     box=box, run_id=context.run_id,
                 )  # fmt: skip
-            except (AuthenticationFailed, ConnectionUnavailable) as exc:
+            except (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted) as exc:
+                # Retrying cannot help before the user reconnects or the provider's day resets.
                 raise dg.Failure(str(exc), allow_retries=False) from None
             for partition, result in zip(partitions, synced, strict=True):
                 log = context.log.error if result.status == "failed" else context.log.info

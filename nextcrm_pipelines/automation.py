@@ -1,6 +1,8 @@
 """Schedules and sensors built from the registry.
 
 - `<provider>_hourly`: re-syncs today's partition of every active connection, every hour.
+- `<provider>_daily_sweep`: for providers that hard-delete without a trace (MYOB), compares id sets
+  once a day and flags the rows whose record is gone.
 - `connections_sensor`: keeps each provider's dynamic connection partitions equal to the rows of
   `integration_connections`, so a connection added by any means (CLI, the CRM app, SQL) appears.
 """
@@ -13,6 +15,7 @@ from dagster._core.definitions.unresolved_asset_job_definition import Unresolved
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.provider import Provider
+from nextcrm_pipelines.core.runner import sweep_connection
 from nextcrm_pipelines.partitions import connection_day_partitions, connections_partitions_name
 from nextcrm_pipelines.resources import MirrorDatabase
 
@@ -75,3 +78,62 @@ def build_connections_sensor(providers: list[Provider]) -> dg.SensorDefinition:
         return dg.SensorResult(dynamic_partitions_requests=requests)
 
     return _connections
+
+
+def sweep_job_name(provider: str) -> str:
+    return f"{provider}_deletion_sweep"
+
+
+def build_sweep_job(provider: Provider) -> dg.JobDefinition:
+    """A job that runs the provider's id sweeps (deletions without tombstones) for every active connection."""
+
+    @dg.op(name=f"{provider.name}_sweep_deletions", description="Flag rows whose record was deleted upstream.")
+    def _sweep(context: dg.OpExecutionContext, mirror: MirrorDatabase) -> dg.Output[int]:
+        url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
+        with psycopg.connect(url) as conn:
+            active = vault.list_connections(conn, provider=provider.name, status="active")
+        flagged, failures = 0, []
+        for connection in active:
+            for entity_name in provider.id_sweeps:
+                try:
+                    result = sweep_connection(database_url=url, schema=schema, provider=provider,
+                                              entity_name=entity_name, connection_id=connection.id, box=box,
+                                              run_id=context.run_id)  # fmt: skip
+                except Exception as exc:
+                    context.log.error(f"{entity_name} sweep of {connection.id} failed: {exc}")
+                    failures.append(f"{connection.id}: {exc}")
+                    continue
+                flagged += result.counts.updated
+                context.log.info(f"{entity_name} sweep of {connection.id}: {result.summary()}")
+                context.log_event(
+                    dg.AssetObservation(
+                        asset_key=entity_name,
+                        metadata={
+                            "connection": connection.id,
+                            "ids_listed": result.total,
+                            "flagged_deleted": result.counts.updated,
+                            "sync_log_id": result.sync_log_id,
+                        },
+                    )
+                )
+        if failures:
+            raise dg.Failure(f"{len(failures)} sweep(s) failed: " + "; ".join(failures[:5]))
+        return dg.Output(flagged, metadata={"connections": len(active), "flagged_deleted": flagged})
+
+    @dg.job(name=sweep_job_name(provider.name), tags={"nextcrm/provider": provider.name},
+            description=f"Find {provider.name} records deleted upstream by comparing id sets.")  # fmt: skip
+    def _job() -> None:
+        _sweep()
+
+    return _job
+
+
+def build_sweep_schedule(provider: Provider) -> dg.ScheduleDefinition:
+    return dg.ScheduleDefinition(
+        name=f"{provider.name}_daily_sweep",
+        cron_schedule="23 3 * * *",
+        job_name=sweep_job_name(provider.name),
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Flag {provider.name} records deleted upstream, once a day.",
+    )

@@ -95,7 +95,7 @@ def connections_group() -> None:
 
 
 @connections_group.command("add")
-@click.argument("provider", type=click.Choice(sorted(PROVIDERS)))
+@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.oauth is None)))
 @click.option("--name", "display_name", required=True, help="Display name of the account.")
 @click.option("--tenant", "external_tenant", help="Provider account/tenant id (Stripe: acct_... for Connect).")
 @click.option("--base-url", help="API base URL override (a sandbox); default: the provider's real API.")
@@ -128,6 +128,58 @@ def connections_add(provider: str, display_name: str, external_tenant: str | Non
         )  # fmt: skip
     _register_partition(provider, connection.id)
     click.echo(f"connection {connection.id} ({provider}, {display_name!r}) is active")
+
+
+@main.command("connect")
+@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.oauth is not None)))
+@click.option("--name", "display_name", help="Display name (default: the organisation's name from the provider).")
+@click.option("--base-url", help="Provider base URL override, e.g. the sandbox: http://127.0.0.1:12111/xero.")
+@click.option("--open-browser", is_flag=True, help="Open the authorisation URL in a browser too.")
+@click.option("--timeout", default=300, show_default=True, help="Seconds to wait for the provider's redirect.")
+def connect_command(provider: str, display_name: str | None, base_url: str | None, open_browser: bool,
+                    timeout: int) -> None:  # fmt: skip
+    """Authorise an account with OAuth and store one connection per organisation it reaches.
+
+    The app comes from <PROVIDER>_CLIENT_ID, <PROVIDER>_CLIENT_SECRET and <PROVIDER>_REDIRECT_URI
+    (an http://localhost:<port>/<path> URI registered with the provider; this command listens there).
+    Headless: open the printed URL on any machine whose browser can reach that redirect URI.
+    """
+    import webbrowser
+
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core.connect import ConnectError, connect
+    from nextcrm_pipelines.core.http import ProviderError
+    from nextcrm_pipelines.core.oauth import OAuthConfigError
+
+    spec = get_provider(provider)
+    assert spec.oauth is not None and spec.discover_tenants is not None
+    try:
+        app = spec.oauth.app_from_environment()
+    except OAuthConfigError as exc:
+        _fail(str(exc))
+        raise
+    extra: dict[str, object] = {}
+    if provider == "quickbooks":
+        extra["environment"] = os.environ.get("QUICKBOOKS_ENVIRONMENT", "sandbox").strip().lower()
+    env = environment.prepare()
+
+    def show(url: str) -> None:
+        click.echo(f"Authorise {provider} in a browser (waiting up to {timeout}s for the redirect to "
+                   f"{app.redirect_uri}):\n{url}")  # fmt: skip
+        if open_browser:
+            webbrowser.open(url)
+
+    try:
+        stored = connect(spec=spec.oauth, discover=spec.discover_tenants, app=app, database_url=env.database_url,
+                         box=_box(), base_url=base_url, name=display_name, on_url=show, timeout=timeout,
+                         connection_settings=extra)  # fmt: skip
+    except (ConnectError, OAuthConfigError, ProviderError) as exc:
+        _fail(str(exc))
+        raise
+    for connection in stored:
+        _register_partition(provider, connection.id)
+        click.echo(f"connection {connection.id} ({provider}, {connection.display_name!r}, "
+                   f"tenant {connection.external_tenant}) is active")  # fmt: skip
 
 
 @connections_group.command("list")

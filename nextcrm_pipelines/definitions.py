@@ -5,7 +5,13 @@ from __future__ import annotations
 import dagster as dg
 
 from nextcrm_pipelines.assets import build_provider_assets
-from nextcrm_pipelines.automation import build_connections_sensor, build_hourly_schedule, build_sync_job
+from nextcrm_pipelines.automation import (
+    build_connections_sensor,
+    build_hourly_schedule,
+    build_sweep_job,
+    build_sweep_schedule,
+    build_sync_job,
+)
 from nextcrm_pipelines.providers import PROVIDERS
 from nextcrm_pipelines.resources import MirrorDatabase
 
@@ -14,8 +20,9 @@ def build_definitions() -> dg.Definitions:
     providers = list(PROVIDERS.values())
     return dg.Definitions(
         assets=[a for p in providers for a in build_provider_assets(p)],
-        jobs=[build_sync_job(p) for p in providers],
-        schedules=[build_hourly_schedule(p) for p in providers],
+        jobs=[build_sync_job(p) for p in providers] + [build_sweep_job(p) for p in providers if p.id_sweeps],
+        schedules=[build_hourly_schedule(p) for p in providers]
+        + [build_sweep_schedule(p) for p in providers if p.id_sweeps],
         sensors=[build_connections_sensor(providers)],
         resources={"mirror": MirrorDatabase()},
     )

@@ -119,3 +119,10 @@ def own_stripe(database_url: str, schema: str, box: SecretBox):
     yield make
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def own_sandbox() -> Iterator[SandboxServer]:
+    """A sandbox of the test's own, for tests that move its clock (stopped afterwards)."""
+    with SandboxServer() as server:
+        yield server

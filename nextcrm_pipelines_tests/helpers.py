@@ -27,7 +27,8 @@ def days_back(today: date, days: int) -> list[date]:
 
 def sync_days(database_url: str, schema: str, connection_id: str, entity: str, days: list[date],
               **kwargs: Any) -> list[SyncResult]:  # fmt: skip
-    provider = get_provider("stripe")
+    """Sync each day in its own call (as separate runs would); ids are `<provider>-<name>`."""
+    provider = get_provider(connection_id.split("-", 1)[0])
     return [
         sync_partition(
             database_url=database_url,

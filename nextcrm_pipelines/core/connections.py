@@ -70,6 +70,7 @@ def add_connection(
     base_url: str | None = None,
     settings: dict[str, Any] | None = None,
     connection_id: str | None = None,
+    token_expires_at: datetime | None = None,
 ) -> Connection:
     """Insert a connection, or update the one with the same id (re-connecting the same account)."""
     cid = connection_id or connection_id_for(provider, display_name)
@@ -77,12 +78,14 @@ def add_connection(
         sql.SQL(
             """
             INSERT INTO {t} (id, provider, display_name, external_tenant, base_url, settings,
-                             secrets_encrypted, status, token_version)
-            VALUES (%(id)s, %(provider)s, %(name)s, %(tenant)s, %(base_url)s, %(settings)s, %(secret)s, 'active', 1)
+                             secrets_encrypted, status, token_version, token_expires_at)
+            VALUES (%(id)s, %(provider)s, %(name)s, %(tenant)s, %(base_url)s, %(settings)s, %(secret)s, 'active', 1,
+                    %(expires)s)
             ON CONFLICT (id) DO UPDATE SET
                 display_name = EXCLUDED.display_name, external_tenant = EXCLUDED.external_tenant,
                 base_url = EXCLUDED.base_url, settings = EXCLUDED.settings,
                 secrets_encrypted = EXCLUDED.secrets_encrypted, status = 'active', last_error = NULL,
+                token_expires_at = EXCLUDED.token_expires_at,
                 token_version = {t}.token_version + 1, updated_at = now()
             WHERE {t}.provider = EXCLUDED.provider
             """
@@ -95,6 +98,7 @@ def add_connection(
             "base_url": base_url,
             "settings": Jsonb(settings or {}),
             "secret": box.encrypt(cid, secrets),
+            "expires": token_expires_at,
         },
     )
     return get_connection(conn, cid)

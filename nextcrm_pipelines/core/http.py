@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -138,6 +139,15 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, parsed.timestamp() - time.time()) if parsed else None
 
 
+def daily_limit_message(headers: Mapping[str, str]) -> str:
+    """ "Daily limit reached, resets at <UTC time>" from `Retry-After`, or say the reset time is unknown."""
+    wait = retry_after_seconds(headers)
+    if wait is None:
+        return "daily request limit reached; the provider did not say when it resets, so retrying now is pointless"
+    reset = datetime.fromtimestamp(time.time() + wait, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"daily request limit reached, resets at {reset} (in {wait / 3600:.1f} h); not retrying before then"
+
+
 class Budget:
     """A deadline shared by every request of one sync."""
 
@@ -165,6 +175,7 @@ class HttpClient:
         retry: RetryPolicy = DEFAULT_RETRY,
         stats: RequestStats | None = None,
         classify: Callable[[httpx.Response], str | None] | None = None,
+        retry_hint: Callable[[httpx.Response], float | None] | None = None,
     ):
         self.provider = provider
         self.connection_id = connection_id
@@ -172,7 +183,11 @@ class HttpClient:
         self.stats = stats or RequestStats()
         self.limiter = RateLimiter(requests_per_second)
         self.budget = Budget(retry.budget_seconds)
+        # classify(response) names what a provider's answer means beyond its status: "daily_limit"
+        # (final until the reset), "rate_limited" (wait and retry, counted), "retry", "fatal" or None.
         self._classify = classify
+        # A provider's own wait for a retryable answer without `Retry-After` (QuickBooks: 60 s on 429).
+        self._retry_hint = retry_hint
         self._client = httpx.Client(
             base_url=base_url,
             headers=dict(headers or {}),
@@ -223,18 +238,22 @@ class HttpClient:
                 continue
             verdict = self._classify(response) if self._classify else None
             if verdict == "daily_limit":
-                raise self._error("daily request quota exhausted; resumes after the reset", endpoint,
-                                  response.status_code, DailyLimitExhausted)  # fmt: skip
-            if response.status_code in (401, 403) and verdict != "retry":
+                raise self._error(daily_limit_message(response.headers), endpoint, response.status_code,
+                                  DailyLimitExhausted)  # fmt: skip
+            if response.status_code in (401, 403) and verdict not in ("retry", "rate_limited"):
                 raise self._error("credentials refused", endpoint, response.status_code, AuthenticationFailed)
             if response.status_code < 400:
                 return response
-            retryable = verdict == "retry" or (verdict != "fatal" and response.status_code in RETRYABLE_STATUSES)
+            retryable = verdict in ("retry", "rate_limited") or (
+                verdict != "fatal" and response.status_code in RETRYABLE_STATUSES
+            )
             if not retryable or attempt >= self.retry.max_attempts:
                 raise self._error(f"request failed after {attempt} attempt(s)", endpoint, response.status_code)
-            if response.status_code == 429:
+            if response.status_code == 429 or verdict == "rate_limited":
                 self.stats.add(rate_limit_waits=1)
             hinted = retry_after_seconds(response.headers)
+            if hinted is None and self._retry_hint is not None:
+                hinted = self._retry_hint(response)
             delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
             self._sleep(delay, endpoint, response.status_code)
 

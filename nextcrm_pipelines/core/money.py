@@ -32,3 +32,31 @@ def minor_to_major(amount: int | None, currency: str) -> Decimal | None:
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise ValueError(f"amount must be an integer number of minor units, got {amount!r}")
     return Decimal(amount).scaleb(-currency_exponent(currency))
+
+
+# A float holds any decimal literal of up to 15 significant digits exactly enough that its shortest
+# repr gives the literal back; past that, the JSON number may already have been rounded.
+_MAX_FLOAT_DIGITS = 15
+
+
+def decimal_amount(value: float | int | str | None) -> Decimal | None:
+    """An amount sent as a JSON number (major units: Xero, QuickBooks, MYOB) as an exact Decimal.
+
+    JSON parsers hand over floats; the shortest repr of a float restores the literal the provider
+    wrote, as long as it had at most 15 significant digits. Longer ones are refused rather than
+    stored approximately.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"amount must be a number, got {value!r}")
+    if isinstance(value, int):
+        return Decimal(value)
+    if isinstance(value, float):
+        amount = Decimal(repr(value))
+        if not amount.is_finite() or len(amount.as_tuple().digits) > _MAX_FLOAT_DIGITS:
+            raise ValueError(f"amount {value!r} cannot be represented exactly")
+        return amount
+    if isinstance(value, str):
+        return Decimal(value)
+    raise ValueError(f"amount must be a number, got {value!r}")

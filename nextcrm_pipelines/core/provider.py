@@ -12,12 +12,26 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from nextcrm_pipelines.core.connect import Discover
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.oauth import OAuthSpec, TokenManager
+from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
 
-OpenClient = Callable[[Connection, Secrets, RequestStats], AbstractContextManager[Any]]
+
+@dataclass(frozen=True)
+class ClientContext:
+    """What opening a provider client gets: the connection, its secrets, counters, and (OAuth) its tokens."""
+
+    connection: Connection
+    secrets: Secrets
+    stats: RequestStats
+    tokens: TokenManager | None = None
+
+
+OpenClient = Callable[[ClientContext], AbstractContextManager[Any]]
 Fetch = Callable[[Any, SyncWindow], Iterator[list[Record]]]
 
 
@@ -40,6 +54,11 @@ class Provider:
     fetchers: dict[str, Fetch]
     open_client: OpenClient
     secret_fields: tuple[SecretField, ...] = field(default_factory=tuple)
+    # OAuth providers: how to authorise, and which tenants a grant reaches (one connection each).
+    oauth: OAuthSpec | None = None
+    discover_tenants: Discover | None = None
+    # Entities whose deletions are found by comparing id sets (the deletion sweep job).
+    id_sweeps: dict[str, IdSweep] = field(default_factory=dict)
 
     def entity(self, name: str) -> EntitySpec:
         for entity in self.entities:

@@ -12,13 +12,17 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import psycopg
 
 from nextcrm_pipelines.core import connections as vault
-from nextcrm_pipelines.core.http import AuthenticationFailed, RequestStats
-from nextcrm_pipelines.core.provider import Provider
+from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, RequestStats
+from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
+from nextcrm_pipelines.core.provider import ClientContext, Provider
 from nextcrm_pipelines.core.settings import libpq_url
+from nextcrm_pipelines.core.sweep import sweep_deletions
 from nextcrm_pipelines.core.sync import BATCH_SIZE, SyncResult, SyncWindow, sync_windows
 from nextcrm_pipelines.core.vault import SecretBox
 
@@ -34,6 +38,14 @@ def day_window(day: date) -> SyncWindow:
     return SyncWindow(start, start + timedelta(days=1))
 
 
+def reauth_hint(provider: Provider, connection: Connection) -> str:
+    """What the user runs to give a connection working credentials again."""
+    if provider.oauth is not None:
+        return f"reconnect with `{reconnect_hint(connection)}`"
+    command = f'nextcrm-pipelines connections add {provider.name} --name "{connection.display_name}"'
+    return f"store a working key with `{command}`"
+
+
 @contextmanager
 def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[None]:
     """Hold a session-level Postgres advisory lock for `connection_id` on `conn` for the block."""
@@ -46,6 +58,50 @@ def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[No
         conn.rollback()
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
         conn.commit()
+
+
+@contextmanager
+def open_connection(
+    *, database_url: str, provider: Provider, connection_id: str, box: SecretBox | None = None
+) -> Iterator[tuple[psycopg.Connection, Connection, Any, RequestStats]]:
+    """Check and lock one connection, open its client; yields (session, connection, client, stats).
+
+    Bad credentials met inside the block mark the connection `needs_reauth` with the command that
+    fixes it, then propagate as `AuthenticationFailed`.
+    """
+    box = box or SecretBox.from_environment()
+    stats = RequestStats()
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        connection = vault.get_connection(conn, connection_id)
+        if connection.provider != provider.name:
+            raise ConnectionUnavailable(f"connection {connection_id!r} is a {connection.provider} connection")
+        if connection.status != "active":
+            hint = (
+                reauth_hint(provider, connection)
+                if connection.status == "needs_reauth"
+                else f"enable it with `nextcrm-pipelines connections enable {connection_id}`"
+            )
+            raise ConnectionUnavailable(f"connection {connection_id!r} is {connection.status}: {hint}")
+        secrets = vault.load_secrets(conn, connection_id, box)
+        conn.commit()
+        tokens = None
+        if provider.oauth is not None:
+            tokens = TokenManager(spec=provider.oauth, connection=connection, secrets=secrets, box=box,
+                                  database_url=database_url)  # fmt: skip
+        context = ClientContext(connection=connection, secrets=secrets, stats=stats, tokens=tokens)
+        try:
+            with connection_lock(conn, connection_id), provider.open_client(context) as client:
+                yield conn, connection, client, stats
+        except AuthenticationFailed as exc:
+            conn.rollback()
+            if vault.get_connection(conn, connection_id).status != "needs_reauth":
+                vault.set_status(conn, connection_id, "needs_reauth", f"{exc}; {reauth_hint(provider, connection)}")
+                conn.commit()
+            log.error("%s", exc)
+            raise
+        finally:
+            if tokens is not None:
+                tokens.close()
 
 
 def sync_partitions(
@@ -67,46 +123,48 @@ def sync_partitions(
     and reported in its result (`status == "failed"`); bad credentials mark the connection
     `needs_reauth` and raise `AuthenticationFailed`.
     """
-    url = libpq_url(database_url)
-    box = box or SecretBox.from_environment()
     entity = provider.entity(entity_name)
-    stats = RequestStats()
-    with psycopg.connect(url) as conn:
-        connection = vault.get_connection(conn, connection_id)
-        if connection.provider != provider.name:
-            raise ConnectionUnavailable(f"connection {connection_id!r} is a {connection.provider} connection")
-        if connection.status != "active":
-            hint = (
-                f"re-authorise it with `nextcrm-pipelines connections add {connection.provider}`"
-                if connection.status == "needs_reauth"
-                else f"enable it with `nextcrm-pipelines connections enable {connection_id}`"
-            )
-            raise ConnectionUnavailable(f"connection {connection_id!r} is {connection.status}: {hint}")
-        secrets = vault.load_secrets(conn, connection_id, box)
-        conn.commit()
-        try:
-            with connection_lock(conn, connection_id), provider.open_client(connection, secrets, stats) as client:
-                fetch = provider.fetchers[entity_name]
-                return sync_windows(
-                    conn=conn,
-                    schema=schema,
-                    provider=provider.name,
-                    entity=entity,
-                    connection_id=connection_id,
-                    windows=windows,
-                    fetch=lambda window: fetch(client, window),
-                    stats=stats,
-                    run_id=run_id,
-                    partitions=partitions,
-                    batch_size=batch_size,
-                    fatal=(AuthenticationFailed,),
-                )
-        except AuthenticationFailed as exc:
-            conn.rollback()
-            vault.set_status(conn, connection_id, "needs_reauth", str(exc))
-            conn.commit()
-            log.error("%s", exc)
-            raise
+    fetch = provider.fetchers[entity_name]
+    with open_connection(database_url=database_url, provider=provider, connection_id=connection_id, box=box) as (
+        conn, _, client, stats,
+    ):  # fmt: skip
+        return sync_windows(
+            conn=conn,
+            schema=schema,
+            provider=provider.name,
+            entity=entity,
+            connection_id=connection_id,
+            windows=windows,
+            fetch=lambda window: fetch(client, window),
+            stats=stats,
+            run_id=run_id,
+            partitions=partitions,
+            batch_size=batch_size,
+            fatal=(AuthenticationFailed, DailyLimitExhausted),
+        )
+
+
+def sweep_connection(
+    *,
+    database_url: str,
+    schema: str,
+    provider: Provider,
+    entity_name: str,
+    connection_id: str,
+    box: SecretBox | None = None,
+    run_id: str | None = None,
+) -> SyncResult:
+    """Run the entity's deletion sweep for one connection (see `core.sweep`); raises if it failed."""
+    entity = provider.entity(entity_name)
+    with open_connection(database_url=database_url, provider=provider, connection_id=connection_id, box=box) as (
+        conn, _, client, stats,
+    ):  # fmt: skip
+        result = sweep_deletions(conn=conn, schema=schema, provider=provider.name, entity=entity,
+                                 connection_id=connection_id, sweep=provider.id_sweeps[entity_name], client=client,
+                                 stats=stats, run_id=run_id)  # fmt: skip
+    if result.exception is not None:
+        raise result.exception
+    return result
 
 
 def sync_partition(

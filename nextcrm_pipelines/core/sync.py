@@ -49,6 +49,11 @@ class EntitySpec:
     table: TableSpec
     to_row: Callable[[dict[str, Any], datetime], Row]
     description: str
+    # The provider's id field (named in logs when a record cannot be mapped).
+    id_field: str = "id"
+    # A partition holds the rows whose this-column falls in its day: `created_at` where the provider
+    # lists by creation (Stripe), `source_updated_at` where windows select by updated time.
+    partition_column: str = "created_at"
 
 
 @dataclass(frozen=True)
@@ -144,7 +149,7 @@ def _produce(
                         try:
                             batch.append(entity.to_row(raw, version))
                         except Exception as exc:
-                            record_id = raw.get("id", "<no id>") if isinstance(raw, dict) else "<not an object>"
+                            record_id = raw.get(entity.id_field, "<no id>") if isinstance(raw, dict) else "<no object>"
                             failures.append(FailedRecord(str(record_id), f"{type(exc).__name__}: {exc}"[:300]))
                     if len(batch) >= batch_size or failures:
                         put(("rows", index, batch, failures))
@@ -168,7 +173,7 @@ def _produce(
             return
 
 
-def _start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str, connection_id: str,
+def start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str, connection_id: str,
                window: SyncWindow, run_id: str | None, partition: str | None) -> int:  # fmt: skip
     row = conn.execute(
         sql.SQL(
@@ -183,17 +188,17 @@ def _start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str
 
 def _rows_created_in(conn: psycopg.Connection, schema: str, entity: EntitySpec, connection_id: str,
                     window: SyncWindow) -> int:  # fmt: skip
-    """Rows of the connection created in the window: the partition's row count."""
+    """Rows of the connection that belong to the window: the partition's row count."""
     row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {} WHERE connection_id = %s AND created_at >= %s AND created_at < %s").format(
-            table(entity.table.name, schema)
+        sql.SQL("SELECT count(*) FROM {} WHERE connection_id = %s AND {c} >= %s AND {c} < %s").format(
+            table(entity.table.name, schema), c=sql.Identifier(entity.partition_column)
         ),
         (connection_id, window.start, window.end),
     ).fetchone()
     return int(row[0])
 
 
-def _finish_log(conn: psycopg.Connection, schema: str, result: SyncResult) -> None:
+def finish_log(conn: psycopg.Connection, schema: str, result: SyncResult) -> None:
     conn.execute(
         sql.SQL(
             """UPDATE {t} SET status = %s, total_records = %s, synced_records = %s, inserted_records = %s,
@@ -270,7 +275,7 @@ def sync_windows(
         nonlocal started
         started = time.monotonic()
         result = SyncResult(entity=entity.name, connection_id=connection_id, window=windows[index])
-        result.sync_log_id = _start_log(
+        result.sync_log_id = start_log(
             conn, schema, provider, entity.name, connection_id, windows[index], run_id, partitions[index]
         )
         results.append(result)
@@ -291,7 +296,7 @@ def sync_windows(
         else:
             result.status = "success"
         result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, result.window)
-        _finish_log(conn, schema, result)
+        finish_log(conn, schema, result)
 
     producer.start()
     try:

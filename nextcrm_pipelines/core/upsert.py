@@ -9,6 +9,11 @@ insert one of the "new" ids in between, the unique key refuses the direct COPY a
 redone through the staged upsert, so the fast path never trades away correctness. A batch that
 the database refuses is split in halves until the bad records are isolated, so one malformed
 record is logged with its id and the rest still lands.
+
+A tombstone row says only "this id is gone upstream since `version`" (a QuickBooks CDC delete stub,
+an id missing from a MYOB id sweep): a stored row keeps its last known data and is flagged deleted
+(and given the table's deleted status) under the same never-regress guard; an id never stored is
+inserted as the stub.
 """
 
 from __future__ import annotations
@@ -62,6 +67,8 @@ class TableSpec:
 
     name: str
     columns: tuple[tuple[str, str], ...]
+    # What the `status` column says of a row whose record was hard-deleted upstream (see tombstones).
+    deleted_status: str | None = None
 
     @property
     def copy_columns(self) -> list[str]:
@@ -83,6 +90,7 @@ class Row:
     deleted: bool
     raw: bytes
     raw_hash: bytes
+    tombstone: bool = False
 
     @classmethod
     def build(
@@ -94,12 +102,12 @@ class Row:
         version: datetime,
         deleted: bool,
         raw: dict[str, Any],
+        tombstone: bool = False,
     ) -> Row:
         """A row from the provider's object: serialises the raw JSON once and hashes it."""
         raw_bytes = orjson.dumps(raw)
-        return cls(
-            id, values, created_at, version, deleted, raw_bytes, hashlib.blake2b(raw_bytes, digest_size=16).digest()
-        )
+        digest = hashlib.blake2b(raw_bytes, digest_size=16).digest()
+        return cls(id, values, created_at, version, deleted or tombstone, raw_bytes, digest, tombstone)
 
 
 @dataclass
@@ -176,6 +184,17 @@ class UpsertWriter:
                 sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updatable
             ),
         )
+        status = (
+            sql.SQL(", status = {}").format(sql.Literal(spec.deleted_status)) if spec.deleted_status else sql.SQL("")
+        )
+        self._bury = sql.SQL(
+            """
+            UPDATE {target} AS t SET deleted = true, source_updated_at = s.version{status}, synced_at = now()
+            FROM unnest(%s::text[], %s::timestamptz[]) AS s(id, version)
+            WHERE t.connection_id = %s AND t.id = s.id AND t.source_updated_at <= s.version
+              AND (NOT t.deleted OR t.source_updated_at < s.version)
+            """
+        ).format(target=target, status=status)
         self._stage_ready = False
 
     def _tuple(self, row: Row) -> tuple[Any, ...]:
@@ -208,6 +227,17 @@ class UpsertWriter:
                 counts.add(self.write(unique[half:]))
         return counts
 
+    def _bury_rows(self, cur: psycopg.Cursor, ids: list[str], versions: list[datetime]) -> int:
+        cur.execute(self._bury, (ids, versions, self.connection_id))
+        return cur.rowcount
+
+    def bury(self, ids: list[str], version: datetime) -> int:
+        """Flag stored rows deleted upstream as of `version` (never-regress guarded) and commit."""
+        with self.conn.cursor() as cur:
+            done = self._bury_rows(cur, ids, [version] * len(ids))
+        self.conn.commit()
+        return done
+
     def _record_failure(self, record_id: str, exc: Exception) -> None:
         message = str(exc).splitlines()[0][:300]
         log.warning("%s: record %s refused by the database: %s", self.spec.name, record_id, message)
@@ -225,6 +255,12 @@ class UpsertWriter:
             if not self._stage_ready:
                 cur.execute(self._create_stage)
             stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())
+            buried = [r for r in rows if r.tombstone and r.id in stored]
+            if buried:
+                rows = [r for r in rows if not (r.tombstone and r.id in stored)]
+                done = self._bury_rows(cur, [r.id for r in buried], [r.version for r in buried])
+                counts.updated += done
+                counts.unchanged += len(buried) - done
             new = [r for r in rows if r.id not in stored] if direct_inserts else []
             staged = [r for r in rows if stored.get(r.id) != r.raw_hash and (r.id in stored or not direct_inserts)]
             counts.unchanged += len(rows) - len(new) - len(staged)

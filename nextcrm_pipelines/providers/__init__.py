@@ -1,9 +1,11 @@
 """The provider registry: one line per provider."""
 
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.providers import stripe
+from nextcrm_pipelines.providers import myob, quickbooks, stripe, xero
 
-PROVIDERS: dict[str, Provider] = {p.name: p for p in (stripe.PROVIDER,)}
+PROVIDERS: dict[str, Provider] = {
+    p.name: p for p in (stripe.PROVIDER, xero.PROVIDER, myob.PROVIDER, quickbooks.PROVIDER)
+}
 
 
 def get_provider(name: str) -> Provider:

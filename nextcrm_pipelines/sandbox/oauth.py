@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
 import hashlib
 import secrets
 import threading
@@ -79,6 +80,10 @@ class OAuthPolicy:
     pkce: bool = True
     expires_in_as_string: bool = False
     token_type: str = "Bearer"
+    # A grant's refresh tokens stop working this long after the first consent, used or not (QuickBooks 5 years).
+    refresh_hard_ttl: int | None = None
+    # A refresh token is issued only when the grant's scope holds this one (Xero ``offline_access``); None = always.
+    refresh_requires_scope: str | None = None
 
 
 @dataclass
@@ -141,6 +146,14 @@ def _pkce_ok(verifier: str | None, challenge: str, method: str | None) -> bool:
     return secrets.compare_digest(verifier, challenge)
 
 
+_REQUEST_HEADERS: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("oauth_request_headers")
+
+
+def request_headers() -> Mapping[str, str]:
+    """Headers of the token request being answered (empty outside one), for header-dependent extra fields."""
+    return _REQUEST_HEADERS.get({})
+
+
 def with_query(url: str, params: Mapping[str, str]) -> str:
     """``url`` with ``params`` appended to its query string."""
     parts = urlsplit(url)
@@ -164,6 +177,12 @@ class OAuthServer:
     policy: OAuthPolicy = field(default_factory=OAuthPolicy)
     # Extra fields for a token response (QuickBooks ``x_refresh_token_expires_in``, MYOB ``user``...).
     extra_token_fields: Callable[[Grant, dict[str, Any]], Mapping[str, Any]] | None = None
+    # Whether a client may ask for a scope string (MYOB refuses ``CompanyFile`` for new API keys); None = any.
+    scope_allowed: Callable[[str, str], bool] | None = None
+    # The subject of a ``client_credentials`` grant from (client_id, form) (Xero: its one organisation); None = {}.
+    client_credentials_subject: Callable[[str, Mapping[str, str]], dict[str, Any]] | None = None
+    # Builds an access token from (grant, expires_at) (Xero: JWT-shaped with claims); None = opaque ``at_...``.
+    access_token_factory: Callable[[Grant, int], str] | None = None
 
     def __post_init__(self) -> None:
         self.clients: dict[str, Client] = {}
@@ -231,6 +250,8 @@ class OAuthServer:
             return with_query(redirect_uri, {"error": "unsupported_response_type", **state})
         if not params.get("scope"):
             return with_query(redirect_uri, {"error": "invalid_scope", **state})
+        if self.scope_allowed is not None and not self.scope_allowed(client.client_id, params["scope"]):
+            return with_query(redirect_uri, {"error": "invalid_scope", **state})
         challenge = params.get("code_challenge") if self.policy.pkce else None
         method = params.get("code_challenge_method")
         if challenge and (method or "plain").upper() not in ("S256", "PLAIN"):
@@ -259,7 +280,9 @@ class OAuthServer:
             if grant_type == "refresh_token":
                 return self._refresh_grant(client, form.get("refresh_token", ""))
             if grant_type == "client_credentials":
-                grant = Grant(_token("grant"), client.client_id, form.get("scope", ""), {}, self.clock())
+                make_subject = self.client_credentials_subject
+                subject = make_subject(client.client_id, form) if make_subject else {}
+                grant = Grant(_token("grant"), client.client_id, form.get("scope", ""), subject, self.clock())
                 self.grants[grant.id] = grant
                 return self._issue(grant, new_refresh=False)
         raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")
@@ -302,6 +325,10 @@ class OAuthServer:
             return uri in client.redirect_uris
         parts = urlsplit(uri)
         return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
+
+    def authenticate_client(self, form: Mapping[str, str], authorization: str | None) -> Client:
+        """The client behind token-endpoint style credentials (Basic or body), e.g. for a revocation endpoint."""
+        return self._authenticate(form, authorization)
 
     def _authenticate(self, form: Mapping[str, str], authorization: str | None) -> Client:
         client_id = secret = None
@@ -352,6 +379,7 @@ class OAuthServer:
             grant.revoked
             or (policy.refresh_idle_ttl is not None and now - ref.last_used_at >= policy.refresh_idle_ttl)
             or (ref.superseded_at is not None and now - ref.superseded_at >= policy.grace)
+            or (policy.refresh_hard_ttl is not None and now - grant.created_at >= policy.refresh_hard_ttl)
         )
         if dead:
             self.stats["invalid_grant"] += 1
@@ -368,9 +396,11 @@ class OAuthServer:
 
     def _issue(self, grant: Grant, *, new_refresh: bool, refresh_token: str | None = None) -> dict[str, Any]:
         now = self.clock()
-        access = _token("at")
-        self._access[access] = _Access(grant.id, now + self.policy.access_ttl)
-        if new_refresh:
+        expires_at = now + self.policy.access_ttl
+        access = self.access_token_factory(grant, expires_at) if self.access_token_factory else _token("at")
+        self._access[access] = _Access(grant.id, expires_at)
+        needed = self.policy.refresh_requires_scope
+        if new_refresh and (needed is None or needed in grant.scope.split()):
             refresh_token = _token("rt")
             self._refresh[refresh_token] = _Refresh(grant.id, issued_at=now, last_used_at=now)
             grant.head = refresh_token
@@ -390,10 +420,13 @@ class OAuthServer:
         """``POST`` form-encoded token endpoint (RFC 6749 section 3.2)."""
         body = (await request.body()).decode("utf-8", "replace")
         form = dict(parse_qsl(body, keep_blank_values=True))
+        headers_token = _REQUEST_HEADERS.set(request.headers)
         try:
             payload = self.token(form, request.headers.get("authorization"))
         except OAuthError as err:
             return json_response(err.status, err.body(), {"cache-control": "no-store"})
+        finally:
+            _REQUEST_HEADERS.reset(headers_token)
         return json_response(200, payload, {"cache-control": "no-store", "pragma": "no-cache"})
 
     def authorize_endpoint(

@@ -31,7 +31,7 @@ PROVIDER = Provider(
         PAYMENTS.name: lambda api, window: api.charges(window),
         SUBSCRIPTIONS.name: lambda api, window: api.subscriptions(window),
     },
-    open_client=lambda connection, secrets, stats: StripeApi(connection, secrets, stats=stats),
+    open_client=lambda ctx: StripeApi(ctx.connection, ctx.secrets, stats=ctx.stats),
     secret_fields=(SecretField("api_key", "STRIPE_SECRET_KEY", "Stripe secret or restricted key (sk_... / rk_...)"),),
 )
 

@@ -1,0 +1,95 @@
+"""QuickBooks Online JSON -> rows of `quickbooks_invoices`.
+
+QuickBooks has no invoice status field, so `status` is derived: `deleted` for a Change Data Capture
+stub (`"status": "Deleted"`; a hard delete, kept as a tombstone), `voided` for a voided invoice
+(QuickBooks zeroes its totals and writes "Voided" into `PrivateNote`), `paid` when the balance is
+zero, else `open`. Voided and deleted invoices are flagged `deleted`. Times carry the company's UTC
+offset; the never-regress version is `MetaData.LastUpdatedTime`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from typing import Any
+
+from nextcrm_pipelines.core.money import decimal_amount
+from nextcrm_pipelines.core.upsert import Row, TableSpec
+
+INVOICES_TABLE = TableSpec(
+    "quickbooks_invoices",
+    (
+        ("doc_number", "text"), ("status", "text"), ("customer_id", "text"), ("customer_name", "text"),
+        ("txn_date", "date"), ("due_date", "date"), ("currency", "text"), ("subtotal", "numeric"),
+        ("total_tax", "numeric"), ("total", "numeric"), ("balance", "numeric"), ("sync_token", "text"),
+    ),
+    deleted_status="deleted",
+)  # fmt: skip
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO 8601 time with the company's offset (e.g. `2014-09-19T13:16:17-07:00`) as aware UTC."""
+    if not value:
+        return None
+    parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def updated_at(raw: dict[str, Any]) -> datetime:
+    moment = parse_time((raw.get("MetaData") or {}).get("LastUpdatedTime"))
+    if moment is None:
+        raise ValueError("record has no MetaData.LastUpdatedTime")
+    return moment
+
+
+def is_deleted_stub(raw: dict[str, Any]) -> bool:
+    return str(raw.get("status", "")).lower() == "deleted"
+
+
+def invoice_status(raw: dict[str, Any]) -> str:
+    if is_deleted_stub(raw):
+        return "deleted"
+    total = decimal_amount(raw.get("TotalAmt")) or Decimal(0)
+    balance = decimal_amount(raw.get("Balance")) or Decimal(0)
+    if total == 0 and "voided" in str(raw.get("PrivateNote") or "").lower():
+        return "voided"
+    return "paid" if balance == 0 else "open"
+
+
+def _subtotal(raw: dict[str, Any]) -> Decimal | None:
+    for line in raw.get("Line") or []:
+        if line.get("DetailType") == "SubTotalLineDetail":
+            return decimal_amount(line.get("Amount"))
+    total, tax = decimal_amount(raw.get("TotalAmt")), decimal_amount((raw.get("TxnTaxDetail") or {}).get("TotalTax"))
+    return None if total is None else total - (tax or 0)
+
+
+def _day(value: Any) -> date | None:
+    return date.fromisoformat(value) if value else None
+
+
+def invoice_row(raw: dict[str, Any], version: datetime) -> Row:
+    status = invoice_status(raw)
+    customer = raw.get("CustomerRef") or {}
+    return Row.build(
+        str(raw["Id"]),
+        (
+            raw.get("DocNumber"),
+            status,
+            customer.get("value"),
+            customer.get("name"),
+            _day(raw.get("TxnDate")),
+            _day(raw.get("DueDate")),
+            (raw.get("CurrencyRef") or {}).get("value"),
+            _subtotal(raw),
+            decimal_amount((raw.get("TxnTaxDetail") or {}).get("TotalTax")),
+            decimal_amount(raw.get("TotalAmt")),
+            decimal_amount(raw.get("Balance")),
+            raw.get("SyncToken"),
+        ),
+        created_at=parse_time((raw.get("MetaData") or {}).get("CreateTime")),
+        version=version,
+        deleted=status in ("voided", "deleted"),
+        raw=raw,
+        tombstone=status == "deleted",
+    )

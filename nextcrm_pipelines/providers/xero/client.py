@@ -1,0 +1,128 @@
+"""Xero Accounting API 2.0 client: OAuth tokens, tenant header, rate limits, windowed reads.
+
+Every call carries `xero-tenant-id` (one connection per organisation) and `Accept: application/json`.
+A day's window is read with `If-Modified-Since` (the cursor, a second early since Xero's precision is
+a second) and `where=UpdatedDateUTC<DateTime(...)` (the window's end), `order=UpdatedDateUTC ASC`,
+`page` + `pageSize=1000` (with `page`, invoices carry their line items), paging by updated time so
+that edits during the read neither skip nor repeat records (`core.paging`). Xero allows 60 calls per
+minute per organisation: the client paces itself just under that, waits out a minute 429 for the
+`Retry-After` Xero sends, and fails at once with the reset time when the day limit is spent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import orjson
+
+from nextcrm_pipelines.core.connect import Tenant, TenantContext
+from nextcrm_pipelines.core.http import AuthenticationFailed, HttpClient, ProviderError
+from nextcrm_pipelines.core.oauth import BearerAuth, OAuthSpec
+from nextcrm_pipelines.core.paging import updated_keyset_pages
+from nextcrm_pipelines.core.provider import ClientContext
+from nextcrm_pipelines.core.sync import Record, SyncWindow
+from nextcrm_pipelines.providers.xero.records import updated_at
+
+PAGE_SIZE = 1000
+# 60 calls per minute per organisation, in fixed windows: stay a little under one per second.
+DEFAULT_REQUESTS_PER_SECOND = 0.95
+
+OAUTH = OAuthSpec(
+    provider="xero",
+    hosts={"login": "https://login.xero.com", "identity": "https://identity.xero.com", "api": "https://api.xero.com"},
+    authorize=("login", "/identity/connect/authorize"),
+    token=("identity", "/connect/token"),
+    # Granular scopes: apps created since March 2026 may not ask for accounting.transactions.
+    scopes=("offline_access", "accounting.invoices.read", "accounting.contacts.read"),
+    env_prefix="XERO",
+    pkce=True,
+    client_auth="client_secret_basic",
+)
+
+
+def classify(response: httpx.Response) -> str | None:
+    """Xero names the limit it enforced: the day limit is final until its reset, the others pass."""
+    if response.status_code == 429:
+        return "daily_limit" if response.headers.get("x-rate-limit-problem", "").lower() == "day" else "rate_limited"
+    return None
+
+
+def _datetime_literal(moment: datetime) -> str:
+    return moment.strftime("DateTime(%Y,%m,%d,%H,%M,%S)")
+
+
+def discover_tenants(ctx: TenantContext) -> list[Tenant]:
+    """The organisations the new grant reaches (`GET /connections`), one connection each."""
+    url = OAUTH.url("api", "/connections", ctx.base_url)
+    response = ctx.http.get(url, headers={"Authorization": f"Bearer {ctx.token['access_token']}",
+                                          "Accept": "application/json"})  # fmt: skip
+    if response.status_code != 200:
+        raise ProviderError("listing the authorised organisations failed", provider="xero",
+                            endpoint="GET /connections", status=response.status_code)  # fmt: skip
+    return [
+        Tenant(
+            external_id=item["tenantId"],
+            name=item.get("tenantName") or item["tenantId"],
+            settings={"tenant_type": item.get("tenantType"), "xero_connection_id": item.get("id")},
+        )
+        for item in orjson.loads(response.content)
+        if item.get("tenantType", "ORGANISATION") == "ORGANISATION"
+    ]
+
+
+class XeroApi:
+    """One organisation's invoices and contacts, read window by window."""
+
+    def __init__(self, ctx: ClientContext) -> None:
+        if ctx.tokens is None:
+            raise ValueError("the Xero client needs the connection's token manager")
+        connection = ctx.connection
+        if not connection.external_tenant:
+            raise AuthenticationFailed("the connection has no Xero tenant id; reconnect it", provider="xero",
+                                       connection_id=connection.id)  # fmt: skip
+        settings = connection.settings or {}
+        self.http = HttpClient(
+            provider="xero",
+            connection_id=connection.id,
+            base_url=OAUTH.url("api", "/api.xro/2.0", connection.base_url),
+            headers={"Accept": "application/json", "xero-tenant-id": connection.external_tenant},
+            auth=BearerAuth(ctx.tokens),
+            requests_per_second=float(settings.get("requests_per_second", DEFAULT_REQUESTS_PER_SECOND)),
+            stats=ctx.stats,
+            classify=classify,
+        )
+        self.page_size = int(settings.get("page_size", PAGE_SIZE))
+
+    def __enter__(self) -> XeroApi:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.http.close()
+
+    def _changed(self, resource: str, id_field: str, window: SyncWindow, **params: str) -> Iterator[list[Record]]:
+        def fetch(cursor: datetime, page: int) -> list[dict[str, Any]]:
+            since = (cursor - timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+            query = {
+                **params,
+                "page": str(page + 1),
+                "pageSize": str(self.page_size),
+                "order": "UpdatedDateUTC ASC",
+                "where": f"UpdatedDateUTC<{_datetime_literal(window.end)}",
+            }
+            data = self.http.get_json(f"/{resource}", params=query, headers={"If-Modified-Since": since})
+            return data.get(resource) or []
+
+        yield from updated_keyset_pages(
+            fetch, window, page_size=self.page_size, id_of=lambda raw: raw[id_field], updated_of=updated_at
+        )
+
+    def invoices(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Sales invoices and bills created or changed in the window, voided and deleted included."""
+        return self._changed("Invoices", "InvoiceID", window)
+
+    def contacts(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Contacts created or changed in the window, archived ones included."""
+        return self._changed("Contacts", "ContactID", window, includeArchived="true")

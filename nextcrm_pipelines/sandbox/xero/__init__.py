@@ -1,0 +1,48 @@
+"""Local emulator of Xero: login/identity OAuth 2.0, ``/connections`` and the Accounting API 2.0 reads.
+
+The demo and the tests point the real Xero client (httpx + authlib) at this package's routes instead of
+Xero's three hosts, each mapped to a path prefix on the sandbox server: ``login.xero.com`` →
+``/xero/login``, ``identity.xero.com`` → ``/xero/identity``, ``api.xero.com`` → ``/xero/api``.
+
+What it reproduces (see ``shared/providers/xero.md``): the shared OAuth server with Xero's policy
+(30-minute JWT-shaped access tokens, a refresh token only with ``offline_access``, rotated on every
+refresh with a 30-minute grace for the previous one, dead after 60 days unused, revocation removing the
+user's connections); multi-tenant grants listed by ``GET /connections``; the ``xero-tenant-id`` and
+``Accept`` rules (XML unless JSON is asked for); Xero's error bodies (401 ``TokenExpired``, 403
+``AuthenticationUnsuccessful``, 404 text, 400 ``QueryParseException``); ``GET /Invoices`` and
+``/Contacts`` with ``page``/``pageSize``, ``If-Modified-Since``, ``where`` (a Dynamic-LINQ subset),
+``order``, ``Statuses``, ``IDs``, ``includeArchived``; .NET ``/Date(ms+0000)/`` dates; line items only
+when paged; per-tenant and per-app rate limits in fixed real-time windows with Xero's headers.
+
+Organisations are generated deterministically from a seed (``XeroTenant``) and changed through the
+control API under ``/_sandbox/xero`` (``XeroControl`` wraps it for tests).
+"""
+
+from nextcrm_pipelines.sandbox.xero.api import (
+    ACCOUNTING_PREFIX,
+    API_PREFIX,
+    CONTROL_PREFIX,
+    DEFAULT_SCOPE,
+    IDENTITY_PREFIX,
+    LOGIN_PREFIX,
+    XeroSandbox,
+)
+from nextcrm_pipelines.sandbox.xero.control import XeroControl
+from nextcrm_pipelines.sandbox.xero.data import XeroTenant, format_msdate, parse_if_modified_since
+from nextcrm_pipelines.sandbox.xero.query import parse_where, to_xml
+
+__all__ = [
+    "ACCOUNTING_PREFIX",
+    "API_PREFIX",
+    "CONTROL_PREFIX",
+    "DEFAULT_SCOPE",
+    "IDENTITY_PREFIX",
+    "LOGIN_PREFIX",
+    "XeroControl",
+    "XeroSandbox",
+    "XeroTenant",
+    "format_msdate",
+    "parse_if_modified_since",
+    "parse_where",
+    "to_xml",
+]

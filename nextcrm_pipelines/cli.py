@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import click
 import psycopg
@@ -16,6 +17,7 @@ from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core import db, settings
+from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.vault import SecretBox, VaultError, ensure_local_key
 from nextcrm_pipelines.providers import PROVIDERS, get_provider
 
@@ -310,6 +312,56 @@ def _sandbox(port: int, *, subprocess: bool = False):
     return server
 
 
+# One sandbox organisation per accounting provider, connected through the real OAuth flow.
+DEMO_ACCOUNTING = (("xero", "Demo Xero", 21), ("quickbooks", "Demo QuickBooks", 22), ("myob", "Demo MYOB", 23))
+
+
+def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection]:
+    """Register a demo app and organisation per accounting emulator and connect it with OAuth.
+
+    The browser step is an HTTP client following the sandbox's consent redirect to the callback
+    that `connect` serves; re-running re-connects the same rows (same names, same tenants).
+    """
+    import socket
+
+    import httpx
+
+    from nextcrm_pipelines.core.connect import connect
+    from nextcrm_pipelines.core.oauth import OAuthApp
+    from nextcrm_pipelines.sandbox.myob import MyobControl
+    from nextcrm_pipelines.sandbox.quickbooks import QuickBooksControl
+    from nextcrm_pipelines.sandbox.xero import XeroControl
+
+    controls = {"xero": XeroControl, "quickbooks": QuickBooksControl, "myob": MyobControl}
+    stored = []
+    for provider_name, display_name, seed in DEMO_ACCOUNTING:
+        client_id, secret = f"nextcrm-demo-{provider_name}", f"demo-secret-{provider_name}"
+        controls[provider_name](sandbox).add_client(client_id, secret)
+        tenant = sandbox.control("POST", f"/_sandbox/{provider_name}/tenants", json={
+            "client_id": client_id, "seed": seed, "invoices": 600, "contacts": 80, "days": 30})  # fmt: skip
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        provider = get_provider(provider_name)
+        assert provider.oauth is not None and provider.discover_tenants is not None
+        # The demo company file's sign-in (the sandbox default: Administrator, no password).
+        os.environ.setdefault("MYOB_COMPANY_FILE_USERNAME", "Administrator")
+        (connection,) = connect(
+            spec=provider.oauth,
+            discover=provider.discover_tenants,
+            app=OAuthApp(client_id, secret, f"http://127.0.0.1:{port}/callback"),
+            database_url=database_url,
+            box=_box(),
+            base_url=f"{sandbox.url}/{provider_name}",
+            name=display_name,
+            on_url=lambda url: httpx.get(url, follow_redirects=True, timeout=30).raise_for_status(),
+            extra_authorize_params={"sandbox_tenant": tenant["id"]},
+            connection_settings={"requests_per_second": 5},
+        )
+        stored.append(connection)
+    return stored
+
+
 def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
     counts = []
     with psycopg.connect(database_url) as conn:
@@ -337,27 +389,28 @@ def demo(days: int) -> None:
     click.echo(f"database: {settings.redact_url(env.database_url)} (schema {env.schema})")
     with _sandbox(SANDBOX_PORT) as sandbox:
         with psycopg.connect(env.database_url) as conn:
-            connection = vault.add_connection(
+            stripe = vault.add_connection(
                 conn, provider="stripe", display_name="Demo Stripe", secrets={"api_key": DEMO_API_KEY},
                 box=_box(), base_url=sandbox.url, settings={"requests_per_second": 100},
             )  # fmt: skip
+        connections = [stripe, *_connect_demo_accounting(sandbox, env.database_url)]
         instance = dg.DagsterInstance.get()
-        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
         today = datetime.now(UTC).date()
         day_keys = [(today - timedelta(days=n)).isoformat() for n in range(days - 1, -1, -1)]
-        job = defs.get_job_def("stripe_sync")
-        result = job.execute_in_process(
-            instance=instance,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-            tags={
-                "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
-                "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
-            },
-            raise_on_error=False,
-        )
-        if not result.success:
-            _fail("the demo sync failed; see the log above")
-    click.echo(f"materialised {len(day_keys)} day(s) for connection {connection.id}:")
+        for connection in connections:
+            instance.add_dynamic_partitions(connections_partitions_name(connection.provider), [connection.id])
+            result = defs.get_job_def(f"{connection.provider}_sync").execute_in_process(
+                instance=instance,
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                tags={
+                    "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
+                    "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
+                },
+                raise_on_error=False,
+            )
+            if not result.success:
+                _fail(f"the demo sync of {connection.id} failed; see the log above")
+    click.echo(f"materialised {len(day_keys)} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")
     click.echo(f"DATABASE_URL={settings.redact_url(env.database_url)}")
@@ -375,6 +428,11 @@ def dev(port: int) -> None:
     env = environment.prepare()
     click.echo(f"database: {settings.redact_url(env.database_url)}; Dagster home: {env.dagster_home}")
     with _sandbox(SANDBOX_PORT, subprocess=True) as sandbox:
+        # The sandbox's OAuth state lives in its process: connect the demo organisations to this one.
+        with psycopg.connect(env.database_url) as conn:
+            demo_names = {c.display_name for c in vault.list_connections(conn)}
+        if demo_names & {name for _, name, _ in DEMO_ACCOUNTING}:
+            _connect_demo_accounting(sandbox, env.database_url)
         click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}")
         workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
         subprocess.run(

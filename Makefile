@@ -32,6 +32,7 @@ lint: install
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/stripe_sync.py
+	$(BIN)/python benchmarks/xero_backfill.py
 
 clean:
 	-test -x $(BIN)/nextcrm-pipelines && $(BIN)/nextcrm-pipelines db stop

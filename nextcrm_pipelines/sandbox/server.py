@@ -34,7 +34,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.billionmail import BillionMailSandbox
+from nextcrm_pipelines.sandbox.mautic import MauticSandbox
 from nextcrm_pipelines.sandbox.myob import MyobSandbox
+from nextcrm_pipelines.sandbox.paypal import PayPalSandbox
 from nextcrm_pipelines.sandbox.quickbooks import QuickBooksSandbox
 from nextcrm_pipelines.sandbox.stripe import StripeSandbox
 from nextcrm_pipelines.sandbox.xero import XeroSandbox
@@ -106,11 +109,15 @@ def build_app(accounts: list[dict[str, Any]] | None = None, now: int | None = No
     for spec in accounts or []:
         stripe.add_account(spec)
     xero, quickbooks, myob = XeroSandbox(clock.now), QuickBooksSandbox(clock.now), MyobSandbox(clock.now)
+    paypal, billionmail, mautic = PayPalSandbox(clock.now), BillionMailSandbox(clock.now), MauticSandbox(clock.now)
     routes: list[BaseRoute] = [
         *_clock_routes(clock),
         *xero.routes(),
         *quickbooks.routes(),
         *myob.routes(),
+        *paypal.routes(),
+        *billionmail.routes(),
+        *mautic.routes(),
         *stripe.routes(),
         *stripe.fallback_routes(),
     ]
@@ -120,6 +127,9 @@ def build_app(accounts: list[dict[str, Any]] | None = None, now: int | None = No
     app.state.xero = xero
     app.state.quickbooks = quickbooks
     app.state.myob = myob
+    app.state.paypal = paypal
+    app.state.billionmail = billionmail
+    app.state.mautic = mautic
     return app
 
 

@@ -14,9 +14,15 @@ import dagster as dg
 
 from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.core.runner import ConnectionUnavailable, day_window, sync_partitions
-from nextcrm_pipelines.core.sync import EntitySpec, SyncResult
-from nextcrm_pipelines.partitions import connection_day_partitions
+from nextcrm_pipelines.core.runner import (
+    ConnectionUnavailable,
+    day_window,
+    snapshot_window,
+    sweep_connection,
+    sync_partitions,
+)
+from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow
+from nextcrm_pipelines.partitions import provider_partitions
 from nextcrm_pipelines.resources import MirrorDatabase
 
 SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -47,7 +53,7 @@ def _metadata(results: list[SyncResult]) -> dict[str, Any]:
 
 
 def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefinition:
-    partitions_def = connection_day_partitions(provider.name)
+    partitions_def = provider_partitions(provider.name, provider.daily)
 
     @dg.asset(
         name=entity.name,
@@ -61,21 +67,31 @@ def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefin
         tags={"nextcrm/provider": provider.name},
     )
     def _sync(context: dg.AssetExecutionContext, mirror: MirrorDatabase) -> dg.MaterializeResult:
-        days_by_connection: dict[str, list[date]] = defaultdict(list)
+        work: dict[str, list[tuple[SyncWindow, str]]] = defaultdict(list)
         for key in context.partition_keys:
+            if not entity.daily:
+                # The whole list as of now; the provider's id sweep then flags what disappeared.
+                work[key].append((snapshot_window(), key))
+                continue
             dims = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-            days_by_connection[dims["connection"]].append(date.fromisoformat(dims["date"]))
+            work[dims["connection"]].append((day_window(date.fromisoformat(dims["date"])), key))
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         results: list[SyncResult] = []
-        for connection_id, days in sorted(days_by_connection.items()):
-            days.sort()
-            partitions = [str(dg.MultiPartitionKey({"connection": connection_id, "date": d.isoformat()})) for d in days]
+        for connection_id, items in sorted(work.items()):
+            items.sort(key=lambda item: item[0].start)
+            partitions = [key for _, key in items]
             try:
                 synced = sync_partitions(
                     database_url=url, schema=schema, provider=provider, entity_name=entity.name,
-                    connection_id=connection_id, windows=[day_window(d) for d in days], partitions=partitions,
+                    connection_id=connection_id, windows=[w for w, _ in items], partitions=partitions,
                     box=box, run_id=context.run_id,
                 )  # fmt: skip
+                if not entity.daily and entity.name in provider.id_sweeps and synced[0].status != "failed":
+                    swept = sweep_connection(database_url=url, schema=schema, provider=provider,
+                                             entity_name=entity.name, connection_id=connection_id, box=box,
+                                             run_id=context.run_id)  # fmt: skip
+                    context.log.info(f"{entity.name} {connection_id}: {swept.counts.updated} flagged deleted upstream")
+                    synced[0].counts.updated += swept.counts.updated
             except (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted) as exc:
                 # Retrying cannot help before the user reconnects or the provider's day resets.
                 raise dg.Failure(str(exc), allow_retries=False) from None

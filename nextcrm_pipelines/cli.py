@@ -97,7 +97,7 @@ def connections_group() -> None:
 
 
 @connections_group.command("add")
-@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.oauth is None)))
+@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.secret_fields)))
 @click.option("--name", "display_name", required=True, help="Display name of the account.")
 @click.option("--tenant", "external_tenant", help="Provider account/tenant id (Stripe: acct_... for Connect).")
 @click.option("--base-url", help="API base URL override (a sandbox); default: the provider's real API.")
@@ -111,12 +111,22 @@ def connections_add(provider: str, display_name: str, external_tenant: str | Non
     secrets: dict[str, str] = {}
     for field in spec.secret_fields:
         value = os.environ.get(field.env_var)
+        if not value and field.optional:
+            continue
         if not value:
             if not sys.stdin.isatty():
                 _fail(f"set {field.env_var} (or run interactively to be prompted)")
             value = click.prompt(field.prompt, hide_input=True)
         secrets[field.name] = value.strip()
-    options: dict[str, object] = {}
+    secrets.update(spec.fixed_secrets)
+    if spec.base_url_env and not base_url:
+        base_url = os.environ.get(spec.base_url_env, "").strip() or None
+        if not base_url:
+            _fail(f"{provider} is self-hosted: pass --base-url or set {spec.base_url_env}")
+    options: dict[str, object] = {
+        name: os.environ.get(variable, default).strip().lower()
+        for name, (variable, default) in spec.env_settings.items()
+    }
     for item in settings_kv:
         key, sep, value = item.partition("=")
         if not sep:
@@ -133,7 +143,7 @@ def connections_add(provider: str, display_name: str, external_tenant: str | Non
 
 
 @main.command("connect")
-@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.oauth is not None)))
+@click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.discover_tenants)))
 @click.option("--name", "display_name", help="Display name (default: the organisation's name from the provider).")
 @click.option("--base-url", help="Provider base URL override, e.g. the sandbox: http://127.0.0.1:12111/xero.")
 @click.option("--open-browser", is_flag=True, help="Open the authorisation URL in a browser too.")

@@ -1,4 +1,4 @@
-"""Partitions: connection x day, one dynamic connection dimension per provider.
+"""Partitions: connection x day (or connection only), one dynamic connection dimension per provider.
 
 The dynamic dimension is kept in step with `integration_connections` by the connections sensor
 (and by the CLI when it adds a connection), so an account connected by any means appears in the
@@ -29,3 +29,12 @@ def connection_day_partitions(provider: str) -> dg.MultiPartitionsDefinition:
             "date": dg.DailyPartitionsDefinition(start_date=sync_start_date(), end_offset=1, timezone="UTC"),
         }
     )
+
+
+def connection_partitions(provider: str) -> dg.DynamicPartitionsDefinition:
+    """Connection-only partitions, for entities read whole on every run (no usable time filter)."""
+    return dg.DynamicPartitionsDefinition(name=connections_partitions_name(provider))
+
+
+def provider_partitions(provider: str, daily: bool) -> dg.PartitionsDefinition:
+    return connection_day_partitions(provider) if daily else connection_partitions(provider)

@@ -136,7 +136,32 @@ def test_hourly_schedule_requests_todays_partition_for_active_connections_only(d
     assert [r.partition_key for r in requests] == [
         dg.MultiPartitionKey({"connection": active.id, "date": "2026-11-26"})
     ]
-    assert requests[0].run_key == f"{active.id}|2026-11-26T14"
+    assert requests[0].run_key == f"{active.id}|2026-11-26|2026-11-26T14"
+
+
+def test_hourly_schedule_rereads_a_recent_day_its_last_sync_saw_only_in_part(database_url, schema, stripe_connection):
+    connection = stripe_connection("sk_test_lag", name="Lagging")
+    with psycopg.connect(database_url) as conn:
+        for day, covered_until in (("2026-11-24", "2026-11-25T00:00Z"), ("2026-11-25", "2026-11-25T21:00Z")):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (connection_id, provider, asset, partition, window_start, window_end, status) "
+                    "VALUES (%s, 'stripe', 'stripe_payments', %s, %s, %s, 'success')"
+                ).format(table("integration_sync_logs", schema)),
+                (connection.id, f"{connection.id}|{day}", f"{day}T00:00Z", covered_until),
+            )
+    schedule = defs.get_schedule_def("stripe_hourly")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        with dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=datetime(2026, 11, 26, 1, 7, tzinfo=UTC),
+            resources={"mirror": defs.resources["mirror"]},
+            repository_def=defs.get_repository_def(),
+        ) as context:
+            requests = list(schedule.evaluate_tick(context).run_requests)
+    # The 24th was covered whole; the 25th only up to 21:00 (data not visible yet), so it is read again.
+    assert [r.partition_key.keys_by_dimension["date"] for r in requests] == ["2026-11-25", "2026-11-26"]
 
 
 def test_connections_sensor_adds_partitions_for_rows_added_by_any_means(database_url, schema, box):

@@ -57,7 +57,7 @@ class OAuthSpec:
 
     provider: str
     hosts: Mapping[str, str]
-    authorize: tuple[str, str]
+    authorize: tuple[str, str] | None  # None: client credentials only (PayPal)
     token: tuple[str, str]
     scopes: tuple[str, ...]
     env_prefix: str
@@ -67,17 +67,30 @@ class OAuthSpec:
     # Extra form fields the token endpoint wants on a code exchange (MYOB wants the scope again).
     exchange_params: Mapping[str, str] = field(default_factory=dict)
     default_redirect_uri: str = "http://localhost:8765/callback"
+    # Hosts of the provider's own test environment, used by connections whose `mode` is "sandbox".
+    sandbox_hosts: Mapping[str, str] = field(default_factory=dict)
+    # Installed by each customer (Mautic): every URL hangs off the connection's base URL.
+    self_hosted: bool = False
 
-    def url(self, key: str, path: str, base_url: str | None = None) -> str:
-        """The absolute URL of `path` on host `key`, or on the sandbox layout under `base_url`."""
-        origin = f"{base_url.rstrip('/')}/{key}" if base_url else self.hosts[key]
-        return origin + path
+    def url(self, key: str, path: str, base_url: str | None = None, mode: str | None = None) -> str:
+        """The absolute URL of `path` on host `key`: under `base_url` (the sandbox layout, or the
+        installation of a self-hosted provider), else the provider's host for `mode`."""
+        if self.self_hosted:
+            if not base_url:
+                raise OAuthConfigError(f"{self.provider} is self-hosted: give the base URL of the installation")
+            return base_url.rstrip("/") + path
+        if base_url:
+            return f"{base_url.rstrip('/')}/{key}{path}"
+        hosts = self.sandbox_hosts if mode == "sandbox" and key in self.sandbox_hosts else self.hosts
+        return hosts[key] + path
 
     def authorize_url(self, base_url: str | None = None) -> str:
+        if self.authorize is None:
+            raise OAuthConfigError(f"{self.provider} has no authorisation-code flow")
         return self.url(*self.authorize, base_url=base_url)
 
-    def token_url(self, base_url: str | None = None) -> str:
-        return self.url(*self.token, base_url=base_url)
+    def token_url(self, base_url: str | None = None, mode: str | None = None) -> str:
+        return self.url(*self.token, base_url=base_url, mode=mode)
 
     def app_from_environment(self) -> OAuthApp:
         """The app credentials from ``<PREFIX>_CLIENT_ID``, ``_CLIENT_SECRET``, ``_REDIRECT_URI``."""
@@ -125,6 +138,7 @@ def token_request(
     base_url: str | None,
     http: httpx.Client,
     headers: Mapping[str, str] | None = None,
+    mode: str | None = None,
     **params: str,
 ) -> dict[str, Any]:
     """POST one token request; returns the JSON token or raises `ProviderError`/`AuthenticationFailed`.
@@ -132,7 +146,7 @@ def token_request(
     Transport errors and 5xx are retried a few times (a lost answer to a refresh is safe to retry:
     the providers keep the previous refresh token valid for a grace period).
     """
-    url = spec.token_url(base_url)
+    url = spec.token_url(base_url, mode)
     body = prepare_token_request(grant_type, **params)
     send_headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
                     **(headers or {})}  # fmt: skip
@@ -172,9 +186,10 @@ def token_request(
     raise AssertionError("unreachable")
 
 
-def reconnect_hint(connection: Connection) -> str:
-    """The command that re-authorises a connection."""
-    return f'nextcrm-pipelines connect {connection.provider} --name "{connection.display_name}"'
+def reconnect_hint(connection: Connection, by_credentials: bool = False) -> str:
+    """The command that re-authorises a connection (client-credentials ones get new credentials)."""
+    verb = "connections add" if by_credentials else "connect"
+    return f'nextcrm-pipelines {verb} {connection.provider} --name "{connection.display_name}"'
 
 
 class TokenManager:
@@ -257,22 +272,28 @@ class TokenManager:
                          self.spec.provider, self.connection.id)  # fmt: skip
                 return str(stored["access_token"])
             refresh_token = stored.get("refresh_token")
-            if not refresh_token:
+            # Client-credentials connections (PayPal, Mautic machine-to-machine) ask for a new token.
+            by_credentials = stored.get("grant_type") == "client_credentials"
+            if not refresh_token and not by_credentials:
                 raise self._needs_reauth(conn, list(by_id), "no refresh token is stored")
+            grant = {"grant_type": "client_credentials"} if by_credentials else {
+                "grant_type": "refresh_token", "refresh_token": str(refresh_token)}  # fmt: skip
             try:
                 token = token_request(
                     self.spec,
                     client_id=str(stored.get("client_id", "")),
                     client_secret=str(stored.get("client_secret", "")),
-                    grant_type="refresh_token",
                     base_url=self.connection.base_url,
                     http=self._http,
-                    refresh_token=str(refresh_token),
+                    mode=self.connection.settings.get("mode"),
+                    **grant,
                 )
             except AuthenticationFailed as exc:
-                raise self._needs_reauth(conn, list(by_id), str(exc).split(": ", 1)[-1]) from None
+                reason = str(exc).split(": ", 1)[-1]
+                raise self._needs_reauth(conn, list(by_id), reason, by_credentials) from None
             fresh = token_secrets(token, now=self._clock())
-            fresh.setdefault("refresh_token", refresh_token)
+            if refresh_token:
+                fresh.setdefault("refresh_token", refresh_token)
             for cid, row in by_id.items():
                 current = stored if cid == self.connection.id else dict(self._box.decrypt(cid, row[1]).reveal())
                 conn.execute(
@@ -289,8 +310,11 @@ class TokenManager:
         log.info("%s connection %s: access token refreshed", self.spec.provider, self.connection.id)
         return str(fresh["access_token"])
 
-    def _needs_reauth(self, conn: psycopg.Connection, ids: list[str], reason: str) -> AuthenticationFailed:
-        message = f"authorisation is no longer valid ({reason}); reconnect with `{reconnect_hint(self.connection)}`"
+    def _needs_reauth(
+        self, conn: psycopg.Connection, ids: list[str], reason: str, by_credentials: bool = False
+    ) -> AuthenticationFailed:
+        fix = reconnect_hint(self.connection, by_credentials)
+        message = f"authorisation is no longer valid ({reason}); reconnect with `{fix}`"
         conn.execute(
             sql.SQL(
                 "UPDATE {t} SET status = 'needs_reauth', last_error = %s, updated_at = now() WHERE id = ANY(%s)"

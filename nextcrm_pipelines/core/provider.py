@@ -42,6 +42,7 @@ class SecretField:
     name: str
     env_var: str
     prompt: str
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,17 @@ class Provider:
     discover_tenants: Discover | None = None
     # Entities whose deletions are found by comparing id sets (the deletion sweep job).
     id_sweeps: dict[str, IdSweep] = field(default_factory=dict)
+    # `connections add`: fixed secrets stored with the ones asked for (e.g. the client-credentials
+    # grant), settings read from the environment (name -> (variable, default)), and the variable that
+    # holds the base URL of a self-hosted installation.
+    fixed_secrets: dict[str, str] = field(default_factory=dict)
+    env_settings: dict[str, tuple[str, str]] = field(default_factory=dict)
+    base_url_env: str | None = None
+
+    @property
+    def daily(self) -> bool:
+        """Whether the provider's entities are partitioned by connection x day (else by connection)."""
+        return all(entity.daily for entity in self.entities)
 
     def entity(self, name: str) -> EntitySpec:
         for entity in self.entities:

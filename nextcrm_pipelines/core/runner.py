@@ -38,9 +38,17 @@ def day_window(day: date) -> SyncWindow:
     return SyncWindow(start, start + timedelta(days=1))
 
 
+SNAPSHOT_START = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def snapshot_window() -> SyncWindow:
+    """The window of a whole-list read: everything the provider holds, as of now."""
+    return SyncWindow(SNAPSHOT_START, datetime.now(UTC))
+
+
 def reauth_hint(provider: Provider, connection: Connection) -> str:
     """What the user runs to give a connection working credentials again."""
-    if provider.oauth is not None:
+    if provider.oauth is not None and provider.discover_tenants is not None:
         return f"reconnect with `{reconnect_hint(connection)}`"
     command = f'nextcrm-pipelines connections add {provider.name} --name "{connection.display_name}"'
     return f"store a working key with `{command}`"

@@ -54,6 +54,17 @@ class EntitySpec:
     # A partition holds the rows whose this-column falls in its day: `created_at` where the provider
     # lists by creation (Stripe), `source_updated_at` where windows select by updated time.
     partition_column: str = "created_at"
+    # False: partitioned by connection only; each run reads the whole list (small entities with no
+    # usable time filter) and the provider's id sweep then flags what disappeared.
+    daily: bool = True
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """Yielded by a fetch instead of a page: the provider showed data only up to `until` (PayPal's
+    reporting lag), so the window is logged as covered up to there and is re-read later."""
+
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,9 @@ def _produce(
             failures: list[FailedRecord] = []
             try:
                 for page in fetch(window):
+                    if isinstance(page, Coverage):
+                        put(("covered", index, page.until))
+                        continue
                     for raw, version in page:
                         try:
                             batch.append(entity.to_row(raw, version))
@@ -204,13 +218,14 @@ def finish_log(conn: psycopg.Connection, schema: str, result: SyncResult) -> Non
             """UPDATE {t} SET status = %s, total_records = %s, synced_records = %s, inserted_records = %s,
                    updated_records = %s, unchanged_records = %s, failed_records = %s, requests = %s,
                    retries = %s, rate_limit_waits = %s, error = %s, completed_at = now(),
-                   duration_seconds = %s
+                   duration_seconds = %s, window_end = %s
                WHERE id = %s"""
         ).format(t=table("integration_sync_logs", schema)),
         (
             result.status, result.total, result.synced, result.counts.inserted, result.counts.updated,
             result.counts.unchanged, result.counts.failed, result.stats.requests, result.stats.retries,
-            result.stats.rate_limit_waits, result.error, round(result.duration, 3), result.sync_log_id,
+            result.stats.rate_limit_waits, result.error, round(result.duration, 3), result.window.end,
+            result.sync_log_id,
         ),
     )  # fmt: skip
     vault.record_sync_outcome(conn, result.connection_id, result.status, result.error)
@@ -309,7 +324,10 @@ def sync_windows(
             kind, index = item[0], item[1]
             if current is None or current_index != index:
                 current, current_index = begin(index), index
-            if kind == "rows":
+            if kind == "covered":
+                start, end = current.window.start, current.window.end
+                current.window = SyncWindow(start, max(start, min(item[2], end)))
+            elif kind == "rows":
                 _, _, rows, mapping_failures = item
                 for failed in mapping_failures:
                     log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)

@@ -39,6 +39,8 @@ class ProviderError(RuntimeError):
         self.connection_id = connection_id
         self.endpoint = endpoint
         self.status = status
+        # The provider's answer, for callers that read its error body (never part of the message).
+        self.response: httpx.Response | None = None
         where = f"{provider} connection {connection_id!r}" if connection_id else provider
         detail = f" {endpoint}" if endpoint else ""
         code = f" -> HTTP {status}" if status is not None else ""
@@ -248,7 +250,9 @@ class HttpClient:
                 verdict != "fatal" and response.status_code in RETRYABLE_STATUSES
             )
             if not retryable or attempt >= self.retry.max_attempts:
-                raise self._error(f"request failed after {attempt} attempt(s)", endpoint, response.status_code)
+                error = self._error(f"request failed after {attempt} attempt(s)", endpoint, response.status_code)
+                error.response = response
+                raise error
             if response.status_code == 429 or verdict == "rate_limited":
                 self.stats.add(rate_limit_waits=1)
             hinted = retry_after_seconds(response.headers)

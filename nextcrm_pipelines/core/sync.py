@@ -54,6 +54,8 @@ class EntitySpec:
     # A partition holds the rows whose this-column falls in its day: `created_at` where the provider
     # lists by creation (Stripe), `source_updated_at` where windows select by updated time.
     partition_column: str = "created_at"
+    # How to name a record in logs when its id is not a top-level field (PayPal's transaction_info).
+    id_of: Callable[[dict[str, Any]], str] | None = None
     # False: partitioned by connection only; each run reads the whole list (small entities with no
     # usable time filter) and the provider's id sweep then flags what disappeared.
     daily: bool = True
@@ -122,6 +124,16 @@ class _Stop(Exception):
 Fetch = Callable[[SyncWindow], Iterable[list[Record]]]
 
 
+def _record_id(entity: EntitySpec, raw: Any) -> str:
+    """A record's id for a log line, however malformed the record."""
+    if not isinstance(raw, dict):
+        return "<no object>"
+    try:
+        return str(entity.id_of(raw) if entity.id_of else raw.get(entity.id_field, "<no id>"))
+    except Exception:
+        return "<no id>"
+
+
 def _produce(
     windows: list[SyncWindow],
     fetch: Fetch,
@@ -163,7 +175,7 @@ def _produce(
                         try:
                             batch.append(entity.to_row(raw, version))
                         except Exception as exc:
-                            record_id = raw.get(entity.id_field, "<no id>") if isinstance(raw, dict) else "<no object>"
+                            record_id = _record_id(entity, raw)
                             failures.append(FailedRecord(str(record_id), f"{type(exc).__name__}: {exc}"[:300]))
                     if len(batch) >= batch_size or failures:
                         put(("rows", index, batch, failures))

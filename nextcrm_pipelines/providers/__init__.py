@@ -1,10 +1,10 @@
 """The provider registry: one line per provider."""
 
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.providers import myob, quickbooks, stripe, xero
+from nextcrm_pipelines.providers import myob, paypal, quickbooks, stripe, xero
 
 PROVIDERS: dict[str, Provider] = {
-    p.name: p for p in (stripe.PROVIDER, xero.PROVIDER, myob.PROVIDER, quickbooks.PROVIDER)
+    p.name: p for p in (stripe.PROVIDER, xero.PROVIDER, myob.PROVIDER, quickbooks.PROVIDER, paypal.PROVIDER)
 }
 
 

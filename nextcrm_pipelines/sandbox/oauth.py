@@ -84,6 +84,10 @@ class OAuthPolicy:
     refresh_hard_ttl: int | None = None
     # A refresh token is issued only when the grant's scope holds this one (Xero ``offline_access``); None = always.
     refresh_requires_scope: str | None = None
+    # False: an authorisation request may leave ``scope`` out (Mautic); True: ``invalid_scope`` without one.
+    scope_required: bool = True
+    # A registered redirect URI also admits any URI that starts with it, case-insensitively (oauth2-php, Mautic).
+    redirect_prefix_match: bool = False
 
 
 @dataclass
@@ -183,6 +187,8 @@ class OAuthServer:
     client_credentials_subject: Callable[[str, Mapping[str, str]], dict[str, Any]] | None = None
     # Builds an access token from (grant, expires_at) (Xero: JWT-shaped with claims); None = opaque ``at_...``.
     access_token_factory: Callable[[Grant, int], str] | None = None
+    # The access-token lifetime for a grant (PayPal: per app); None = ``policy.access_ttl`` for every grant.
+    access_ttl_for: Callable[[Grant], int] | None = None
 
     def __post_init__(self) -> None:
         self.clients: dict[str, Client] = {}
@@ -243,14 +249,14 @@ class OAuthServer:
         if client is None:
             raise OAuthError("invalid_client", "unknown client_id", 400)
         redirect_uri = params.get("redirect_uri", "")
-        if not self._redirect_allowed(client, redirect_uri):
+        if not self._redirect_allowed(client, redirect_uri, self.policy.redirect_prefix_match):
             raise OAuthError("invalid_request", "redirect_uri is not registered for this client", 400)
         state = {"state": params["state"]} if "state" in params else {}
         if params.get("response_type") != "code":
             return with_query(redirect_uri, {"error": "unsupported_response_type", **state})
-        if not params.get("scope"):
+        if self.policy.scope_required and not params.get("scope"):
             return with_query(redirect_uri, {"error": "invalid_scope", **state})
-        if self.scope_allowed is not None and not self.scope_allowed(client.client_id, params["scope"]):
+        if self.scope_allowed is not None and not self.scope_allowed(client.client_id, params.get("scope", "")):
             return with_query(redirect_uri, {"error": "invalid_scope", **state})
         challenge = params.get("code_challenge") if self.policy.pkce else None
         method = params.get("code_challenge_method")
@@ -261,7 +267,7 @@ class OAuthServer:
             self._codes[code] = _Code(
                 client_id=client.client_id,
                 redirect_uri=redirect_uri,
-                scope=params["scope"],
+                scope=params.get("scope", ""),
                 subject=dict(subject),
                 expires_at=self.clock() + self.policy.code_ttl,
                 challenge=challenge,
@@ -320,8 +326,10 @@ class OAuthServer:
     # --- internals --------------------------------------------------------------------------------------
 
     @staticmethod
-    def _redirect_allowed(client: Client, uri: str) -> bool:
+    def _redirect_allowed(client: Client, uri: str, prefix_match: bool = False) -> bool:
         if client.redirect_uris:
+            if prefix_match:
+                return any(uri.lower().startswith(r.lower()) for r in client.redirect_uris)
             return uri in client.redirect_uris
         parts = urlsplit(uri)
         return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "localhost", "::1")
@@ -396,7 +404,8 @@ class OAuthServer:
 
     def _issue(self, grant: Grant, *, new_refresh: bool, refresh_token: str | None = None) -> dict[str, Any]:
         now = self.clock()
-        expires_at = now + self.policy.access_ttl
+        access_ttl = self.access_ttl_for(grant) if self.access_ttl_for is not None else self.policy.access_ttl
+        expires_at = now + access_ttl
         access = self.access_token_factory(grant, expires_at) if self.access_token_factory else _token("at")
         self._access[access] = _Access(grant.id, expires_at)
         needed = self.policy.refresh_requires_scope
@@ -404,7 +413,7 @@ class OAuthServer:
             refresh_token = _token("rt")
             self._refresh[refresh_token] = _Refresh(grant.id, issued_at=now, last_used_at=now)
             grant.head = refresh_token
-        ttl: int | str = str(self.policy.access_ttl) if self.policy.expires_in_as_string else self.policy.access_ttl
+        ttl: int | str = str(access_ttl) if self.policy.expires_in_as_string else access_ttl
         body: dict[str, Any] = {"access_token": access, "token_type": self.policy.token_type, "expires_in": ttl}
         if refresh_token is not None:
             body["refresh_token"] = refresh_token

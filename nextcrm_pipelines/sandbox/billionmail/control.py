@@ -1,0 +1,74 @@
+"""``BillionMailControl``: typed calls to the BillionMail control API of a running ``SandboxServer``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from nextcrm_pipelines.sandbox.billionmail.wire import CONTROL_PREFIX
+
+
+class BillionMailControl:
+    """Typed calls to the BillionMail control API of a running ``SandboxServer``."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+
+    def add_account(self, **spec: Any) -> dict[str, Any]:
+        """Create an installation: username, password, api_key, seed, campaigns, contacts, groups, days, knobs."""
+        return self._call("POST", "/accounts", json=spec)
+
+    def accounts(self) -> list[dict[str, Any]]:
+        """Summaries of every installation."""
+        return self._call("GET", "/accounts")
+
+    def account(self, account_id: str) -> dict[str, Any]:
+        """One installation's summary (base_path, counts, template and group ids, knobs)."""
+        return self._call("GET", f"/accounts/{account_id}")
+
+    def changes(self, account_id: str, **counts: int) -> dict[str, list[Any]]:
+        """Apply creates, edits, deletes, progress (and contact_creates/unsubscribes/deletes) now."""
+        return self._call("POST", f"/accounts/{account_id}/changes", json=counts)
+
+    def add_record(
+        self, account_id: str, entity: str, fields: Mapping[str, Any] | None = None, at: int | None = None
+    ) -> dict[str, Any]:
+        """Create a campaign, contact, group or api_key (at ``at``) and return it as the API shows it."""
+        body: dict[str, Any] = {"entity": entity, "fields": dict(fields or {})}
+        if at is not None:
+            body["at"] = at
+        return self._call("POST", f"/accounts/{account_id}/records", json=body)
+
+    def export(self, account_id: str, entity: str) -> dict[str, Any]:
+        """``{"records": [...], "deleted_ids": [...]}`` for campaigns, contacts, groups, api_keys or api_mails."""
+        return self._call("GET", f"/accounts/{account_id}/export/{entity}")
+
+    def expire_tokens(self, account_id: str, refresh: bool = False) -> dict[str, Any]:
+        """Expire the install's access tokens now (and its refresh tokens with ``refresh=True``)."""
+        return self._call("POST", f"/accounts/{account_id}/expire-tokens", json={"refresh": refresh})
+
+    def captchas(self, account_id: str) -> dict[str, str]:
+        """The answers of the live captchas, by ``validateCodeId``."""
+        return self._call("GET", f"/accounts/{account_id}/captchas")["captchas"]
+
+    def set_knobs(self, account_id: str, **knobs: Any) -> dict[str, Any]:
+        """Change knobs of a running installation; returns all knobs."""
+        return self._call("POST", f"/accounts/{account_id}/knobs", json=knobs)
+
+    def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
+        """Inject server_errors, latency_ms, envelope_errors (+ code/msg) or send_failures (one account or all)."""
+        body = dict(faults)
+        if account is not None:
+            body["account"] = account
+        return self._call("POST", "/faults", json=body)
+
+    def clear_faults(self, account: str | None = None) -> dict[str, Any]:
+        """Remove injected faults (of one account, or all)."""
+        return self._call("DELETE", "/faults", params={"account": account} if account else None)
+
+    def stats(self) -> dict[str, Any]:
+        """Request counts: total, per route, per HTTP status, per envelope code, per account."""
+        return self._call("GET", "/stats")

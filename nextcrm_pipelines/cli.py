@@ -170,6 +170,8 @@ def connect_command(provider: str, display_name: str | None, base_url: str | Non
     except OAuthConfigError as exc:
         _fail(str(exc))
         raise
+    if not base_url and spec.base_url_env:
+        base_url = os.environ.get(spec.base_url_env, "").strip() or None
     extra: dict[str, object] = {}
     if provider == "quickbooks":
         extra["environment"] = os.environ.get("QUICKBOOKS_ENVIRONMENT", "sandbox").strip().lower()
@@ -372,6 +374,67 @@ def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection
     return stored
 
 
+DEMO_OTHERS = ("Demo PayPal", "Demo BillionMail", "Demo Mautic")
+
+
+def _connect_demo_others(sandbox: Any, database_url: str) -> list[Connection]:
+    """PayPal (client credentials), BillionMail (admin login) and Mautic (OAuth) demo accounts in the sandbox.
+
+    Their ids come from fixed seeds and credentials, so a re-run (or `make dev`'s own sandbox) serves
+    them at the same base URLs and the same connections keep working.
+    """
+    import socket
+
+    import httpx
+
+    from nextcrm_pipelines.core.connect import connect
+    from nextcrm_pipelines.core.oauth import OAuthApp
+    from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
+    from nextcrm_pipelines.sandbox.mautic import MauticControl
+    from nextcrm_pipelines.sandbox.paypal import PayPalControl
+
+    box = _box()
+    paypal = PayPalControl(sandbox).add_account("nextcrm-demo-paypal", "demo-secret-paypal", seed=24,
+                                                transactions=1500, subscriptions=40, days=30,
+                                                requests_per_minute=600)  # fmt: skip
+    mail = BillionMailControl(sandbox).add_account(seed=25, campaigns=30, contacts=300, days=30,
+                                                   password="demo-password")  # fmt: skip
+    mautic = MauticControl(sandbox).add_account(
+        seed=26, campaigns=40, contacts=100, days=30,
+        clients=[{"client_id": "nextcrm-demo-mautic", "client_secret": "demo-secret-mautic"}],
+    )  # fmt: skip
+    with psycopg.connect(database_url) as conn:
+        stored = [
+            vault.add_connection(
+                conn, provider="paypal", display_name="Demo PayPal", box=box, base_url=f"{sandbox.url}/paypal",
+                secrets={"client_id": "nextcrm-demo-paypal", "client_secret": "demo-secret-paypal",
+                         "grant_type": "client_credentials"},
+                external_tenant=paypal["id"], settings={"mode": "sandbox", "requests_per_second": 8},
+            ),
+            vault.add_connection(
+                conn, provider="billionmail", display_name="Demo BillionMail", box=box,
+                base_url=f"{sandbox.url}{mail['base_path']}",
+                secrets={"username": mail["username"], "password": "demo-password"},
+            ),
+        ]  # fmt: skip
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = get_provider("mautic")
+    assert provider.oauth is not None and provider.discover_tenants is not None
+    stored += connect(
+        spec=provider.oauth,
+        discover=provider.discover_tenants,
+        app=OAuthApp("nextcrm-demo-mautic", "demo-secret-mautic", f"http://127.0.0.1:{port}/callback"),
+        database_url=database_url,
+        box=box,
+        base_url=f"{sandbox.url}{mautic['base_path']}",
+        name="Demo Mautic",
+        on_url=lambda url: httpx.get(url, follow_redirects=True, timeout=30).raise_for_status(),
+    )
+    return stored
+
+
 def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
     counts = []
     with psycopg.connect(database_url) as conn:
@@ -403,20 +466,28 @@ def demo(days: int) -> None:
                 conn, provider="stripe", display_name="Demo Stripe", secrets={"api_key": DEMO_API_KEY},
                 box=_box(), base_url=sandbox.url, settings={"requests_per_second": 100},
             )  # fmt: skip
-        connections = [stripe, *_connect_demo_accounting(sandbox, env.database_url)]
+        connections = [
+            stripe,
+            *_connect_demo_accounting(sandbox, env.database_url),
+            *_connect_demo_others(sandbox, env.database_url),
+        ]
         instance = dg.DagsterInstance.get()
         today = datetime.now(UTC).date()
         day_keys = [(today - timedelta(days=n)).isoformat() for n in range(days - 1, -1, -1)]
         for connection in connections:
             instance.add_dynamic_partitions(connections_partitions_name(connection.provider), [connection.id])
+            daily = get_provider(connection.provider).daily
+            selection = {
+                "tags": {
+                    "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
+                    "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
+                }
+            } if daily else {"partition_key": connection.id}  # fmt: skip
             result = defs.get_job_def(f"{connection.provider}_sync").execute_in_process(
                 instance=instance,
                 run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-                tags={
-                    "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
-                    "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
-                },
                 raise_on_error=False,
+                **selection,
             )
             if not result.success:
                 _fail(f"the demo sync of {connection.id} failed; see the log above")
@@ -443,6 +514,8 @@ def dev(port: int) -> None:
             demo_names = {c.display_name for c in vault.list_connections(conn)}
         if demo_names & {name for _, name, _ in DEMO_ACCOUNTING}:
             _connect_demo_accounting(sandbox, env.database_url)
+        if demo_names & set(DEMO_OTHERS):
+            _connect_demo_others(sandbox, env.database_url)
         click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}")
         workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
         subprocess.run(

@@ -18,11 +18,12 @@ from nextcrm_pipelines.resources import MirrorDatabase
 
 def build_definitions() -> dg.Definitions:
     providers = list(PROVIDERS.values())
+    # Whole-list entities sweep within their own runs; daily ones get a daily sweep job.
+    swept = [p for p in providers if p.id_sweeps and p.daily]
     return dg.Definitions(
         assets=[a for p in providers for a in build_provider_assets(p)],
-        jobs=[build_sync_job(p) for p in providers] + [build_sweep_job(p) for p in providers if p.id_sweeps],
-        schedules=[build_hourly_schedule(p) for p in providers]
-        + [build_sweep_schedule(p) for p in providers if p.id_sweeps],
+        jobs=[build_sync_job(p) for p in providers] + [build_sweep_job(p) for p in swept],
+        schedules=[build_hourly_schedule(p) for p in providers] + [build_sweep_schedule(p) for p in swept],
         sensors=[build_connections_sensor(providers)],
         resources={"mirror": MirrorDatabase()},
     )

@@ -19,19 +19,21 @@ from nextcrm_pipelines_tests.helpers import charges_by_id, days_back, expected_c
 SNAPSHOT = Path(__file__).with_name("code_location_snapshot.json")
 
 
+def _describe(partitions: dg.PartitionsDefinition) -> str:
+    if isinstance(partitions, dg.DynamicPartitionsDefinition):
+        return f"DynamicPartitionsDefinition:{partitions.name}"
+    return f"{type(partitions).__name__}:{partitions.cron_schedule}:{partitions.timezone}"
+
+
 def code_location_snapshot() -> dict:
     repo = defs.get_repository_def()
     assets = {}
     for key, asset in sorted(repo.assets_defs_by_key.items(), key=lambda kv: kv[0].to_user_string()):
         partitions = asset.partitions_def
+        dims = partitions.partitions_defs if isinstance(partitions, dg.MultiPartitionsDefinition) else []
         assets[key.to_user_string()] = {
             "group": asset.group_names_by_key[key],
-            "partitions": {
-                dim.name: type(dim.partitions_def).__name__
-                + (f":{dim.partitions_def.name}" if isinstance(dim.partitions_def, dg.DynamicPartitionsDefinition)
-                   else f":{dim.partitions_def.cron_schedule}:{dim.partitions_def.timezone}")
-                for dim in partitions.partitions_defs
-            },
+            "partitions": {d.name: _describe(d.partitions_def) for d in dims} or {"connection": _describe(partitions)},
             "backfill_policy": str(asset.backfill_policy.policy_type.value) if asset.backfill_policy else None,
             "retry_policy": bool(asset.op.retry_policy),
         }  # fmt: skip

@@ -84,7 +84,7 @@ def authorization_request(
         params.update(code_challenge=create_s256_code_challenge(verifier), code_challenge_method="S256")
     url = prepare_grant_uri(
         spec.authorize_url(base_url), app.client_id, "code", redirect_uri=app.redirect_uri,
-        scope=" ".join(spec.scopes), state=state, **params,
+        scope=" ".join(spec.scopes) or None, state=state, **params,
     )  # fmt: skip
     return AuthorizationRequest(url=url, state=state, code_verifier=verifier)
 

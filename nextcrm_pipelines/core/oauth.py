@@ -81,7 +81,7 @@ class OAuthSpec:
             return base_url.rstrip("/") + path
         if base_url:
             return f"{base_url.rstrip('/')}/{key}{path}"
-        hosts = self.sandbox_hosts if mode == "sandbox" and key in self.sandbox_hosts else self.hosts
+        hosts = self.sandbox_hosts if str(mode).lower() == "sandbox" and key in self.sandbox_hosts else self.hosts
         return hosts[key] + path
 
     def authorize_url(self, base_url: str | None = None) -> str:

@@ -1,10 +1,19 @@
 """The provider registry: one line per provider."""
 
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.providers import myob, paypal, quickbooks, stripe, xero
+from nextcrm_pipelines.providers import billionmail, mautic, myob, paypal, quickbooks, stripe, xero
 
 PROVIDERS: dict[str, Provider] = {
-    p.name: p for p in (stripe.PROVIDER, xero.PROVIDER, myob.PROVIDER, quickbooks.PROVIDER, paypal.PROVIDER)
+    p.name: p
+    for p in (
+        stripe.PROVIDER,
+        xero.PROVIDER,
+        myob.PROVIDER,
+        quickbooks.PROVIDER,
+        paypal.PROVIDER,
+        billionmail.PROVIDER,
+        mautic.PROVIDER,
+    )
 }
 
 

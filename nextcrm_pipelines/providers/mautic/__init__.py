@@ -1,0 +1,37 @@
+"""Mautic: campaigns of a self-hosted install, over OAuth 2.0 (authorisation code or client credentials)."""
+
+from nextcrm_pipelines.core.provider import Provider, SecretField
+from nextcrm_pipelines.core.sweep import IdSweep
+from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.providers.mautic.client import OAUTH, MauticApi, discover_tenants
+from nextcrm_pipelines.providers.mautic.records import CAMPAIGNS_TABLE, campaign_row
+
+CAMPAIGNS = EntitySpec(
+    name="mautic_campaigns",
+    table=CAMPAIGNS_TABLE,
+    to_row=campaign_row,
+    description="Mautic campaigns changed in the day (dateModified, or dateAdded while never modified), with "
+    "category, published state and window, contact and event counts; deleted ones flagged by the daily id sweep.",
+    partition_column="source_updated_at",
+)
+
+PROVIDER = Provider(
+    name="mautic",
+    category="marketing",
+    entities=(CAMPAIGNS,),
+    fetchers={CAMPAIGNS.name: lambda api, window: api.campaigns(window)},
+    open_client=MauticApi,
+    # `connections add mautic` stores client credentials (machine to machine); `connect mautic` runs
+    # the authorisation-code flow against MAUTIC_BASE_URL.
+    secret_fields=(
+        SecretField("client_id", "MAUTIC_CLIENT_ID", "Mautic API credentials: public key (client id)"),
+        SecretField("client_secret", "MAUTIC_CLIENT_SECRET", "Mautic API credentials: secret key"),
+    ),
+    oauth=OAUTH,
+    discover_tenants=discover_tenants,
+    id_sweeps={CAMPAIGNS.name: IdSweep(list_ids=lambda api: api.campaign_ids(), is_gone=MauticApi.campaign_gone)},
+    fixed_secrets={"grant_type": "client_credentials"},
+    base_url_env="MAUTIC_BASE_URL",
+)
+
+__all__ = ["CAMPAIGNS", "PROVIDER", "MauticApi"]

@@ -1,0 +1,219 @@
+"""BillionMail and Mautic through the real clients against their sandboxes, over HTTP and Postgres.
+
+BillionMail: the whole campaign list per run (connection partitions), errors inside HTTP 200 fail
+with the provider's message, an expired login token is renewed, deleted campaigns are flagged.
+Mautic: the OAuth connect flow and client credentials, campaigns paged while new ones are being
+added (none skipped, none read twice), both list envelopes, deletions flagged by the sweep.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import dagster as dg
+import psycopg
+import pytest
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core.connect import connect
+from nextcrm_pipelines.core.http import AuthenticationFailed, RequestStats
+from nextcrm_pipelines.core.oauth import OAuthApp
+from nextcrm_pipelines.core.provider import ClientContext
+from nextcrm_pipelines.core.runner import day_window, snapshot_window, sweep_connection, sync_partitions
+from nextcrm_pipelines.core.vault import Secrets
+from nextcrm_pipelines.definitions import defs
+from nextcrm_pipelines.partitions import connections_partitions_name
+from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines.providers.billionmail.client import BillionMailApi, EnvelopeError
+from nextcrm_pipelines.providers.mautic.client import entities, total_of
+from nextcrm_pipelines.providers.mautic.records import changed_at
+from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
+from nextcrm_pipelines.sandbox.mautic import MauticControl
+from nextcrm_pipelines_tests.accounting import consent, free_port, mirror
+from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
+
+# --- BillionMail ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def billionmail(database_url, schema, box, sandbox):
+    def make(**spec):
+        control = BillionMailControl(sandbox)
+        password = f"pw-{uuid.uuid4().hex[:8]}"
+        account = control.add_account(**{"seed": 4, "campaigns": 40, "contacts": 60, "days": 20,
+                                         "password": password, **spec})  # fmt: skip
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(
+                conn, provider="billionmail", display_name=f"BM {account['id']}", box=box,
+                secrets={"username": account["username"], "password": password},
+                base_url=f"{sandbox.url}{account['base_path']}",
+            )  # fmt: skip
+        return control, account["id"], connection, password
+
+    return make
+
+
+def materialise(provider: str, key: str) -> dg.ExecuteInProcessResult:
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name(provider), [key.split("|")[0]])
+        return defs.get_job_def(f"{provider}_sync").execute_in_process(
+            instance=instance, partition_key=key, raise_on_error=False
+        )
+
+
+def test_billionmail_campaigns_mirror_the_whole_list_and_flag_deleted_ones(database_url, schema, billionmail):
+    control, account_id, connection, _ = billionmail()
+    assert materialise("billionmail", connection.id).success
+    truth = {str(c["id"]): c for c in control.export(account_id, "campaigns")["records"]}
+    rows = mirror(database_url, schema, "billionmail_campaigns", connection.id)
+    assert set(rows) == set(truth)
+    for cid, raw in truth.items():
+        assert rows[cid]["name"] == raw["task_name"] and rows[cid]["recipients"] == raw["recipient_count"]
+    assert any(r["opened"] for r in rows.values()) and any(r["status"] == "done" for r in rows.values())
+
+    changed = control.changes(account_id, deletes=2, progress=3, creates=2)
+    assert materialise("billionmail", connection.id).success
+    rows = mirror(database_url, schema, "billionmail_campaigns", connection.id)
+    for cid in map(str, changed["deleted"]):
+        assert rows[cid]["deleted"] and rows[cid]["status"] == "deleted" and rows[cid]["name"]
+    assert {str(c) for c in changed["created"]} <= set(rows)
+    live = {str(c["id"]) for c in control.export(account_id, "campaigns")["records"]}
+    assert {cid for cid, r in rows.items() if not r["deleted"]} == live
+
+
+def test_billionmail_error_inside_http_200_fails_the_sync_with_its_message(database_url, schema, billionmail):
+    control, account_id, connection, _ = billionmail(campaigns=5)
+    control.set_faults(account=account_id, envelope_errors=5, envelope_error_code=500,
+                       envelope_error_msg="Database connection lost")  # fmt: skip
+    try:
+        (result,) = sync_partitions(database_url=database_url, schema=schema, provider=get_provider("billionmail"),
+                                    entity_name="billionmail_campaigns", connection_id=connection.id,
+                                    windows=[snapshot_window()])  # fmt: skip
+    finally:
+        control.clear_faults(account=account_id)
+    assert result.status == "failed"
+    assert "BillionMail answered code 500: Database connection lost" in result.error
+    with psycopg.connect(database_url) as conn:
+        stored = vault.get_connection(conn, connection.id)
+    assert stored.sync_status == "failed" and "Database connection lost" in stored.last_error
+
+
+def test_billionmail_expired_login_token_is_renewed_and_bad_credentials_are_clear(database_url, schema, billionmail):
+    control, account_id, connection, password = billionmail(campaigns=5)
+    secrets = Secrets({"username": "admin", "password": password})
+    with BillionMailApi(ClientContext(connection, secrets, RequestStats())) as api:
+        first = [c for page in api.campaign_ids() for c in page]
+        control.expire_tokens(account_id)
+        again = [c for page in api.campaign_ids() for c in page]
+        assert first == again and api.logins == 1  # renewed with the refresh token, no new login
+        control.expire_tokens(account_id, refresh=True)
+        assert [c for page in api.campaign_ids() for c in page] == first and api.logins == 2
+        with pytest.raises(EnvelopeError, match="code 404"):
+            api.call("GET", "/api/batch_mail/task/find", params={"id": 999_999})
+    wrong = Secrets({"username": "admin", "password": "not-it"})
+    with (
+        BillionMailApi(ClientContext(connection, wrong, RequestStats())) as api,
+        pytest.raises(AuthenticationFailed, match="BillionMail answered code"),
+    ):
+        list(api.campaign_ids())
+
+
+# --- Mautic -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mautic(database_url, schema, box, sandbox):
+    def make(grant: str = "authorization_code", **spec):
+        control = MauticControl(sandbox)
+        client_id, secret = f"mautic-{uuid.uuid4().hex[:8]}", f"secret-{uuid.uuid4().hex}"
+        clients = [{"client_id": client_id, "client_secret": secret}]
+        account = control.add_account(**{"seed": 6, "campaigns": 45, "contacts": 20, "days": 6, "clients": clients,
+                                         **spec})  # fmt: skip
+        base_url = f"{sandbox.url}{account['base_path']}"
+        provider = get_provider("mautic")
+        if grant == "authorization_code":
+            (connection,) = connect(spec=provider.oauth, discover=provider.discover_tenants,
+                                    app=OAuthApp(client_id, secret, f"http://127.0.0.1:{free_port()}/callback"),
+                                    database_url=database_url, box=box, base_url=base_url,
+                                    name=f"Mautic {account['id']}", on_url=consent,
+                                    connection_settings={"page_size": 7})  # fmt: skip
+        else:
+            with psycopg.connect(database_url) as conn:
+                connection = vault.add_connection(
+                    conn, provider="mautic", display_name=f"Mautic cc {account['id']}", box=box, base_url=base_url,
+                    secrets={"client_id": client_id, "client_secret": secret, "grant_type": "client_credentials"},
+                    settings={"page_size": 7},
+                )  # fmt: skip
+        return control, account["id"], connection
+
+    return make
+
+
+def sync_days(database_url, schema, connection, days):
+    return sync_partitions(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                           entity_name="mautic_campaigns", connection_id=connection.id,
+                           windows=[day_window(d) for d in days])  # fmt: skip
+
+
+@pytest.mark.parametrize("grant", ["authorization_code", "client_credentials"])
+def test_mautic_campaigns_by_changed_day_equal_the_sandbox(database_url, schema, sandbox, mautic, grant):
+    control, account_id, connection = mautic(grant)
+    control.changes(account_id, edits=6, unpublishes=2)
+    days = days_back(sandbox_now(sandbox).date(), 7)
+    results = sync_days(database_url, schema, connection, days)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    truth = {str(c["id"]): c for c in control.export(account_id, "campaigns")["records"]}
+    rows = mirror(database_url, schema, "mautic_campaigns", connection.id)
+    assert set(rows) == set(truth)
+    for cid, raw in truth.items():
+        assert rows[cid]["name"] == raw["name"] and rows[cid]["published"] == bool(raw["isPublished"])
+    # Read exactly once: the records read add up to the rows, day by day.
+    assert sum(r.total for r in results) == len(rows)
+    again = sync_days(database_url, schema, connection, days)
+    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
+
+
+def test_mautic_campaigns_added_while_paging_are_neither_skipped_nor_duplicated(database_url, schema, sandbox, mautic):
+    control, account_id, connection = mautic(campaigns=60, days=1)
+    window = day_window(sandbox_now(sandbox).date())
+    before = {
+        str(c["id"])
+        for c in control.export(account_id, "campaigns")["records"]
+        if window.start <= changed_at(c) < window.end
+    }
+    assert len(before) > 14  # more than two pages of 7
+    control.set_faults(account=account_id, insert_during_paging=2)
+    try:
+        (result,) = sync_days(database_url, schema, connection, [window.start.date()])
+    finally:
+        control.clear_faults(account=account_id)
+    assert result.status == "success"
+    rows = mirror(database_url, schema, "mautic_campaigns", connection.id)
+    assert before <= set(rows)  # nothing that existed was skipped
+    assert result.total == len(rows)  # nothing was read twice
+    assert len(rows) > len(before)  # campaigns created during the read came in as well
+    assert set(rows) <= {str(c["id"]) for c in control.export(account_id, "campaigns")["records"]}
+
+
+def test_mautic_list_envelopes_in_every_shape():
+    assert [c["id"] for c in entities({"total": "2", "campaigns": {"7": {"id": 7}, "9": {"id": 9}}}, "campaigns")] == [
+        7,
+        9,
+    ]
+    assert entities({"total": 0, "campaigns": []}, "campaigns") == []
+    assert entities({"total": "0", "campaigns": {}}, "campaigns") == []
+    assert entities([], "campaigns") == []
+    assert total_of({"total": "12"}) == 12 and total_of({"total": 12}) == 12 and total_of({}) == 0
+
+
+def test_mautic_deleted_campaigns_are_flagged_by_the_sweep(database_url, schema, sandbox, mautic):
+    control, account_id, connection = mautic()
+    days = days_back(sandbox_now(sandbox).date(), 7)
+    sync_days(database_url, schema, connection, days)
+    deleted = control.changes(account_id, deletes=3)["deleted"]
+    result = sweep_connection(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                              entity_name="mautic_campaigns", connection_id=connection.id)  # fmt: skip
+    assert result.counts.updated == 3
+    rows = mirror(database_url, schema, "mautic_campaigns", connection.id)
+    assert all(rows[str(cid)]["deleted"] for cid in deleted)
+    assert sum(r["deleted"] for r in rows.values()) == 3

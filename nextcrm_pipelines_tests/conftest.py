@@ -17,9 +17,16 @@ from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core import db
+from nextcrm_pipelines.core.connect import connect
 from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.oauth import OAuthApp
 from nextcrm_pipelines.core.vault import SecretBox
+from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
+from nextcrm_pipelines.sandbox.mautic import MauticControl
+from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_pipelines_tests.accounting import consent, free_port
 
 
 @pytest.fixture(scope="session")
@@ -126,3 +133,71 @@ def own_sandbox() -> Iterator[SandboxServer]:
     """A sandbox of the test's own, for tests that move its clock (stopped afterwards)."""
     with SandboxServer() as server:
         yield server
+
+
+@pytest.fixture
+def paypal(database_url, schema, box):
+    """Factory: a sandbox PayPal merchant app and a vault connection to it."""
+
+    def make(server, settings=None, **spec):
+        control = PayPalControl(server)
+        client_id, secret = f"pp-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
+        account = control.add_account(client_id, secret, **{"seed": 3, "transactions": 300, "subscriptions": 8,
+                                                            "days": 5, "requests_per_minute": 0, **spec})  # fmt: skip
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(
+                conn, provider="paypal", display_name=f"PayPal {account['id']}", box=box,
+                secrets={"client_id": client_id, "client_secret": secret, "grant_type": "client_credentials"},
+                base_url=f"{server.url}/paypal",
+                settings={"requests_per_second": 0, "mode": "sandbox", **(settings or {})},
+            )  # fmt: skip
+        control.client_id = client_id
+        return control, account["id"], connection
+
+    return make
+
+
+@pytest.fixture
+def billionmail(database_url, schema, box, sandbox):
+    def make(**spec):
+        control = BillionMailControl(sandbox)
+        password = f"pw-{uuid.uuid4().hex[:8]}"
+        account = control.add_account(**{"seed": 4, "campaigns": 40, "contacts": 60, "days": 20,
+                                         "password": password, **spec})  # fmt: skip
+        with psycopg.connect(database_url) as conn:
+            connection = vault.add_connection(
+                conn, provider="billionmail", display_name=f"BM {account['id']}", box=box,
+                secrets={"username": account["username"], "password": password},
+                base_url=f"{sandbox.url}{account['base_path']}",
+            )  # fmt: skip
+        return control, account["id"], connection, password
+
+    return make
+
+
+@pytest.fixture
+def mautic(database_url, schema, box, sandbox):
+    def make(grant: str = "authorization_code", settings=None, **spec):
+        control = MauticControl(sandbox)
+        client_id, secret = f"mautic-{uuid.uuid4().hex[:8]}", f"secret-{uuid.uuid4().hex}"
+        clients = [{"client_id": client_id, "client_secret": secret}]
+        account = control.add_account(**{"seed": 6, "campaigns": 45, "contacts": 20, "days": 6, "clients": clients,
+                                         **spec})  # fmt: skip
+        base_url = f"{sandbox.url}{account['base_path']}"
+        provider = get_provider("mautic")
+        if grant == "authorization_code":
+            (connection,) = connect(spec=provider.oauth, discover=provider.discover_tenants,
+                                    app=OAuthApp(client_id, secret, f"http://127.0.0.1:{free_port()}/callback"),
+                                    database_url=database_url, box=box, base_url=base_url,
+                                    name=f"Mautic {account['id']}", on_url=consent,
+                                    connection_settings={"page_size": 7, **(settings or {})})  # fmt: skip
+        else:
+            with psycopg.connect(database_url) as conn:
+                connection = vault.add_connection(
+                    conn, provider="mautic", display_name=f"Mautic cc {account['id']}", box=box, base_url=base_url,
+                    secrets={"client_id": client_id, "client_secret": secret, "grant_type": "client_credentials"},
+                    settings={"page_size": 7, **(settings or {})},
+                )  # fmt: skip
+        return control, account["id"], connection
+
+    return make

@@ -8,12 +8,10 @@ is exact and re-runs change nothing. Subscriptions are found through transaction
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import psycopg
-import pytest
 from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
@@ -25,30 +23,8 @@ from nextcrm_pipelines.core.runner import day_window, sync_partitions
 from nextcrm_pipelines.core.sync import Coverage, SyncWindow
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines.providers.paypal.client import PayPalApi
-from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines_tests.accounting import mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
-
-
-@pytest.fixture
-def paypal(database_url, schema, box):
-    """Factory: a sandbox PayPal merchant app and a vault connection to it."""
-
-    def make(server, **spec):
-        control = PayPalControl(server)
-        client_id, secret = f"pp-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
-        account = control.add_account(client_id, secret, **{"seed": 3, "transactions": 300, "subscriptions": 8,
-                                                            "days": 5, "requests_per_minute": 0, **spec})  # fmt: skip
-        with psycopg.connect(database_url) as conn:
-            connection = vault.add_connection(
-                conn, provider="paypal", display_name=f"PayPal {account['id']}", box=box,
-                secrets={"client_id": client_id, "client_secret": secret, "grant_type": "client_credentials"},
-                base_url=f"{server.url}/paypal", settings={"requests_per_second": 0, "mode": "sandbox"},
-            )  # fmt: skip
-        control.client_id = client_id
-        return control, account["id"], connection
-
-    return make
 
 
 def sync(database_url, schema, connection, entity, days):
@@ -144,7 +120,8 @@ def test_late_transactions_are_picked_up_by_the_next_run(database_url, schema, o
     first = sync(database_url, schema, connection, "paypal_payments", days)
     assert all(r.status == "success" for r in first)
     assert late_key not in mirror(database_url, schema, "paypal_payments", connection.id)
-    assert first[-1].window.end <= now - timedelta(hours=3) + timedelta(seconds=1)  # not claimed as seen
+    after = sandbox_now(own_sandbox)
+    assert first[-1].window.end <= after - timedelta(hours=3) + timedelta(seconds=1)  # not claimed as seen
 
     own_sandbox.advance_clock(timedelta(hours=3, minutes=5).total_seconds())
     sync(database_url, schema, connection, "paypal_payments", days_back(sandbox_now(own_sandbox).date(), 1))

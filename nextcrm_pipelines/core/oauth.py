@@ -172,6 +172,10 @@ def token_request(
             payload = {}
         if not isinstance(payload, dict):
             payload = {}
+        wrapped = payload.get("errors")
+        if not payload.get("error") and isinstance(wrapped, list) and wrapped and isinstance(wrapped[0], dict):
+            # Mautic wraps OAuth errors: {"errors": [{"type": "invalid_grant", "message": ...}]}.
+            payload = {"error": wrapped[0].get("type") or "error", "error_description": wrapped[0].get("message")}
         error = payload.get("error")
         if response.status_code >= 400 or error:
             code = str(error or "error")

@@ -4,7 +4,8 @@ A day's window is read in two passes, both in a stable order by id and paged by 
 <last id>`, `start=0`), so campaigns created while the list is read are neither skipped nor read
 twice: campaigns whose `dateModified` falls in the window, then never-modified ones (null
 `dateModified`) whose `dateAdded` does. The list envelope is parsed in all its shapes: entities keyed
-by id in an object, `[]` or `{}` when empty, `total` as a string or a number.
+by id in an object, `[]` or `{}` when empty. Paging by id never needs `total`, which Mautic sends as
+a string or a number and may serve stale from its count cache.
 """
 
 from __future__ import annotations
@@ -45,15 +46,6 @@ def entities(body: Any, key: str) -> list[dict[str, Any]]:
     if isinstance(found, list):
         return [value for value in found if isinstance(value, dict)]
     return []
-
-
-def total_of(body: Any) -> int:
-    """`total` as Mautic sends it: a number or a numeric string."""
-    value = body.get("total") if isinstance(body, dict) else None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return 0
 
 
 def discover_tenants(ctx: TenantContext) -> list[Tenant]:

@@ -52,7 +52,9 @@ def _metadata(results: list[SyncResult]) -> dict[str, Any]:
     return metadata
 
 
-def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefinition:
+def build_entity_asset(
+    provider: Provider, entity: EntitySpec, retry_policy: dg.RetryPolicy | None = SYNC_RETRY_POLICY
+) -> dg.AssetsDefinition:
     partitions_def = provider_partitions(provider.name, provider.daily)
 
     @dg.asset(
@@ -61,7 +63,7 @@ def build_entity_asset(provider: Provider, entity: EntitySpec) -> dg.AssetsDefin
         description=entity.description,
         partitions_def=partitions_def,
         backfill_policy=dg.BackfillPolicy.single_run(),
-        retry_policy=SYNC_RETRY_POLICY,
+        retry_policy=retry_policy,
         kinds={"postgres", provider.name},
         metadata={"table": entity.table.name, "provider": provider.name},
         tags={"nextcrm/provider": provider.name},

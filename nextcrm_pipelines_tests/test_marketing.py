@@ -74,6 +74,27 @@ def test_billionmail_error_inside_http_200_fails_the_sync_with_its_message(datab
     assert stored.sync_status == "failed" and "Database connection lost" in stored.last_error
 
 
+def test_billionmail_error_inside_http_200_fails_the_dagster_run_with_its_message(database_url, schema, billionmail):
+    from nextcrm_pipelines.assets import build_entity_asset
+    from nextcrm_pipelines.providers.billionmail import CAMPAIGNS, PROVIDER
+    from nextcrm_pipelines.resources import MirrorDatabase
+
+    control, account_id, connection, _ = billionmail(campaigns=5)
+    asset = build_entity_asset(PROVIDER, CAMPAIGNS, retry_policy=None)  # the same asset, without retry waits
+    control.set_faults(account=account_id, envelope_errors=5, envelope_error_code=500,
+                       envelope_error_msg="Database connection lost")  # fmt: skip
+    try:
+        with dg.instance_for_test() as instance:
+            instance.add_dynamic_partitions(connections_partitions_name("billionmail"), [connection.id])
+            result = dg.materialize([asset], instance=instance, partition_key=connection.id,
+                                    resources={"mirror": MirrorDatabase()}, raise_on_error=False)  # fmt: skip
+    finally:
+        control.clear_faults(account=account_id)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "BillionMail answered code 500: Database connection lost" in str(failure.event_specific_data.error)
+
+
 def test_billionmail_expired_login_token_is_renewed_and_bad_credentials_are_clear(database_url, schema, billionmail):
     control, account_id, connection, password = billionmail(campaigns=5)
     secrets = Secrets({"username": "admin", "password": password})

@@ -217,7 +217,6 @@ class TokenManager:
         self._lock = threading.Lock()
         self._secrets = dict(secrets.reveal())
         self._http = httpx.Client(timeout=httpx.Timeout(30.0, connect=10.0))
-        self.refreshes = 0
 
     def close(self) -> None:
         self._http.close()
@@ -309,7 +308,6 @@ class TokenManager:
                 )
             # The rotated refresh token is durable before the new access token is used anywhere.
             conn.commit()
-        self.refreshes += 1
         self._secrets = {**stored, **fresh}
         log.info("%s connection %s: access token refreshed", self.spec.provider, self.connection.id)
         return str(fresh["access_token"])

@@ -112,13 +112,13 @@ def build_app(accounts: list[dict[str, Any]] | None = None, now: int | None = No
     paypal, billionmail, mautic = PayPalSandbox(clock.now), BillionMailSandbox(clock.now), MauticSandbox(clock.now)
     routes: list[BaseRoute] = [
         *_clock_routes(clock),
+        *stripe.routes(),  # first: the benchmarks' hot path is matched before the other emulators' routes
         *xero.routes(),
         *quickbooks.routes(),
         *myob.routes(),
         *paypal.routes(),
         *billionmail.routes(),
         *mautic.routes(),
-        *stripe.routes(),
         *stripe.fallback_routes(),
     ]
     app = Starlette(routes=routes)

@@ -93,7 +93,6 @@ class PayPalApi:
             classify=classify,
         )
         self.page_size = int(settings.get("page_size", PAGE_SIZE))
-        self.splits = 0
         self._plans: dict[str, dict[str, Any]] = {}
 
     def __enter__(self) -> PayPalApi:
@@ -134,7 +133,6 @@ class PayPalApi:
             if end - start <= SECOND:
                 raise ProviderError(f"more rows in one second than PayPal returns at {start}", provider="paypal",
                                     connection_id=self.http.connection_id) from None  # fmt: skip
-            self.splits += 1
             middle = _second(start + (end - start) / 2)
             reached = yield from self._read(start, middle, fields)
             if reached < middle:

@@ -59,7 +59,8 @@ def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(pro
     instance = project_instance()
     assert type(instance.run_storage).__name__ == "PostgresRunStorage"
     limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
-    assert {"key": "dagster/partition/connection", "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+    for key in ("dagster/partition/connection", "dagster/partition"):  # connection x day, and connection-only
+        assert {"key": key, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
     instance.add_dynamic_partitions("stripe_connections", ["stripe-acme"])
     run = instance.create_run_for_job(dg.GraphDefinition(name="noop", node_defs=[]).to_job(), run_id=None)
     instance.report_engine_event("stored in Postgres", run)

@@ -46,7 +46,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import Any
 from urllib.parse import quote
 
 import orjson
@@ -55,10 +56,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.control import (
+    ControlClient,
+    ControlError,
+    bool_field,
+    control_endpoint,
+    number_field,
+    optional_int_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
-
-if TYPE_CHECKING:
-    from nextcrm_pipelines.sandbox.server import SandboxServer
 
 __all__ = [
     "DEFAULT_SCOPES",
@@ -963,15 +971,15 @@ class _CompanyFile:
         }
         picked = counts["edits"] + counts["voids"] + counts["deletes"]
         if picked > len(self.invoices):
-            raise _ControlError(400, f"edits + voids + deletes ({picked}) exceed the {len(self.invoices)} invoices")
+            raise ControlError(400, f"edits + voids + deletes ({picked}) exceed the {len(self.invoices)} invoices")
         chosen = rng.sample(list(self.invoices), picked)
         edits, voids = chosen[: counts["edits"]], chosen[counts["edits"] : counts["edits"] + counts["voids"]]
         deletes = chosen[counts["edits"] + counts["voids"] :]
         active = [uid for uid, row in self.customers.items() if row.rec["IsActive"]]
         if counts["archives"] > len(active):
-            raise _ControlError(400, f"archives ({counts['archives']}) exceed the {len(active)} active customers")
+            raise ControlError(400, f"archives ({counts['archives']}) exceed the {len(active)} active customers")
         if counts["customer_edits"] > len(self.customers):
-            raise _ControlError(400, "customer_edits exceed the number of customers")
+            raise ControlError(400, "customer_edits exceed the number of customers")
         for uid in edits:
             self._edit_invoice(self.invoices[uid], rng, now_us)
             out["edited"].append(uid)
@@ -1078,14 +1086,14 @@ class _CompanyFile:
         uid = overrides.pop("UID", None)
         if uid is not None:
             if not isinstance(uid, str) or uid.lower() in self.invoices or uid.lower() in self.customers:
-                raise _ControlError(400, "UID must be a new GUID string")
+                raise ControlError(400, "UID must be a new GUID string")
             uid = uid.lower()
         if entity == "customer":
             row = self._add_customer(rng, at_us, at_us, uid=uid)
         else:
             layout = overrides.pop("InvoiceType", None)
             if layout is not None and layout not in LAYOUTS:
-                raise _ControlError(400, f"InvoiceType must be one of {list(LAYOUTS)}")
+                raise ControlError(400, f"InvoiceType must be one of {list(LAYOUTS)}")
             customer = self._customer_of(overrides)
             if customer is None:
                 active = [r for r in self.customers.values() if r.rec["IsActive"]]
@@ -1101,7 +1109,7 @@ class _CompanyFile:
         uid = link.get("UID") if isinstance(link, dict) else None
         row = self.customers.get(str(uid).lower()) if uid else None
         if row is None:
-            raise _ControlError(404, f"no customer {uid!r} in this company file")
+            raise ControlError(404, f"no customer {uid!r} in this company file")
         return row
 
     def override(self, row: _Row, overrides: dict[str, Any]) -> None:
@@ -1109,10 +1117,10 @@ class _CompanyFile:
         keys = _CUSTOMER_KEYS if row.layout is None else _INVOICE_KEYS
         unknown = set(overrides) - keys
         if unknown:
-            raise _ControlError(400, f"unknown fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown fields: {sorted(unknown)}")
         for fixed in ("UID", "URI", "RowVersion", "LastModified", "Created", "InvoiceType"):
             if fixed in overrides:
-                raise _ControlError(400, f"{fixed} is managed by the sandbox (use updated_at for the time)")
+                raise ControlError(400, f"{fixed} is managed by the sandbox (use updated_at for the time)")
         if row.layout is not None:
             customer = self._customer_of(overrides)
             if customer is not None:
@@ -1200,42 +1208,13 @@ class _Faults:
         }
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _int_field(body: Mapping[str, Any], name: str, default: Any, minimum: int | None = 0) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _ControlError(400, f"{name} must be an integer")
-    if minimum is not None and value < minimum:
-        raise _ControlError(400, f"{name} must be >= {minimum}")
-    return value
-
-
-def _number_field(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _ControlError(400, f"{name} must be a number >= {minimum}")
-    return float(value)
-
-
-def _bool_field(body: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise _ControlError(400, f"{name} must be true or false")
-    return value
+_control = partial(control_endpoint, oauth_errors=True)
 
 
 def _status_field(body: Mapping[str, Any], name: str, default: int, allowed: Iterable[int]) -> int:
-    value = _int_field(body, name, default)
+    value = optional_int_field(body, name, default)
     if value not in set(allowed):
-        raise _ControlError(400, f"{name} must be one of {sorted(set(allowed))}")
+        raise ControlError(400, f"{name} must be one of {sorted(set(allowed))}")
     return int(value)
 
 
@@ -1309,20 +1288,20 @@ class MyobSandbox:
         if "key_mode" in body:
             mode = body["key_mode"]
             if mode not in KEY_MODES:
-                raise _ControlError(400, f"key_mode must be one of {list(KEY_MODES)}")
+                raise ControlError(400, f"key_mode must be one of {list(KEY_MODES)}")
             app.key_mode = mode
         if user and "username" in body:
             if not isinstance(body["username"], str) or not body["username"]:
-                raise _ControlError(400, "username must be a non-empty string")
+                raise ControlError(400, "username must be a non-empty string")
             app.username = body["username"]
         if "requests_per_second" in body:
-            app.requests_per_second = _int_field(body, "requests_per_second", 8)
+            app.requests_per_second = optional_int_field(body, "requests_per_second", 8)
         if "second_window_seconds" in body:
-            app.second_window_seconds = _number_field(body, "second_window_seconds", 1.0, 0.001)
+            app.second_window_seconds = number_field(body, "second_window_seconds", 1.0, 0.001)
         if "daily_limit" in body:
-            app.daily_limit = _int_field(body, "daily_limit", 1_000_000)
+            app.daily_limit = optional_int_field(body, "daily_limit", 1_000_000)
         if "day_window_seconds" in body:
-            app.day_window_seconds = _number_field(body, "day_window_seconds", 86400.0, 0.001)
+            app.day_window_seconds = number_field(body, "day_window_seconds", 86400.0, 0.001)
         if "per_second_status" in body:
             app.per_second_status = _status_field(body, "per_second_status", 403, (403, 429))
         return app
@@ -1337,22 +1316,22 @@ class MyobSandbox:
         """Generate a company file from a control-API spec (no state change)."""
         unknown = set(spec) - _TENANT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
         client_id = spec.get("client_id")
         if not isinstance(client_id, str) or not client_id:
-            raise _ControlError(400, "client_id must be a non-empty string")
-        seed = _int_field(spec, "seed", 0, minimum=None)
-        invoices = _int_field(spec, "invoices", 100)
-        customers = _int_field(spec, "customers", spec.get("contacts", max(1, min(invoices // 5, 2000))), 1)
-        days = _number_field(spec, "days", 30.0, 0.0001)
+            raise ControlError(400, "client_id must be a non-empty string")
+        seed = optional_int_field(spec, "seed", 0, minimum=None)
+        invoices = optional_int_field(spec, "invoices", 100)
+        customers = optional_int_field(spec, "customers", spec.get("contacts", max(1, min(invoices // 5, 2000))), 1)
+        days = number_field(spec, "days", 30.0, 0.0001)
         knobs = _TenantKnobs(
-            cftoken_required=_bool_field(spec, "cftoken_required", True),
+            cftoken_required=bool_field(spec, "cftoken_required", True),
             username=str(spec.get("username", "Administrator")),
             password=str(spec.get("password", "")),
-            generic_invoice_lines=_bool_field(spec, "generic_invoice_lines", False),
-            default_top=_int_field(spec, "default_top", 400, 1),
-            max_top=_int_field(spec, "max_top", 1000, 1),
-            utc_offset_minutes=_int_field(spec, "utc_offset_minutes", 0, minimum=-14 * 60),
+            generic_invoice_lines=bool_field(spec, "generic_invoice_lines", False),
+            default_top=optional_int_field(spec, "default_top", 400, 1),
+            max_top=optional_int_field(spec, "max_top", 1000, 1),
+            utc_offset_minutes=optional_int_field(spec, "utc_offset_minutes", 0, minimum=-14 * 60),
             unknown_path_status=_status_field(spec, "unknown_path_status", 401, (401, 404)),
         )
         raw_id = spec.get("id")
@@ -1362,10 +1341,10 @@ class MyobSandbox:
         elif isinstance(raw_id, str) and re.fullmatch(r"[A-Za-z0-9-]{1,64}", raw_id):
             business_id = raw_id.lower()
         else:
-            raise _ControlError(400, "id must be a GUID-like string of letters, digits and dashes")
+            raise ControlError(400, "id must be a GUID-like string of letters, digits and dashes")
         name = spec.get("name") or f"Sandbox Company {seed}"
         if not isinstance(name, str):
-            raise _ControlError(400, "name must be a string")
+            raise ControlError(400, "name must be a string")
         return _CompanyFile(
             business_id,
             name,
@@ -1714,20 +1693,10 @@ class MyobSandbox:
 
     # --- control API ------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(await request.body() or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
     def _tenant(self, request: Request) -> _CompanyFile:
         tenant = self.tenants.get(request.path_params["tenant_id"].lower())
         if tenant is None:
-            raise _ControlError(404, f"no company file {request.path_params['tenant_id']!r}")
+            raise ControlError(404, f"no company file {request.path_params['tenant_id']!r}")
         return tenant
 
     @staticmethod
@@ -1736,37 +1705,28 @@ class MyobSandbox:
         if value is None:
             return now * _US
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise _ControlError(400, "updated_at must be unix seconds (a number)")
+            raise ControlError(400, "updated_at must be unix seconds (a number)")
         return round(value * _US)
 
     @staticmethod
     def _fields(body: Mapping[str, Any]) -> dict[str, Any]:
         fields_ = body.get("fields") or {}
         if not isinstance(fields_, dict):
-            raise _ControlError(400, "fields must be a JSON object")
+            raise ControlError(400, "fields must be a JSON object")
         return fields_
-
-    @staticmethod
-    async def _control(action: Callable[[], Any]) -> Response:
-        try:
-            return await action()
-        except _ControlError as err:
-            return json_response(err.status, {"error": err.message})
-        except OAuthError as err:
-            return json_response(err.status, err.body())
 
     async def _control_clients(self, request: Request) -> Response:
         async def action() -> Response:
-            body = await self._body(request)
+            body = await read_json_object(request)
             unknown = set(body) - _CLIENT_FIELDS
             if unknown:
-                raise _ControlError(400, f"unknown client fields: {sorted(unknown)}")
+                raise ControlError(400, f"unknown client fields: {sorted(unknown)}")
             client_id, secret = body.get("client_id"), body.get("client_secret")
             if not isinstance(client_id, str) or not client_id or not isinstance(secret, str):
-                raise _ControlError(400, "client_id and client_secret must be strings")
+                raise ControlError(400, "client_id and client_secret must be strings")
             uris = body.get("redirect_uris") or ()
             if not isinstance(uris, (list, tuple)) or not all(isinstance(u, str) for u in uris):
-                raise _ControlError(400, "redirect_uris must be a list of strings")
+                raise ControlError(400, "redirect_uris must be a list of strings")
             app = self.configure_app(client_id, body, user=True)
             self.oauth.register_client(client_id, secret, tuple(uris))
             return json_response(
@@ -1780,14 +1740,14 @@ class MyobSandbox:
                 },
             )
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_grants(self, request: Request) -> Response:
         async def action() -> Response:
-            body = await self._body(request)
+            body = await read_json_object(request)
             client_id = body.get("client_id")
             if not isinstance(client_id, str) or client_id not in self.oauth.clients:
-                raise _ControlError(404, f"unknown client_id {client_id!r}")
+                raise ControlError(404, f"unknown client_id {client_id!r}")
             app = self.app(client_id)
             scope = body.get("scope") or (DEFAULT_SCOPES if app.key_mode == "new" else LEGACY_SCOPE)
             if not isinstance(scope, str) or not self._scope_allowed(client_id, scope):
@@ -1804,43 +1764,43 @@ class MyobSandbox:
                 },
             )
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_settings(self, request: Request) -> Response:
         async def action() -> Response:
             policy = self.oauth.policy
             if request.method == "POST":
-                body = await self._body(request)
+                body = await read_json_object(request)
                 known = {f.name: f for f in fields(policy)}
                 unknown = set(body) - set(known)
                 if unknown:
-                    raise _ControlError(400, f"unknown settings: {sorted(unknown)}")
+                    raise ControlError(400, f"unknown settings: {sorted(unknown)}")
                 for name, value in body.items():
                     current = getattr(policy, name)
                     if name == "client_auth":
                         if not isinstance(value, list) or not set(value) <= {"basic", "body"} or not value:
-                            raise _ControlError(400, "client_auth must be a non-empty list of 'basic'/'body'")
+                            raise ControlError(400, "client_auth must be a non-empty list of 'basic'/'body'")
                         value = frozenset(value)
                     elif isinstance(current, bool):
-                        value = _bool_field(body, name, current)
+                        value = bool_field(body, name, current)
                     elif isinstance(current, str):
                         if not isinstance(value, str):
-                            raise _ControlError(400, f"{name} must be a string")
+                            raise ControlError(400, f"{name} must be a string")
                     else:
-                        value = _int_field(body, name, None)
+                        value = optional_int_field(body, name, None)
                     setattr(policy, name, value)
             state = {f.name: getattr(policy, f.name) for f in fields(policy)}
             state["client_auth"] = sorted(state["client_auth"])
             return json_response(200, state)
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_tenants(self, request: Request) -> Response:
         async def action() -> Response:
             origin = _origin(request)
             if request.method == "GET":
                 return json_response(200, [self.tenant_summary(t, origin) for t in self.tenants.values()])
-            spec = await self._body(request)
+            spec = await read_json_object(request)
             started = time.perf_counter()
             tenant = await run_in_threadpool(self.build_tenant, spec)
             self.install_tenant(tenant, spec)
@@ -1848,43 +1808,41 @@ class MyobSandbox:
             summary["generation_seconds"] = round(time.perf_counter() - started, 3)
             return json_response(200, summary)
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_changes(self, request: Request) -> Response:
         async def action() -> Response:
             tenant = self._tenant(request)
-            body = await self._body(request)
-            unknown = set(body) - set(_CHANGE_FIELDS)
-            if unknown:
-                raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
-            counts = {name: _int_field(body, name, 0) for name in _CHANGE_FIELDS}
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _CHANGE_FIELDS, "change")
+            counts = {name: optional_int_field(body, name, 0) for name in _CHANGE_FIELDS}
             return json_response(200, tenant.apply_changes(counts, self.clock() * _US))
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_add_record(self, request: Request) -> Response:
         async def action() -> Response:
             tenant = self._tenant(request)
-            body = await self._body(request)
+            body = await read_json_object(request)
             entity = _entity(body.get("entity"))
             row = tenant.add_record(entity, self._fields(body), self._at_us(body, self.clock()))
             return _control_json(200, row.rec, _origin(request))
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_update_record(self, request: Request) -> Response:
         async def action() -> Response:
             tenant = self._tenant(request)
-            body = await self._body(request)
+            body = await read_json_object(request)
             record_id = request.path_params["record_id"].lower()
             row = tenant.invoices.get(record_id) or tenant.customers.get(record_id)
             if row is None:
-                raise _ControlError(404, f"no invoice or customer {record_id!r}")
+                raise ControlError(404, f"no invoice or customer {record_id!r}")
             tenant.override(row, dict(self._fields(body)))
             tenant.touch(row, self._at_us(body, self.clock()))
             return _control_json(200, row.rec, _origin(request))
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_export(self, request: Request) -> Response:
         async def action() -> Response:
@@ -1902,7 +1860,7 @@ class MyobSandbox:
                 }
             return _control_json(200, payload, _origin(request))
 
-        return await self._control(action)
+        return await _control(action)()
 
     async def _control_faults(self, request: Request) -> Response:
         async def action() -> Response:
@@ -1915,26 +1873,24 @@ class MyobSandbox:
                 return json_response(200, self._faults_state())
             if request.method == "GET":
                 return json_response(200, self._faults_state())
-            body = await self._body(request)
-            unknown = set(body) - _FAULT_FIELDS
-            if unknown:
-                raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _FAULT_FIELDS, "fault")
             tenant = body.get("tenant")
             if tenant is not None and (not isinstance(tenant, str) or tenant.lower() not in self.tenants):
-                raise _ControlError(404, f"no company file {tenant!r}")
+                raise ControlError(404, f"no company file {tenant!r}")
             faults = self.faults.setdefault(tenant.lower() if tenant else None, _Faults())
             for name in ("server_errors", "rate_limited", "gateway_timeouts"):
                 if name in body:
-                    setattr(faults, name, _int_field(body, name, 0))
+                    setattr(faults, name, optional_int_field(body, name, 0))
             if "server_error_status" in body:
                 faults.server_error_status = _status_field(body, "server_error_status", 500, (500, 503))
             if "day_limit_exhausted" in body:
-                faults.day_limit_exhausted = _bool_field(body, "day_limit_exhausted", False)
+                faults.day_limit_exhausted = bool_field(body, "day_limit_exhausted", False)
             if "latency_ms" in body:
-                faults.latency_ms = _number_field(body, "latency_ms", 0.0)
+                faults.latency_ms = number_field(body, "latency_ms", 0.0)
             return json_response(200, self._faults_state())
 
-        return await self._control(action)
+        return await _control(action)()
 
     def _faults_state(self) -> dict[str, Any]:
         return {(key or "*"): faults.as_dict() for key, faults in self.faults.items()}
@@ -2031,7 +1987,7 @@ def _entity(value: Any) -> str:
     }
     entity = names.get(str(value).lower()) if isinstance(value, str) else None
     if entity is None:
-        raise _ControlError(404, "entity must be 'invoice' or 'customer'")
+        raise ControlError(404, "entity must be 'invoice' or 'customer'")
     return entity
 
 
@@ -2119,14 +2075,13 @@ def _customer_getter(tenant: _CompanyFile) -> Callable[[str], Getter]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-class MyobControl:
+class MyobControl(ControlClient):
     """Typed calls to the ``/_sandbox/myob`` control API of a running ``SandboxServer``."""
 
-    def __init__(self, server: SandboxServer) -> None:
-        self.server = server
+    prefix = CONTROL_PREFIX
 
     def _post(self, path: str, body: Mapping[str, Any]) -> Any:
-        return self.server.control("POST", f"{CONTROL_PREFIX}{path}", json=dict(body))
+        return self._call("POST", path, json=dict(body))
 
     def add_client(
         self,
@@ -2186,30 +2141,29 @@ class MyobControl:
         body: dict[str, Any] = {"fields": dict(fields or {})}
         if updated_at is not None:
             body["updated_at"] = updated_at
-        return self.server.control("PATCH", f"{CONTROL_PREFIX}/tenants/{tenant}/records/{record_id}", json=body)
+        return self._call("PATCH", f"/tenants/{tenant}/records/{record_id}", json=body)
 
     def export(self, tenant: str, entity: str) -> dict[str, Any]:
         """Every current record (full shape, with ``Lines`` and ``InvoiceType``) and the hard-deleted ids."""
-        return self.server.control("GET", f"{CONTROL_PREFIX}/tenants/{tenant}/export/{entity}")
+        return self._call("GET", f"/tenants/{tenant}/export/{entity}")
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject faults (``server_errors``, ``rate_limited``, ``gateway_timeouts``, ``day_limit_exhausted``...)."""
-        body = {**faults, **({"tenant": tenant} if tenant is not None else {})}
-        return self._post("/faults", body)
+        return self._set_faults("tenant", tenant, faults)
 
     def clear_faults(self, tenant: str | None = None) -> dict[str, Any]:
         """Remove injected faults (all, or one company file's)."""
         params = {"tenant": tenant} if tenant is not None else None
-        return self.server.control("DELETE", f"{CONTROL_PREFIX}/faults", params=params)
+        return self._call("DELETE", "/faults", params=params)
 
     def stats(self) -> dict[str, Any]:
         """Request counts (total, per path pattern, per status) and token-endpoint counts."""
-        return self.server.control("GET", f"{CONTROL_PREFIX}/stats")
+        return self._call("GET", "/stats")
 
     def settings(self, **policy: Any) -> dict[str, Any]:
         """Read or change the OAuth knobs (``access_ttl``, ``rotate``, ``grace``, ``expires_in_as_string``...)."""
         if not policy:
-            return self.server.control("GET", f"{CONTROL_PREFIX}/settings")
+            return self._call("GET", "/settings")
         return self._post("/settings", policy)
 
     def revoke(self, grant_id: str) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
@@ -50,6 +51,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.control import (
+    ControlClient,
+    ControlError,
+    clear_scoped_faults,
+    control_endpoint,
+    int_field,
+    lookup,
+    number_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
 
 __all__ = [
@@ -1709,13 +1721,6 @@ class _Runtime:
     searches: int = 0
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 _ACCOUNT_FIELDS = frozenset(
     {
         "id",
@@ -1746,20 +1751,8 @@ _FAULT_FIELDS = frozenset(
 _CURRENCIES = tuple(_PRICE_FACTOR)
 
 
-def _int_field(body: Mapping[str, Any], name: str, default: int | None, minimum: int = 0) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _ControlError(400, f"{name} must be an integer >= {minimum}")
-    return value
-
-
-def _num_field(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _ControlError(400, f"{name} must be a number >= {minimum}")
-    return float(value)
+_int_field = partial(int_field, nullable=True)
+_control = partial(control_endpoint, bad_request=(ValueError, KeyError, TypeError))
 
 
 def normalise_knobs(raw: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -1767,7 +1760,7 @@ def normalise_knobs(raw: Mapping[str, Any], base: Mapping[str, Any] | None = Non
     knobs = dict(base or DEFAULT_KNOBS)
     unknown = set(raw) - set(DEFAULT_KNOBS)
     if unknown:
-        raise _ControlError(400, f"unknown knobs: {sorted(unknown)}")
+        raise ControlError(400, f"unknown knobs: {sorted(unknown)}")
     for name in ("result_cap", "max_window_days", "page_size_max", "token_ttl", "history_years"):
         if name in raw:
             knobs[name] = _int_field(raw, name, None, 1)
@@ -1777,21 +1770,21 @@ def normalise_knobs(raw: Mapping[str, Any], base: Mapping[str, Any] | None = Non
     if "min_start_age_seconds" in raw:
         knobs["min_start_age_seconds"] = _int_field(raw, "min_start_age_seconds", None, 0)
     if "minute_seconds" in raw:
-        knobs["minute_seconds"] = _num_field(raw, "minute_seconds", 60.0, 0.001)
+        knobs["minute_seconds"] = number_field(raw, "minute_seconds", 60.0, 0.001)
     if "list_subscriptions" in raw:
         knobs["list_subscriptions"] = bool(raw["list_subscriptions"])
     if "expired_token_error" in raw:
         if raw["expired_token_error"] not in ("invalid_token", "AUTHENTICATION_FAILURE"):
-            raise _ControlError(400, "expired_token_error must be invalid_token or AUTHENTICATION_FAILURE")
+            raise ControlError(400, "expired_token_error must be invalid_token or AUTHENTICATION_FAILURE")
         knobs["expired_token_error"] = raw["expired_token_error"]
     if "date_style" in raw:
         if raw["date_style"] not in ("Z", "+0000"):
-            raise _ControlError(400, 'date_style must be "Z" or "+0000"')
+            raise ControlError(400, 'date_style must be "Z" or "+0000"')
         knobs["date_style"] = raw["date_style"]
     if "scopes" in raw:
         scopes = raw["scopes"]
         if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
-            raise _ControlError(400, "scopes must be a list of strings")
+            raise ControlError(400, "scopes must be a list of strings")
         knobs["scopes"] = list(scopes)
     return knobs
 
@@ -1801,29 +1794,29 @@ def normalise_spec(body: Mapping[str, Any]) -> dict[str, Any]:
     knob_raw = {k: v for k, v in body.items() if k in DEFAULT_KNOBS}
     nested = body.get("knobs") or {}
     if not isinstance(nested, dict):
-        raise _ControlError(400, "knobs must be an object")
+        raise ControlError(400, "knobs must be an object")
     knob_raw.update(nested)
     unknown = set(body) - _ACCOUNT_FIELDS - set(DEFAULT_KNOBS)
     if unknown:
-        raise _ControlError(400, f"unknown account fields: {sorted(unknown)}")
+        raise ControlError(400, f"unknown account fields: {sorted(unknown)}")
     client_id, secret = body.get("client_id"), body.get("client_secret")
     if not isinstance(client_id, str) or not client_id or not isinstance(secret, str) or not secret:
-        raise _ControlError(400, "client_id and client_secret are required strings")
+        raise ControlError(400, "client_id and client_secret are required strings")
     seed = body.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise _ControlError(400, "seed must be an integer")
+        raise ControlError(400, "seed must be an integer")
     currencies = body.get("currencies", ["USD", "EUR", "GBP", "CAD", "AUD", "JPY"])
     if not isinstance(currencies, list) or not currencies or any(c not in _CURRENCIES for c in currencies):
-        raise _ControlError(400, f"currencies must be a non-empty list among {sorted(_CURRENCIES)}")
+        raise ControlError(400, f"currencies must be a non-empty list among {sorted(_CURRENCIES)}")
     transactions = _int_field(body, "transactions", 200)
     subscriptions = _int_field(body, "subscriptions", 20)
     plans = _int_field(body, "plans", 3)
     assert transactions is not None and subscriptions is not None and plans is not None
     if subscriptions and not plans:
-        raise _ControlError(400, "subscriptions need at least one plan")
-    days = _num_field(body, "days", 30)
+        raise ControlError(400, "subscriptions need at least one plan")
+    days = number_field(body, "days", 30)
     if days <= 0:
-        raise _ControlError(400, "days must be > 0")
+        raise ControlError(400, "days must be > 0")
     rng = _Rng(f"paypal-account:{client_id}:{seed}")
     account_id = body.get("id") or rng.account_id()
     return {
@@ -2046,16 +2039,16 @@ class PayPalSandbox:
             Route(f"{api}/billing/plans/{{pid}}", self._api("plan"), methods=["GET"]),
             Route(f"{API_PREFIX}/{{rest:path}}", self._unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
             *self.oauth.control_routes(control),
-            Route(f"{control}/accounts", self._control(self._c_accounts), methods=["GET", "POST"]),
-            Route(f"{control}/accounts/{{aid}}", self._control(self._c_account), methods=["GET"]),
-            Route(f"{control}/accounts/{{aid}}/changes", self._control(self._c_changes), methods=["POST"]),
-            Route(f"{control}/accounts/{{aid}}/records", self._control(self._c_records), methods=["POST"]),
-            Route(f"{control}/accounts/{{aid}}/bulk", self._control(self._c_bulk), methods=["POST"]),
-            Route(f"{control}/accounts/{{aid}}/knobs", self._control(self._c_knobs), methods=["PATCH"]),
-            Route(f"{control}/accounts/{{aid}}/expire-tokens", self._control(self._c_expire), methods=["POST"]),
-            Route(f"{control}/accounts/{{aid}}/export/{{entity}}", self._control(self._c_export), methods=["GET"]),
-            Route(f"{control}/faults", self._control(self._c_faults), methods=["POST", "DELETE"]),
-            Route(f"{control}/stats", self._control(self._c_stats), methods=["GET"]),
+            Route(f"{control}/accounts", _control(self._c_accounts), methods=["GET", "POST"]),
+            Route(f"{control}/accounts/{{aid}}", _control(self._c_account), methods=["GET"]),
+            Route(f"{control}/accounts/{{aid}}/changes", _control(self._c_changes), methods=["POST"]),
+            Route(f"{control}/accounts/{{aid}}/records", _control(self._c_records), methods=["POST"]),
+            Route(f"{control}/accounts/{{aid}}/bulk", _control(self._c_bulk), methods=["POST"]),
+            Route(f"{control}/accounts/{{aid}}/knobs", _control(self._c_knobs), methods=["PATCH"]),
+            Route(f"{control}/accounts/{{aid}}/expire-tokens", _control(self._c_expire), methods=["POST"]),
+            Route(f"{control}/accounts/{{aid}}/export/{{entity}}", _control(self._c_export), methods=["GET"]),
+            Route(f"{control}/faults", _control(self._c_faults), methods=["POST", "DELETE"]),
+            Route(f"{control}/stats", _control(self._c_stats), methods=["GET"]),
         ]
 
     _ROUTES = {
@@ -2177,35 +2170,8 @@ class PayPalSandbox:
 
     # --- control API --------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
     def _rt(self, account_id: str) -> _Runtime:
-        rt = self._runtime.get(account_id)
-        if rt is None:
-            raise _ControlError(404, f"no account {account_id!r}")
-        return rt
-
-    @staticmethod
-    def _control(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                return json_response(200, await handler(request))
-            except _ControlError as err:
-                return json_response(err.status, {"error": err.message})
-            except (ValueError, KeyError, TypeError) as err:
-                return json_response(400, {"error": str(err)})
-
-        wrapped.__name__ = handler.__name__
-        return wrapped
+        return lookup(self._runtime, account_id, "account")
 
     @staticmethod
     def _base_url(request: Request) -> str:
@@ -2214,7 +2180,7 @@ class PayPalSandbox:
     async def _c_accounts(self, request: Request) -> Any:
         if request.method == "GET":
             return [self._summary(rt.account) for rt in self._runtime.values()]
-        spec = normalise_spec(await self._body(request))
+        spec = normalise_spec(await read_json_object(request))
         started = time.perf_counter()
         now = self.clock()
         account = await run_in_threadpool(lambda: PayPalAccount(spec, now=now))
@@ -2226,42 +2192,40 @@ class PayPalSandbox:
 
     async def _c_changes(self, request: Request) -> Any:
         account = self._rt(request.path_params["aid"]).account
-        body = await self._body(request)
-        unknown = set(body) - set(_CHANGE_FIELDS)
-        if unknown:
-            raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _CHANGE_FIELDS, "change")
         changes = {k: _int_field(body, k, 0) or 0 for k in _CHANGE_FIELDS}
         return account.apply_changes(changes, self.clock())
 
     async def _c_records(self, request: Request) -> Any:
         account = self._rt(request.path_params["aid"]).account
-        body = await self._body(request)
+        body = await read_json_object(request)
         entity = str(body.get("entity", "")).lower().rstrip("s")
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
-            raise _ControlError(400, "fields must be an object")
+            raise ControlError(400, "fields must be an object")
         at = body.get("at")
         if at is None:
             at = self.clock()
         if isinstance(at, bool) or not isinstance(at, (int, float)):
-            raise _ControlError(400, "at must be unix seconds")
+            raise ControlError(400, "at must be unix seconds")
         return account.add_record(entity, fields, int(at), self.clock(), self._base_url(request))
 
     async def _c_bulk(self, request: Request) -> Any:
         account = self._rt(request.path_params["aid"]).account
-        body = await self._body(request)
+        body = await read_json_object(request)
         count = _int_field(body, "count", None, 0)
         if count is None or not isinstance(body.get("day"), str):
-            raise _ControlError(400, 'bulk needs {"day": "YYYY-MM-DD", "count": n}')
+            raise ControlError(400, 'bulk needs {"day": "YYYY-MM-DD", "count": n}')
         started = time.perf_counter()
         result = await run_in_threadpool(account.bulk, body["day"], count)
         return {**result, "generation_seconds": round(time.perf_counter() - started, 3)}
 
     async def _c_knobs(self, request: Request) -> Any:
         account = self._rt(request.path_params["aid"]).account
-        body = await self._body(request)
+        body = await read_json_object(request)
         if "date_style" in body:
-            raise _ControlError(400, "date_style is fixed when the account is created")
+            raise ControlError(400, "date_style is fixed when the account is created")
         account.knobs = normalise_knobs(body, account.knobs)
         return {"id": account.id, "knobs": account.knobs}
 
@@ -2283,16 +2247,9 @@ class PayPalSandbox:
 
     async def _c_faults(self, request: Request) -> Any:
         if request.method == "DELETE":
-            target = request.query_params.get("account")
-            if target:
-                self._faults.pop(target, None)
-            else:
-                self._faults.clear()
-            return {"cleared": target or "all"}
-        body = await self._body(request)
-        unknown = set(body) - _FAULT_FIELDS
-        if unknown:
-            raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+            return clear_scoped_faults(self._faults, request.query_params.get("account"))
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _FAULT_FIELDS, "fault")
         target = body.get("account")
         if target is not None:
             self._rt(str(target))
@@ -2306,10 +2263,10 @@ class PayPalSandbox:
         if "server_error_status" in body:
             status = body["server_error_status"]
             if status not in (500, 502, 503, 504):
-                raise _ControlError(400, "server_error_status must be 500, 502, 503 or 504")
+                raise ControlError(400, "server_error_status must be 500, 502, 503 or 504")
             f.server_error_status = status
         if "latency_ms" in body:
-            f.latency_ms = _num_field(body, "latency_ms", 0.0)
+            f.latency_ms = number_field(body, "latency_ms", 0.0)
         return {"account": target, **f.as_dict()}
 
     async def _c_stats(self, request: Request) -> Any:
@@ -2335,14 +2292,10 @@ class _InvalidToken(Exception):
     """An expired token answered the ``invalid_token`` way."""
 
 
-class PayPalControl:
+class PayPalControl(ControlClient):
     """Typed calls to the PayPal control API of a running ``SandboxServer``."""
 
-    def __init__(self, server: Any) -> None:
-        self.server = server
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+    prefix = CONTROL_PREFIX
 
     def add_account(self, client_id: str, client_secret: str, **spec: Any) -> dict[str, Any]:
         """Create a merchant app: seed, transactions, subscriptions, plans, days, currencies, id and knobs."""
@@ -2388,14 +2341,11 @@ class PayPalControl:
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject server_errors, rate_limited, latency_ms, token_errors, data_unavailable (one account or all)."""
-        body = dict(faults)
-        if account is not None:
-            body["account"] = account
-        return self._call("POST", "/faults", json=body)
+        return self._set_faults("account", account, faults)
 
     def clear_faults(self, account: str | None = None) -> dict[str, Any]:
         """Remove injected faults (of one account, or all)."""
-        return self._call("DELETE", "/faults", params={"account": account} if account else None)
+        return self._clear_faults("account", account)
 
     def stats(self) -> dict[str, Any]:
         """Request counts per route and status, per account, and the OAuth statistics."""

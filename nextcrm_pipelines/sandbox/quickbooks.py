@@ -33,6 +33,7 @@ from bisect import bisect_right
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 from xml.sax.saxutils import escape, quoteattr
@@ -43,6 +44,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.control import (
+    ControlClient,
+    ControlError,
+    clear_scoped_faults,
+    control_endpoint,
+    int_field,
+    lookup,
+    number_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 from nextcrm_pipelines.sandbox.oauth import (
     AccessDenied,
     Grant,
@@ -1389,13 +1401,6 @@ class _Runtime:
     throttled: int = 0
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 _TENANT_FIELDS = frozenset(
     {
         "client_id",
@@ -1427,20 +1432,8 @@ _FAULT_FIELDS = frozenset(
 )
 
 
-def _int_field(body: Mapping[str, Any], name: str, default: int | None, minimum: int = 0) -> int | None:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _ControlError(400, f"{name} must be an integer >= {minimum}")
-    return value
-
-
-def _num_field(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _ControlError(400, f"{name} must be a number >= {minimum}")
-    return float(value)
+_int_field = partial(int_field, nullable=True)
+_control = partial(control_endpoint, bad_request=(ValueError,))
 
 
 def _entity_of(name: Any) -> str:
@@ -1449,7 +1442,7 @@ def _entity_of(name: Any) -> str:
         return "Invoice"
     if key in ("customer", "contact"):
         return "Customer"
-    raise _ControlError(400, "entity must be invoice or customer (contact)")
+    raise ControlError(400, "entity must be invoice or customer (contact)")
 
 
 def _wants_json(request: Request) -> bool:
@@ -1500,21 +1493,21 @@ class QuickBooksSandbox:
         """Validate a tenant spec and fill in the defaults."""
         unknown = set(body) - _TENANT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
         client_id = body.get("client_id")
         if not isinstance(client_id, str) or not client_id:
-            raise _ControlError(400, "client_id must be a non-empty string")
+            raise ControlError(400, "client_id must be a non-empty string")
         seed = body.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _ControlError(400, "seed must be an integer")
+            raise ControlError(400, "seed must be an integer")
         environment = body.get("environment", "sandbox")
         if environment not in ("sandbox", "production"):
-            raise _ControlError(400, "environment must be sandbox or production")
+            raise ControlError(400, "environment must be sandbox or production")
         invoices = _int_field(body, "invoices", 200)
         customers = _int_field(body, "customers", body.get("contacts", 50))
         assert invoices is not None and customers is not None
         if invoices and not customers:
-            raise _ControlError(400, "invoices need at least one customer")
+            raise ControlError(400, "invoices need at least one customer")
         rng = _Rng(f"quickbooks-realm:{client_id}:{seed}")
         prefix = 9341450000000000 if environment == "sandbox" else 123145000000000
         realm = body.get("id") or str(prefix + rng.between(10**10))
@@ -1522,7 +1515,7 @@ class QuickBooksSandbox:
         try:
             _parse_offset(str(utc_offset))
         except ValueError as err:
-            raise _ControlError(400, str(err)) from None
+            raise ControlError(400, str(err)) from None
         home = str(body.get("home_currency", "USD"))
         currencies = body.get("currencies", ["USD", "EUR", "GBP", "CAD", "AUD"])
         if (
@@ -1530,10 +1523,10 @@ class QuickBooksSandbox:
             or any(c not in _CURRENCY_NAMES for c in currencies)
             or home not in _CURRENCY_NAMES
         ):
-            raise _ControlError(400, f"currencies must be among {sorted(_CURRENCY_NAMES)}")
-        days = _num_field(body, "days", 90)
+            raise ControlError(400, f"currencies must be among {sorted(_CURRENCY_NAMES)}")
+        days = number_field(body, "days", 90)
         if days <= 0:
-            raise _ControlError(400, "days must be > 0")
+            raise ControlError(400, "days must be > 0")
         return {
             "client_id": client_id,
             "seed": seed,
@@ -1547,13 +1540,13 @@ class QuickBooksSandbox:
             "home_currency": home,
             "currencies": [home, *[c for c in currencies if c != home]],
             "deleted_invoices": _int_field(body, "deleted_invoices", invoices // 50),
-            "inactive_share": _num_field(body, "inactive_share", 0.08),
+            "inactive_share": number_field(body, "inactive_share", 0.08),
             "requests_per_minute": _int_field(body, "requests_per_minute", 500),
             "requests_per_second": _int_field(body, "requests_per_second", 10),
             "max_concurrent": _int_field(body, "max_concurrent", 10),
-            "minute_seconds": _num_field(body, "minute_seconds", 60.0, 0.001),
-            "second_seconds": _num_field(body, "second_seconds", 1.0, 0.001),
-            "cdc_max_days": _num_field(body, "cdc_max_days", CDC_MAX_DAYS),
+            "minute_seconds": number_field(body, "minute_seconds", 60.0, 0.001),
+            "second_seconds": number_field(body, "second_seconds", 1.0, 0.001),
+            "cdc_max_days": number_field(body, "cdc_max_days", CDC_MAX_DAYS),
             "cdc_max_objects": _int_field(body, "cdc_max_objects", CDC_MAX_OBJECTS, 1),
         }
 
@@ -1888,44 +1881,18 @@ class QuickBooksSandbox:
 
     # --- control API ------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
     def _rt(self, tenant: str) -> _Runtime:
-        rt = self._runtime.get(tenant)
-        if rt is None:
-            raise _ControlError(404, f"no tenant {tenant!r}")
-        return rt
-
-    @staticmethod
-    def _control(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                return json_response(200, await handler(request))
-            except _ControlError as err:
-                return json_response(err.status, {"error": err.message})
-            except ValueError as err:
-                return json_response(400, {"error": str(err)})
-
-        return wrapped
+        return lookup(self._runtime, tenant, "tenant")
 
     async def _control_clients(self, request: Request) -> Response:
         async def handle(request: Request) -> dict[str, Any]:
-            body = await self._body(request)
+            body = await read_json_object(request)
             client_id, secret = body.get("client_id"), body.get("client_secret")
             if not isinstance(client_id, str) or not client_id or not isinstance(secret, str):
-                raise _ControlError(400, "client_id and client_secret are required strings")
+                raise ControlError(400, "client_id and client_secret are required strings")
             environment = body.get("environment")
             if environment not in (None, "sandbox", "production"):
-                raise _ControlError(400, "environment must be sandbox or production")
+                raise ControlError(400, "environment must be sandbox or production")
             client = self.oauth.register_client(client_id, secret, tuple(body.get("redirect_uris") or ()))
             if environment is None:
                 self.client_environments.pop(client_id, None)
@@ -1937,100 +1904,91 @@ class QuickBooksSandbox:
                 "environment": environment,
             }
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_tenants(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             if request.method == "GET":
                 return [self._summary(rt.company) for rt in self._runtime.values()]
-            spec = self.normalise_spec(await self._body(request))
+            spec = self.normalise_spec(await read_json_object(request))
             started = time.perf_counter()
             now = self.clock()
             company = await run_in_threadpool(lambda: QuickBooksCompany(spec, now=now))
             self._install(company)
             return {**self._summary(company), "generation_seconds": round(time.perf_counter() - started, 3)}
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_tenant(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             return self._summary(self._rt(request.path_params["tenant"]).company)
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_changes(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
-            body = await self._body(request)
-            unknown = set(body) - set(_CHANGE_FIELDS)
-            if unknown:
-                raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _CHANGE_FIELDS, "change")
             changes = {k: _int_field(body, k, 0) or 0 for k in _CHANGE_FIELDS}
             return company.apply_changes(changes, self.clock())
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     def _updated_at(self, body: Mapping[str, Any]) -> float:
         value = body.get("updated_at")
         if value is None:
             return float(self.clock())
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _ControlError(400, "updated_at must be unix seconds")
+            raise ControlError(400, "updated_at must be unix seconds")
         return float(value)
 
     async def _control_add_record(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
-            body = await self._body(request)
+            body = await read_json_object(request)
             entity = _entity_of(body.get("entity"))
             fields = body.get("fields") or {}
             if not isinstance(fields, dict):
-                raise _ControlError(400, "fields must be an object")
+                raise ControlError(400, "fields must be an object")
             lines = fields.get("Line")
             if isinstance(lines, list) and len(lines) > 750:
-                raise _ControlError(400, "an invoice holds at most 750 lines")
+                raise ControlError(400, "an invoice holds at most 750 lines")
             return company.add_record(entity, fields, self._updated_at(body))
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_update_record(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
-            body = await self._body(request)
+            body = await read_json_object(request)
             oid = request.path_params["oid"]
             if body.get("entity") is not None:
                 entity = _entity_of(body["entity"])
             else:
                 entity = "Invoice" if oid in company.invoices else "Customer"
             if oid not in company.table(entity):
-                raise _ControlError(404, f"no {entity.lower()} {oid}")
+                raise ControlError(404, f"no {entity.lower()} {oid}")
             fields = body.get("fields") or {}
             if not isinstance(fields, dict):
-                raise _ControlError(400, "fields must be an object")
+                raise ControlError(400, "fields must be an object")
             return company.update_record(entity, oid, fields, self._updated_at(body))
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_export(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
             return company.export(_entity_of(request.path_params["entity"]))
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_faults(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             if request.method == "DELETE":
-                tenant = request.query_params.get("tenant")
-                if tenant:
-                    self._faults.pop(tenant, None)
-                else:
-                    self._faults.clear()
-                return {"cleared": tenant or "all"}
-            body = await self._body(request)
-            unknown = set(body) - _FAULT_FIELDS
-            if unknown:
-                raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+                return clear_scoped_faults(self._faults, request.query_params.get("tenant"))
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _FAULT_FIELDS, "fault")
             tenant = body.get("tenant")
             if tenant is not None:
                 self._rt(str(tenant))
@@ -2041,17 +1999,17 @@ class QuickBooksSandbox:
             if "server_error_status" in body:
                 status = body["server_error_status"]
                 if status not in (500, 502, 503, 504):
-                    raise _ControlError(400, "server_error_status must be 500, 502, 503 or 504")
+                    raise ControlError(400, "server_error_status must be 500, 502, 503 or 504")
                 f.server_error_status = status
             if "rate_limited" in body:
                 f.rate_limited = _int_field(body, "rate_limited", 0) or 0
             if "day_limit_exhausted" in body:
                 f.day_limit_exhausted = bool(body["day_limit_exhausted"])
             if "latency_ms" in body:
-                f.latency_ms = _num_field(body, "latency_ms", 0.0)
+                f.latency_ms = number_field(body, "latency_ms", 0.0)
             return {"tenant": tenant, **f.as_dict()}
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
     async def _control_stats(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
@@ -2073,17 +2031,13 @@ class QuickBooksSandbox:
                 "oauth": self.oauth.control_state()["stats"],
             }
 
-        return await self._control(handle)(request)
+        return await _control(handle)(request)
 
 
-class QuickBooksControl:
+class QuickBooksControl(ControlClient):
     """Typed calls to the QuickBooks control API of a running ``SandboxServer``."""
 
-    def __init__(self, server: Any) -> None:
-        self.server = server
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+    prefix = CONTROL_PREFIX
 
     def add_client(
         self,
@@ -2163,14 +2117,11 @@ class QuickBooksControl:
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject server_errors, rate_limited, day_limit_exhausted, latency_ms (for one tenant or all)."""
-        body = dict(faults)
-        if tenant is not None:
-            body["tenant"] = tenant
-        return self._call("POST", "/faults", json=body)
+        return self._set_faults("tenant", tenant, faults)
 
     def clear_faults(self, tenant: str | None = None) -> dict[str, Any]:
         """Remove injected faults (of one tenant, or all)."""
-        return self._call("DELETE", "/faults", params={"tenant": tenant} if tenant else None)
+        return self._clear_faults("tenant", tenant)
 
     def stats(self) -> dict[str, Any]:
         """Request counts per route and status, per tenant, and the OAuth statistics."""

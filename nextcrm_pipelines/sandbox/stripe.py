@@ -27,6 +27,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -35,6 +36,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+
+from nextcrm_pipelines.sandbox.control import (
+    ControlError,
+    control_endpoint,
+    optional_int_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 
 __all__ = [
     "API_VERSION",
@@ -1851,27 +1860,9 @@ def _json_response(status: int, payload: Any) -> Response:
     return Response(orjson.dumps(payload), status_code=status, headers={"content-type": _JSON})
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _control_int(body: Mapping[str, Any], name: str, default: Any, minimum: int | None = 0) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _ControlError(400, f"{name} must be an integer")
-    if minimum is not None and value < minimum:
-        raise _ControlError(400, f"{name} must be >= {minimum}")
-    return value
-
-
 def _control_days(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value * _DAY >= 1:
-        raise _ControlError(400, "days must be a number > 0 (fractions of a day are allowed)")
+        raise ControlError(400, "days must be a number > 0 (fractions of a day are allowed)")
     return value
 
 
@@ -1893,27 +1884,27 @@ class StripeSandbox:
         """Validate a control-API account body and fill the defaults (``now`` only when given)."""
         unknown = set(spec) - _ACCOUNT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown account fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown account fields: {sorted(unknown)}")
         key = spec.get("api_key")
         if not isinstance(key, str) or not key:
-            raise _ControlError(400, "api_key must be a non-empty string")
-        charges = _control_int(spec, "charges", 1000)
+            raise ControlError(400, "api_key must be a non-empty string")
+        charges = optional_int_field(spec, "charges", 1000)
         rps = spec.get("requests_per_second")
         if rps is None:
             rps = 100 if key.startswith("sk_live_") else 25
         if isinstance(rps, bool) or not isinstance(rps, (int, float)) or rps < 0:
-            raise _ControlError(400, "requests_per_second must be a number >= 0")
+            raise ControlError(400, "requests_per_second must be a number >= 0")
         out = {
             "api_key": key,
-            "seed": _control_int(spec, "seed", 0, minimum=None),
+            "seed": optional_int_field(spec, "seed", 0, minimum=None),
             "charges": charges,
-            "subscriptions": _control_int(spec, "subscriptions", 100),
-            "customers": _control_int(spec, "customers", None, minimum=1),
+            "subscriptions": optional_int_field(spec, "subscriptions", 100),
+            "customers": optional_int_field(spec, "customers", None, minimum=1),
             "days": _control_days(spec.get("days", 90)),
             "requests_per_second": rps,
         }
         if spec.get("now") is not None:
-            out["now"] = _control_int(spec, "now", None, minimum=None)
+            out["now"] = optional_int_field(spec, "now", None, minimum=None)
         return out
 
     def add_account(self, spec: Mapping[str, Any]) -> tuple[StripeAccount, str]:
@@ -2117,19 +2108,8 @@ class StripeSandbox:
     def _runtime_for(self, api_key: Any) -> _Runtime:
         rt = self._runtime.get(api_key) if isinstance(api_key, str) else None
         if rt is None:
-            raise _ControlError(404, "unknown api_key")
+            raise ControlError(404, "unknown api_key")
         return rt
-
-    @staticmethod
-    async def _json_body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
 
     @staticmethod
     def _account_summary(account: StripeAccount, rt: _Runtime, status: str | None = None) -> dict[str, Any]:
@@ -2146,64 +2126,52 @@ class StripeSandbox:
             out["status"] = status
         return out
 
+    @partial(control_endpoint, bad_request=(ValueError,))
     async def _control_accounts(self, request: Request) -> Response:
-        try:
-            if request.method == "GET":
-                return _json_response(200, [self._account_summary(rt.account, rt) for rt in self._runtime.values()])
-            norm = self.normalise_spec(await self._json_body(request))
-            started = time.perf_counter()
-            built = await run_in_threadpool(self._build, norm)
-            account, status = self._install(norm, built)
-            summary = self._account_summary(account, self._runtime[norm["api_key"]], status)
-            summary["generation_seconds"] = round(time.perf_counter() - started, 3)
-            return _json_response(200, summary)
-        except _ControlError as err:
-            return _json_response(err.status, {"error": err.message})
-        except ValueError as err:
-            return _json_response(400, {"error": str(err)})
+        if request.method == "GET":
+            return _json_response(200, [self._account_summary(rt.account, rt) for rt in self._runtime.values()])
+        norm = self.normalise_spec(await read_json_object(request))
+        started = time.perf_counter()
+        built = await run_in_threadpool(self._build, norm)
+        account, status = self._install(norm, built)
+        summary = self._account_summary(account, self._runtime[norm["api_key"]], status)
+        summary["generation_seconds"] = round(time.perf_counter() - started, 3)
+        return _json_response(200, summary)
 
+    @control_endpoint
     async def _control_faults(self, request: Request) -> Response:
-        try:
-            if request.method == "DELETE":
-                rt = self._runtime_for(request.query_params.get("api_key"))
-                rt.faults = _Faults()
-                return _json_response(200, rt.faults.as_dict())
-            body = await self._json_body(request)
-            unknown = set(body) - _FAULT_FIELDS
-            if unknown:
-                raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
-            rt = self._runtime_for(body.get("api_key"))
-            f = rt.faults
-            if "rate_limit_burst" in body:
-                f.rate_limit_burst = _control_int(body, "rate_limit_burst", 0) or 0
-            if "server_errors" in body:
-                f.server_errors = _control_int(body, "server_errors", 0) or 0
-            if "fail_after_requests" in body:
-                f.fail_after_requests = _control_int(body, "fail_after_requests", None)
-            if "latency_ms" in body:
-                latency = body["latency_ms"]
-                if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
-                    raise _ControlError(400, "latency_ms must be a number >= 0")
-                f.latency_ms = float(latency)
-            return _json_response(200, f.as_dict())
-        except _ControlError as err:
-            return _json_response(err.status, {"error": err.message})
+        if request.method == "DELETE":
+            rt = self._runtime_for(request.query_params.get("api_key"))
+            rt.faults = _Faults()
+            return _json_response(200, rt.faults.as_dict())
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _FAULT_FIELDS, "fault")
+        rt = self._runtime_for(body.get("api_key"))
+        f = rt.faults
+        if "rate_limit_burst" in body:
+            f.rate_limit_burst = optional_int_field(body, "rate_limit_burst", 0) or 0
+        if "server_errors" in body:
+            f.server_errors = optional_int_field(body, "server_errors", 0) or 0
+        if "fail_after_requests" in body:
+            f.fail_after_requests = optional_int_field(body, "fail_after_requests", None)
+        if "latency_ms" in body:
+            latency = body["latency_ms"]
+            if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
+                raise ControlError(400, "latency_ms must be a number >= 0")
+            f.latency_ms = float(latency)
+        return _json_response(200, f.as_dict())
 
+    @control_endpoint
     async def _control_export(self, request: Request) -> Response:
-        try:
-            rt = self._runtime_for(request.query_params.get("api_key"))
-            kind = request.path_params["kind"]
-            if kind not in ("charges", "subscriptions"):
-                raise _ControlError(404, "export kind must be charges or subscriptions")
-            return _json_response(200, rt.account.export(kind))
-        except _ControlError as err:
-            return _json_response(err.status, {"error": err.message})
+        rt = self._runtime_for(request.query_params.get("api_key"))
+        kind = request.path_params["kind"]
+        if kind not in ("charges", "subscriptions"):
+            raise ControlError(404, "export kind must be charges or subscriptions")
+        return _json_response(200, rt.account.export(kind))
 
+    @control_endpoint
     async def _control_stats(self, request: Request) -> Response:
-        try:
-            rt = self._runtime_for(request.query_params.get("api_key"))
-        except _ControlError as err:
-            return _json_response(err.status, {"error": err.message})
+        rt = self._runtime_for(request.query_params.get("api_key"))
         return _json_response(
             200,
             {

@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -26,9 +27,6 @@ from nextcrm_pipelines.sandbox.billionmail.data import (
     Knobs,
     _ApiKey,
     _apply_knobs,
-    _ControlError,
-    _ctl_int,
-    _ctl_num,
     _floor,
     _ip_list,
     _provider,
@@ -51,7 +49,16 @@ from nextcrm_pipelines.sandbox.billionmail.wire import (
     _TokenError,
     _validate,
 )
-from nextcrm_pipelines.sandbox.oauth import json_response
+from nextcrm_pipelines.sandbox.control import (
+    ControlError,
+    clear_scoped_faults,
+    control_endpoint,
+    int_field,
+    lookup,
+    number_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 
 
 def _pct(n: int, of: int) -> float | int:
@@ -96,6 +103,7 @@ _FAULT_FIELDS = frozenset(
         "send_failures",
     }
 )
+_control = partial(control_endpoint, bad_request=(TypeError, ValueError))
 _ACCOUNT_FIELDS = frozenset(
     {"id", "username", "password", "api_key", "seed", "campaigns", "contacts", "groups", "days", "knobs", *_KNOB_NAMES}
 )
@@ -157,43 +165,43 @@ class BillionMailSandbox:
         """Validate an account spec and fill in the defaults."""
         unknown = set(body) - _ACCOUNT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown account fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown account fields: {sorted(unknown)}")
         username = body.get("username", "admin")
         password = body.get("password", "billionmail")
         if not isinstance(username, str) or not username or not isinstance(password, str) or not password:
-            raise _ControlError(400, "username and password must be non-empty strings")
+            raise ControlError(400, "username and password must be non-empty strings")
         api_key = body.get("api_key")
         if api_key is not None and (not isinstance(api_key, str) or not api_key):
-            raise _ControlError(400, "api_key must be a non-empty string")
+            raise ControlError(400, "api_key must be a non-empty string")
         seed = body.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _ControlError(400, "seed must be an integer")
-        contacts = _ctl_int(body, "contacts", 500)
+            raise ControlError(400, "seed must be an integer")
+        contacts = int_field(body, "contacts", 500)
         groups_default = min(12, max(3, contacts // 400))
-        days = _ctl_num(body, "days", 90)
+        days = number_field(body, "days", 90)
         if days <= 0:
-            raise _ControlError(400, "days must be > 0")
+            raise ControlError(400, "days must be > 0")
         if not isinstance(body.get("knobs") or {}, dict):
-            raise _ControlError(400, "knobs must be an object")
+            raise ControlError(400, "knobs must be an object")
         knob_body = dict(body.get("knobs") or {})
         unknown_knobs = set(knob_body) - set(_KNOB_NAMES)
         if unknown_knobs:
-            raise _ControlError(400, f"unknown knobs: {sorted(unknown_knobs)}")
+            raise ControlError(400, f"unknown knobs: {sorted(unknown_knobs)}")
         knob_body.update({k: body[k] for k in _KNOB_NAMES if k in body})
         knobs = _apply_knobs(Knobs(), knob_body)
         digest = hashlib.sha256(f"{seed}:{username}:{password}".encode()).hexdigest()[:12]
         account_id = body.get("id") or f"bm{digest}"
         if not isinstance(account_id, str) or "/" in account_id:
-            raise _ControlError(400, "id must be a string without '/'")
+            raise ControlError(400, "id must be a string without '/'")
         return {
             "id": account_id,
             "username": username,
             "password": password,
             "api_key": api_key,
             "seed": seed,
-            "campaigns": _ctl_int(body, "campaigns", 50),
+            "campaigns": int_field(body, "campaigns", 50),
             "contacts": contacts,
-            "groups": _ctl_int(body, "groups", groups_default, 1),
+            "groups": int_field(body, "groups", groups_default, 1),
             "days": days,
             "knobs": knobs,
         }
@@ -1048,37 +1056,14 @@ class BillionMailSandbox:
 
     # --- control API ------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
     def _inst(self, request: Request) -> BillionMailInstall:
-        inst = self.installs.get(request.path_params["account"])
-        if inst is None:
-            raise _ControlError(404, f"no account {request.path_params['account']!r}")
-        return inst
-
-    @staticmethod
-    async def _control(handler: Callable[[], Any]) -> Response:
-        try:
-            return json_response(200, await handler())
-        except _ControlError as err:
-            return json_response(err.status, {"error": err.message})
-        except (TypeError, ValueError) as err:
-            return json_response(400, {"error": str(err)})
+        return lookup(self.installs, request.path_params["account"], "account")
 
     async def _control_accounts(self, request: Request) -> Response:
         async def handle() -> Any:
             if request.method == "GET":
                 return [self.summary(i) for i in self.installs.values()]
-            spec = self.normalise_spec(await self._body(request))
+            spec = self.normalise_spec(await read_json_object(request))
             now = self.clock()
             started = time.perf_counter()
             inst = await run_in_threadpool(lambda: BillionMailInstall(spec, now=now))
@@ -1086,42 +1071,40 @@ class BillionMailSandbox:
                 self.installs[inst.id] = inst
             return {**self.summary(inst), "generation_seconds": round(time.perf_counter() - started, 3)}
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_account(self, request: Request) -> Response:
         async def handle() -> Any:
             return self.summary(self._inst(request))
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_changes(self, request: Request) -> Response:
         async def handle() -> Any:
             inst = self._inst(request)
-            body = await self._body(request)
-            unknown = set(body) - set(_CHANGE_FIELDS)
-            if unknown:
-                raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
-            return inst.apply_changes({k: _ctl_int(body, k, 0) for k in _CHANGE_FIELDS}, self.clock())
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _CHANGE_FIELDS, "change")
+            return inst.apply_changes({k: int_field(body, k, 0) for k in _CHANGE_FIELDS}, self.clock())
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_records(self, request: Request) -> Response:
         async def handle() -> Any:
             inst = self._inst(request)
-            body = await self._body(request)
+            body = await read_json_object(request)
             entity = _ENTITIES.get(str(body.get("entity", "")).lower())
             if entity is None or entity == "api_mails":
-                raise _ControlError(400, "entity must be campaign, contact, group or api_key")
+                raise ControlError(400, "entity must be campaign, contact, group or api_key")
             fields_ = body.get("fields") or {}
             if not isinstance(fields_, dict):
-                raise _ControlError(400, "fields must be an object")
+                raise ControlError(400, "fields must be an object")
             at = body.get("at")
             if at is not None and (isinstance(at, bool) or not isinstance(at, int)):
-                raise _ControlError(400, "at must be unix seconds")
+                raise ControlError(400, "at must be unix seconds")
             now = self.clock()
             return self._add_record(inst, entity, fields_, now if at is None else at, now)
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     def _add_record(
         self, inst: BillionMailInstall, entity: str, f: Mapping[str, Any], at: int, now: int
@@ -1134,12 +1117,12 @@ class BillionMailSandbox:
         if entity == "contacts":
             gid = f.get("group_id", next(iter(inst.groups), None))
             if gid not in inst.groups:
-                raise _ControlError(400, "group_id must name an existing group")
+                raise ControlError(400, "group_id must name an existing group")
             email = f.get("email") or f"contact{inst.next_contact_id}@example.net"
             if not isinstance(email, str) or "@" not in email:
-                raise _ControlError(400, "email must be an address")
+                raise ControlError(400, "email must be an address")
             if any(inst.contacts[r].group_id == gid for r in inst.by_email.get(email, ())):
-                raise _ControlError(400, "the email is already in that group")
+                raise ControlError(400, "the email is already in that group")
             attribs = f.get("attribs") or {}
             row = inst._insert_contact(email, gid, int(f.get("active", 1)), int(f.get("status", 1)), at, dict(attribs))
             return inst.contact_view(row, row.active)
@@ -1156,12 +1139,12 @@ class BillionMailSandbox:
             return inst.api_key_view(api)
         gids = f.get("group_ids") or ([f["group_id"]] if "group_id" in f else [next(iter(inst.groups), 0)])
         if not isinstance(gids, list) or any(g not in inst.groups for g in gids):
-            raise _ControlError(400, "group_ids must name existing groups")
+            raise ControlError(400, "group_ids must name existing groups")
         recipients = None
         if "recipient_count" in f:
             n = f["recipient_count"]
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-                raise _ControlError(400, "recipient_count must be an integer >= 0")
+                raise ControlError(400, "recipient_count must be an integer >= 0")
             pool = inst._snapshot(gids)
             recipients = (pool + [f"recipient{i}@example.net" for i in range(max(0, n - len(pool)))])[:n]
         task = inst.create_task(
@@ -1191,18 +1174,18 @@ class BillionMailSandbox:
                 return {"records": [inst.api_key_view(a) for a in inst.api_keys.values()], "deleted_ids": []}
             return inst.export(entity or "", self.clock())
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_expire(self, request: Request) -> Response:
         async def handle() -> Any:
             inst = self._inst(request)
-            body = await self._body(request)
+            body = await read_json_object(request)
             refresh = body.get("refresh", False)
             if not isinstance(refresh, bool):
-                raise _ControlError(400, "refresh must be a boolean")
+                raise ControlError(400, "refresh must be a boolean")
             return {"expired": inst.expire_tokens(self.clock(), refresh)}
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_captchas(self, request: Request) -> Response:
         async def handle() -> Any:
@@ -1210,51 +1193,44 @@ class BillionMailSandbox:
             now = self.clock()
             return {"captchas": {cid: answer for cid, (answer, exp) in inst.captchas.items() if exp > now}}
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_knobs(self, request: Request) -> Response:
         async def handle() -> Any:
             inst = self._inst(request)
-            body = await self._body(request)
+            body = await read_json_object(request)
             unknown = set(body) - set(_KNOB_NAMES)
             if unknown:
-                raise _ControlError(400, f"unknown knobs: {sorted(unknown)}")
+                raise ControlError(400, f"unknown knobs: {sorted(unknown)}")
             inst.knobs = _apply_knobs(inst.knobs, body)
             return asdict(inst.knobs)
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_faults(self, request: Request) -> Response:
         async def handle() -> Any:
             if request.method == "DELETE":
-                account = request.query_params.get("account")
-                if account:
-                    self._faults.pop(account, None)
-                else:
-                    self._faults.clear()
-                return {"cleared": account or "all"}
-            body = await self._body(request)
-            unknown = set(body) - _FAULT_FIELDS
-            if unknown:
-                raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+                return clear_scoped_faults(self._faults, request.query_params.get("account"))
+            body = await read_json_object(request)
+            reject_unknown_fields(body, _FAULT_FIELDS, "fault")
             if body.get("rate_limited"):
-                raise _ControlError(400, "BillionMail has no rate limiting: use latency_ms or server_errors")
+                raise ControlError(400, "BillionMail has no rate limiting: use latency_ms or server_errors")
             account = body.get("account")
             if account is not None and account not in self.installs:
-                raise _ControlError(404, f"no account {account!r}")
+                raise ControlError(404, f"no account {account!r}")
             f = self._faults.setdefault(account, _Faults())
             for name in ("server_errors", "envelope_errors", "send_failures"):
                 if name in body:
-                    setattr(f, name, _ctl_int(body, name, 0))
+                    setattr(f, name, int_field(body, name, 0))
             if "envelope_error_code" in body:
-                f.envelope_error_code = _ctl_int(body, "envelope_error_code", 500)
+                f.envelope_error_code = int_field(body, "envelope_error_code", 500)
             if "envelope_error_msg" in body:
                 f.envelope_error_msg = str(body["envelope_error_msg"])
             if "latency_ms" in body:
-                f.latency_ms = _ctl_num(body, "latency_ms", 0.0)
+                f.latency_ms = number_field(body, "latency_ms", 0.0)
             return {"account": account, **asdict(f)}
 
-        return await self._control(handle)
+        return await _control(handle)()
 
     async def _control_stats(self, request: Request) -> Response:
         async def handle() -> Any:
@@ -1267,4 +1243,4 @@ class BillionMailSandbox:
                 "faults": {str(k): asdict(f) for k, f in self._faults.items()},
             }
 
-        return await self._control(handle)
+        return await _control(handle)()

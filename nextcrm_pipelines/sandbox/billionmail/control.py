@@ -6,16 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from nextcrm_pipelines.sandbox.billionmail.wire import CONTROL_PREFIX
+from nextcrm_pipelines.sandbox.control import ControlClient
 
 
-class BillionMailControl:
+class BillionMailControl(ControlClient):
     """Typed calls to the BillionMail control API of a running ``SandboxServer``."""
 
-    def __init__(self, server: Any) -> None:
-        self.server = server
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+    prefix = CONTROL_PREFIX
 
     def add_account(self, **spec: Any) -> dict[str, Any]:
         """Create an installation: username, password, api_key, seed, campaigns, contacts, groups, days, knobs."""
@@ -60,14 +57,11 @@ class BillionMailControl:
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject server_errors, latency_ms, envelope_errors (+ code/msg) or send_failures (one account or all)."""
-        body = dict(faults)
-        if account is not None:
-            body["account"] = account
-        return self._call("POST", "/faults", json=body)
+        return self._set_faults("account", account, faults)
 
     def clear_faults(self, account: str | None = None) -> dict[str, Any]:
         """Remove injected faults (of one account, or all)."""
-        return self._call("DELETE", "/faults", params={"account": account} if account else None)
+        return self._clear_faults("account", account)
 
     def stats(self) -> dict[str, Any]:
         """Request counts: total, per route, per HTTP status, per envelope code, per account."""

@@ -29,6 +29,7 @@ from nextcrm_pipelines.sandbox.billionmail.wire import (
     _Token,
     _TokenError,
 )
+from nextcrm_pipelines.sandbox.control import ControlError, int_field, number_field
 
 # ---------------------------------------------------------------------------------------------------------
 # Data
@@ -254,30 +255,9 @@ class Knobs:
 _KNOB_NAMES = tuple(f.name for f in fields(Knobs))
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _ctl_int(body: Mapping[str, Any], name: str, default: int, minimum: int = 0) -> int:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _ControlError(400, f"{name} must be an integer >= {minimum}")
-    return value
-
-
-def _ctl_num(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _ControlError(400, f"{name} must be a number >= {minimum}")
-    return float(value)
-
-
 def _ip_list(value: Any, name: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _ControlError(400, f"{name} must be a list of IP strings")
+        raise ControlError(400, f"{name} must be a list of IP strings")
     return list(value)
 
 
@@ -286,16 +266,16 @@ def _apply_knobs(knobs: Knobs, body: Mapping[str, Any]) -> Knobs:
     out = Knobs(**{k: (list(v) if isinstance(v, list) else v) for k, v in asdict(knobs).items()})
     for name in ("token_ttl", "refresh_ttl"):
         if name in body:
-            setattr(out, name, _ctl_int(body, name, 0, 1))
+            setattr(out, name, int_field(body, name, 0, 1))
     for name in ("captcha_after_failures", "max_login_retries", "login_block_seconds"):
         if name in body:
-            setattr(out, name, _ctl_int(body, name, 0, 0))
+            setattr(out, name, int_field(body, name, 0, 0))
     if "contact_max_page_size" in body:
-        out.contact_max_page_size = _ctl_int(body, "contact_max_page_size", 0, 1)
+        out.contact_max_page_size = int_field(body, "contact_max_page_size", 0, 1)
     for name in ("refresh_rotates", "contact_status_required", "edit_touches_update_time"):
         if name in body:
             if not isinstance(body[name], bool):
-                raise _ControlError(400, f"{name} must be a boolean")
+                raise ControlError(400, f"{name} must be a boolean")
             setattr(out, name, body[name])
     if "safe_path" in body:
         value = body["safe_path"]
@@ -304,21 +284,21 @@ def _apply_knobs(knobs: Knobs, body: Mapping[str, Any]) -> Knobs:
         elif isinstance(value, str) and value.strip("/") and "/" not in value.strip("/"):
             out.safe_path = value.strip("/")
         else:
-            raise _ControlError(400, "safe_path must be a single path segment or null")
+            raise ControlError(400, "safe_path must be a single path segment or null")
     if "ip_whitelist" in body:
         value = body["ip_whitelist"]
         out.ip_whitelist = None if value in (None, False) else _ip_list(value, "ip_whitelist")
     if "client_ip" in body:
         value = body["client_ip"]
         if value is not None and not (isinstance(value, str) and value):
-            raise _ControlError(400, "client_ip must be an IP string or null")
+            raise ControlError(400, "client_ip must be an IP string or null")
         out.client_ip = value
     if "api_key_ip_whitelist" in body:
         out.api_key_ip_whitelist = _ip_list(body["api_key_ip_whitelist"], "api_key_ip_whitelist")
     if "send_rate_per_thread" in body:
-        out.send_rate_per_thread = _ctl_num(body, "send_rate_per_thread", SEND_RATE_PER_THREAD, 0.0)
+        out.send_rate_per_thread = number_field(body, "send_rate_per_thread", SEND_RATE_PER_THREAD, 0.0)
         if out.send_rate_per_thread <= 0:
-            raise _ControlError(400, "send_rate_per_thread must be > 0")
+            raise ControlError(400, "send_rate_per_thread must be > 0")
     return out
 
 
@@ -1123,4 +1103,4 @@ class BillionMailInstall:
             return {"records": [self.group_view(g) for g in self.groups.values()], "deleted_ids": []}
         if entity == "api_mails":
             return {"records": list(self.api_mails), "deleted_ids": []}
-        raise _ControlError(400, "entity must be campaigns, contacts, groups or api_mails")
+        raise ControlError(400, "entity must be campaigns, contacts, groups or api_mails")

@@ -22,6 +22,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.control import (
+    ControlError,
+    clear_scoped_faults,
+    control_endpoint,
+    int_field,
+    lookup,
+    number_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 from nextcrm_pipelines.sandbox.mautic.data import (
     _ACCOUNT_FIELDS,
     _CHANGE_FIELDS,
@@ -43,11 +53,8 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     PREFIX,
     SESSION_COOKIE,
     ApiError,
-    _ControlError,
     _entity_of,
     _generic_message,
-    _int_field,
-    _num_field,
     _unix_field,
     php_json,
     php_params,
@@ -150,20 +157,20 @@ class MauticSandbox:
         """Validate an account spec and fill in the defaults."""
         unknown = set(body) - _ACCOUNT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown account fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown account fields: {sorted(unknown)}")
         seed = body.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise _ControlError(400, "seed must be an integer")
-        days = _num_field(body, "days", 30.0)
+            raise ControlError(400, "seed must be an integer")
+        days = number_field(body, "days", 30.0)
         if days <= 0:
-            raise _ControlError(400, "days must be > 0")
+            raise ControlError(400, "days must be > 0")
         counts = {
-            name: _int_field(body, name, default)
+            name: int_field(body, name, default)
             for name, default in (("campaigns", 20), ("contacts", 100), ("segments", 5), ("emails", 10))
         }
         clients = body.get("clients", [])
         if not isinstance(clients, list) or not all(isinstance(c, dict) for c in clients):
-            raise _ControlError(
+            raise ControlError(
                 400, "clients must be a list of {client_id, client_secret, grant_types?, redirect_uris?}"
             )
         users = body.get("users") or [{"username": "admin", "password": "mautic"}]
@@ -174,7 +181,7 @@ class MauticSandbox:
             and isinstance(u.get("password"), str)
             for u in users
         ):
-            raise _ControlError(400, "users must be a list of {username, password, firstName?, lastName?}")
+            raise ControlError(400, "users must be a list of {username, password, firstName?, lastName?}")
         users = [
             {
                 "username": u["username"],
@@ -192,7 +199,7 @@ class MauticSandbox:
             )
             account_id = "m" + hashlib.sha256(material.encode()).hexdigest()[:12]
         if not isinstance(account_id, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", account_id):
-            raise _ControlError(400, "id must be 1-64 letters, digits, '-' or '_'")
+            raise ControlError(400, "id must be 1-64 letters, digits, '-' or '_'")
         return {
             "id": account_id,
             "seed": seed,
@@ -214,10 +221,7 @@ class MauticSandbox:
         return self.installations.get(account_id)
 
     def _inst(self, account_id: str) -> MauticInstallation:
-        inst = self.installations.get(account_id)
-        if inst is None:
-            raise _ControlError(404, f"no account {account_id!r}")
-        return inst
+        return lookup(self.installations, account_id, "account")
 
     # --- routes -------------------------------------------------------------------------------------------
 
@@ -238,23 +242,27 @@ class MauticSandbox:
             Route(f"{base}/api/{{entity}}/{{rid:int}}", self._api("one"), methods=["GET"]),
             Route(f"{base}/api/{{entity}}", self._api("list"), methods=["GET"]),
             Route(f"{base}/api/{{rest:path}}", self._api("unknown"), methods=every),
-            Route(f"{c}/accounts", self._control(self._control_accounts), methods=["GET", "POST"]),
-            Route(a, self._control(self._control_account), methods=["GET", "PATCH", "DELETE"]),
-            Route(f"{a}/clients", self._control(self._control_clients), methods=["POST"]),
-            Route(f"{a}/oauth", self._control(self._control_oauth_state), methods=["GET"]),
-            Route(f"{a}/oauth/clients", self._control(self._control_clients), methods=["POST"]),
-            Route(f"{a}/oauth/grants", self._control(self._control_grant), methods=["POST"]),
+            Route(f"{c}/accounts", control_endpoint(self._control_accounts), methods=["GET", "POST"]),
+            Route(a, control_endpoint(self._control_account), methods=["GET", "PATCH", "DELETE"]),
+            Route(f"{a}/clients", control_endpoint(self._control_clients), methods=["POST"]),
+            Route(f"{a}/oauth", control_endpoint(self._control_oauth_state), methods=["GET"]),
+            Route(f"{a}/oauth/clients", control_endpoint(self._control_clients), methods=["POST"]),
+            Route(f"{a}/oauth/grants", control_endpoint(self._control_grant), methods=["POST"]),
             Route(
-                f"{a}/oauth/grants/{{grant_id}}/{{action}}", self._control(self._control_grant_action), methods=["POST"]
+                f"{a}/oauth/grants/{{grant_id}}/{{action}}",
+                control_endpoint(self._control_grant_action),
+                methods=["POST"],
             ),
-            Route(f"{a}/changes", self._control(self._control_changes), methods=["POST"]),
-            Route(f"{a}/records", self._control(self._control_add_record), methods=["POST"]),
+            Route(f"{a}/changes", control_endpoint(self._control_changes), methods=["POST"]),
+            Route(f"{a}/records", control_endpoint(self._control_add_record), methods=["POST"]),
             Route(
-                f"{a}/records/{{entity}}/{{rid:int}}", self._control(self._control_record), methods=["PATCH", "DELETE"]
+                f"{a}/records/{{entity}}/{{rid:int}}",
+                control_endpoint(self._control_record),
+                methods=["PATCH", "DELETE"],
             ),
-            Route(f"{a}/export/{{entity}}", self._control(self._control_export), methods=["GET"]),
-            Route(f"{c}/faults", self._control(self._control_faults), methods=["POST", "DELETE"]),
-            Route(f"{c}/stats", self._control(self._control_stats), methods=["GET"]),
+            Route(f"{a}/export/{{entity}}", control_endpoint(self._control_export), methods=["GET"]),
+            Route(f"{c}/faults", control_endpoint(self._control_faults), methods=["POST", "DELETE"]),
+            Route(f"{c}/stats", control_endpoint(self._control_stats), methods=["GET"]),
         ]
 
     def _count(self, inst: MauticInstallation | None, pattern: str, status: int) -> None:
@@ -611,34 +619,10 @@ class MauticSandbox:
 
     # --- control API --------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        raw = await request.body()
-        try:
-            body = orjson.loads(raw or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
-    @staticmethod
-    def _control(handler: Callable[[Request], Any]) -> Callable[[Request], Any]:
-        async def wrapped(request: Request) -> Response:
-            try:
-                payload = await handler(request)
-            except _ControlError as err:
-                return Response(
-                    orjson.dumps({"error": err.message}), status_code=err.status, media_type="application/json"
-                )
-            return Response(orjson.dumps(payload), status_code=200, media_type="application/json")
-
-        return wrapped
-
     async def _control_accounts(self, request: Request) -> Any:
         if request.method == "GET":
             return [inst.summary() for inst in self.installations.values()]
-        spec = self.normalise_spec(await self._body(request))
+        spec = self.normalise_spec(await read_json_object(request))
         started = time.perf_counter()
         inst = await run_in_threadpool(MauticInstallation, spec, self.clock)
         self.installations[inst.id] = inst
@@ -647,7 +631,7 @@ class MauticSandbox:
     async def _control_account(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])
         if request.method == "PATCH":
-            inst.configure(await self._body(request))
+            inst.configure(await read_json_object(request))
         elif request.method == "DELETE":
             del self.installations[inst.id]
             return {"deleted": inst.id}
@@ -655,21 +639,21 @@ class MauticSandbox:
 
     async def _control_clients(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])
-        return inst.add_client(await self._body(request)).summary()
+        return inst.add_client(await read_json_object(request)).summary()
 
     async def _control_oauth_state(self, request: Request) -> Any:
         return self._inst(request.path_params["account"]).oauth.control_state()
 
     async def _control_grant(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])
-        body = await self._body(request)
+        body = await read_json_object(request)
         client_id = str(body.get("client_id", ""))
         if client_id not in inst.clients:
-            raise _ControlError(404, f"no client {client_id!r}")
+            raise ControlError(404, f"no client {client_id!r}")
         username = str(body.get("user") or next(iter(inst.users)))
         user = inst.users.get(username)
         if user is None:
-            raise _ControlError(404, f"no user {username!r}")
+            raise ControlError(404, f"no user {username!r}")
         grant, raw = inst.oauth.create_grant(
             client_id, str(body.get("scope") or ""), {"user_id": user["id"], "username": username}
         )
@@ -679,29 +663,27 @@ class MauticSandbox:
         inst = self._inst(request.path_params["account"])
         grant_id, action = request.path_params["grant_id"], request.path_params["action"]
         if grant_id not in inst.oauth.grants:
-            raise _ControlError(404, f"no grant {grant_id!r}")
+            raise ControlError(404, f"no grant {grant_id!r}")
         if action == "revoke":
             inst.oauth.revoke_grant(grant_id)
             return {"grant_id": grant_id, "result": None}
         if action == "expire-access":
             return {"grant_id": grant_id, "result": inst.oauth.expire_access_tokens(grant_id)}
-        raise _ControlError(404, f"unknown grant action {action!r}")
+        raise ControlError(404, f"unknown grant action {action!r}")
 
     async def _control_changes(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])
-        body = await self._body(request)
-        unknown = set(body) - set(_CHANGE_FIELDS)
-        if unknown:
-            raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
-        return inst.apply_changes({k: _int_field(body, k, 0) for k in _CHANGE_FIELDS}, self.clock())
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _CHANGE_FIELDS, "change")
+        return inst.apply_changes({k: int_field(body, k, 0) for k in _CHANGE_FIELDS}, self.clock())
 
     async def _control_add_record(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])
-        body = await self._body(request)
+        body = await read_json_object(request)
         entity = _entity_of(body.get("entity"))
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
-            raise _ControlError(400, "fields must be an object")
+            raise ControlError(400, "fields must be an object")
         at = _unix_field(body.get("at"), "at")
         rec = inst.create(entity, self.clock() if at is None else at, fields)
         return inst.render(entity, rec)
@@ -710,17 +692,17 @@ class MauticSandbox:
         inst = self._inst(request.path_params["account"])
         entity = _entity_of(request.path_params["entity"])
         rid = request.path_params["rid"]
-        body = await self._body(request)
+        body = await read_json_object(request)
         at = _unix_field(body.get("at"), "at")
         when = self.clock() if at is None else at
         if request.method == "DELETE":
             if rid not in inst.tables[entity]:
-                raise _ControlError(404, f"no {entity} record {rid}")
+                raise ControlError(404, f"no {entity} record {rid}")
             inst.delete(entity, rid, when)
             return {"deleted": rid}
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
-            raise _ControlError(400, "fields must be an object")
+            raise ControlError(400, "fields must be an object")
         return inst.render(entity, inst.update(entity, rid, fields, when))
 
     async def _control_export(self, request: Request) -> Any:
@@ -729,29 +711,22 @@ class MauticSandbox:
 
     async def _control_faults(self, request: Request) -> Any:
         if request.method == "DELETE":
-            account = request.query_params.get("account")
-            if account:
-                self._faults.pop(account, None)
-            else:
-                self._faults.clear()
-            return {"cleared": account or "all"}
-        body = await self._body(request)
-        unknown = set(body) - {"account", *_Faults().as_dict()}
-        if unknown:
-            raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+            return clear_scoped_faults(self._faults, request.query_params.get("account"))
+        body = await read_json_object(request)
+        reject_unknown_fields(body, {"account", *_Faults().as_dict()}, "fault")
         account = body.get("account")
         if account is not None:
             account = self._inst(str(account)).id
         faults = self._faults.setdefault(account, _Faults())
         for name in ("server_errors", "rate_limited", "insert_during_paging"):
             if name in body:
-                setattr(faults, name, _int_field(body, name, 0))
+                setattr(faults, name, int_field(body, name, 0))
         if "server_error_status" in body:
             if body["server_error_status"] not in (500, 502, 503, 504):
-                raise _ControlError(400, "server_error_status must be 500, 502, 503 or 504")
+                raise ControlError(400, "server_error_status must be 500, 502, 503 or 504")
             faults.server_error_status = body["server_error_status"]
         if "latency_ms" in body:
-            faults.latency_ms = _num_field(body, "latency_ms", 0.0)
+            faults.latency_ms = number_field(body, "latency_ms", 0.0)
         return {"account": account, **faults.as_dict()}
 
     async def _control_stats(self, request: Request) -> Any:

@@ -5,19 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from nextcrm_pipelines.sandbox.control import ControlClient
 from nextcrm_pipelines.sandbox.mautic.model import (
     CONTROL_PREFIX,
 )
 
 
-class MauticControl:
+class MauticControl(ControlClient):
     """Typed calls to ``/_sandbox/mautic/...`` through a running ``SandboxServer`` (``server.control``)."""
 
-    def __init__(self, server: Any) -> None:
-        self.server = server
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+    prefix = CONTROL_PREFIX
 
     def add_account(self, **spec: Any) -> dict[str, Any]:
         """Generate an installation: seed, days, campaigns, contacts, segments, emails, clients, users, knobs."""
@@ -110,14 +107,11 @@ class MauticControl:
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
         """server_errors, server_error_status, rate_limited, latency_ms, insert_during_paging (one account or all)."""
-        body = dict(faults)
-        if account is not None:
-            body["account"] = account
-        return self._call("POST", "/faults", json=body)
+        return self._set_faults("account", account, faults)
 
     def clear_faults(self, account: str | None = None) -> dict[str, Any]:
         """Remove injected faults (of one account, or all)."""
-        return self._call("DELETE", "/faults", params={"account": account} if account else None)
+        return self._clear_faults("account", account)
 
     def stats(self) -> dict[str, Any]:
         """Request counts: total, per route pattern, per status, per account (with OAuth counts)."""

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from nextcrm_pipelines.sandbox.control import ControlError, bool_field, int_field, number_field
 from nextcrm_pipelines.sandbox.mautic.model import (
     _ALIASES,
     _CATCH_ALL,
@@ -40,17 +41,13 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     RATE_PERIOD,
     ApiError,
     Predicate,
-    _bool_field,
     _camel,
     _Column,
     _comparable,
-    _ControlError,
     _db_datetime,
     _entity_of,
-    _int_field,
     _like,
     _Member,
-    _num_field,
     _parse_offset,
     _php_int,
     _php_truthy,
@@ -165,7 +162,7 @@ def _normalise_knobs(body: Mapping[str, Any], base: Mapping[str, Any]) -> dict[s
     out = dict(base)
     for name in ("api_enabled", "basic_auth", "login_form"):
         if name in body:
-            out[name] = _bool_field(body, name, False)
+            out[name] = bool_field(body, name, False)
     for name, minimum in (
         ("rate_limit", 0),
         ("default_pagelimit", 1),
@@ -176,13 +173,13 @@ def _normalise_knobs(body: Mapping[str, Any], base: Mapping[str, Any]) -> dict[s
         ("insert_during_paging", 0),
     ):
         if name in body:
-            out[name] = _int_field(body, name, 0, minimum)
+            out[name] = int_field(body, name, 0, minimum)
     if "rate_limit_period" in body:
-        out["rate_limit_period"] = _num_field(body, "rate_limit_period", RATE_PERIOD, 0.001)
+        out["rate_limit_period"] = number_field(body, "rate_limit_period", RATE_PERIOD, 0.001)
     for name in ("rate_limit_content_type", "mautic_version"):
         if name in body:
             if not isinstance(body[name], str) or not body[name]:
-                raise _ControlError(400, f"{name} must be a non-empty string")
+                raise ControlError(400, f"{name} must be a non-empty string")
             out[name] = body[name]
     if "utc_offset" in body:
         _parse_offset(str(body["utc_offset"]))
@@ -196,7 +193,7 @@ def _normalise_knobs(body: Mapping[str, Any], base: Mapping[str, Any]) -> dict[s
             elif isinstance(value, dict) and all(k in ENTITIES and isinstance(v, bool) for k, v in value.items()):
                 merged.update(value)
             else:
-                raise _ControlError(400, f"{name} must be true/false or an object of entity: true/false")
+                raise ControlError(400, f"{name} must be true/false or an object of entity: true/false")
             out[name] = merged
     return out
 
@@ -263,7 +260,7 @@ class MauticInstallation:
         """Change knobs without regenerating data."""
         unknown = set(body) - set(_KNOB_DEFAULTS)
         if unknown:
-            raise _ControlError(400, f"unknown knobs: {sorted(unknown)}")
+            raise ControlError(400, f"unknown knobs: {sorted(unknown)}")
         self.knobs = _normalise_knobs(body, self.knobs)
         self.tz = _parse_offset(self.knobs["utc_offset"])
         policy = self._policy()
@@ -275,13 +272,13 @@ class MauticInstallation:
         """Register (or replace) API credentials; grant types default to all three, as for an admin's client."""
         client_id, secret = spec.get("client_id"), spec.get("client_secret")
         if not isinstance(client_id, str) or not client_id or not isinstance(secret, str) or not secret:
-            raise _ControlError(400, "client_id and client_secret must be non-empty strings")
+            raise ControlError(400, "client_id and client_secret must be non-empty strings")
         grants = spec.get("grant_types") or list(GRANT_TYPES)
         if not isinstance(grants, list) or any(g not in GRANT_TYPES for g in grants):
-            raise _ControlError(400, f"grant_types must be a list drawn from {list(GRANT_TYPES)}")
+            raise ControlError(400, f"grant_types must be a list drawn from {list(GRANT_TYPES)}")
         uris = spec.get("redirect_uris") or []
         if not isinstance(uris, list) or not all(isinstance(u, str) for u in uris):
-            raise _ControlError(400, "redirect_uris must be a list of strings")
+            raise ControlError(400, "redirect_uris must be a list of strings")
         client = _Client(client_id, secret, tuple(grants), tuple(uris))
         self.clients[client_id] = client
         self.oauth.register_client(client_id, secret, client.redirect_uris)
@@ -568,7 +565,7 @@ class MauticInstallation:
         """Change a record as a user edit at ``at``: new ``dateModified`` and ``modifiedBy``."""
         rec = self.tables[entity].get(rid)
         if rec is None:
-            raise _ControlError(404, f"no {entity} record {rid}")
+            raise ControlError(404, f"no {entity} record {rid}")
         rec.modified = at
         rec.f["modifiedBy"] = next(iter(self.users_by_id))
         self._apply_fields(entity, rec, fields)

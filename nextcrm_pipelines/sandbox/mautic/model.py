@@ -8,11 +8,13 @@ import datetime as dt
 import html
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
+
+from nextcrm_pipelines.sandbox.control import ControlError
 
 if TYPE_CHECKING:
     from nextcrm_pipelines.sandbox.mautic.data import MauticInstallation
@@ -98,13 +100,6 @@ def _server_error() -> ApiError:
     return ApiError(500, _generic_message(500), kind="kernel")
 
 
-class _ControlError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Time
 # ---------------------------------------------------------------------------------------------------------
@@ -119,7 +114,7 @@ _DATETIME_RE = re.compile(
 def _parse_offset(value: str) -> dt.timezone:
     m = _OFFSET_RE.match(value)
     if not m or int(m.group(2)) > 14 or int(m.group(3)) >= 60:
-        raise _ControlError(400, "utc_offset must look like +00:00 or -05:00")
+        raise ControlError(400, "utc_offset must look like +00:00 or -05:00")
     minutes = int(m.group(2)) * 60 + int(m.group(3))
     return dt.timezone(dt.timedelta(minutes=-minutes if m.group(1) == "-" else minutes))
 
@@ -156,12 +151,12 @@ def _unix_field(value: Any, name: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool):
-        raise _ControlError(400, f"{name} must be unix seconds or an ISO-8601 string")
+        raise ControlError(400, f"{name} must be unix seconds or an ISO-8601 string")
     if isinstance(value, (int, float)):
         return int(value)
     parsed = parse_datetime(str(value))
     if parsed is None:
-        raise _ControlError(400, f"{name} must be unix seconds or an ISO-8601 string")
+        raise ControlError(400, f"{name} must be unix seconds or an ISO-8601 string")
     return parsed
 
 
@@ -528,27 +523,6 @@ def _predicate(inst: MauticInstallation, expr: str, column: _Column, raw: Any) -
     return compare
 
 
-def _int_field(body: Mapping[str, Any], name: str, default: int, minimum: int = 0) -> int:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _ControlError(400, f"{name} must be an integer >= {minimum}")
-    return value
-
-
-def _num_field(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
-    value = body.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
-        raise _ControlError(400, f"{name} must be a number >= {minimum}")
-    return float(value)
-
-
-def _bool_field(body: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise _ControlError(400, f"{name} must be true or false")
-    return value
-
-
 def _entity_of(name: Any) -> str:
     key = str(name or "").lower()
     aliases = {"campaign": "campaigns", "contact": "contacts", "segment": "segments", "list": "segments"}
@@ -558,5 +532,5 @@ def _entity_of(name: Any) -> str:
     if key == "email":
         key = "emails"
     if key not in ENTITIES:
-        raise _ControlError(400, f"entity must be one of {list(ENTITIES)}")
+        raise ControlError(400, f"entity must be one of {list(ENTITIES)}")
     return key

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -20,12 +21,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from nextcrm_pipelines.sandbox.control import (
+    ControlError,
+    bool_field,
+    control_endpoint,
+    optional_int_field,
+    read_json_object,
+    reject_unknown_fields,
+)
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
 from nextcrm_pipelines.sandbox.xero.data import (
     _TAX,
     XeroTenant,
     _Contact,
-    _ControlError,
     _Invoice,
     _iso_connection,
     _Settings,
@@ -156,29 +164,14 @@ _FAULT_FIELDS = frozenset({"tenant", *_Faults.__slots__})  # type: ignore[attr-d
 _CHANGE_FIELDS = ("edits", "voids", "deletes", "creates", "archives", "contact_edits", "contact_creates")
 
 
-def _int_field(body: Mapping[str, Any], name: str, default: Any, minimum: int | None = 0) -> Any:
-    value = body.get(name, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _ControlError(400, f"{name} must be an integer")
-    if minimum is not None and value < minimum:
-        raise _ControlError(400, f"{name} must be >= {minimum}")
-    return value
+_control = partial(control_endpoint, oauth_errors=True)
 
 
 def _number_field(body: Mapping[str, Any], name: str, default: float, minimum: float = 0.0) -> float:
     value = body.get(name, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= minimum:
-        raise _ControlError(400, f"{name} must be a number > {minimum:g}")
+        raise ControlError(400, f"{name} must be a number > {minimum:g}")
     return float(value)
-
-
-def _bool_field(body: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = body.get(name, default)
-    if not isinstance(value, bool):
-        raise _ControlError(400, f"{name} must be true or false")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,31 +211,31 @@ class XeroSandbox:
         """Validate a ``POST /_sandbox/xero/tenants`` body and fill in the defaults."""
         unknown = set(spec) - _TENANT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
+            raise ControlError(400, f"unknown tenant fields: {sorted(unknown)}")
         client_id = spec.get("client_id")
         if not isinstance(client_id, str) or not client_id:
-            raise _ControlError(400, "client_id must be a non-empty string")
+            raise ControlError(400, "client_id must be a non-empty string")
         contacts = spec.get("contacts", spec.get("customers", 20))
         out: dict[str, Any] = {
             "client_id": client_id,
-            "seed": _int_field(spec, "seed", 0, minimum=None),
-            "invoices": _int_field(spec, "invoices", 100),
-            "contacts": _int_field({"contacts": contacts}, "contacts", 20),
+            "seed": optional_int_field(spec, "seed", 0, minimum=None),
+            "invoices": optional_int_field(spec, "invoices", 100),
+            "contacts": optional_int_field({"contacts": contacts}, "contacts", 20),
             "days": _number_field(spec, "days", 30),
             "name": spec.get("name"),
             "id": str(spec["id"]).lower() if spec.get("id") else None,
             "tenant_type": spec.get("tenant_type", "ORGANISATION"),
         }
         if out["tenant_type"] not in ("ORGANISATION", "PRACTICE"):
-            raise _ControlError(400, "tenant_type must be ORGANISATION or PRACTICE")
+            raise ControlError(400, "tenant_type must be ORGANISATION or PRACTICE")
         if spec.get("base_currency") is not None:
             if spec["base_currency"] not in _TAX:
-                raise _ControlError(400, f"base_currency must be one of {sorted(_TAX)}")
+                raise ControlError(400, f"base_currency must be one of {sorted(_TAX)}")
             out["base_currency"] = spec["base_currency"]
         if spec.get("now") is not None:
-            out["now"] = _int_field(spec, "now", None, minimum=None)
+            out["now"] = optional_int_field(spec, "now", None, minimum=None)
         if out["contacts"] == 0 and out["invoices"] > 0:
-            raise _ControlError(400, "invoices need at least one contact")
+            raise ControlError(400, "invoices need at least one contact")
         return out
 
     @staticmethod
@@ -252,20 +245,20 @@ class XeroSandbox:
         tier = spec.get("tier")
         if tier is not None:
             if tier not in ("starter", "standard"):
-                raise _ControlError(400, "tier must be starter (1,000 calls a day) or standard (5,000)")
+                raise ControlError(400, "tier must be starter (1,000 calls a day) or standard (5,000)")
             s.day_limit = 1000 if tier == "starter" else 5000
         for name in ("minute_limit", "day_limit", "concurrent_limit", "app_minute_limit", "default_page_size",
                      "max_page_size", "max_ids"):  # fmt: skip
             if name in spec:
-                setattr(s, name, _int_field(spec, name, None, minimum=1))
+                setattr(s, name, optional_int_field(spec, name, None, minimum=1))
         if "unpaged_limit" in spec:
-            s.unpaged_limit = _int_field(spec, "unpaged_limit", None, minimum=1)
+            s.unpaged_limit = optional_int_field(spec, "unpaged_limit", None, minimum=1)
         for name in ("minute_window_seconds", "day_window_seconds"):
             if name in spec:
                 setattr(s, name, _number_field(spec, name, 1.0))
         for name in ("updated_date_utc_string", "contacts_updated_date_utc_string", "msdate_offset"):
             if name in spec:
-                setattr(s, name, _bool_field(spec, name, True))
+                setattr(s, name, bool_field(spec, name, True))
         for name in ("provider_name", "concurrent_problem", "app_minute_problem"):
             if name in spec:
                 setattr(s, name, str(spec[name]))
@@ -281,7 +274,7 @@ class XeroSandbox:
     def _install(self, tenant: XeroTenant, settings: _Settings, knobs: Mapping[str, Any]) -> str:
         current = self.tenants.get(tenant.id)
         if current is not None and current.tenant.client_id != tenant.client_id:
-            raise _ControlError(409, f"tenant {tenant.id} belongs to another client")
+            raise ControlError(409, f"tenant {tenant.id} belongs to another client")
         self.tenants[tenant.id] = _TenantRuntime(
             tenant=tenant,
             settings=settings,
@@ -724,40 +717,17 @@ class XeroSandbox:
 
     # --- control API ------------------------------------------------------------------------------------
 
-    @staticmethod
-    async def _body(request: Request) -> dict[str, Any]:
-        try:
-            body = orjson.loads(await request.body() or b"{}")
-        except orjson.JSONDecodeError:
-            raise _ControlError(400, "body must be JSON") from None
-        if not isinstance(body, dict):
-            raise _ControlError(400, "body must be a JSON object")
-        return body
-
     def _runtime(self, tid: str) -> _TenantRuntime:
         rt = self.tenants.get(tid.lower())
         if rt is None:
-            raise _ControlError(404, f"no tenant {tid!r}")
+            raise ControlError(404, f"no tenant {tid!r}")
         return rt
-
-    @staticmethod
-    def _control(handler: Callable[..., Any]) -> Callable[..., Any]:
-        async def wrapped(self: XeroSandbox, request: Request) -> Response:
-            try:
-                return await handler(self, request)
-            except _ControlError as err:
-                return json_response(err.status, {"error": err.message})
-            except OAuthError as err:
-                return json_response(err.status, err.body())
-
-        wrapped.__name__ = handler.__name__
-        return wrapped
 
     @_control
     async def _control_tenants(self, request: Request) -> Response:
         if request.method == "GET":
             return json_response(200, [self._summary(rt) for rt in self.tenants.values()])
-        spec = await self._body(request)
+        spec = await read_json_object(request)
         norm = self.normalise_spec(spec)
         settings = self.settings_from(spec)
         started = time.perf_counter()
@@ -772,10 +742,10 @@ class XeroSandbox:
     async def _control_tenant(self, request: Request) -> Response:
         rt = self._runtime(request.path_params["tid"])
         if request.method == "PATCH":
-            body = await self._body(request)
+            body = await read_json_object(request)
             unknown = set(body) - {"tier", *_Settings.__slots__}  # type: ignore[attr-defined]
             if unknown:
-                raise _ControlError(400, f"unknown settings: {sorted(unknown)}")
+                raise ControlError(400, f"unknown settings: {sorted(unknown)}")
             rt.settings = self.settings_from(body, rt.settings)
             rt.minute = _Window(rt.settings.minute_limit, rt.settings.minute_window_seconds)
             rt.day = _Window(rt.settings.day_limit, rt.settings.day_window_seconds)
@@ -784,13 +754,13 @@ class XeroSandbox:
 
     @_control
     async def _control_grant(self, request: Request) -> Response:
-        body = await self._body(request)
+        body = await read_json_object(request)
         client_id = body.get("client_id")
         if not isinstance(client_id, str):
-            raise _ControlError(400, "client_id must be a string")
+            raise ControlError(400, "client_id must be a string")
         tenants = body.get("tenants")
         if tenants is not None and not isinstance(tenants, list):
-            raise _ControlError(400, "tenants must be a list of tenant ids")
+            raise ControlError(400, "tenants must be a list of tenant ids")
         subject = self._subject(client_id, tenants)
         grant, token = self.oauth.create_grant(client_id, str(body.get("scope", DEFAULT_SCOPE)), subject)
         return json_response(
@@ -806,11 +776,9 @@ class XeroSandbox:
     @_control
     async def _control_changes(self, request: Request) -> Response:
         rt = self._runtime(request.path_params["tid"])
-        body = await self._body(request)
-        unknown = set(body) - set(_CHANGE_FIELDS)
-        if unknown:
-            raise _ControlError(400, f"unknown change fields: {sorted(unknown)}")
-        counts = {name: _int_field(body, name, 0) for name in _CHANGE_FIELDS}
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _CHANGE_FIELDS, "change")
+        counts = {name: optional_int_field(body, name, 0) for name in _CHANGE_FIELDS}
         return json_response(200, rt.tenant.apply_changes(counts, self.clock()))
 
     def _record_api(self, rt: _TenantRuntime, record: _Invoice | _Contact) -> dict[str, Any]:
@@ -827,29 +795,29 @@ class XeroSandbox:
         if value is None:
             return self.clock() * 1000
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _ControlError(400, "updated_at must be unix seconds (a number)")
+            raise ControlError(400, "updated_at must be unix seconds (a number)")
         return round(value * 1000)
 
     @_control
     async def _control_add_record(self, request: Request) -> Response:
         rt = self._runtime(request.path_params["tid"])
-        body = await self._body(request)
+        body = await read_json_object(request)
         entity = body.get("entity")
         if entity not in ("invoice", "contact", "customer"):
-            raise _ControlError(400, "entity must be invoice or contact")
+            raise ControlError(400, "entity must be invoice or contact")
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
-            raise _ControlError(400, "fields must be an object")
+            raise ControlError(400, "fields must be an object")
         record = rt.tenant.add_record("contact" if entity == "customer" else entity, fields, self._updated_ms(body))
         return json_response(200, self._record_api(rt, record))
 
     @_control
     async def _control_update_record(self, request: Request) -> Response:
         rt = self._runtime(request.path_params["tid"])
-        body = await self._body(request)
+        body = await read_json_object(request)
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
-            raise _ControlError(400, "fields must be an object")
+            raise ControlError(400, "fields must be an object")
         record = rt.tenant.update_record(request.path_params["rid"], fields, self._updated_ms(body))
         return json_response(200, self._record_api(rt, record))
 
@@ -860,7 +828,7 @@ class XeroSandbox:
         if entity == "customer":
             entity = "contact"
         if entity not in ("invoice", "contact"):
-            raise _ControlError(404, "export entity must be invoices or contacts")
+            raise ControlError(404, "export entity must be invoices or contacts")
         tenant = rt.tenant
         records: Iterable[_Invoice | _Contact] = (
             tenant.invoices.values() if entity == "invoice" else tenant.contacts.values()
@@ -878,10 +846,8 @@ class XeroSandbox:
                 for rt in self.tenants.values():
                     rt.faults = None
             return json_response(200, {"global": self.global_faults.as_dict()})
-        body = await self._body(request)
-        unknown = set(body) - _FAULT_FIELDS
-        if unknown:
-            raise _ControlError(400, f"unknown fault fields: {sorted(unknown)}")
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _FAULT_FIELDS, "fault")
         if body.get("tenant"):
             rt = self._runtime(str(body["tenant"]))
             if rt.faults is None:
@@ -890,23 +856,23 @@ class XeroSandbox:
         else:
             faults = self.global_faults
         if "server_errors" in body:
-            faults.server_errors = _int_field(body, "server_errors", 0)
+            faults.server_errors = optional_int_field(body, "server_errors", 0)
         if "server_error_status" in body:
             if body["server_error_status"] not in (500, 503):
-                raise _ControlError(400, "server_error_status must be 500 or 503")
+                raise ControlError(400, "server_error_status must be 500 or 503")
             faults.server_error_status = body["server_error_status"]
         if "rate_limited" in body:
-            faults.rate_limited = _int_field(body, "rate_limited", 0)
+            faults.rate_limited = optional_int_field(body, "rate_limited", 0)
         if "rate_limit_problem" in body:
             if body["rate_limit_problem"] not in ("minute", "day", "appminute", "concurrent"):
-                raise _ControlError(400, "rate_limit_problem must be minute, day, appminute or concurrent")
+                raise ControlError(400, "rate_limit_problem must be minute, day, appminute or concurrent")
             faults.rate_limit_problem = body["rate_limit_problem"]
         if "day_limit_exhausted" in body:
-            faults.day_limit_exhausted = _bool_field(body, "day_limit_exhausted", False)
+            faults.day_limit_exhausted = bool_field(body, "day_limit_exhausted", False)
         if "latency_ms" in body:
             latency = body["latency_ms"]
             if isinstance(latency, bool) or not isinstance(latency, (int, float)) or latency < 0:
-                raise _ControlError(400, "latency_ms must be a number >= 0")
+                raise ControlError(400, "latency_ms must be a number >= 0")
             faults.latency_ms = float(latency)
         return json_response(200, faults.as_dict())
 

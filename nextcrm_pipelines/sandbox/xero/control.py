@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
+from nextcrm_pipelines.sandbox.control import ControlClient
 from nextcrm_pipelines.sandbox.xero.api import CONTROL_PREFIX, DEFAULT_SCOPE
 
 
-class _ServerProtocol(Protocol):
-    def control(self, method: str, path: str, **kwargs: Any) -> Any: ...
-
-
-class XeroControl:
+class XeroControl(ControlClient):
     """Typed calls to ``/_sandbox/xero/...`` through a running ``SandboxServer`` (``server.control``)."""
 
-    def __init__(self, server: _ServerProtocol) -> None:
-        self.server = server
-
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.server.control(method, f"{CONTROL_PREFIX}{path}", **kwargs)
+    prefix = CONTROL_PREFIX
 
     def add_client(self, client_id: str, client_secret: str, redirect_uris: Iterable[str] = ()) -> dict[str, Any]:
         """Register an app (no redirect URIs → any loopback ``http`` URI is accepted)."""
@@ -88,14 +81,11 @@ class XeroControl:
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject faults for one organisation (or all): server_errors, rate_limited, day_limit_exhausted, ..."""
-        body = dict(faults)
-        if tenant is not None:
-            body["tenant"] = tenant
-        return self._call("POST", "/faults", json=body)
+        return self._set_faults("tenant", tenant, faults)
 
     def clear_faults(self, tenant: str | None = None) -> dict[str, Any]:
         """Remove injected faults (of one organisation, or all)."""
-        return self._call("DELETE", "/faults", params={"tenant": tenant} if tenant else None)
+        return self._clear_faults("tenant", tenant)
 
     def stats(self) -> dict[str, Any]:
         """Request counts (total, per path pattern, per status, per tenant) and OAuth counts."""

@@ -17,17 +17,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from nextcrm_pipelines.sandbox.control import ControlError
+
 _DAY_MS = 86_400_000
 _INVOICE_STATUSES = ("DRAFT", "SUBMITTED", "AUTHORISED", "PAID", "VOIDED", "DELETED")
-
-
-class _ControlError(Exception):
-    """A control-API request the sandbox refuses: answered as ``{"error": message}`` with ``status``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(slots=True)
@@ -123,7 +116,7 @@ def _parse_date_field(value: Any, name: str) -> int:
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             return int(moment.timestamp() * 1000)
-    raise _ControlError(400, f"{name} must be YYYY-MM-DD, an ISO date-time, /Date(ms)/ or milliseconds")
+    raise ControlError(400, f"{name} must be YYYY-MM-DD, an ISO date-time, /Date(ms)/ or milliseconds")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -665,7 +658,7 @@ class XeroTenant:
             status = str(fields.get("ContactStatus", "ACTIVE"))
             new_id = str(fields["ContactID"]).lower() if "ContactID" in fields else None
             if new_id is not None and new_id in self.contacts:
-                raise _ControlError(409, f"contact {new_id} exists")
+                raise ControlError(409, f"contact {new_id} exists")
             contact = self._new_contact(rng, updated, updated, status)
             if new_id is not None:
                 self.contacts[new_id] = self.contacts.pop(contact.id)
@@ -678,7 +671,7 @@ class XeroTenant:
         status = str(fields.get("Status", "AUTHORISED"))
         new_id = str(fields["InvoiceID"]).lower() if "InvoiceID" in fields else None
         if new_id is not None and new_id in self.invoices:
-            raise _ControlError(409, f"invoice {new_id} exists")
+            raise ControlError(409, f"invoice {new_id} exists")
         inv = self._new_invoice(rng, updated, updated + 1, status=status, inv_type=inv_type, updated=updated)
         if status != "PAID":
             inv.payments, inv.paid, inv.fully_paid_on = [], 0, None
@@ -702,19 +695,19 @@ class XeroTenant:
             self._apply_contact_fields(contact, fields)
             contact.updated = updated
             return contact
-        raise _ControlError(404, f"no invoice or contact {record_id!r} in tenant {self.id}")
+        raise ControlError(404, f"no invoice or contact {record_id!r} in tenant {self.id}")
 
     def _apply_invoice_fields(self, inv: _Invoice, fields: Mapping[str, Any], rng: random.Random) -> None:
         unknown = set(fields) - _INVOICE_FIELDS
         if unknown:
-            raise _ControlError(400, f"unsupported invoice fields: {sorted(unknown)}")
+            raise ControlError(400, f"unsupported invoice fields: {sorted(unknown)}")
         if "Type" in fields:
             if fields["Type"] not in ("ACCREC", "ACCPAY"):
-                raise _ControlError(400, "Type must be ACCREC or ACCPAY")
+                raise ControlError(400, "Type must be ACCREC or ACCPAY")
             inv.type = fields["Type"]
         if "Status" in fields:
             if fields["Status"] not in _INVOICE_STATUSES:
-                raise _ControlError(400, f"Status must be one of {list(_INVOICE_STATUSES)}")
+                raise ControlError(400, f"Status must be one of {list(_INVOICE_STATUSES)}")
             inv.status = fields["Status"]
         if "InvoiceNumber" in fields:
             self.by_number.pop(inv.number.lower(), None)
@@ -730,7 +723,7 @@ class XeroTenant:
             inv.rate = round(float(fields["CurrencyRate"]) * 1_000_000)
         if "LineAmountTypes" in fields:
             if fields["LineAmountTypes"] not in ("Exclusive", "Inclusive", "NoTax"):
-                raise _ControlError(400, "LineAmountTypes must be Exclusive, Inclusive or NoTax")
+                raise ControlError(400, "LineAmountTypes must be Exclusive, Inclusive or NoTax")
             inv.line_amount_types = fields["LineAmountTypes"]
         if "Date" in fields:
             inv.date = _midnight(_parse_date_field(fields["Date"], "Date"))
@@ -739,7 +732,7 @@ class XeroTenant:
         if "Contact" in fields:
             cid = str((fields["Contact"] or {}).get("ContactID", "")).lower()
             if cid not in self.contacts:
-                raise _ControlError(400, f"unknown Contact.ContactID {cid!r}")
+                raise ControlError(400, f"unknown Contact.ContactID {cid!r}")
             inv.contact_id = cid
         if "SentToContact" in fields:
             inv.sent = bool(fields["SentToContact"])
@@ -760,7 +753,7 @@ class XeroTenant:
 
     def _line_from(self, rng: random.Random, inv: _Invoice, raw: Mapping[str, Any]) -> _Line:
         if not isinstance(raw, Mapping):
-            raise _ControlError(400, "LineItems must be objects")
+            raise ControlError(400, "LineItems must be objects")
         sales_tax, purchase_tax, _ = _TAX[self.base_currency]
         default_tax = (
             "NONE" if inv.line_amount_types == "NoTax" else sales_tax if inv.type == "ACCREC" else purchase_tax
@@ -778,14 +771,14 @@ class XeroTenant:
     def _apply_contact_fields(self, contact: _Contact, fields: Mapping[str, Any]) -> None:
         unknown = set(fields) - _CONTACT_FIELDS
         if unknown:
-            raise _ControlError(400, f"unsupported contact fields: {sorted(unknown)}")
+            raise ControlError(400, f"unsupported contact fields: {sorted(unknown)}")
         if "Name" in fields:
             self.names.discard(contact.name)
             contact.name = str(fields["Name"])
             self.names.add(contact.name)
         if "ContactStatus" in fields:
             if fields["ContactStatus"] not in ("ACTIVE", "ARCHIVED", "GDPRREQUEST"):
-                raise _ControlError(400, "ContactStatus must be ACTIVE, ARCHIVED or GDPRREQUEST")
+                raise ControlError(400, "ContactStatus must be ACTIVE, ARCHIVED or GDPRREQUEST")
             contact.status = fields["ContactStatus"]
         if "ContactNumber" in fields:
             if contact.number:

@@ -308,6 +308,7 @@ DEMO_DAYS = 7
 # The demo connection points here; `make dev` serves the same sandbox account on this port so the
 # connection keeps working from the UI and the hourly schedule.
 SANDBOX_PORT = 12111
+WEBHOOK_PORT = 8787
 
 
 def _sandbox(port: int, *, subprocess: bool = False):
@@ -516,11 +517,39 @@ def dev(port: int) -> None:
             _connect_demo_accounting(sandbox, env.database_url)
         if demo_names & set(DEMO_OTHERS):
             _connect_demo_others(sandbox, env.database_url)
-        click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}")
+        click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}; "
+                   f"webhooks: http://127.0.0.1:{WEBHOOK_PORT}/webhooks/<provider>/<connection id>")  # fmt: skip
         workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
-        subprocess.run(
-            [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)], check=False
+        receiver = subprocess.Popen(
+            [sys.executable, "-m", "nextcrm_pipelines.cli", "webhooks", "serve", "--port", str(WEBHOOK_PORT)]
         )
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
+                check=False,
+            )
+        finally:
+            receiver.terminate()
+            receiver.wait(timeout=10)
+
+
+@main.group("webhooks")
+def webhooks_group() -> None:
+    """The webhook receiver (verified provider events into the inbox)."""
+
+
+@webhooks_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=WEBHOOK_PORT, show_default=True, help="Port to listen on.")
+def webhooks_serve(host: str, port: int) -> None:
+    """Serve POST /webhooks/{provider}/{connection_id} until interrupted."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.webhooks.app import serve
+
+    env = environment.prepare()
+    _box()  # fail now, clearly, when no encryption key is configured
+    click.echo(f"webhook receiver on http://{host}:{port}/webhooks/<provider>/<connection id>")
+    serve(database_url=env.database_url, schema=env.schema, host=host, port=port)
 
 
 # --- ad-hoc sync --------------------------------------------------------------------------------

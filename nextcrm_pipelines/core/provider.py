@@ -19,6 +19,7 @@ from nextcrm_pipelines.core.oauth import OAuthSpec, TokenManager
 from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
+from nextcrm_pipelines.webhooks.verify import WebhookSpec
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class Provider:
     fixed_secrets: dict[str, str] = field(default_factory=dict)
     env_settings: dict[str, tuple[str, str]] = field(default_factory=dict)
     base_url_env: str | None = None
+    # Signed webhooks, for providers that send them (see `nextcrm_pipelines.webhooks`).
+    webhooks: WebhookSpec | None = None
 
     @property
     def daily(self) -> bool:

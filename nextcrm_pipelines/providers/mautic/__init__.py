@@ -5,6 +5,7 @@ from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.mautic.client import OAUTH, MauticApi, discover_tenants
 from nextcrm_pipelines.providers.mautic.records import CAMPAIGNS_TABLE, campaign_row
+from nextcrm_pipelines.providers.mautic.webhooks import WEBHOOKS
 
 CAMPAIGNS = EntitySpec(
     name="mautic_campaigns",
@@ -32,6 +33,7 @@ PROVIDER = Provider(
     id_sweeps={CAMPAIGNS.name: IdSweep(list_ids=lambda api: api.campaign_ids(), is_gone=MauticApi.campaign_gone)},
     fixed_secrets={"grant_type": "client_credentials"},
     base_url_env="MAUTIC_BASE_URL",
+    webhooks=WEBHOOKS,
 )
 
 __all__ = ["CAMPAIGNS", "PROVIDER", "MauticApi"]

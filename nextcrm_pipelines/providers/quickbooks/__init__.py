@@ -4,6 +4,7 @@ from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.quickbooks.client import OAUTH, QuickBooksApi, discover_tenants
 from nextcrm_pipelines.providers.quickbooks.records import INVOICES_TABLE, invoice_row
+from nextcrm_pipelines.providers.quickbooks.webhooks import WEBHOOKS
 
 INVOICES = EntitySpec(
     name="quickbooks_invoices",
@@ -23,6 +24,7 @@ PROVIDER = Provider(
     open_client=QuickBooksApi,
     oauth=OAUTH,
     discover_tenants=discover_tenants,
+    webhooks=WEBHOOKS,
 )
 
 __all__ = ["INVOICES", "PROVIDER", "QuickBooksApi"]

@@ -9,6 +9,7 @@ from nextcrm_pipelines.providers.stripe.records import (
     charge_row,
     subscription_row,
 )
+from nextcrm_pipelines.providers.stripe.webhooks import WEBHOOKS
 
 PAYMENTS = EntitySpec(
     name="stripe_payments",
@@ -32,7 +33,13 @@ PROVIDER = Provider(
         SUBSCRIPTIONS.name: lambda api, window: api.subscriptions(window),
     },
     open_client=lambda ctx: StripeApi(ctx.connection, ctx.secrets, stats=ctx.stats),
-    secret_fields=(SecretField("api_key", "STRIPE_SECRET_KEY", "Stripe secret or restricted key (sk_... / rk_...)"),),
+    secret_fields=(
+        SecretField("api_key", "STRIPE_SECRET_KEY", "Stripe secret or restricted key (sk_... / rk_...)"),
+        SecretField(
+            "webhook_secret", "STRIPE_WEBHOOK_SECRET", "Stripe webhook signing secret (whsec_...)", optional=True
+        ),
+    ),
+    webhooks=WEBHOOKS,
 )
 
 __all__ = ["PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "StripeApi"]

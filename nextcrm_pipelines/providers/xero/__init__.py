@@ -4,6 +4,7 @@ from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.xero.client import OAUTH, XeroApi, discover_tenants
 from nextcrm_pipelines.providers.xero.records import CONTACTS_TABLE, INVOICES_TABLE, contact_row, invoice_row
+from nextcrm_pipelines.providers.xero.webhooks import WEBHOOKS
 
 INVOICES = EntitySpec(
     name="xero_invoices",
@@ -34,6 +35,7 @@ PROVIDER = Provider(
     open_client=XeroApi,
     oauth=OAUTH,
     discover_tenants=discover_tenants,
+    webhooks=WEBHOOKS,
 )
 
 __all__ = ["CONTACTS", "INVOICES", "PROVIDER", "XeroApi"]

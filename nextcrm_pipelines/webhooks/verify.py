@@ -1,0 +1,80 @@
+"""What a provider's webhooks plug into the receiver: signature check and event extraction.
+
+A provider's `WebhookSpec` (in its `providers/<name>/webhooks.py`) says which connection secret (or
+environment variable) keys its signature, how to check it over the exact bytes received, and how a
+verified body splits into inbox events (one per provider event, with the provider's id or, where
+there is none, a hash of the event). Every comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+
+class InvalidSignature(Exception):
+    """The request is not signed by the provider with this connection's secret."""
+
+
+@dataclass(frozen=True)
+class InboxEvent:
+    """One event of a verified delivery, as stored in `webhook_events`."""
+
+    event_id: str
+    event_type: str | None
+    occurred_at: datetime | None
+    payload: Any
+
+
+@dataclass(frozen=True)
+class WebhookSpec:
+    """How one provider signs its webhooks and how its bodies split into events."""
+
+    secret_name: str
+    env_var: str
+    verify: Callable[[Mapping[str, str], bytes, str, float], None]
+    events: Callable[[Any], list[InboxEvent]]
+    audit_headers: tuple[str, ...]
+    # Xero's intent-to-receive deliveries carry no events: answer them and store nothing.
+    handshake: Callable[[Any], bool] = field(default=lambda payload: False)
+
+
+def hmac_sha256(secret: str, message: bytes) -> bytes:
+    return hmac.new(secret.encode(), message, hashlib.sha256).digest()
+
+
+def hash_of(value: Any) -> str:
+    """A stable id for an event the provider gives no id (canonical JSON, SHA-256)."""
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def parse_time(value: Any) -> datetime | None:
+    """Unix seconds or ISO 8601 (offset optional, UTC assumed) as aware UTC; anything else None."""
+    if value is None:
+        return None
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    try:
+        parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def base64_hmac_verifier(header: str) -> Callable[[Mapping[str, str], bytes, str, float], None]:
+    """A check of `header` = base64(HMAC-SHA256(secret, raw body)) (Xero, QuickBooks, Mautic)."""
+
+    def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> None:
+        given = headers.get(header, "")
+        expected = base64.b64encode(hmac_sha256(secret, body)).decode()
+        if not given or not hmac.compare_digest(expected, given.strip()):
+            raise InvalidSignature(f"{header} does not match")
+
+    return verify

@@ -32,6 +32,14 @@ def mirror_columns() -> list[sa.Column]:
     ]
 
 
+def key_columns(schema: str) -> list[sa.Column]:
+    """The key of every synced entity table: the connection and the provider's id."""
+    return [
+        sa.Column("connection_id", sa.Text, sa.ForeignKey(f"{schema}.integration_connections.id"), primary_key=True),
+        sa.Column("id", sa.Text, primary_key=True),
+    ]
+
+
 def upgrade(schema: str) -> None:
     op.create_table(
         "integration_connections",

@@ -16,17 +16,10 @@ branch_labels = None
 depends_on = None
 
 TZ = sa.DateTime(timezone=True)
-# The mirror columns every entity table carries are the foundation migration's.
-mirror_columns = importlib.import_module(
-    "nextcrm_pipelines.migrations.versions.0001_foundation_and_stripe"
-).mirror_columns
-
-
-def _key(schema: str) -> list[sa.Column]:
-    return [
-        sa.Column("connection_id", sa.Text, sa.ForeignKey(f"{schema}.integration_connections.id"), primary_key=True),
-        sa.Column("id", sa.Text, primary_key=True),
-    ]
+# The key and mirror columns every entity table carries are the foundation migration's.
+_foundation = importlib.import_module("nextcrm_pipelines.migrations.versions.0001_foundation_and_stripe")
+mirror_columns = _foundation.mirror_columns
+_key = _foundation.key_columns
 
 
 def upgrade(schema: str) -> None:

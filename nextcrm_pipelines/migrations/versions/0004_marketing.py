@@ -18,13 +18,7 @@ depends_on = None
 TZ = sa.DateTime(timezone=True)
 _foundation = importlib.import_module("nextcrm_pipelines.migrations.versions.0001_foundation_and_stripe")
 mirror_columns = _foundation.mirror_columns
-
-
-def _key(schema: str) -> list[sa.Column]:
-    return [
-        sa.Column("connection_id", sa.Text, sa.ForeignKey(f"{schema}.integration_connections.id"), primary_key=True),
-        sa.Column("id", sa.Text, primary_key=True),
-    ]
+_key = _foundation.key_columns
 
 
 def upgrade(schema: str) -> None:

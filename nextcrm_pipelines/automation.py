@@ -3,10 +3,13 @@
 - `<provider>_hourly`: re-syncs today's partition of every active connection, every hour.
 - `<provider>_daily_sweep`: for providers that hard-delete without a trace (MYOB), compares id sets
   once a day and flags the rows whose record is gone.
+- `<provider>_webhooks_sensor` and `<provider>_apply_webhooks`: verified inbox events applied soon after
+  they arrive (providers whose events carry what the tables need).
 - `connections_sensor`: keeps each provider's dynamic connection partitions equal to the rows of
   `integration_connections`, so a connection added by any means (CLI, the CRM app, SQL) appears.
 """
 
+import os
 from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
@@ -21,6 +24,7 @@ from nextcrm_pipelines.core.runner import sweep_connection
 from nextcrm_pipelines.core.sweep import SWEEP_PARTITION
 from nextcrm_pipelines.partitions import connections_partitions_name, provider_partitions
 from nextcrm_pipelines.resources import MirrorDatabase
+from nextcrm_pipelines.webhooks.inbox import apply_pending, due_events
 
 
 def sync_job_name(provider: str) -> str:
@@ -164,3 +168,57 @@ def build_sweep_schedule(provider: Provider) -> dg.ScheduleDefinition:
         default_status=dg.DefaultScheduleStatus.RUNNING,
         description=f"Flag {provider.name} records deleted upstream, once a day.",
     )
+
+
+def webhook_job_name(provider: str) -> str:
+    return f"{provider}_apply_webhooks"
+
+
+def build_webhook_job(provider: Provider) -> dg.JobDefinition:
+    """A job that applies the provider's due inbox events (see `webhooks.inbox`)."""
+    assert provider.webhooks is not None and provider.webhooks.apply is not None
+    apply = provider.webhooks.apply
+
+    @dg.op(name=f"{provider.name}_apply_inbox", description=f"Apply the due {provider.name} webhook events.")
+    def _apply(context: dg.OpExecutionContext, mirror: MirrorDatabase) -> dg.Output[int]:
+        outcome = apply_pending(database_url=mirror.url(), schema=mirror.schema(), provider=provider.name,
+                                apply=apply, run_id=context.run_id)  # fmt: skip
+        for result in outcome.results:
+            context.log.info(f"{result.entity} {result.connection_id}: {result.summary()}")
+        counts = outcome.counts
+        metadata = {"processed": outcome.processed, "failed": outcome.failed, "dead": outcome.dead,
+                    "inserted": counts.inserted, "updated": counts.updated, "unchanged": counts.unchanged}  # fmt: skip
+        for entity in provider.entities:
+            context.log_event(dg.AssetObservation(asset_key=entity.name, metadata={"source": "webhooks", **metadata}))
+        if outcome.failed:
+            message = f"{outcome.failed} event(s) failed, retried with backoff ({outcome.dead} now dead)"
+            raise dg.Failure(f"{message}; see webhook_events.last_error", metadata=metadata)
+        return dg.Output(outcome.processed, metadata=metadata)
+
+    @dg.job(name=webhook_job_name(provider.name), tags={"nextcrm/provider": provider.name},
+            description=f"Apply verified {provider.name} webhook events from the inbox.")  # fmt: skip
+    def _job() -> None:
+        _apply()
+
+    return _job
+
+
+def build_webhook_sensor(provider: Provider, job: dg.JobDefinition) -> dg.SensorDefinition:
+    """Requests an apply run when due inbox events exist; writes nothing itself."""
+
+    @dg.sensor(
+        name=f"{provider.name}_webhooks_sensor",
+        job=job,
+        minimum_interval_seconds=int(os.environ.get("NEXTCRM_WEBHOOK_SENSOR_SECONDS", "30")),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Apply {provider.name} webhook events soon after they arrive.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, mirror: MirrorDatabase):
+        with psycopg.connect(mirror.url()) as conn:
+            count, highest, attempts = due_events(conn, mirror.schema(), provider.name)
+        if not count:
+            return dg.SkipReason(f"no due {provider.name} webhook events")
+        # The same due set keys the same run; new events or a retry after backoff key a new one.
+        return dg.RunRequest(run_key=f"{provider.name}:{highest}:{count}:{attempts}")
+
+    return _sensor

@@ -44,6 +44,8 @@ class WebhookSpec:
     audit_headers: tuple[str, ...]
     # Xero's intent-to-receive deliveries carry no events: answer them and store nothing.
     handshake: Callable[[Any], bool] = field(default=lambda payload: False)
+    # apply(conn, schema, connection_id, inbox rows) -> counts (see `webhooks.inbox`); None: not applied yet.
+    apply: Callable[..., Any] | None = None
 
 
 def hmac_sha256(secret: str, message: bytes) -> bytes:

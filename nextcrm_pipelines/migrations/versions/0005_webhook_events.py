@@ -36,6 +36,8 @@ def upgrade(schema: str) -> None:
         sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
         sa.Column("last_error", sa.Text),
         sa.Column("processed_at", TZ),
+        # A failed event is retried from this time on (backoff); `dead` after the last attempt.
+        sa.Column("next_attempt_at", TZ),
         sa.CheckConstraint("status IN ('pending', 'processed', 'failed', 'dead')", name="webhook_status_known"),
         sa.UniqueConstraint("provider", "connection_id", "event_id", name="webhook_event_once"),
         schema=schema,

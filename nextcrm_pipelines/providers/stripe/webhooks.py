@@ -1,11 +1,18 @@
-"""Stripe webhooks: `Stripe-Signature` (`t=`, one or more `v1=`) over `t.body`, 300 s tolerance."""
+"""Stripe webhooks: `Stripe-Signature` (`t=`, one or more `v1=`) over `t.body`, 300 s tolerance; events
+carry the object, which is upserted as of the event's time."""
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
+
+from nextcrm_pipelines.core.upsert import BatchCounts, UpsertWriter
+from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
+from nextcrm_pipelines.webhooks.inbox import InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, InvalidSignature, WebhookSpec, hmac_sha256, parse_time
 
 TOLERANCE_SECONDS = 300
@@ -36,4 +43,25 @@ def events(payload: Any) -> list[InboxEvent]:
     return [InboxEvent(payload["id"], payload.get("type"), parse_time(payload.get("created")), payload)]
 
 
-WEBHOOKS = WebhookSpec("webhook_secret", "STRIPE_WEBHOOK_SECRET", verify, events, ("stripe-signature",))
+def apply(conn: psycopg.Connection, schema: str, connection_id: str, rows: list[InboxRow]) -> BatchCounts:
+    """Upsert the charge or subscription an event carries, as of the event's time (never regressing).
+
+    Other event types (`invoice.payment_*` and the rest) have no table here: they count as applied.
+    """
+    payments, subscriptions = [], []
+    for row in rows:
+        obj = ((row.payload or {}).get("data") or {}).get("object") or {}
+        version = row.occurred_at or datetime.now(UTC)
+        if obj.get("object") == "charge":
+            payments.append(charge_row(obj, version))
+        elif obj.get("object") == "subscription":
+            subscriptions.append(subscription_row(obj, version))
+    counts = BatchCounts()
+    if payments:
+        counts.add(UpsertWriter(conn, PAYMENTS_TABLE, connection_id, schema).write(payments))
+    if subscriptions:
+        counts.add(UpsertWriter(conn, SUBSCRIPTIONS_TABLE, connection_id, schema).write(subscriptions))
+    return counts
+
+
+WEBHOOKS = WebhookSpec("webhook_secret", "STRIPE_WEBHOOK_SECRET", verify, events, ("stripe-signature",), apply=apply)

@@ -329,11 +329,11 @@ def _sandbox(port: int, *, subprocess: bool = False):
 DEMO_ACCOUNTING = (("xero", "Demo Xero", 21), ("quickbooks", "Demo QuickBooks", 22), ("myob", "Demo MYOB", 23))
 
 
-def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection]:
-    """Register a demo app and organisation per accounting emulator and connect it with OAuth.
+def _connect_in_sandbox(provider_name: str, client_id: str, secret: str, base_url: str, name: str,
+                        database_url: str, **options: Any) -> list[Connection]:  # fmt: skip
+    """Run the real OAuth connect flow against the sandbox, whose consent page answers at once.
 
-    The browser step is an HTTP client following the sandbox's consent redirect to the callback
-    that `connect` serves; re-running re-connects the same rows (same names, same tenants).
+    The browser step is an HTTP client following the consent redirect to the callback `connect` serves.
     """
     import socket
 
@@ -341,37 +341,45 @@ def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection
 
     from nextcrm_pipelines.core.connect import connect
     from nextcrm_pipelines.core.oauth import OAuthApp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    provider = get_provider(provider_name)
+    assert provider.oauth is not None and provider.discover_tenants is not None
+    return connect(
+        spec=provider.oauth,
+        discover=provider.discover_tenants,
+        app=OAuthApp(client_id, secret, f"http://127.0.0.1:{port}/callback"),
+        database_url=database_url,
+        box=_box(),
+        base_url=base_url,
+        name=name,
+        on_url=lambda url: httpx.get(url, follow_redirects=True, timeout=30).raise_for_status(),
+        **options,
+    )
+
+
+def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection]:
+    """Register a demo app and organisation per accounting emulator and connect it with OAuth;
+    re-running re-connects the same rows (same names, same tenants)."""
     from nextcrm_pipelines.sandbox.myob import MyobControl
     from nextcrm_pipelines.sandbox.quickbooks import QuickBooksControl
     from nextcrm_pipelines.sandbox.xero import XeroControl
 
     controls = {"xero": XeroControl, "quickbooks": QuickBooksControl, "myob": MyobControl}
+    # The demo company file's sign-in (the sandbox default: Administrator, no password).
+    os.environ.setdefault("MYOB_COMPANY_FILE_USERNAME", "Administrator")
     stored = []
     for provider_name, display_name, seed in DEMO_ACCOUNTING:
         client_id, secret = f"nextcrm-demo-{provider_name}", f"demo-secret-{provider_name}"
         controls[provider_name](sandbox).add_client(client_id, secret)
         tenant = sandbox.control("POST", f"/_sandbox/{provider_name}/tenants", json={
             "client_id": client_id, "seed": seed, "invoices": 600, "contacts": 80, "days": 30})  # fmt: skip
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        provider = get_provider(provider_name)
-        assert provider.oauth is not None and provider.discover_tenants is not None
-        # The demo company file's sign-in (the sandbox default: Administrator, no password).
-        os.environ.setdefault("MYOB_COMPANY_FILE_USERNAME", "Administrator")
-        (connection,) = connect(
-            spec=provider.oauth,
-            discover=provider.discover_tenants,
-            app=OAuthApp(client_id, secret, f"http://127.0.0.1:{port}/callback"),
-            database_url=database_url,
-            box=_box(),
-            base_url=f"{sandbox.url}/{provider_name}",
-            name=display_name,
-            on_url=lambda url: httpx.get(url, follow_redirects=True, timeout=30).raise_for_status(),
-            extra_authorize_params={"sandbox_tenant": tenant["id"]},
-            connection_settings={"requests_per_second": 5},
-        )
-        stored.append(connection)
+        stored += _connect_in_sandbox(
+            provider_name, client_id, secret, f"{sandbox.url}/{provider_name}", display_name, database_url,
+            extra_authorize_params={"sandbox_tenant": tenant["id"]}, connection_settings={"requests_per_second": 5},
+        )  # fmt: skip
     return stored
 
 
@@ -384,12 +392,6 @@ def _connect_demo_others(sandbox: Any, database_url: str) -> list[Connection]:
     Their ids come from fixed seeds and credentials, so a re-run (or `make dev`'s own sandbox) serves
     them at the same base URLs and the same connections keep working.
     """
-    import socket
-
-    import httpx
-
-    from nextcrm_pipelines.core.connect import connect
-    from nextcrm_pipelines.core.oauth import OAuthApp
     from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
     from nextcrm_pipelines.sandbox.mautic import MauticControl
     from nextcrm_pipelines.sandbox.paypal import PayPalControl
@@ -418,21 +420,8 @@ def _connect_demo_others(sandbox: Any, database_url: str) -> list[Connection]:
                 secrets={"username": mail["username"], "password": "demo-password"},
             ),
         ]  # fmt: skip
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    provider = get_provider("mautic")
-    assert provider.oauth is not None and provider.discover_tenants is not None
-    stored += connect(
-        spec=provider.oauth,
-        discover=provider.discover_tenants,
-        app=OAuthApp("nextcrm-demo-mautic", "demo-secret-mautic", f"http://127.0.0.1:{port}/callback"),
-        database_url=database_url,
-        box=box,
-        base_url=f"{sandbox.url}{mautic['base_path']}",
-        name="Demo Mautic",
-        on_url=lambda url: httpx.get(url, follow_redirects=True, timeout=30).raise_for_status(),
-    )
+    stored += _connect_in_sandbox("mautic", "nextcrm-demo-mautic", "demo-secret-mautic",
+                                  f"{sandbox.url}{mautic['base_path']}", "Demo Mautic", database_url)  # fmt: skip
     return stored
 
 

@@ -19,24 +19,15 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.money import minor_to_major
-from nextcrm_pipelines.definitions import defs
 from nextcrm_pipelines.webhooks.inbox import due_events
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
-from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, receiver, stripe_header
+from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, stripe_header
+from nextcrm_pipelines_tests.webhook_helpers import receiver, tick_and_apply
 
 
 def event(event_id: str, created: int, charge: dict) -> bytes:
     return orjson.dumps({"id": event_id, "object": "event", "type": "charge.refunded", "created": created,
                          "data": {"object": charge}})  # fmt: skip
-
-
-def tick_and_apply(instance: dg.DagsterInstance) -> list[dg.RunRequest]:
-    sensor = defs.get_sensor_def("stripe_webhooks_sensor")
-    context = dg.build_sensor_context(instance=instance, resources={"mirror": defs.resources["mirror"]})
-    requests = list(sensor.evaluate_tick(context).run_requests or [])
-    for _ in requests:
-        defs.get_job_def("stripe_apply_webhooks").execute_in_process(instance=instance, raise_on_error=False)
-    return requests
 
 
 def inbox_statuses(database_url: str, schema: str) -> list[tuple]:
@@ -70,13 +61,13 @@ def test_a_refund_event_reaches_the_table_through_sensor_and_run(database_url, s
         # The newest event twice, applied; then an older one in a later run; then the newest again.
         deliver(newer)
         deliver(newer)
-        requests = tick_and_apply(instance)
+        requests = tick_and_apply(instance, "stripe")
         assert len(requests) == 1 and requests[0].run_key.startswith("stripe:")
-        assert tick_and_apply(instance) == []  # nothing due any more: the sensor requests nothing
+        assert tick_and_apply(instance, "stripe") == []  # nothing due any more: the sensor requests nothing
         deliver(older)
-        assert len(tick_and_apply(instance)) == 1  # applied, but older than the stored state: no change
+        assert len(tick_and_apply(instance, "stripe")) == 1  # applied, but older than the stored state: no change
         deliver(newer)
-        assert tick_and_apply(instance) == []  # a redelivery is a no-op in the inbox
+        assert tick_and_apply(instance, "stripe") == []  # a redelivery is a no-op in the inbox
     assert [(e, s) for e, s, _, _ in inbox_statuses(database_url, schema)] == [("evt_new", "processed"),
                                                                              ("evt_old", "processed")]  # fmt: skip
     with psycopg.connect(database_url) as conn:
@@ -98,7 +89,7 @@ def test_an_event_that_cannot_be_applied_is_kept_failed_with_backoff(database_ur
         response = httpx.post(f"{url}/webhooks/stripe/{connection.id}", content=broken,
                               headers={"Stripe-Signature": stripe_header(broken)})  # fmt: skip
         assert response.status_code == 200  # stored: the apply step is where it fails
-        assert len(tick_and_apply(instance)) == 1
+        assert len(tick_and_apply(instance, "stripe")) == 1
         runs = instance.get_runs()
         assert runs and not runs[0].is_success
     ((event_id, status, attempts, error),) = inbox_statuses(database_url, schema)

@@ -13,17 +13,13 @@ import base64
 import hashlib
 import hmac
 import socket
-import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import orjson
 import psycopg
 import pytest
-import uvicorn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from psycopg import sql
@@ -31,29 +27,10 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.providers.stripe.webhooks import verify as verify_stripe
-from nextcrm_pipelines.webhooks.app import build_app
 from nextcrm_pipelines.webhooks.verify import InvalidSignature, base64_hmac_verifier
+from nextcrm_pipelines_tests.webhook_helpers import receiver
 
 SECRET = "whsec_test_" + "a" * 24
-
-
-@contextmanager
-def receiver(database_url: str, schema: str, box, **options) -> Iterator[str]:
-    """The receiver app served by uvicorn on a free loopback port; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(build_app(database_url=database_url, schema=schema, box=box, **options),
-                                           log_level="warning", lifespan="on"))  # fmt: skip
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def connection(database_url, box, provider: str, secrets: dict) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +24,7 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, finish_log, start_log
 from nextcrm_pipelines.core.upsert import BatchCounts
+from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,37 @@ class InboxRow:
     payload: Any
 
 
-# apply(conn, schema, connection_id, events) -> counts; raises to fail the batch (retried later).
-Apply = Callable[[psycopg.Connection, str, str, list[InboxRow]], BatchCounts]
+@dataclass
+class ApplyContext:
+    """What a provider's `apply` works with: the inbox session (its writes commit with the batch's
+    status), the connection, and on demand the connection's API client (thin events re-fetch)."""
+
+    conn: psycopg.Connection
+    schema: str
+    connection_id: str
+    database_url: str
+    provider: str
+    box: SecretBox | None = None
+    _stack: ExitStack = field(default_factory=ExitStack)
+    _client: Any = None
+
+    def client(self) -> Any:
+        """The connection's provider client, opened once per batch (tokens refreshed as a sync would)."""
+        if self._client is None:
+            from nextcrm_pipelines.core.runner import open_connection
+            from nextcrm_pipelines.providers import PROVIDERS
+
+            opened = open_connection(database_url=self.database_url, provider=PROVIDERS[self.provider],
+                                     connection_id=self.connection_id, box=self.box)  # fmt: skip
+            self._client = self._stack.enter_context(opened)[2]
+        return self._client
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+# apply(context, events) -> counts; raises to fail the batch (retried later).
+Apply = Callable[[ApplyContext, list[InboxRow]], BatchCounts]
 
 
 @dataclass
@@ -66,33 +97,43 @@ def due_events(conn: psycopg.Connection, schema: str, provider: str) -> tuple[in
 
 
 def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply, run_id: str | None = None,
-                  batch: int = BATCH) -> ApplyOutcome:  # fmt: skip
-    """Apply every due event of `provider`, batch by batch, until none is left."""
+                  batch: int = BATCH, limit: int | None = None,
+                  box: SecretBox | None = None) -> ApplyOutcome:  # fmt: skip
+    """Apply due events of `provider` in id order, batch by batch, until none is left (or `limit` were claimed)."""
     inbox = table("webhook_events", schema)
     outcome = ApplyOutcome()
+    claimed_so_far = 0
     with psycopg.connect(libpq_url(database_url)) as conn:
-        while True:
+        while limit is None or claimed_so_far < limit:
+            size = batch if limit is None else min(batch, limit - claimed_so_far)
             claimed = conn.execute(
                 sql.SQL(
                     "SELECT id, connection_id, event_type, occurred_at, payload FROM {} WHERE provider = %s "
                     "AND status IN ('pending', 'failed') AND (next_attempt_at IS NULL OR next_attempt_at <= now()) "
                     "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
                 ).format(inbox),
-                (provider, batch),
+                (provider, size),
             ).fetchall()
             if not claimed:
                 conn.commit()
                 return outcome
+            claimed_so_far += len(claimed)
             by_connection: dict[str, list[InboxRow]] = defaultdict(list)
             for row in claimed:
                 by_connection[row[1]].append(InboxRow(*row))
             conn.commit()
             for connection_id, events in by_connection.items():
-                _apply_one(conn, schema, provider, connection_id, events, apply, run_id, outcome)
+                context = ApplyContext(conn, schema, connection_id, database_url, provider, box)
+                try:
+                    _apply_one(context, events, apply, run_id, outcome)
+                finally:
+                    context.close()
+    return outcome
 
 
-def _apply_one(conn: psycopg.Connection, schema: str, provider: str, connection_id: str, events: list[InboxRow],
-               apply: Apply, run_id: str | None, outcome: ApplyOutcome) -> None:  # fmt: skip
+def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_id: str | None,
+               outcome: ApplyOutcome) -> None:  # fmt: skip
+    conn, schema, provider, connection_id = context.conn, context.schema, context.provider, context.connection_id
     inbox = table("webhook_events", schema)
     now = datetime.now(UTC)
     result = SyncResult(entity=f"{provider}_webhooks", connection_id=connection_id, window=SyncWindow(now, now))
@@ -101,7 +142,7 @@ def _apply_one(conn: psycopg.Connection, schema: str, provider: str, connection_
     result.total = len(events)
     ids = [e.id for e in events]
     try:
-        counts = apply(conn, schema, connection_id, events)
+        counts = apply(context, events)
         conn.execute(
             sql.SQL("UPDATE {} SET status = 'processed', processed_at = now(), attempts = attempts + 1, "
                     "last_error = NULL WHERE id = ANY(%s)").format(inbox),

@@ -8,11 +8,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
-
 from nextcrm_pipelines.core.upsert import BatchCounts, UpsertWriter
 from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
-from nextcrm_pipelines.webhooks.inbox import InboxRow
+from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, InvalidSignature, WebhookSpec, hmac_sha256, parse_time
 
 TOLERANCE_SECONDS = 300
@@ -43,7 +41,7 @@ def events(payload: Any) -> list[InboxEvent]:
     return [InboxEvent(payload["id"], payload.get("type"), parse_time(payload.get("created")), payload)]
 
 
-def apply(conn: psycopg.Connection, schema: str, connection_id: str, rows: list[InboxRow]) -> BatchCounts:
+def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     """Upsert the charge or subscription an event carries, as of the event's time (never regressing).
 
     Other event types (`invoice.payment_*` and the rest) have no table here: they count as applied.
@@ -57,10 +55,9 @@ def apply(conn: psycopg.Connection, schema: str, connection_id: str, rows: list[
         elif obj.get("object") == "subscription":
             subscriptions.append(subscription_row(obj, version))
     counts = BatchCounts()
-    if payments:
-        counts.add(UpsertWriter(conn, PAYMENTS_TABLE, connection_id, schema).write(payments))
-    if subscriptions:
-        counts.add(UpsertWriter(conn, SUBSCRIPTIONS_TABLE, connection_id, schema).write(subscriptions))
+    for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions)):
+        if found:
+            counts.add(UpsertWriter(context.conn, spec, context.connection_id, context.schema).write(found))
     return counts
 
 

@@ -268,7 +268,7 @@ def webhook_control_routes(
 ) -> list[BaseRoute]:
     """The control API of an emulator's webhooks under ``{prefix}/webhooks``.
 
-    ``POST {prefix}/webhooks`` subscribes ``{"url", "duplicate_rate"?, "hold"?, ...}``; the emulator's
+    ``POST {prefix}/webhooks`` subscribes ``{"url", "duplicate_rate"?, "hold"?, "retry_delays"?, ...}``; the emulator's
     ``signer_for(body)`` reads its own fields (account, secret) and returns (account key, signer).
     ``POST …/{id}/hold`` and ``POST …/{id}/release`` (``{"order", "copies"}``) reorder and repeat;
     ``POST {prefix}/webhooks/flush`` waits until the queue is empty; ``GET {prefix}/webhooks/attempts``
@@ -283,8 +283,15 @@ def webhook_control_routes(
         rate = number_field(body, "duplicate_rate", 0.0)
         if rate > 1:
             raise ControlError(400, "duplicate_rate must be between 0 and 1")
+        delays = body.get("retry_delays")
+        if delays is not None and (
+            not isinstance(delays, list)
+            or not all(isinstance(d, int | float) and not isinstance(d, bool) and d >= 0 for d in delays)
+        ):
+            raise ControlError(400, "retry_delays must be a list of seconds >= 0")
         key, sign = signer_for(body)
-        sub_id = outbox.subscribe(key, url, sign, duplicate_rate=rate)
+        sub_id = outbox.subscribe(key, url, sign, duplicate_rate=rate,
+                                  retry_delays=None if delays is None else tuple(float(d) for d in delays))  # fmt: skip
         if bool_field(body, "hold", False):
             outbox.hold(sub_id)
         return {"id": sub_id, "account": key, "url": url}

@@ -24,7 +24,7 @@ from nextcrm_pipelines.core.runner import sweep_connection
 from nextcrm_pipelines.core.sweep import SWEEP_PARTITION
 from nextcrm_pipelines.partitions import connections_partitions_name, provider_partitions
 from nextcrm_pipelines.resources import MirrorDatabase
-from nextcrm_pipelines.webhooks.inbox import apply_pending, due_events
+from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
 
 
 def sync_job_name(provider: str) -> str:
@@ -174,22 +174,55 @@ def webhook_job_name(provider: str) -> str:
     return f"{provider}_apply_webhooks"
 
 
+WEBHOOK_RUN_LIMIT = 5000
+
+
 def build_webhook_job(provider: Provider) -> dg.JobDefinition:
-    """A job that applies the provider's due inbox events (see `webhooks.inbox`)."""
+    """A job that applies a bounded batch of the provider's due inbox events (see `webhooks.inbox`).
+
+    Each entity table the batch changed gets an asset materialization (counts, connections, the run's
+    sync logs), so webhook updates show in the asset's history beside the partitioned syncs.
+    """
     assert provider.webhooks is not None and provider.webhooks.apply is not None
     apply = provider.webhooks.apply
+    tables = {entity.table.name: entity.name for entity in provider.entities}
 
-    @dg.op(name=f"{provider.name}_apply_inbox", description=f"Apply the due {provider.name} webhook events.")
+    @dg.op(
+        name=f"{provider.name}_apply_inbox",
+        description=f"Apply the due {provider.name} webhook events.",
+        config_schema={
+            "max_events": dg.Field(
+                int, default_value=WEBHOOK_RUN_LIMIT, description="Events claimed at most by this run."
+            )
+        },
+    )
     def _apply(context: dg.OpExecutionContext, mirror: MirrorDatabase) -> dg.Output[int]:
         outcome = apply_pending(database_url=mirror.url(), schema=mirror.schema(), provider=provider.name,
-                                apply=apply, run_id=context.run_id)  # fmt: skip
+                                apply=apply, run_id=context.run_id, limit=context.op_config["max_events"],
+                                box=mirror.secret_box())  # fmt: skip
         for result in outcome.results:
             context.log.info(f"{result.entity} {result.connection_id}: {result.summary()}")
         counts = outcome.counts
         metadata = {"processed": outcome.processed, "failed": outcome.failed, "dead": outcome.dead,
-                    "inserted": counts.inserted, "updated": counts.updated, "unchanged": counts.unchanged}  # fmt: skip
-        for entity in provider.entities:
-            context.log_event(dg.AssetObservation(asset_key=entity.name, metadata={"source": "webhooks", **metadata}))
+                    "skipped_types": outcome.skipped, "inserted": counts.inserted, "updated": counts.updated,
+                    "unchanged": counts.unchanged, "connections": len(outcome.connections)}  # fmt: skip
+        for table_name, written in sorted(outcome.by_table.items()):
+            if table_name not in tables:
+                continue
+            context.log_event(
+                dg.AssetMaterialization(
+                    asset_key=tables[table_name],
+                    description=f"{provider.name} webhook events applied",
+                    metadata={
+                        "source": "webhooks",
+                        "inserted": written.inserted,
+                        "updated": written.updated,
+                        "unchanged": written.unchanged,
+                        "connections": sorted(outcome.connections),
+                        "sync_log_ids": [r.sync_log_id for r in outcome.results],
+                    },
+                )
+            )
         if outcome.failed:
             message = f"{outcome.failed} event(s) failed, retried with backoff ({outcome.dead} now dead)"
             raise dg.Failure(f"{message}; see webhook_events.last_error", metadata=metadata)
@@ -203,22 +236,39 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
     return _job
 
 
+def webhook_sensor_interval() -> int:
+    """Seconds between webhook sensor ticks (`NEXTCRM_WEBHOOK_SENSOR_SECONDS`, default 30)."""
+    return int(os.environ.get("NEXTCRM_WEBHOOK_SENSOR_SECONDS", "30"))
+
+
 def build_webhook_sensor(provider: Provider, job: dg.JobDefinition) -> dg.SensorDefinition:
-    """Requests an apply run when due inbox events exist; writes nothing itself."""
+    """Requests one apply run per bounded batch of due inbox events; writes nothing itself.
+
+    The run key names the batch (its id range, size and attempts so far), so re-evaluating the same
+    due set requests nothing new, while new events, a late-committing lower id or a retry after
+    backoff make a new key.
+    """
 
     @dg.sensor(
         name=f"{provider.name}_webhooks_sensor",
         job=job,
-        minimum_interval_seconds=int(os.environ.get("NEXTCRM_WEBHOOK_SENSOR_SECONDS", "30")),
+        minimum_interval_seconds=webhook_sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Apply {provider.name} webhook events soon after they arrive.",
     )
     def _sensor(context: dg.SensorEvaluationContext, mirror: MirrorDatabase):
         with psycopg.connect(mirror.url()) as conn:
-            count, highest, attempts = due_events(conn, mirror.schema(), provider.name)
-        if not count:
+            batch = due_batch(conn, mirror.schema(), provider.name, WEBHOOK_RUN_LIMIT)
+        if batch is None:
             return dg.SkipReason(f"no due {provider.name} webhook events")
-        # The same due set keys the same run; new events or a retry after backoff key a new one.
-        return dg.RunRequest(run_key=f"{provider.name}:{highest}:{count}:{attempts}")
+        op = f"{provider.name}_apply_inbox"
+        return dg.RunRequest(
+            run_key=f"{provider.name}:{batch.run_key}",
+            run_config={"ops": {op: {"config": {"max_events": WEBHOOK_RUN_LIMIT}}}},
+            tags={
+                "nextcrm/webhook_events": str(batch.count),
+                "nextcrm/webhook_ids": f"{batch.first_id}-{batch.last_id}",
+            },
+        )
 
     return _sensor

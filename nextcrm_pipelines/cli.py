@@ -541,6 +541,27 @@ def webhooks_serve(host: str, port: int) -> None:
     serve(database_url=env.database_url, schema=env.schema, host=host, port=port)
 
 
+@webhooks_group.command("replay")
+@click.option("--provider", "provider_name", type=click.Choice(sorted(PROVIDERS)), help="Only this provider's events.")
+@click.option("--connection", "connection_id", help="Only this connection's events.")
+@click.option("--event", "event_ids", multiple=True, help="Only these provider event ids (repeatable).")
+@click.option("--status", "statuses", multiple=True, default=("dead",), show_default=True,
+              type=click.Choice(["dead", "failed", "processed"]), help="Statuses to re-queue.")  # fmt: skip
+def webhooks_replay(provider_name: str | None, connection_id: str | None, event_ids: tuple[str, ...],
+                    statuses: tuple[str, ...]) -> None:  # fmt: skip
+    """Re-queue inbox events (by default the dead ones) so the next sensor tick applies them again."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.webhooks.inbox import requeue
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        requeued, unreadable = requeue(conn, env.schema, provider=provider_name, connection_id=connection_id,
+                                       event_ids=event_ids, statuses=statuses)  # fmt: skip
+    click.echo(f"re-queued {requeued} event(s); the webhook sensors apply them on their next tick")
+    if unreadable:
+        click.echo(f"left {unreadable} refused body(ies) as they are: they hold no readable event", err=True)
+
+
 # --- ad-hoc sync --------------------------------------------------------------------------------
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.core.upsert import BatchCounts, UpsertWriter
+from nextcrm_pipelines.core.upsert import BatchCounts
 from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, InvalidSignature, WebhookSpec, hmac_sha256, parse_time
@@ -44,7 +44,8 @@ def events(payload: Any) -> list[InboxEvent]:
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     """Upsert the charge or subscription an event carries, as of the event's time (never regressing).
 
-    Other event types (`invoice.payment_*` and the rest) have no table here: they count as applied.
+    Events carrying other objects (`invoice.payment_*` carries an invoice, which no table here holds;
+    its charge and subscription changes arrive as their own events) are counted as skipped.
     """
     payments, subscriptions = [], []
     for row in rows:
@@ -54,10 +55,12 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             payments.append(charge_row(obj, version))
         elif obj.get("object") == "subscription":
             subscriptions.append(subscription_row(obj, version))
+        else:
+            context.skip()
     counts = BatchCounts()
     for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions)):
         if found:
-            counts.add(UpsertWriter(context.conn, spec, context.connection_id, context.schema).write(found))
+            counts.add(context.upsert(spec, found))
     return counts
 
 

@@ -541,6 +541,31 @@ def webhooks_serve(host: str, port: int) -> None:
     serve(database_url=env.database_url, schema=env.schema, host=host, port=port)
 
 
+@webhooks_group.command("configure")
+@click.argument("connection_id")
+@click.option("--base-url", default=f"http://127.0.0.1:{WEBHOOK_PORT}", show_default=True,
+              help="Public base URL of the receiver (what the provider can reach).")  # fmt: skip
+def webhooks_configure(connection_id: str, base_url: str) -> None:
+    """Store a connection's webhook signing secret and print the URL to register with the provider."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.webhooks.app import receiver_url
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        connection = vault.get_connection(conn, connection_id)
+        spec = get_provider(connection.provider).webhooks
+        if spec is None:
+            raise click.ClickException(f"{connection.provider} sends no webhooks: its syncs poll")
+        value = os.environ.get(spec.env_var) or click.prompt(
+            f"{connection.provider} webhook {spec.secret_name.replace('_', ' ')} (or set {spec.env_var})",
+            hide_input=True,
+        )
+        vault.update_secrets(conn, connection_id, {spec.secret_name: value}, _box())
+    click.echo(f"stored the webhook {spec.secret_name} of {connection_id} (encrypted)")
+    url = receiver_url(base_url, connection.provider, connection_id)
+    click.echo(f"register this endpoint with {connection.provider}: {url}")
+
+
 @webhooks_group.command("replay")
 @click.option("--provider", "provider_name", type=click.Choice(sorted(PROVIDERS)), help="Only this provider's events.")
 @click.option("--connection", "connection_id", help="Only this connection's events.")

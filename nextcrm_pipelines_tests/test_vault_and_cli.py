@@ -82,6 +82,20 @@ def test_cli_adds_a_connection_from_the_environment_and_lists_it_without_secrets
         assert vault.get_connection(conn, "stripe-acme-ltd").status == "disabled"
 
 
+def test_cli_stores_a_webhook_secret_beside_the_api_key_and_prints_the_endpoint(database_url, schema, box):
+    with psycopg.connect(database_url) as conn:
+        vault.add_connection(conn, provider="stripe", display_name="Hooks", secrets={"api_key": SECRET}, box=box)
+    hook_secret = "whsec_cli_" + "b" * 24
+    outcome = CliRunner().invoke(main, ["webhooks", "configure", "stripe-hooks", "--base-url", "https://crm.example"],
+                                 input=hook_secret + "\n", catch_exceptions=False)  # fmt: skip
+    assert outcome.exit_code == 0, outcome.output
+    assert "https://crm.example/webhooks/stripe/stripe-hooks" in outcome.output and hook_secret not in outcome.output
+    with psycopg.connect(database_url) as conn:
+        secrets = vault.load_secrets(conn, "stripe-hooks", box)
+    assert (secrets["api_key"], secrets["webhook_secret"]) == (SECRET, hook_secret)
+    assert hook_secret not in stored_row_text(database_url, schema, "stripe-hooks")
+
+
 def test_cli_refuses_to_add_without_a_secret_source(database_url, schema, secret_key, monkeypatch):
     monkeypatch.delenv("STRIPE_SECRET_KEY", raising=False)
     outcome = CliRunner().invoke(main, ["connections", "add", "stripe", "--name", "NoKey"])

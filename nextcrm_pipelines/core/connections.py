@@ -150,6 +150,21 @@ def load_secrets(conn: psycopg.Connection, connection_id: str, box: SecretBox) -
     return box.decrypt(connection_id, row[0])
 
 
+def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[str, str], box: SecretBox) -> None:
+    """Merge `updates` into a connection's stored secrets under the row lock token refreshes take,
+    so a refresh running at the same time is neither lost nor overwritten; commits."""
+    t = table("integration_connections")
+    row = conn.execute(sql.SQL("SELECT secrets_encrypted FROM {t} WHERE id = %s FOR UPDATE").format(t=t),
+                       (connection_id,)).fetchone()  # fmt: skip
+    if row is None:
+        conn.rollback()
+        raise ConnectionNotFound(f"no connection {connection_id!r}")
+    current = dict(box.decrypt(connection_id, row[0]).reveal()) if row[0] else {}
+    conn.execute(sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(t=t),
+                 (box.encrypt(connection_id, {**current, **updates}), connection_id))  # fmt: skip
+    conn.commit()
+
+
 def set_status(conn: psycopg.Connection, connection_id: str, status: str, error: str | None = None) -> None:
     """Set the connection's status (`active`, `needs_reauth`, `disabled`) and its last error."""
     if status not in STATUSES:

@@ -4,7 +4,8 @@ An emulator owns one ``WebhookOutbox``. It subscribes receiver URLs per account 
 when its data changes it ``emit``s a body for that account. A daemon thread delivers each body to
 every subscription: signed at each attempt (a fresh Stripe timestamp per retry), retried on failure
 with the provider's schedule (``retry_delays``, scaled by ``time_scale`` so hours become seconds in
-tests), and given up after the last attempt. Like the providers, delivery is at least once and in no
+tests), and given up after the last attempt (which disables the subscription where the provider
+does so). Like the providers, delivery is at least once and in no
 promised order: a subscription may send random duplicates (``duplicate_rate``) and hold deliveries to
 release them shuffled, newest first, or several times over (``hold`` / ``release``). ``attempts``
 records every try, for the tests.
@@ -93,8 +94,10 @@ class WebhookOutbox:
         time_scale: float = 1.0,
         timeout: float = 10.0,
         seed: int = 0,
+        disable_when_given_up: bool = False,
     ) -> None:
         self.provider = provider
+        self.disable_when_given_up = disable_when_given_up
         self.now = now
         self.retry_delays = retry_delays
         self.retry_on_status = retry_on_status
@@ -257,6 +260,8 @@ class WebhookOutbox:
         if delivered or not retryable or delivery.number > len(sub.retry_delays):
             if not delivered:
                 log.info("%s webhook to %s given up after %d attempt(s)", self.provider, sub.url, delivery.number)
+                if self.disable_when_given_up and retryable:
+                    sub.enabled = False  # e.g. Xero disables a subscription whose retries ran out
             return
         delay = sub.retry_delays[delivery.number - 1] * self.time_scale
         with self._cond:

@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.http import RequestStats
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, finish_log, start_log
 from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec, UpsertWriter
@@ -61,6 +62,7 @@ class ApplyContext:
     box: SecretBox | None = None
     written: dict[str, BatchCounts] = field(default_factory=dict)
     skipped: int = 0
+    stats: RequestStats = field(default_factory=RequestStats)
     _stack: ExitStack = field(default_factory=ExitStack)
     _client: Any = None
     _writers: dict[str, UpsertWriter] = field(default_factory=dict)
@@ -73,7 +75,7 @@ class ApplyContext:
 
             opened = open_connection(database_url=self.database_url, provider=PROVIDERS[self.provider],
                                      connection_id=self.connection_id, box=self.box)  # fmt: skip
-            self._client = self._stack.enter_context(opened)[2]
+            _, _, self._client, self.stats = self._stack.enter_context(opened)
         return self._client
 
     def _writer(self, spec: TableSpec) -> UpsertWriter:
@@ -273,6 +275,7 @@ def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_
     result.status = "success" if not errors else ("failed" if len(errors) == len(events) else "partial")
     result.error = "; ".join(errors)[:1000] or None
     result.duration = (datetime.now(UTC) - now).total_seconds()
+    result.stats = context.stats
     outcome.counts.add(result.counts)
     outcome.skipped += context.skipped
     outcome.connections.add(connection_id)

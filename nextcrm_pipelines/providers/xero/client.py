@@ -4,14 +4,15 @@ Every call carries `xero-tenant-id` (one connection per organisation) and `Accep
 A day's window is read with `If-Modified-Since` (the cursor, a second early since Xero's precision is
 a second) and `where=UpdatedDateUTC<DateTime(...)` (the window's end), `order=UpdatedDateUTC ASC`,
 `page` + `pageSize=1000` (with `page`, invoices carry their line items), paging by updated time so
-that edits during the read neither skip nor repeat records (`core.paging`). Xero allows 60 calls per
+that edits during the read neither skip nor repeat records (`core.paging`). Webhook re-fetches read
+many records per call with `IDs` (paged, so they match what a sync reads). Xero allows 60 calls per
 minute per organisation: the client paces itself just under that, waits out a minute 429 for the
 `Retry-After` Xero sends, and fails at once with the reset time when the day limit is spent.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,8 @@ from nextcrm_pipelines.core.sync import Record, SyncWindow
 from nextcrm_pipelines.providers.xero.records import updated_at
 
 PAGE_SIZE = 1000
+# Xero's gateway refuses an `IDs` list longer than about 52 GUIDs (the URL gets too long: 404).
+IDS_PER_REQUEST = 50
 # 60 calls per minute per organisation, in fixed windows: stay a little under one per second.
 DEFAULT_REQUESTS_PER_SECOND = 0.95
 
@@ -126,3 +129,37 @@ class XeroApi:
     def contacts(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Contacts created or changed in the window, archived ones included."""
         return self._changed("Contacts", "ContactID", window, includeArchived="true")
+
+    def _by_id(self, resource: str, ids: Sequence[str], **params: str) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for start in range(0, len(ids), IDS_PER_REQUEST):
+            chunk = ids[start : start + IDS_PER_REQUEST]
+            query = {**params, "IDs": ",".join(chunk), "page": "1", "pageSize": str(IDS_PER_REQUEST)}
+            found.extend(self.http.get_json(f"/{resource}", params=query).get(resource) or [])
+        return found
+
+    def _one(self, resource: str, record_id: str) -> dict[str, Any] | None:
+        try:
+            data = self.http.get_json(f"/{resource}/{record_id}")
+        except ProviderError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        records = data.get(resource) or []
+        return records[0] if records else None
+
+    def invoices_by_id(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The current state of these invoices (any type or status), many per call; unknown ids are absent."""
+        return self._by_id("Invoices", ids)
+
+    def contacts_by_id(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The current state of these contacts, archived ones included, many per call; unknown ids are absent."""
+        return self._by_id("Contacts", ids, includeArchived="true")
+
+    def invoice(self, invoice_id: str) -> dict[str, Any] | None:
+        """One invoice by id (`GET /Invoices/{id}`), or None when Xero answers 404."""
+        return self._one("Invoices", invoice_id)
+
+    def contact(self, contact_id: str) -> dict[str, Any] | None:
+        """One contact by id (`GET /Contacts/{id}`), or None when Xero answers 404."""
+        return self._one("Contacts", contact_id)

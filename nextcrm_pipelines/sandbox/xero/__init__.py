@@ -12,7 +12,9 @@ user's connections); multi-tenant grants listed by ``GET /connections``; the ``x
 ``AuthenticationUnsuccessful``, 404 text, 400 ``QueryParseException``); ``GET /Invoices`` and
 ``/Contacts`` with ``page``/``pageSize``, ``If-Modified-Since``, ``where`` (a Dynamic-LINQ subset),
 ``order``, ``Statuses``, ``IDs``, ``includeArchived``; .NET ``/Date(ms+0000)/`` dates; line items only
-when paged; per-tenant and per-app rate limits in fixed real-time windows with Xero's headers.
+when paged; per-tenant and per-app rate limits in fixed real-time windows with Xero's headers; signed
+webhooks per app (``XeroWebhooks``: intent-to-receive on subscribe, thin CREATE/UPDATE events whenever an
+invoice or contact changes, retries over about 24 hours).
 
 Organisations are generated deterministically from a seed (``XeroTenant``) and changed through the
 control API under ``/_sandbox/xero`` (``XeroControl`` wraps it for tests).
@@ -30,6 +32,7 @@ from nextcrm_pipelines.sandbox.xero.api import (
 from nextcrm_pipelines.sandbox.xero.control import XeroControl
 from nextcrm_pipelines.sandbox.xero.data import XeroTenant, format_msdate, parse_if_modified_since
 from nextcrm_pipelines.sandbox.xero.query import parse_where, to_xml
+from nextcrm_pipelines.sandbox.xero.webhooks import XERO_RETRY_DELAYS, XeroWebhooks, xero_signature
 
 __all__ = [
     "ACCOUNTING_PREFIX",
@@ -38,11 +41,14 @@ __all__ = [
     "DEFAULT_SCOPE",
     "IDENTITY_PREFIX",
     "LOGIN_PREFIX",
+    "XERO_RETRY_DELAYS",
     "XeroControl",
     "XeroSandbox",
     "XeroTenant",
+    "XeroWebhooks",
     "format_msdate",
     "parse_if_modified_since",
     "parse_where",
     "to_xml",
+    "xero_signature",
 ]

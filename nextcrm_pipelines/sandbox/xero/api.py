@@ -50,6 +50,7 @@ from nextcrm_pipelines.sandbox.xero.query import (
     parse_where,
     to_xml,
 )
+from nextcrm_pipelines.sandbox.xero.webhooks import Change, XeroWebhooks
 
 LOGIN_PREFIX = "/xero/login"
 IDENTITY_PREFIX = "/xero/identity"
@@ -186,7 +187,7 @@ class XeroSandbox:
     follow it; rate-limit windows use real monotonic time because the sandbox clock jumps.
     """
 
-    def __init__(self, clock: Callable[[], int]) -> None:
+    def __init__(self, clock: Callable[[], int], *, webhook_time_scale: float = 1.0) -> None:
         self.clock = clock
         self.oauth = OAuthServer(
             clock,
@@ -203,6 +204,12 @@ class XeroSandbox:
         self.stats: Counter[str] = Counter()
         self.stats_by_path: Counter[str] = Counter()
         self.stats_by_status: Counter[str] = Counter()
+        self.webhooks = XeroWebhooks(
+            clock,
+            app_of_tenant=lambda tid: rt.tenant.client_id if (rt := self.tenants.get(tid.lower())) else None,
+            known_app=lambda client_id: client_id in self.oauth.clients,
+            time_scale=webhook_time_scale,
+        )
 
     # --- tenants ----------------------------------------------------------------------------------------
 
@@ -393,9 +400,11 @@ class XeroSandbox:
             Route(f"{c}/tenants/{{tid}}/changes", self._control_changes, methods=["POST"]),
             Route(f"{c}/tenants/{{tid}}/records", self._control_add_record, methods=["POST"]),
             Route(f"{c}/tenants/{{tid}}/records/{{rid}}", self._control_update_record, methods=["PATCH"]),
+            Route(f"{c}/tenants/{{tid}}/records/{{rid}}", self._control_purge_record, methods=["DELETE"]),
             Route(f"{c}/tenants/{{tid}}/export/{{entity}}", self._control_export, methods=["GET"]),
             Route(f"{c}/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route(f"{c}/stats", self._control_stats, methods=["GET"]),
+            *self.webhooks.routes(c),
         ]
 
     def _count(self, pattern: str, status: int) -> None:
@@ -779,7 +788,13 @@ class XeroSandbox:
         body = await read_json_object(request)
         reject_unknown_fields(body, _CHANGE_FIELDS, "change")
         counts = {name: optional_int_field(body, name, 0) for name in _CHANGE_FIELDS}
-        return json_response(200, rt.tenant.apply_changes(counts, self.clock()))
+        changed = rt.tenant.apply_changes(counts, self.clock())
+        tenant, events = rt.tenant, []
+        for kind, (category, event_type) in _CHANGE_EVENTS.items():
+            records: Mapping[str, _Invoice | _Contact] = tenant.invoices if category == "INVOICE" else tenant.contacts
+            events.extend(Change(category, rid, event_type, records[rid].updated) for rid in changed.get(kind, []))
+        self.webhooks.changed(tenant.id, events)
+        return json_response(200, changed)
 
     def _record_api(self, rt: _TenantRuntime, record: _Invoice | _Contact) -> dict[str, Any]:
         renderer = _Renderer(rt.tenant, rt.settings)
@@ -809,6 +824,7 @@ class XeroSandbox:
         if not isinstance(fields, dict):
             raise ControlError(400, "fields must be an object")
         record = rt.tenant.add_record("contact" if entity == "customer" else entity, fields, self._updated_ms(body))
+        self.webhooks.changed(rt.tenant.id, [_change_of(record, "CREATE")])
         return json_response(200, self._record_api(rt, record))
 
     @_control
@@ -819,7 +835,15 @@ class XeroSandbox:
         if not isinstance(fields, dict):
             raise ControlError(400, "fields must be an object")
         record = rt.tenant.update_record(request.path_params["rid"], fields, self._updated_ms(body))
+        self.webhooks.changed(rt.tenant.id, [_change_of(record, "UPDATE")])
         return json_response(200, self._record_api(rt, record))
+
+    @_control
+    async def _control_purge_record(self, request: Request) -> Response:
+        rt = self._runtime(request.path_params["tid"])
+        record = rt.tenant.purge_record(request.path_params["rid"])
+        self.webhooks.changed(rt.tenant.id, [_change_of(record, "UPDATE", self.clock() * 1000)])
+        return json_response(200, {"purged": record.id})
 
     @_control
     async def _control_export(self, request: Request) -> Response:
@@ -833,7 +857,10 @@ class XeroSandbox:
         records: Iterable[_Invoice | _Contact] = (
             tenant.invoices.values() if entity == "invoice" else tenant.contacts.values()
         )
-        return json_response(200, {"records": [self._record_api(rt, r) for r in records], "deleted_ids": []})
+        purged = tenant.purged_invoices if entity == "invoice" else tenant.purged_contacts
+        return json_response(
+            200, {"records": [self._record_api(rt, r) for r in records], "deleted_ids": sorted(purged)}
+        )
 
     @_control
     async def _control_faults(self, request: Request) -> Response:
@@ -898,6 +925,18 @@ class XeroSandbox:
                 "oauth": dict(self.oauth.stats),
             },
         )
+
+
+_CHANGE_EVENTS = {  # apply_changes' answer key -> (eventCategory, eventType); voids, deletes and archives are updates
+    "created": ("INVOICE", "CREATE"), "edited": ("INVOICE", "UPDATE"), "voided": ("INVOICE", "UPDATE"),
+    "deleted": ("INVOICE", "UPDATE"), "archived": ("CONTACT", "UPDATE"), "contacts_edited": ("CONTACT", "UPDATE"),
+    "contacts_created": ("CONTACT", "CREATE"),
+}  # fmt: skip
+
+
+def _change_of(record: _Invoice | _Contact, event_type: str, at_ms: int | None = None) -> Change:
+    category = "INVOICE" if isinstance(record, _Invoice) else "CONTACT"
+    return Change(category, record.id, event_type, record.updated if at_ms is None else at_ms)
 
 
 class _ValidationError(Exception):

@@ -75,6 +75,10 @@ class XeroControl(ControlClient):
             body["updated_at"] = updated_at
         return self._call("PATCH", f"/tenants/{tenant_id}/records/{record_id}", json=body)
 
+    def purge_record(self, tenant_id: str, record_id: str) -> dict[str, Any]:
+        """Remove an invoice or contact outright (reads of it then answer 404; Xero itself never does this)."""
+        return self._call("DELETE", f"/tenants/{tenant_id}/records/{record_id}")
+
     def export(self, tenant_id: str, entity: str) -> dict[str, Any]:
         """``{"records": [...], "deleted_ids": [...]}`` for ``invoices`` or ``contacts``."""
         return self._call("GET", f"/tenants/{tenant_id}/export/{entity}")
@@ -90,3 +94,39 @@ class XeroControl(ControlClient):
     def stats(self) -> dict[str, Any]:
         """Request counts (total, per path pattern, per status, per tenant) and OAuth counts."""
         return self._call("GET", "/stats")
+
+    def subscribe_webhooks(self, client_id: str, url: str, key: str, **knobs: Any) -> dict[str, Any]:
+        """Point the app's webhook at ``url``, signed with ``key``; runs the intent-to-receive check first.
+
+        Returns the subscription with its ``status`` (``OK``: events flow; ``failed``: none are sent) and the
+        checks. ``knobs``: ``duplicate_rate``, ``hold``, ``retry_delays`` (seconds; default about 24 h of tries).
+        """
+        return self._call("POST", "/webhooks", json={"client_id": client_id, "url": url, "key": key, **knobs})
+
+    def webhook(self, sub_id: str) -> dict[str, Any]:
+        """One subscription: url, status, whether events are sent, the last intent-to-receive checks."""
+        return self._call("GET", f"/webhooks/{sub_id}")
+
+    def intent_to_receive(self, sub_id: str, key: str | None = None) -> dict[str, Any]:
+        """Run the intent-to-receive check again (with a reset webhook key, if given)."""
+        return self._call("POST", f"/webhooks/{sub_id}/intent-to-receive", json={} if key is None else {"key": key})
+
+    def hold_webhooks(self, sub_id: str) -> dict[str, Any]:
+        """Keep the subscription's deliveries back until ``release_webhooks``."""
+        return self._call("POST", f"/webhooks/{sub_id}/hold")
+
+    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> dict[str, Any]:
+        """Send the held deliveries ``as-sent``, ``newest-first`` or ``shuffled``, each ``copies`` times."""
+        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})
+
+    def flush_webhooks(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until every queued delivery (retries included) has been sent: ``{"flushed", "pending"}``."""
+        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})
+
+    def webhook_attempts(self) -> list[dict[str, Any]]:
+        """Every delivery attempt: subscription, attempt number, the receiver's status or the error."""
+        return self._call("GET", "/webhooks/attempts")["data"]
+
+    def unsubscribe_webhooks(self, sub_id: str) -> dict[str, Any]:
+        """Remove the subscription."""
+        return self._call("DELETE", f"/webhooks/{sub_id}")

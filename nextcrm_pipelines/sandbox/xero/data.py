@@ -303,6 +303,8 @@ class XeroTenant:
         self.names: set[str] = set()
         self.next_invoice_number = 1
         self.change_batches = 0
+        self.purged_invoices: set[str] = set()
+        self.purged_contacts: set[str] = set()
         self.rng = rng
         self._generate(spec["contacts"], spec["invoices"], now * 1000, int(spec["days"] * _DAY_MS))
 
@@ -696,6 +698,31 @@ class XeroTenant:
             contact.updated = updated
             return contact
         raise ControlError(404, f"no invoice or contact {record_id!r} in tenant {self.id}")
+
+    def purge_record(self, record_id: str) -> _Invoice | _Contact:
+        """Remove an invoice or contact outright, so reads of it answer 404.
+
+        Xero itself never does this (it voids, deletes and archives); it stands for a record a consumer can no
+        longer resolve. A contact that invoices still name cannot be purged.
+        """
+        key = record_id.lower()
+        inv = self.invoices.pop(key, None)
+        if inv is not None:
+            self.by_number.pop(inv.number.lower(), None)
+            self.purged_invoices.add(inv.id)
+            return inv
+        contact = self.contacts.get(key)
+        if contact is None:
+            raise ControlError(404, f"no invoice or contact {record_id!r} in tenant {self.id}")
+        if any(i.contact_id == contact.id for i in self.invoices.values()):
+            raise ControlError(409, f"contact {record_id!r} is named by invoices; purge those first")
+        del self.contacts[key]
+        self.contact_list.remove(contact)
+        self.names.discard(contact.name)
+        if contact.number:
+            self.contact_by_number.pop(contact.number.lower(), None)
+        self.purged_contacts.add(contact.id)
+        return contact
 
     def _apply_invoice_fields(self, inv: _Invoice, fields: Mapping[str, Any], rng: random.Random) -> None:
         unknown = set(fields) - _INVOICE_FIELDS

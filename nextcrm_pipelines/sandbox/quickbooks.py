@@ -15,23 +15,35 @@ the throttles (500 requests a minute, 10 a second, 10 at once per realm → 429 
 Intuit's hosts are mapped to path prefixes of the sandbox server: ``/quickbooks/appcenter`` (authorize),
 ``/quickbooks/oauth`` (token), ``/quickbooks/developer`` (revoke) and ``/quickbooks/api`` (both the
 production and the sandbox API host). Companies (realms) are generated deterministically from a seed;
-the control API under ``/_sandbox/quickbooks`` creates them, applies edits, voids, hard deletes and
+the control API under ``/_sandbox/quickbooks`` creates them, applies edits, voids, hard deletes, merges and
 deactivations on the sandbox clock, injects faults and reports statistics.
+
+Webhooks: ``POST /_sandbox/quickbooks/webhooks`` subscribes a receiver URL to an app's realms (``app``, as
+Intuit configures one endpoint per app) or to one ``realm``, with the app's ``verifier_token`` and a payload
+``format``, ``legacy`` (``eventNotifications``, the default) or ``cloudevents`` (a JSON array). Every
+change to the data notifies the subscriptions, the changes of one call in one delivery, ids only, signed
+with ``intuit-signature`` and retried on ``WEBHOOK_RETRY_DELAYS`` (see ``sandbox.webhooks`` for
+duplicates, holding and reordering).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
+import hashlib
+import hmac
 import math
 import random
 import re
 import secrets
 import threading
 import time
+import uuid
 from bisect import bisect_right
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -64,15 +76,20 @@ from nextcrm_pipelines.sandbox.oauth import (
     json_response,
     request_headers,
 )
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "ACCESS_TTL",
     "CDC_MAX_DAYS",
     "CDC_MAX_OBJECTS",
+    "CLOUDEVENTS_PER_DELIVERY",
     "MAX_RESULTS_CAP",
     "MIN_MINOR_VERSION",
     "REFRESH_HARD_TTL",
     "REFRESH_TTL",
+    "WEBHOOK_FORMATS",
+    "WEBHOOK_RETRY_DELAYS",
+    "DataChange",
     "QueryError",
     "QuickBooksCompany",
     "QuickBooksControl",
@@ -99,6 +116,19 @@ DEFAULT_MAX_RESULTS = 100
 CDC_MAX_DAYS = 30
 CDC_MAX_OBJECTS = 1000
 SCOPE_ACCOUNTING = "com.intuit.quickbooks.accounting"
+
+# Intuit documents no retry schedule for webhooks (quickbooks.md §6, unverified): the emulator retries a
+# refused or failed delivery six times, after 30 s, 2 min, 10 min, 30 min, 2 h and 6 h (about 9 h in all).
+WEBHOOK_RETRY_DELAYS = (30.0, 120.0, 600.0, 1800.0, 7200.0, 21600.0)
+WEBHOOK_TIMEOUT_SECONDS = 10.0
+WEBHOOK_FORMATS = ("legacy", "cloudevents")
+CLOUDEVENTS_PER_DELIVERY = 100
+_CLOUDEVENT_VERBS = {
+    "Create": "created", "Update": "updated", "Delete": "deleted", "Merge": "merged", "Void": "voided",
+    "Emailed": "emailed",
+}  # fmt: skip
+_SUBSCRIBE_FIELDS = frozenset({"url", "duplicate_rate", "hold", "retry_delays", "app", "realm", "verifier_token",
+                               "format"})  # fmt: skip
 
 _DAY = 86_400
 _JSON_CT = "application/json;charset=UTF-8"
@@ -536,8 +566,23 @@ def _home_cents(cents: int, rate_e4: int) -> int:
     return (cents * rate_e4 + 5000) // 10000
 
 
+@dataclass(frozen=True)
+class DataChange:
+    """One change to a company's data, as a webhook reports it: entity, operation, id, time (unix seconds)."""
+
+    entity: str
+    operation: str  # Create, Update, Delete, Merge, Void or Emailed
+    id: str
+    at: float
+    deleted_id: str | None = None  # a Merge's merged-away record
+
+
 class QuickBooksCompany:
-    """One QuickBooks company (realm): customers and invoices in API shape, hard-delete log, times, knobs."""
+    """One QuickBooks company (realm): customers and invoices in API shape, hard-delete log, times, knobs.
+
+    Every change made after generation is reported to ``on_change`` (the emulator's webhooks), one list
+    per call that made it, as QuickBooks reports the changes of one aggregation window together.
+    """
 
     def __init__(self, spec: Mapping[str, Any], *, now: int) -> None:
         self.spec = dict(spec)
@@ -562,6 +607,9 @@ class QuickBooksCompany:
         self.version = 0
         self._cache: OrderedDict[tuple[Any, ...], list[str]] = OrderedDict()
         self._rng = _Rng(f"quickbooks-changes:{self.seed}")
+        self.on_change: Callable[[QuickBooksCompany, list[DataChange]], None] | None = None
+        self._pending: list[DataChange] = []
+        self._depth = 0
         self._generate(now)
 
     # --- helpers ------------------------------------------------------------------------------------------
@@ -598,6 +646,22 @@ class QuickBooksCompany:
     def _touch(self) -> None:
         self.version += 1
         self._cache.clear()
+
+    @contextmanager
+    def _reporting(self) -> Iterator[None]:
+        """Collect the changes of one outermost call and report them together when it ends."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._pending:
+                changes, self._pending = self._pending, []
+                if self.on_change is not None:
+                    self.on_change(self, changes)
+
+    def _record(self, entity: str, operation: str, oid: str, at: float, deleted_id: str | None = None) -> None:
+        self._pending.append(DataChange(entity, operation, oid, at, deleted_id))
 
     def _set_times(self, entity: str, oid: str, created: float, updated: float) -> None:
         rec = self.table(entity)[oid]
@@ -901,6 +965,10 @@ class QuickBooksCompany:
 
     def apply_changes(self, changes: Mapping[str, int], now: float) -> dict[str, list[str]]:
         """Edit, void, hard-delete and create invoices; deactivate, edit and create customers; at ``now``."""
+        with self._reporting():
+            return self._apply_changes(changes, now)
+
+    def _apply_changes(self, changes: Mapping[str, int], now: float) -> dict[str, list[str]]:
         rng = self._rng
         out: dict[str, list[str]] = {
             "edited": [],
@@ -914,7 +982,7 @@ class QuickBooksCompany:
         live = [oid for oid, rec in self.invoices.items() if rec.get("PrivateNote") != "Voided"]
         rng.shuffle(live)
         for oid in live[: changes.get("edits", 0)]:
-            self._edit_invoice(oid, now, rng)
+            self._record("Invoice", self._edit_invoice(oid, now, rng), oid, now)
             out["edited"].append(oid)
         live = live[changes.get("edits", 0) :]
         for oid in live[: changes.get("voids", 0)]:
@@ -929,6 +997,7 @@ class QuickBooksCompany:
         rng.shuffle(active)
         for cid in active[: changes.get("archives", 0)]:
             self._deactivate(cid, now)
+            self._record("Customer", "Update", cid, now)
             out["archived"].append(cid)
         active = [cid for cid in active[changes.get("archives", 0) :]]
         for cid in active[: changes.get("customer_edits", 0)]:
@@ -936,11 +1005,14 @@ class QuickBooksCompany:
             rec["PrimaryPhone"] = {"FreeFormNumber": f"({rng.between(200, 999)}) 555-{rng.between(1000, 9999)}"}
             rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
             self._set_times("Customer", cid, self.times["Customer"][cid][0], now)
+            self._record("Customer", "Update", cid, now)
             out["customers_edited"].append(cid)
         currencies = self.spec["currencies"]
         names = {rec["DisplayName"] for rec in self.customers.values()}
         for _ in range(changes.get("customer_creates", 0)):
-            out["customers_created"].append(self._new_customer(rng, now, currencies, names, now, fresh=True))
+            cid = self._new_customer(rng, now, currencies, names, now, fresh=True)
+            self._record("Customer", "Create", cid, now)
+            out["customers_created"].append(cid)
         targets = [cid for cid, rec in self.customers.items() if rec.get("Active", True)]
         for _ in range(changes.get("creates", 0)):
             if not targets:
@@ -948,12 +1020,15 @@ class QuickBooksCompany:
             cid = rng.pick(targets)
             oid = self._new_invoice(rng, cid, now, now, fresh=True)
             self._adjust_customer(cid, _cents(self.invoices[oid]["Balance"]))
+            self._record("Invoice", "Create", oid, now)
             out["created"].append(oid)
         self._touch()
         return out
 
-    def _edit_invoice(self, oid: str, now: float, rng: _Rng) -> None:
+    def _edit_invoice(self, oid: str, now: float, rng: _Rng) -> str:
+        """Pay, email or annotate an invoice; returns the webhook operation (``Emailed`` or ``Update``)."""
         rec = self.invoices[oid]
+        operation = "Update"
         balance = _cents(rec["Balance"])
         roll = rng.random()
         if balance > 0 and roll < 0.5:
@@ -964,27 +1039,77 @@ class QuickBooksCompany:
         elif roll < 0.75:
             rec["CustomerMemo"] = {"value": rng.pick(_MEMOS)}
             rec["EmailStatus"] = "EmailSent"
+            operation = "Emailed"
         else:
             rec["PrivateNote"] = f"Edited {self.stamp(now)}"
         rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
         self._set_times("Invoice", oid, self.times["Invoice"][oid][0], now)
+        return operation
 
     def void_invoice(self, oid: str, now: float) -> None:
         """Void: zero amounts and quantities, ``Voided`` private note, new ``SyncToken`` and update time."""
-        rec = self.invoices[oid]
-        self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
-        self._void_record(rec)
-        rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
-        self._set_times("Invoice", oid, self.times["Invoice"][oid][0], now)
-        self._touch()
+        with self._reporting():
+            rec = self.invoices[oid]
+            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
+            self._void_record(rec)
+            rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
+            self._set_times("Invoice", oid, self.times["Invoice"][oid][0], now)
+            self._touch()
+            self._record("Invoice", "Void", oid, now)
 
     def delete_invoice(self, oid: str, now: float) -> None:
         """Hard delete: gone from query and read-one, kept as a ``Deleted`` stub for CDC."""
-        rec = self.invoices[oid]
-        self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
-        self._drop_invoice(oid)
-        self.deleted[oid] = now
-        self._touch()
+        with self._reporting():
+            rec = self.invoices[oid]
+            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
+            self._drop_invoice(oid)
+            self.deleted[oid] = now
+            self._touch()
+            self._record("Invoice", "Delete", oid, now)
+
+    def merge_invoices(self, source: str, target: str, now: float) -> dict[str, Any]:
+        """Merge invoice ``source`` into ``target`` (same currency, neither voided) at ``now``.
+
+        ``target`` takes over ``source``'s lines, tax, total and balance, with a new ``SyncToken`` and
+        update time; ``source`` is gone as a hard delete leaves it (a ``Deleted`` stub in CDC).
+        """
+        if source == target:
+            raise ValueError("an invoice cannot be merged into itself")
+        for oid in (source, target):
+            if oid not in self.invoices:
+                raise LookupError(f"no invoice {oid}")
+            if self.invoices[oid].get("PrivateNote") == "Voided":
+                raise ValueError(f"invoice {oid} is voided")
+        old, rec = self.invoices[source], self.invoices[target]
+        if old["CurrencyRef"]["value"] != rec["CurrencyRef"]["value"]:
+            raise ValueError("only invoices in the same currency can be merged")
+        with self._reporting():
+            moved = [dict(line) for line in old["Line"] if line.get("DetailType") != "SubTotalLineDetail"]
+            lines = [line for line in rec["Line"] if line.get("DetailType") != "SubTotalLineDetail"]
+            numbered = [line for line in [*lines, *moved] if "LineNum" in line]
+            for n, line in enumerate(numbered, start=1):
+                line["Id"], line["LineNum"] = str(n), n
+            subtotal = sum(_cents(line.get("Amount")) for line in (old["Line"] + rec["Line"])
+                           if line.get("DetailType") == "SubTotalLineDetail")  # fmt: skip
+            rec["Line"] = [*lines, *moved, {"Amount": _money(subtotal), "DetailType": "SubTotalLineDetail",
+                                            "SubTotalLineDetail": {}}]  # fmt: skip
+            tax = _cents(rec["TxnTaxDetail"].get("TotalTax")) + _cents(old["TxnTaxDetail"].get("TotalTax"))
+            rec["TxnTaxDetail"]["TotalTax"] = _money(tax)
+            total = _cents(rec["TotalAmt"]) + _cents(old["TotalAmt"])
+            rec["TotalAmt"] = _money(total)
+            if "ExchangeRate" in rec:
+                rec["HomeTotalAmt"] = _money(_home_cents(total, round(rec["ExchangeRate"] * 10000)))
+            moved_balance = _cents(old["Balance"])
+            self._set_balance(rec, _cents(rec["Balance"]) + moved_balance)
+            self._adjust_customer(old["CustomerRef"]["value"], -moved_balance)
+            self._adjust_customer(rec["CustomerRef"]["value"], moved_balance)
+            rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
+            self._set_times("Invoice", target, self.times["Invoice"][target][0], now)
+            self._drop_invoice(source)
+            self.deleted[source] = now
+            self._touch()
+            self._record("Invoice", "Merge", target, now, deleted_id=source)
+        return rec
 
     # --- control records --------------------------------------------------------------------------------
 
@@ -1011,6 +1136,8 @@ class QuickBooksCompany:
         rec.update({k: v for k, v in fields.items() if k not in ("Id", "MetaData")})
         self._set_times(entity, oid, updated_at, updated_at)
         self._touch()
+        with self._reporting():
+            self._record(entity, "Create", oid, updated_at)
         return rec
 
     def update_record(self, entity: str, oid: str, fields: Mapping[str, Any], updated_at: float) -> dict[str, Any]:
@@ -1022,6 +1149,8 @@ class QuickBooksCompany:
             rec["SyncToken"] = sync
         self._set_times(entity, oid, self.times[entity][oid][0], updated_at)
         self._touch()
+        with self._reporting():
+            self._record(entity, "Update", oid, updated_at)
         return rec
 
     def export(self, entity: str) -> dict[str, Any]:
@@ -1210,6 +1339,58 @@ class QuickBooksCompany:
             if rows:
                 blocks.append({entity: rows, "startPosition": 1, "maxResults": len(rows)})
         return blocks or [{}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Webhook payloads
+# ---------------------------------------------------------------------------------------------------------
+
+
+def legacy_notification(company: QuickBooksCompany, changes: Sequence[DataChange]) -> bytes:
+    """One ``eventNotifications`` body for one realm: ids only, ``lastUpdated`` with the company's offset."""
+    entities = []
+    for change in changes:
+        stamp = company.stamp(change.at)
+        entity = {"name": change.entity, "id": change.id, "operation": change.operation,
+                  "lastUpdated": stamp[:-3] + stamp[-2:]}  # fmt: skip
+        if change.deleted_id:
+            entity["deletedId"] = change.deleted_id
+        entities.append(entity)
+    note = {"realmId": company.realm_id, "dataChangeEvent": {"entities": entities}}
+    return orjson.dumps({"eventNotifications": [note]})
+
+
+def cloudevents_batches(company: QuickBooksCompany, changes: Sequence[DataChange]) -> list[bytes]:
+    """CloudEvents JSON arrays of at most 100 events: uuid ids, ``qbo.<entity>.<verb>.v1``, ISO UTC ``time``.
+
+    A merge names the merged-away record in ``data.deletedId`` (the legacy ``deletedId``; unverified).
+    """
+    events = []
+    for change in changes:
+        moment = dt.datetime.fromtimestamp(change.at, dt.UTC).isoformat(timespec="milliseconds")
+        events.append({
+            "specversion": "1.0",
+            "id": str(uuid.uuid4()),
+            "source": "intuit.qbo.sandbox",
+            "type": f"qbo.{change.entity.lower()}.{_CLOUDEVENT_VERBS[change.operation]}.v1",
+            "datacontenttype": "application/json",
+            "time": moment.replace("+00:00", "Z"),
+            "intuitentityid": change.id,
+            "intuitaccountid": company.realm_id,
+            "data": {"deletedId": change.deleted_id} if change.deleted_id else {},
+        })  # fmt: skip
+    step = CLOUDEVENTS_PER_DELIVERY
+    return [orjson.dumps(events[i : i + step]) for i in range(0, len(events), step)]
+
+
+def intuit_signer(verifier_token: str) -> Signer:
+    """``intuit-signature``: base64 HMAC-SHA256 of the exact body with the app's verifier token."""
+    key = verifier_token.encode()
+
+    def sign(body: bytes, at: int) -> dict[str, str]:
+        return {"intuit-signature": base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode()}
+
+    return sign
 
 
 def _project(rec: Mapping[str, Any], fields: Iterable[str]) -> dict[str, Any]:
@@ -1481,6 +1662,8 @@ class QuickBooksSandbox:
         self.by_status: Counter[str] = Counter()
         self.minor_versions: Counter[str] = Counter()
         self.formats: Counter[str] = Counter()
+        self.webhooks = WebhookOutbox("quickbooks", clock, retry_delays=WEBHOOK_RETRY_DELAYS,
+                                      timeout=WEBHOOK_TIMEOUT_SECONDS)  # fmt: skip
 
     # --- companies ----------------------------------------------------------------------------------------
 
@@ -1558,9 +1741,50 @@ class QuickBooksSandbox:
         return company
 
     def _install(self, company: QuickBooksCompany) -> None:
+        company.on_change = self._notify
         with self._lock:
             self._added += 1
             self._runtime[company.realm_id] = _Runtime(company, self._added)
+
+    # --- webhooks ---------------------------------------------------------------------------------------
+
+    def _webhook_signer(self, body: Mapping[str, Any]) -> tuple[str, Signer]:
+        """A subscription's key (app or realm, and payload format) and its ``intuit-signature`` signer.
+
+        Like Intuit, one app's endpoint gets the events of every realm connected to the app (``app``);
+        ``realm`` narrows a subscription to one company. ``format`` is ``legacy`` or ``cloudevents``.
+        """
+        reject_unknown_fields(body, _SUBSCRIBE_FIELDS, "webhook subscription")
+        token = body.get("verifier_token")
+        if not isinstance(token, str) or not token:
+            raise ControlError(400, "verifier_token must be a non-empty string")
+        shape = body.get("format", "legacy")
+        if shape not in WEBHOOK_FORMATS:
+            raise ControlError(400, f"format must be one of {list(WEBHOOK_FORMATS)}")
+        app, realm = body.get("app"), body.get("realm")
+        if (app is None) == (realm is None):
+            raise ControlError(400, "name exactly one of app (a client_id) or realm")
+        if realm is not None:
+            scope = f"realm:{self._rt(str(realm)).company.realm_id}"
+        elif str(app) in self.oauth.clients:
+            scope = f"app:{app}"
+        else:
+            raise ControlError(404, f"no app {app!r}")
+        return f"{scope}:{shape}", intuit_signer(token)
+
+    def _notify(self, company: QuickBooksCompany, changes: list[DataChange]) -> None:
+        """Queue one notification of ``changes`` for every subscription of the company's app or realm."""
+        for shape in WEBHOOK_FORMATS:
+            keys = [f"{scope}:{shape}" for scope in (f"app:{company.client_id}", f"realm:{company.realm_id}")]
+            keys = [key for key in keys if self.webhooks.subscriptions(key)]
+            if not keys:
+                continue
+            bodies = (
+                [legacy_notification(company, changes)] if shape == "legacy" else cloudevents_batches(company, changes)
+            )
+            for key in keys:
+                for body in bodies:
+                    self.webhooks.emit(key, body)
 
     def _summary(self, company: QuickBooksCompany) -> dict[str, Any]:
         spec = company.spec
@@ -1646,6 +1870,7 @@ class QuickBooksSandbox:
         """OAuth, API and control routes under ``/quickbooks/...`` and ``/_sandbox/quickbooks/...``."""
         api = f"{API_PREFIX}/v3/company/{{realm}}"
         control = CONTROL_PREFIX
+        invoices = f"{control}/tenants/{{tenant}}/invoices"
         return [
             Route(AUTHORIZE_PATH, self.oauth.authorize_endpoint(self._subject_for), methods=["GET"]),
             Route(TOKEN_PATH, self.oauth.token_endpoint, methods=["POST"]),
@@ -1665,6 +1890,9 @@ class QuickBooksSandbox:
             Route(f"{control}/tenants/{{tenant}}/records", self._control_add_record, methods=["POST"]),
             Route(f"{control}/tenants/{{tenant}}/records/{{oid}}", self._control_update_record, methods=["PATCH"]),
             Route(f"{control}/tenants/{{tenant}}/export/{{entity}}", self._control_export, methods=["GET"]),
+            Route(f"{invoices}/merge", self._control_merge, methods=["POST"]),
+            Route(f"{invoices}/{{oid}}/{{action}}", self._control_invoice_action, methods=["POST"]),
+            *webhook_control_routes(control, self.webhooks, self._webhook_signer),
             Route(f"{control}/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route(f"{control}/stats", self._control_stats, methods=["GET"]),
         ]
@@ -1976,6 +2204,39 @@ class QuickBooksSandbox:
 
         return await _control(handle)(request)
 
+    async def _control_invoice_action(self, request: Request) -> Response:
+        async def handle(request: Request) -> Any:
+            company = self._rt(request.path_params["tenant"]).company
+            oid, action = request.path_params["oid"], request.path_params["action"]
+            if action not in ("void", "delete"):
+                raise ControlError(404, f"no invoice action {action!r} (void or delete)")
+            if oid not in company.invoices:
+                raise ControlError(404, f"no invoice {oid}")
+            at = self._updated_at(await read_json_object(request))
+            if action == "void":
+                company.void_invoice(oid, at)
+                return company.invoices[oid]
+            company.delete_invoice(oid, at)
+            return {"deleted": oid}
+
+        return await _control(handle)(request)
+
+    async def _control_merge(self, request: Request) -> Response:
+        async def handle(request: Request) -> Any:
+            company = self._rt(request.path_params["tenant"]).company
+            body = await read_json_object(request)
+            reject_unknown_fields(body, ("from", "into", "updated_at"), "merge")
+            source, target = body.get("from"), body.get("into")
+            if not isinstance(source, str) or not isinstance(target, str):
+                raise ControlError(400, "from and into must be invoice ids")
+            try:
+                merged = company.merge_invoices(source, target, self._updated_at(body))
+            except LookupError as err:
+                raise ControlError(404, str(err)) from None
+            return {"merged": merged, "deleted_id": source}
+
+        return await _control(handle)(request)
+
     async def _control_export(self, request: Request) -> Response:
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
@@ -2114,6 +2375,64 @@ class QuickBooksControl(ControlClient):
     def export(self, tenant: str, entity: str) -> dict[str, Any]:
         """``{"records": [...], "deleted_ids": [...]}`` for ``invoice`` or ``customer``."""
         return self._call("GET", f"/tenants/{tenant}/export/{entity}")
+
+    def void_invoice(self, tenant: str, invoice_id: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Void one invoice (at ``updated_at``); returns it as the API now shows it."""
+        body = {} if updated_at is None else {"updated_at": updated_at}
+        return self._call("POST", f"/tenants/{tenant}/invoices/{invoice_id}/void", json=body)
+
+    def delete_invoice(self, tenant: str, invoice_id: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Hard-delete one invoice (at ``updated_at``)."""
+        body = {} if updated_at is None else {"updated_at": updated_at}
+        return self._call("POST", f"/tenants/{tenant}/invoices/{invoice_id}/delete", json=body)
+
+    def merge_invoices(self, tenant: str, source: str, into: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Merge invoice ``source`` into ``into``: ``{"merged": <into as the API shows it>, "deleted_id": source}``."""
+        body: dict[str, Any] = {"from": source, "into": into}
+        if updated_at is not None:
+            body["updated_at"] = updated_at
+        return self._call("POST", f"/tenants/{tenant}/invoices/merge", json=body)
+
+    def subscribe_webhooks(
+        self,
+        url: str,
+        verifier_token: str,
+        *,
+        app: str | None = None,
+        realm: str | None = None,
+        format: str = "legacy",
+        hold: bool = False,
+        duplicate_rate: float = 0.0,
+        retry_delays: Sequence[float] | None = None,
+    ) -> dict[str, Any]:
+        """Deliver the events of an app's realms (or of one realm) to ``url``: ``{"id", "account", "url"}``."""
+        body: dict[str, Any] = {"url": url, "verifier_token": verifier_token, "format": format, "hold": hold,
+                                "duplicate_rate": duplicate_rate}  # fmt: skip
+        body.update({k: v for k, v in (("app", app), ("realm", realm)) if v is not None})
+        if retry_delays is not None:
+            body["retry_delays"] = list(retry_delays)
+        return self._call("POST", "/webhooks", json=body)
+
+    def flush_webhooks(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Wait until every queued delivery (retries included) is done: ``{"flushed", "pending"}``."""
+        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})
+
+    def webhook_attempts(self) -> list[dict[str, Any]]:
+        """Every delivery attempt so far: subscription, attempt number, status or error, time."""
+        return self._call("GET", "/webhooks/attempts")["data"]
+
+    def hold_webhooks(self, subscription: str) -> dict[str, Any]:
+        """Keep the subscription's new deliveries back until ``release_webhooks``."""
+        return self._call("POST", f"/webhooks/{subscription}/hold")
+
+    def release_webhooks(self, subscription: str, order: str = "as-sent", copies: int = 1) -> int:
+        """Send the held deliveries in ``order`` (as-sent, newest-first, shuffled), each ``copies`` times."""
+        body = {"order": order, "copies": copies}
+        return int(self._call("POST", f"/webhooks/{subscription}/release", json=body)["released"])
+
+    def unsubscribe_webhooks(self, subscription: str) -> dict[str, Any]:
+        """Stop delivering to the subscription."""
+        return self._call("DELETE", f"/webhooks/{subscription}")
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject server_errors, rate_limited, day_limit_exhausted, latency_ms (for one tenant or all)."""

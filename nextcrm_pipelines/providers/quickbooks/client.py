@@ -4,14 +4,16 @@ A day's window is read with `SELECT * FROM Invoice WHERE MetaData.LastUpdatedTim
 < end ORDER BY MetaData.LastUpdatedTime` and `STARTPOSITION`/`MAXRESULTS 1000`, paging by updated
 time (`core.paging`). Hard deletes leave no row to query: for windows inside Change Data Capture's
 30 days, `/cdc?entities=Invoice&changedSince=<start>` supplies `status: "Deleted"` stubs, which become
-tombstones. QuickBooks allows 500 calls a minute and 10 a second per realm and answers 429 (fault
+tombstones. Webhook re-fetches read many invoices per call (`SELECT * FROM Invoice WHERE Id IN (...)`,
+sent as a `POST /query` body) and ask Change Data Capture whether an id that is no longer found was
+deleted. QuickBooks allows 500 calls a minute and 10 a second per realm and answers 429 (fault
 3001) with no `Retry-After`, so the client paces itself and waits the documented minute on a 429.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,10 +122,13 @@ class QuickBooksApi:
 
     def _get(self, path: str, **params: str) -> dict[str, Any]:
         response = self.http.send("GET", path, params={**params, "minorversion": MINOR_VERSION})
+        return self._body(response, f"GET {path}")
+
+    def _body(self, response: httpx.Response, endpoint: str) -> dict[str, Any]:
         body = orjson.loads(response.content)
         if isinstance(body, dict) and ("Fault" in body or "fault" in body):
             raise ProviderError(_fault_message(response.content) or "fault", provider="quickbooks",
-                                connection_id=self.http.connection_id, endpoint=f"GET {path}",
+                                connection_id=self.http.connection_id, endpoint=endpoint,
                                 status=response.status_code)  # fmt: skip
         return body
 
@@ -143,22 +148,58 @@ class QuickBooksApi:
         )
         yield from self._deleted(window)
 
-    def _deleted(self, window: SyncWindow) -> Iterator[list[Record]]:
-        if window.start < datetime.now(UTC) - CDC_RETENTION + timedelta(minutes=5):
-            return
-        body = self._get("/cdc", entities="Invoice", changedSince=_iso(window.start))
+    def _changed_since(self, since: datetime) -> list[dict[str, Any]]:
+        """Change Data Capture's invoices (full records and `Deleted` stubs) changed since `since`."""
+        body = self._get("/cdc", entities="Invoice", changedSince=_iso(since))
         objects: list[dict[str, Any]] = []
         for cdc in body.get("CDCResponse") or []:
             for response in cdc.get("QueryResponse") or []:
                 objects.extend(response.get("Invoice") or [])
         if len(objects) >= CDC_MAX_OBJECTS:
             log.warning("quickbooks connection %s: change data capture since %s hit its %d-object cap; deletions "
-                        "older in that range may be missing", self.http.connection_id, window.start,
+                        "older in that range may be missing", self.http.connection_id, since,
                         CDC_MAX_OBJECTS)  # fmt: skip
+        return objects
+
+    def _deleted(self, window: SyncWindow) -> Iterator[list[Record]]:
+        if window.start < datetime.now(UTC) - CDC_RETENTION + timedelta(minutes=5):
+            return
+        objects = self._changed_since(window.start)
         stubs = [(raw, updated_at(raw)) for raw in objects if is_deleted_stub(raw)]
         in_window = [(raw, at) for raw, at in stubs if window.start <= at < window.end]
         if in_window:
             yield in_window
+
+    def invoices_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The current state of these invoices, each id asked once and up to a page of ids per query.
+
+        Query and read-one find nothing of a hard-deleted invoice, so an id absent from the answer is
+        gone or unknown; `deleted_invoices` says which.
+        """
+        wanted = sorted({str(i) for i in ids}, key=lambda i: (len(i), i))
+        bad = [i for i in wanted if not i.isdigit()]
+        if bad:
+            raise ValueError(f"QuickBooks ids are numeric strings, not {bad[:3]}")
+        found: list[dict[str, Any]] = []
+        size = min(self.page_size, PAGE_SIZE)
+        for start in range(0, len(wanted), size):
+            chunk = wanted[start : start + size]
+            listed = ", ".join(f"'{i}'" for i in chunk)
+            query = f"SELECT * FROM Invoice WHERE Id IN ({listed}) STARTPOSITION 1 MAXRESULTS {len(chunk)}"
+            response = self.http.send("POST", "/query", params={"minorversion": MINOR_VERSION}, content=query,
+                                      headers={"Content-Type": "application/text"})  # fmt: skip
+            found.extend(self._body(response, "POST /query").get("QueryResponse", {}).get("Invoice") or [])
+        return found
+
+    def deleted_invoices(self, ids: Collection[str], since: datetime) -> list[dict[str, Any]]:
+        """Change Data Capture's `status: "Deleted"` stubs of these ids deleted since `since`.
+
+        The only way QuickBooks says an invoice is gone; `since` is moved inside CDC's 30-day look-back.
+        """
+        earliest = datetime.now(UTC) - CDC_RETENTION + timedelta(minutes=5)
+        wanted = {str(i) for i in ids}
+        objects = self._changed_since(max(since, earliest))
+        return [raw for raw in objects if is_deleted_stub(raw) and str(raw.get("Id")) in wanted]
 
 
 def _iso(moment: datetime) -> str:

@@ -1,33 +1,185 @@
-"""QuickBooks webhooks: `intuit-signature` = base64 HMAC-SHA256 of the body with the verifier token.
+"""QuickBooks webhooks: `intuit-signature` = base64 HMAC-SHA256 of the body with the app's verifier token.
 
 Both payload shapes are read: the legacy `eventNotifications` (entities per realm, no ids: each is
-known by its hash) and the CloudEvents array (with ids).
+known by its hash) and the CloudEvents array (`qbo.<entity>.<operation>.v1`, with ids). Events name
+an entity by id only, so applying re-reads the invoices they name (many per query, each id once) and
+upserts them as a sync maps them, never regressing by `MetaData.LastUpdatedTime`: Create, Update,
+Emailed and Void re-read (a void shows as the `voided` status), Delete flags the row deleted as of
+the event's time, Merge flags the merged-away `deletedId` deleted and re-reads the survivor. A hard
+delete leaves nothing to query, so an id that is no longer found counts as deleted only when Change
+Data Capture reports it `Deleted`. One app's webhook carries every realm it is connected to: events
+of another realm than the connection's are skipped, as are entities other than invoices.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.upsert import BatchCounts, Row
+from nextcrm_pipelines.providers.quickbooks.records import INVOICES_TABLE, invoice_row, updated_at
+from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, WebhookSpec, base64_hmac_verifier, hash_of, parse_time
+
+log = logging.getLogger(__name__)
+
+# Legacy operation names, and the CloudEvents `type` verbs that mean the same.
+OPERATIONS = {
+    "create": "Create", "created": "Create", "update": "Update", "updated": "Update",
+    "delete": "Delete", "deleted": "Delete", "merge": "Merge", "merged": "Merge",
+    "void": "Void", "voided": "Void", "emailed": "Emailed",
+}  # fmt: skip
+REFETCHED = frozenset({"Create", "Update", "Void", "Emailed", "Merge"})
+# How far before an event Change Data Capture is asked for the deletion of an invoice it names.
+CDC_LEEWAY = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class EntityChange:
+    """One entity change an event reports, whichever payload shape carried it."""
+
+    realm: str
+    entity: str
+    operation: str
+    id: str
+    deleted_id: str | None
+    at: datetime | None
+
+
+def entity_change(event: Any) -> EntityChange:
+    """The change one stored event reports; ValueError when the event lacks what applying needs."""
+    if not isinstance(event, dict):
+        raise ValueError("a QuickBooks event is a JSON object")
+    if "realmId" in event or "name" in event:
+        realm, entity, verb = event.get("realmId"), event.get("name"), event.get("operation")
+        entity_id, deleted_id, at = event.get("id"), event.get("deletedId"), parse_time(event.get("lastUpdated"))
+    else:
+        parts = str(event.get("type") or "").split(".")
+        if len(parts) != 4 or parts[0] != "qbo":
+            raise ValueError(f"CloudEvents type {event.get('type')!r} is not qbo.<entity>.<operation>.v<n>")
+        data = event.get("data") if isinstance(event.get("data"), dict) else {}
+        realm, entity, verb, entity_id = event.get("intuitaccountid"), parts[1], parts[2], event.get("intuitentityid")
+        deleted_id, at = event.get("deletedId") or data.get("deletedId"), parse_time(event.get("time"))
+    missing = [name for name, value in (("realm", realm), ("entity", entity), ("operation", verb), ("id", entity_id))
+               if value in (None, "")]  # fmt: skip
+    if missing:
+        raise ValueError(f"QuickBooks event without {', '.join(missing)}")
+    operation = OPERATIONS.get(str(verb).lower(), str(verb))
+    return EntityChange(str(realm), str(entity), operation, str(entity_id),
+                        None if deleted_id in (None, "") else str(deleted_id), at)  # fmt: skip
 
 
 def events(payload: Any) -> list[InboxEvent]:
+    """Split a verified delivery into inbox events; ValueError when an event cannot be applied."""
     if isinstance(payload, list):
-        return [
+        found = [
             InboxEvent(str(e.get("id") or hash_of(e)), e.get("type"), parse_time(e.get("time")), e)
             for e in payload
             if isinstance(e, dict)
         ]
-    if isinstance(payload, dict) and isinstance(payload.get("eventNotifications"), list):
+    elif isinstance(payload, dict) and isinstance(payload.get("eventNotifications"), list):
         found = []
         for note in payload["eventNotifications"]:
             for entity in (note.get("dataChangeEvent") or {}).get("entities") or []:
                 event = {"realmId": note.get("realmId"), **entity}
                 kind = f"{entity.get('name')}.{entity.get('operation')}"
                 found.append(InboxEvent(hash_of(event), kind, parse_time(entity.get("lastUpdated")), event))
-        return found
-    raise ValueError("not a QuickBooks webhook payload")
+    else:
+        raise ValueError("not a QuickBooks webhook payload")
+    for event in found:
+        entity_change(event.payload)
+    return found
+
+
+def deleted_stub(invoice_id: str, at: datetime) -> dict[str, Any]:
+    """What Change Data Capture says of a hard-deleted invoice, for an id a Delete or Merge event names."""
+    return {"domain": "QBO", "status": "Deleted", "Id": invoice_id, "MetaData": {"LastUpdatedTime": at.isoformat()}}
+
+
+def _connection_realm(context: ApplyContext) -> str:
+    row = context.conn.execute(
+        sql.SQL("SELECT external_tenant FROM {} WHERE id = %s").format(
+            table("integration_connections", context.schema)
+        ),
+        (context.connection_id,),
+    ).fetchone()
+    if row is None or not row[0]:
+        raise ValueError(f"connection {context.connection_id!r} has no QuickBooks realm id; reconnect it")
+    return str(row[0])
+
+
+def _already_deleted(context: ApplyContext, ids: set[str]) -> set[str]:
+    """The ids whose stored row already says the invoice was hard-deleted."""
+    found = context.conn.execute(
+        sql.SQL("SELECT id FROM {} WHERE connection_id = %s AND id = ANY(%s) AND status = %s").format(
+            table(INVOICES_TABLE.name, context.schema)
+        ),
+        (context.connection_id, sorted(ids), INVOICES_TABLE.deleted_status),
+    ).fetchall()
+    return {r[0] for r in found}
+
+
+def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
+    """Re-read the invoices the events name, flag deleted and merged-away ones, and upsert as a sync would.
+
+    Repeated ids cost one read; events of other realms and of other entities change nothing and are
+    counted as skipped. Rows that can be written are written before an id that is neither found nor
+    reported deleted fails the events (retried later).
+    """
+    realm = _connection_realm(context)
+    counts = BatchCounts()
+    foreign = 0
+    reread: dict[str, datetime] = {}  # id -> earliest event time naming it
+    rows_out: list[Row] = []
+    now = datetime.now(UTC)
+    for row in rows:
+        try:
+            change = entity_change(row.payload)
+        except ValueError as exc:
+            raise ValueError(f"inbox event {row.id}: {exc}") from None
+        if change.realm != realm:
+            foreign += 1
+            continue
+        if change.entity.lower() != "invoice" or change.operation not in REFETCHED | {"Delete"}:
+            context.skip()
+            continue
+        at = change.at or row.occurred_at or now
+        if change.operation == "Delete":
+            rows_out.append(invoice_row(deleted_stub(change.id, at), at))
+            continue
+        if change.operation == "Merge" and change.deleted_id:
+            rows_out.append(invoice_row(deleted_stub(change.deleted_id, at), at))
+        reread[change.id] = min(at, reread.get(change.id, at))
+    if foreign:
+        log.warning("quickbooks webhooks of %s: %d event(s) of another realm skipped", context.connection_id, foreign)
+        context.skip(foreign)
+    unexplained: set[str] = set()
+    if reread:
+        api = context.client()
+        found = api.invoices_by_id(reread)
+        rows_out.extend(invoice_row(raw, updated_at(raw)) for raw in found)
+        missing = set(reread) - {str(raw["Id"]) for raw in found} - {r.id for r in rows_out if r.tombstone}
+        if missing:
+            since = min(reread[i] for i in missing) - CDC_LEEWAY
+            stubs = api.deleted_invoices(missing, since)
+            rows_out.extend(invoice_row(stub, updated_at(stub)) for stub in stubs)
+            unexplained = missing - {str(stub["Id"]) for stub in stubs}
+            unexplained -= _already_deleted(context, unexplained) if unexplained else set()
+    if rows_out:
+        counts.add(context.upsert(INVOICES_TABLE, rows_out))
+    if unexplained:
+        raise LookupError(
+            f"QuickBooks invoice(s) {sorted(unexplained, key=lambda i: (len(i), i))[:20]} named by webhooks are "
+            "neither found nor reported deleted by Change Data Capture; the events are retried"
+        )
+    return counts
 
 
 WEBHOOKS = WebhookSpec("webhook_verifier_token", "QUICKBOOKS_WEBHOOK_VERIFIER_TOKEN",
-                       base64_hmac_verifier("intuit-signature"), events, ("intuit-signature",))  # fmt: skip
+                       base64_hmac_verifier("intuit-signature"), events, ("intuit-signature",),
+                       apply=apply)  # fmt: skip

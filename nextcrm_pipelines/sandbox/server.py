@@ -294,6 +294,10 @@ class SandboxServer:
             self._thread.join(timeout=15)
             self._server = None
             self._thread = None
+            for name in ("stripe", "xero", "quickbooks", "paypal", "mautic") if self.app is not None else ():
+                close = getattr(getattr(self.app.state, name, None), "close", None)
+                if close is not None:
+                    close()  # the emulator's webhook delivery thread
         if self._proc is not None:
             self._proc.terminate()
             try:

@@ -10,6 +10,12 @@ page of 100 charges is a ``bytes`` join, not 100 serialisations. Objects are par
 while a request mutates them. ``StripeSandbox`` holds the accounts plus their per-key runtime state
 (token bucket, faults, statistics, idempotency records) and exposes Starlette routes for the API
 (``/v1/...``) and for the loopback-only control API (``/_sandbox/stripe/...``).
+
+Webhooks: ``POST /_sandbox/stripe/webhooks`` subscribes a receiver URL to an account (``api_key``) with
+the endpoint's signing ``secret``; every Event a runtime mutation creates is then delivered as the exact
+bytes ``GET /v1/events/{id}`` returns, signed ``Stripe-Signature: t=<now>,v1=<HMAC-SHA256 hex>`` afresh
+at each attempt, retried like a Stripe sandbox (3 times over a few hours, or the subscription's
+``retry_delays``). An account nobody subscribed to pays one attribute check per event.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import binascii
 import calendar
 import datetime as dt
 import hashlib
+import hmac
 import math
 import random
 import re
@@ -38,21 +45,26 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from nextcrm_pipelines.sandbox.control import (
+    ControlClient,
     ControlError,
     control_endpoint,
     optional_int_field,
     read_json_object,
     reject_unknown_fields,
 )
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "API_VERSION",
     "EVENT_RETENTION_SECONDS",
+    "WEBHOOK_RETRY_DELAYS",
     "StripeAccount",
+    "StripeControl",
     "StripeError",
     "StripeSandbox",
     "mask_api_key",
     "parse_bracket_params",
+    "stripe_signature",
 ]
 
 API_VERSION = "2026-10-28.endive"
@@ -61,6 +73,8 @@ IDEMPOTENCY_TTL_SECONDS = 86400
 MAX_LIMIT = 100
 DEFAULT_LIMIT = 10
 CUSTOMERS_CAP = 5000
+# Stripe sandboxes retry a failed webhook "3 times over a few hours" (live mode: up to 3 days).
+WEBHOOK_RETRY_DELAYS = (3600.0, 7200.0, 10800.0)
 
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DAY = 86400
@@ -799,7 +813,8 @@ class StripeAccount:
     Same arguments → byte-identical objects (ids included). ``now`` anchors generation: objects are
     created uniformly in ``[now - days*86400, now)`` and events exist for object changes in the last 30
     days before ``now``. The API methods take the sandbox clock's ``now`` so that events created by
-    mutations and the events retention window follow the shared clock.
+    mutations and the events retention window follow the shared clock. ``on_event(type, event bytes)``,
+    when set, is told of every event a mutation creates (webhook delivery).
     """
 
     def __init__(
@@ -821,6 +836,7 @@ class StripeAccount:
         self.days = days
         self.now = int(time.time()) if now is None else int(now)
         self.livemode = api_key.startswith("sk_live_")
+        self.on_event: Callable[[str, bytes], None] | None = None
         n_customers = min(CUSTOMERS_CAP, max(10, charges // 20)) if customers is None else customers
         if n_customers < 1:
             raise ValueError("customers must be >= 1")
@@ -1529,7 +1545,9 @@ class StripeAccount:
             request_id=request.request_id,
             idempotency_key=request.idempotency_key,
         )
-        self.events.insert(created, eid, blob, (type_,))
+        k = self.events.insert(created, eid, blob, (type_,))
+        if self.on_event is not None:
+            self.on_event(type_, self.events.blob(k))
         return eid
 
     _CHARGE_CREATE = frozenset(
@@ -1833,6 +1851,11 @@ _ACCOUNT_FIELDS = frozenset(
     {"api_key", "seed", "charges", "subscriptions", "customers", "days", "requests_per_second", "now"}
 )
 _FAULT_FIELDS = frozenset({"api_key", "rate_limit_burst", "server_errors", "latency_ms", "fail_after_requests"})
+# The shared subscription fields (see ``sandbox.webhooks``) plus the account, its secret(s), the event filter
+# and a shift of the signed timestamp (negative: stale signatures, to exercise the receiver's tolerance).
+_WEBHOOK_FIELDS = frozenset(
+    {"url", "duplicate_rate", "hold", "retry_delays", "api_key", "secret", "enabled_events", "timestamp_offset"}
+)
 
 
 def _request_id() -> str:
@@ -1860,6 +1883,21 @@ def _json_response(status: int, payload: Any) -> Response:
     return Response(orjson.dumps(payload), status_code=status, headers={"content-type": _JSON})
 
 
+def stripe_signature(body: bytes, at: int, secrets: Sequence[str]) -> str:
+    """The ``Stripe-Signature`` of ``body`` signed at ``at``: ``t=`` then one ``v1=`` per secret (two while
+    a secret is rolled), each the hex HMAC-SHA256 of ``"{t}.{body}"`` (stripe.md §6)."""
+    signed = b"%d." % at + body
+    v1 = (hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest() for secret in secrets)
+    return ",".join([f"t={at}", *(f"v1={digest}" for digest in v1)])
+
+
+def _signer(secrets: tuple[str, ...], offset: int) -> Signer:
+    def sign(body: bytes, now: int) -> dict[str, str]:
+        return {"Stripe-Signature": stripe_signature(body, now + offset, secrets)}
+
+    return sign
+
+
 def _control_days(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value * _DAY >= 1:
         raise ControlError(400, "days must be a number > 0 (fractions of a day are allowed)")
@@ -1870,12 +1908,16 @@ class StripeSandbox:
     """All emulated Stripe accounts of one sandbox server, keyed by API key, plus their HTTP behaviour.
 
     ``clock`` returns the sandbox's current unix time; mutations stamp events with it and the events
-    feed keeps 30 days relative to it.
+    feed keeps 30 days relative to it. ``webhooks`` delivers the events mutations create to the
+    subscriptions of their account.
     """
 
     def __init__(self, clock: Callable[[], int] | None = None) -> None:
         self.clock: Callable[[], int] = clock or (lambda: int(time.time()))
         self._runtime: dict[str, _Runtime] = {}
+        self.webhooks = WebhookOutbox("stripe", self.clock, retry_delays=WEBHOOK_RETRY_DELAYS)
+        # api key -> {outbox key: the event types it receives, None for all}
+        self._webhook_keys: dict[str, dict[str, frozenset[str] | None]] = {}
 
     # --- accounts ---------------------------------------------------------------------------------------
 
@@ -1932,6 +1974,8 @@ class StripeSandbox:
         if account is None and current is not None:
             return current.account, "unchanged"
         assert account is not None
+        if key in self._webhook_keys:
+            account.on_event = partial(self._deliver, key)
         self._runtime[key] = _Runtime(account=account, spec=norm, bucket=_TokenBucket(norm["requests_per_second"]))
         return account, "created" if current is None else "replaced"
 
@@ -1957,8 +2001,40 @@ class StripeSandbox:
             Route("/_sandbox/stripe/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/stripe/export/{kind}", self._control_export, methods=["GET"]),
             Route("/_sandbox/stripe/stats", self._control_stats, methods=["GET"]),
+            *webhook_control_routes("/_sandbox/stripe", self.webhooks, self._webhook_subscriber),
         ]
         return routes
+
+    def close(self) -> None:
+        """Stop the webhook delivery thread (undelivered events are dropped)."""
+        self.webhooks.close()
+
+    # --- webhooks ---------------------------------------------------------------------------------------
+
+    def _webhook_subscriber(self, body: dict[str, Any]) -> tuple[str, Signer]:
+        """Read a subscription's Stripe fields: the account's api key, the endpoint secret (or the old and
+        new secrets during a roll), ``enabled_events`` (``["*"]`` by default) and ``timestamp_offset``."""
+        reject_unknown_fields(body, _WEBHOOK_FIELDS, "webhook subscription")
+        api_key = body.get("api_key")
+        rt = self._runtime_for(api_key)
+        secrets = body.get("secret")
+        secrets = [secrets] if isinstance(secrets, str) else secrets
+        if not isinstance(secrets, list) or not secrets or not all(isinstance(s, str) and s for s in secrets):
+            raise ControlError(400, "secret must be the endpoint's signing secret (whsec_...) or a list of them")
+        enabled = body.get("enabled_events", ["*"])
+        if not isinstance(enabled, list) or not enabled or not all(isinstance(e, str) and e for e in enabled):
+            raise ControlError(400, 'enabled_events must be a non-empty list of event types, or ["*"]')
+        offset = optional_int_field(body, "timestamp_offset", 0, minimum=None)
+        types = None if "*" in enabled else frozenset(enabled)
+        key = api_key if types is None else f"{api_key}:{','.join(sorted(types))}"
+        self._webhook_keys.setdefault(api_key, {})[key] = types
+        rt.account.on_event = partial(self._deliver, api_key)
+        return key, _signer(tuple(secrets), offset)
+
+    def _deliver(self, api_key: str, event_type: str, body: bytes) -> None:
+        for key, types in self._webhook_keys[api_key].items():
+            if types is None or event_type in types:
+                self.webhooks.emit(key, body)
 
     def fallback_routes(self) -> list[BaseRoute]:
         """A ``/v1/{path}`` catch-all answering Stripe's 404 ``Unrecognized request URL``; mount last."""
@@ -2183,3 +2259,36 @@ class StripeSandbox:
                 "faults": rt.faults.as_dict(),
             },
         )
+
+
+class StripeControl(ControlClient):
+    """Typed calls to the Stripe webhook control API of a running ``SandboxServer``."""
+
+    prefix = "/_sandbox/stripe"
+
+    def subscribe_webhooks(self, api_key: str, url: str, secret: str | Sequence[str], **options: Any) -> dict[str, Any]:
+        """Deliver the account's new events to ``url`` signed with ``secret``; options: ``enabled_events``,
+        ``retry_delays``, ``hold``, ``duplicate_rate``, ``timestamp_offset``. Returns ``{"id", "account", "url"}``."""
+        signing = secret if isinstance(secret, str) else list(secret)
+        return self._call("POST", "/webhooks", json={"api_key": api_key, "url": url, "secret": signing, **options})
+
+    def hold_webhooks(self, sub_id: str) -> None:
+        """Keep the subscription's new events back until ``release_webhooks``."""
+        self._call("POST", f"/webhooks/{sub_id}/hold")
+
+    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
+        """Send the held events (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
+        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
+
+    def flush_webhooks(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued delivery (retries included) is done; False on timeout."""
+        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
+
+    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
+        attempts = self._call("GET", "/webhooks/attempts")["data"]
+        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
+
+    def unsubscribe_webhooks(self, sub_id: str) -> None:
+        """Stop delivering to the subscription."""
+        self._call("DELETE", f"/webhooks/{sub_id}")

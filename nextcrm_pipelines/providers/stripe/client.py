@@ -193,10 +193,14 @@ class StripeApi:
                 raise self._error(exc, path) from None
 
     def list_pages(self, path: str, params: Mapping[str, Any]) -> Iterator[tuple[list[dict[str, Any]], datetime]]:
-        """Every page of a list endpoint, newest first, each with the time it was requested."""
+        """Every page of a list endpoint, newest first, each with the time it was requested.
+
+        The time is cut to whole seconds, Stripe's event resolution: a change in the same second as a
+        listing then ties with it, and the upsert (which replaces on a version not older) lets the event win.
+        """
         query = {**params, "limit": PAGE_SIZE}
         while True:
-            requested_at = datetime.now(UTC)
+            requested_at = datetime.now(UTC).replace(microsecond=0)
             page = self.get(path, query)
             data = page.get("data") or []
             yield data, requested_at

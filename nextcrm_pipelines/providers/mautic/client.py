@@ -6,11 +6,15 @@ twice: campaigns whose `dateModified` falls in the window, then never-modified o
 `dateModified`) whose `dateAdded` does. The list envelope is parsed in all its shapes: entities keyed
 by id in an object, `[]` or `{}` when empty. Paging by id never needs `total`, which Mautic sends as
 a string or a number and may serve stale from its count cache.
+
+Webhook events are thin, so their apply reads by id: campaigns by id as the sync lists them, a single
+campaign (404: gone), a campaign's live member count (`/api/campaigns/{id}/contacts`, not cached like
+`withContactCounts`), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,6 +58,10 @@ def discover_tenants(ctx: TenantContext) -> list[Tenant]:
         return []
     parts = urlsplit(ctx.base_url)
     return [Tenant(external_id=ctx.base_url.rstrip("/"), name=f"Mautic {parts.hostname}{parts.path}".rstrip("/"))]
+
+
+def _id_order(value: str) -> tuple[int, str]:
+    return len(value), value
 
 
 def _stamp(moment: datetime) -> str:
@@ -118,6 +126,57 @@ class MauticApi:
     def campaign_ids(self) -> Iterator[list[str]]:
         for page in self._by_id([], minimal="true"):
             yield [str(raw["id"]) for raw in page]
+
+    def campaigns_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The campaigns with these ids, as the sync lists them (`withContactCounts`); absent ids are left out."""
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(ids, key=_id_order)
+        for start in range(0, len(ordered), self.page_size):
+            chunk = ordered[start : start + self.page_size]
+            params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
+                      "withContactCounts": "true", "where[0][col]": "id", "where[0][expr]": "in",
+                      "where[0][val]": ",".join(chunk)}  # fmt: skip
+            for raw in entities(self.http.get_json("/api/campaigns", params=params), "campaigns"):
+                found[str(raw["id"])] = raw
+        return found
+
+    def campaign(self, campaign_id: str) -> dict[str, Any] | None:
+        """One campaign (`GET /api/campaigns/{id}`), or None when Mautic answers 404."""
+        body = self._get_or_none(f"/api/campaigns/{campaign_id}")
+        return body.get("campaign") if isinstance(body, dict) else None
+
+    def campaign_member_count(self, campaign_id: str) -> int | None:
+        """How many contacts the campaign has now (not manually removed), or None when it is gone (404)."""
+        body = self._get_or_none(f"/api/campaigns/{campaign_id}/contacts", params={"start": "0", "limit": "1"})
+        if not isinstance(body, dict):
+            return None
+        return int(body.get("total") or 0)
+
+    def campaigns_of_contacts(self, contact_ids: Collection[str]) -> set[str]:
+        """Ids of the campaigns these contacts are in or were removed from (`campaign_leads` rows, paged)."""
+        campaigns: set[str] = set()
+        ordered = sorted(contact_ids, key=_id_order)
+        for start in range(0, len(ordered), self.page_size):
+            chunk = ",".join(ordered[start : start + self.page_size])
+            offset = 0
+            while True:
+                params = {"start": str(offset), "limit": str(self.page_size), "where[0][col]": "lead_id",
+                          "where[0][expr]": "in", "where[0][val]": chunk, "order[0][col]": "campaign_id",
+                          "order[0][dir]": "ASC", "order[1][col]": "lead_id", "order[1][dir]": "ASC"}  # fmt: skip
+                rows = entities(self.http.get_json("/api/stats/campaign_leads", params=params), "stats")
+                campaigns.update(str(row["campaign_id"]) for row in rows)
+                if len(rows) < self.page_size:
+                    break
+                offset += len(rows)
+        return campaigns
+
+    def _get_or_none(self, path: str, **kwargs: Any) -> Any:
+        try:
+            return self.http.get_json(path, **kwargs)
+        except ProviderError as exc:
+            if exc.status == 404:
+                return None
+            raise
 
     def campaign_gone(self, campaign_id: str, stored: dict[str, Any]) -> bool:
         """Whether Mautic answers 404 for the campaign."""

@@ -1,16 +1,49 @@
 """Mautic webhooks: `Webhook-Signature` = base64 HMAC-SHA256 of the body with the webhook's secret.
 
 A body maps event types to lists of events; Mautic gives no event ids, so each is known by its hash.
+No event is about a campaign, yet contacts joining and leaving change the contact counts our campaign
+rows carry, so applying refreshes the campaigns an event touches, each once per batch:
+
+- contact saved, points or channel subscription changed, form submitted: the campaigns the contact is in
+  or has left (its `campaign_leads` rows, removals included);
+- contact deleted: its memberships went with it, so every campaign of the connection we hold;
+- email sent or opened by a campaign: the campaign owning that campaign event (from the stored rows);
+- anything else (companies, page hits, SMS, broadcast emails) touches nothing we store: counted as skipped.
+
+A refreshed campaign is read as the sync reads it and given its live member count (Mautic's
+`withContactCounts` is cached for hours), then upserted under never-regress at the sync's version
+(`dateModified`, else `dateAdded`); one that Mautic answers 404 for is flagged deleted, as the id sweep does.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+from datetime import UTC, datetime
 from typing import Any
 
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.upsert import BatchCounts
+from nextcrm_pipelines.providers.mautic.records import CAMPAIGNS_TABLE, campaign_row, changed_at
+from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, WebhookSpec, base64_hmac_verifier, hash_of, parse_time
+
+CONTACT_EVENTS = frozenset(
+    {
+        "mautic.lead_post_save_new",
+        "mautic.lead_post_save_update",
+        "mautic.lead_points_change",
+        "mautic.lead_channel_subscription_changed",
+        "mautic.form_on_submit",  # a form can add its submitter to the campaigns it feeds
+    }
+)
+CONTACT_DELETED = "mautic.lead_post_delete"
+EMAIL_EVENTS = frozenset({"mautic.email_on_send", "mautic.email_on_open"})
 
 
 def events(payload: Any) -> list[InboxEvent]:
+    """One inbox event per item of each event type's list, known by the hash of its type and content."""
     if not isinstance(payload, dict):
         raise ValueError("not a Mautic webhook payload")
     found = []
@@ -21,5 +54,100 @@ def events(payload: Any) -> list[InboxEvent]:
     return found
 
 
+def _id(value: Any) -> str | None:
+    """A Mautic id (int or digit string) as text; anything else None."""
+    text = str(value) if isinstance(value, int | str) and not isinstance(value, bool) else ""
+    return text if text.isdigit() else None
+
+
+def contact_id(payload: dict[str, Any]) -> str | None:
+    """The contact an event is about: `contact` (or the older `lead`), or a form submission's `lead`."""
+    for holder in (payload, payload.get("submission")):
+        if isinstance(holder, dict):
+            for key in ("contact", "lead"):
+                found = holder.get(key)
+                if isinstance(found, dict) and _id(found.get("id")):
+                    return _id(found.get("id"))
+    return None
+
+
+def campaign_event_id(payload: dict[str, Any]) -> str | None:
+    """The campaign event behind an email: `source` `["campaign.event", id]` on send, `stat.sourceId` on open."""
+    source = payload.get("source")
+    if isinstance(source, list) and len(source) >= 2 and source[0] == "campaign.event":
+        return _id(source[1])
+    stat = payload.get("stat")
+    if isinstance(stat, dict) and stat.get("source") == "campaign.event":
+        return _id(stat.get("sourceId"))
+    return None
+
+
+def _stored_campaigns(context: ApplyContext, event_ids: Collection[str] | None = None) -> set[str]:
+    """Ids of the connection's live campaign rows (those holding one of `event_ids`, when given)."""
+    query = "SELECT id FROM {} WHERE connection_id = %s AND NOT deleted"
+    params: list[Any] = [context.connection_id]
+    if event_ids is not None:
+        query += " AND raw->'events' ?| %s"
+        params.append(list(event_ids))
+    rows = context.conn.execute(sql.SQL(query).format(table(CAMPAIGNS_TABLE.name, context.schema)), params)
+    return {campaign_id for (campaign_id,) in rows.fetchall()}
+
+
+def _with_live_count(raw: dict[str, Any], count: int) -> dict[str, Any]:
+    """The campaign as listed, its contact count replaced by the live one when Mautic's cached figure differs."""
+    if raw.get("contactCount") == count:
+        return raw
+    fresh = {key: value for key, value in raw.items() if key != "contactCountFetchedAt"}
+    fresh["contactCount"] = count
+    return fresh
+
+
+def refresh_campaigns(context: ApplyContext, ids: Iterable[str]) -> BatchCounts:
+    """Re-read these campaigns and upsert them (never regressing); flag the ones Mautic no longer has."""
+    wanted = sorted(set(ids), key=lambda value: (len(value), value))
+    api = context.client()
+    listed = api.campaigns_by_id(wanted)
+    rows, gone = [], []
+    for campaign_id in wanted:
+        raw = listed.get(campaign_id) or api.campaign(campaign_id)
+        count = api.campaign_member_count(campaign_id) if raw is not None else None
+        if raw is None or count is None:
+            gone.append(campaign_id)
+            continue
+        raw = _with_live_count(raw, count)
+        rows.append(campaign_row(raw, changed_at(raw)))
+    counts = BatchCounts()
+    if rows:
+        counts.add(context.upsert(CAMPAIGNS_TABLE, rows))
+    if gone:
+        counts.add(context.bury(CAMPAIGNS_TABLE, gone, datetime.now(UTC)))
+    return counts
+
+
+def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
+    """Refresh, once each, the campaigns the batch's contact and campaign-email events touch."""
+    contacts: set[str] = set()
+    email_sources: set[str] = set()
+    every_campaign = False
+    for row in rows:
+        payload = row.payload if isinstance(row.payload, dict) else {}
+        if row.event_type == CONTACT_DELETED:
+            every_campaign = True
+        elif row.event_type in CONTACT_EVENTS and (found := contact_id(payload)):
+            contacts.add(found)
+        elif row.event_type in EMAIL_EVENTS and (found := campaign_event_id(payload)):
+            email_sources.add(found)
+        else:
+            context.skip()
+    campaigns: set[str] = set()
+    if every_campaign:
+        campaigns |= _stored_campaigns(context)
+    elif email_sources:
+        campaigns |= _stored_campaigns(context, email_sources)
+    if contacts:
+        campaigns |= context.client().campaigns_of_contacts(contacts)
+    return refresh_campaigns(context, campaigns) if campaigns else BatchCounts()
+
+
 WEBHOOKS = WebhookSpec("webhook_secret", "MAUTIC_WEBHOOK_SECRET", base64_hmac_verifier("webhook-signature"), events,
-                       ("webhook-signature", "x-origin-base-url"))  # fmt: skip
+                       ("webhook-signature", "x-origin-base-url"), apply=apply)  # fmt: skip

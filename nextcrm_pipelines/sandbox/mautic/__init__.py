@@ -23,6 +23,13 @@ connection's base URL is ``{sandbox}/mautic/{account}`` and the real paths follo
 - the optional hourly limiter (429 with noxlogic's body and ``X-RateLimit-*`` headers) and the
   ``Mautic-Version`` header; bodies encoded as PHP's ``json_encode`` writes them.
 
+- contact writes (``POST /api/contacts/new``, ``PUT|PATCH /api/contacts/{id}/edit``, ``DELETE …/delete``),
+  campaign membership (``POST /api/campaigns/{id}/contact/{contactId}/add|remove``) and ``GET /api/stats/
+  campaign_leads`` (every membership row, manual removals included);
+- webhooks (``sandbox.mautic.webhooks``): every contact change is sent to the installation's webhooks as
+  PHP-encoded bodies signed ``Webhook-Signature``, in immediate mode (no retry) or queue mode (batches of
+  ``webhook_limit`` at the cron run, resent only after transport errors).
+
 Installations are generated deterministically from a seed and changed through the control API under
 ``/_sandbox/mautic`` (``MauticControl`` wraps it for tests).
 """
@@ -43,12 +50,14 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     php_json,
     php_params,
 )
+from nextcrm_pipelines.sandbox.mautic.webhooks import EVENT_TYPES, MauticWebhooks, mautic_signature
 
 __all__ = [
     "ACCESS_TTL",
     "CONTROL_PREFIX",
     "DEFAULT_PAGE_LIMIT",
     "ENTITIES",
+    "EVENT_TYPES",
     "MAUTIC_VERSION",
     "PREFIX",
     "REFRESH_TTL",
@@ -56,6 +65,8 @@ __all__ = [
     "MauticControl",
     "MauticInstallation",
     "MauticSandbox",
+    "MauticWebhooks",
+    "mautic_signature",
     "parse_datetime",
     "php_json",
     "php_params",

@@ -1,5 +1,6 @@
 """``MauticSandbox``: the installations' OAuth and API routes, with Mautic's request pipeline (API and Basic
-switches, faults, authentication, the hourly limiter), and the control API under ``/_sandbox/mautic``."""
+switches, faults, authentication, the hourly limiter), the control API under ``/_sandbox/mautic``, and the
+webhooks that contact changes send (``sandbox.mautic.webhooks``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -41,12 +43,14 @@ from nextcrm_pipelines.sandbox.mautic.data import (
     _normalise_knobs,
 )
 from nextcrm_pipelines.sandbox.mautic.model import (
+    _CONTACT_FIELDS,
     CONTROL_PREFIX,
     ENTITIES,
     MSG_ACCESS_DENIED,
     MSG_API_DISABLED,
     MSG_BASIC_DISABLED,
     MSG_BASIC_INVALID,
+    MSG_NOT_FOUND,
     MSG_ONE_METHOD,
     MSG_TOKEN_EXPIRED,
     MSG_TOKEN_INVALID,
@@ -56,10 +60,18 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     _entity_of,
     _generic_message,
     _unix_field,
+    parse_datetime,
     php_json,
     php_params,
 )
+from nextcrm_pipelines.sandbox.mautic.webhooks import MauticWebhooks
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, OAuthError
+
+# API writes: route kind -> the status a success answers with.
+_WRITES = {"contact_new": 201, "contact_edit": 200, "contact_delete": 200, "campaign_member": 200}
+_NUMBER_FIELDS = frozenset(alias for _id, alias, _label, kind, _group in _CONTACT_FIELDS if kind == "number")
+_DATE_FIELDS = frozenset(alias for _id, alias, _label, kind, _group in _CONTACT_FIELDS if kind == "datetime")
+_TEXT_FIELDS = frozenset(alias for _id, alias, _label, _kind, _group in _CONTACT_FIELDS) - _NUMBER_FIELDS
 
 
 def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -139,6 +151,36 @@ async def _form_of(request: Request) -> dict[str, str]:
     return dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
 
 
+async def _contact_fields(request: Request) -> dict[str, Any]:
+    """The contact fields of a write, by alias, from a JSON or form body; numbers as ints, dates checked; other
+    keys ignored."""
+    raw = await request.body()
+    if "json" in request.headers.get("content-type", ""):
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "Request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "Request body must be an object of contact fields.")
+    else:
+        body = dict(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+    fields: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in _NUMBER_FIELDS:
+            try:
+                fields[key] = None if value in (None, "") else int(value)
+            except (TypeError, ValueError):
+                raise ApiError(400, f"{key}: This value is not valid.") from None
+        elif key in _DATE_FIELDS:
+            text = None if value in (None, "") else str(value)
+            if text is not None and parse_datetime(text) is None:
+                raise ApiError(400, f"{key}: This value is not a valid datetime.")
+            fields[key] = text
+        elif key in _TEXT_FIELDS:
+            fields[key] = None if value is None else str(value)
+    return fields
+
+
 class MauticSandbox:
     """Mautic installations with their OAuth, API and control routes, on the shared sandbox clock."""
 
@@ -149,6 +191,7 @@ class MauticSandbox:
         self.by_route: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
         self.total = 0
+        self.webhooks = MauticWebhooks(clock, lambda account: account in self.installations)
 
     # --- installations ------------------------------------------------------------------------------------
 
@@ -213,8 +256,16 @@ class MauticSandbox:
     def add_account(self, body: Mapping[str, Any]) -> MauticInstallation:
         """Generate an installation from a spec and install it (replacing one with the same id)."""
         inst = MauticInstallation(self.normalise_spec(body), self.clock)
-        self.installations[inst.id] = inst
+        self._install(inst)
         return inst
+
+    def _install(self, inst: MauticInstallation) -> None:
+        inst.on_contact_event = partial(self.webhooks.contact_event, inst.id)
+        self.installations[inst.id] = inst
+
+    def close(self) -> None:
+        """Stop the webhook delivery thread."""
+        self.webhooks.close()
 
     def installation(self, account_id: str) -> MauticInstallation | None:
         """The installation with this id, if any."""
@@ -239,6 +290,15 @@ class MauticSandbox:
             Route(f"{base}/api/campaigns/{{rid:int}}/contacts", self._api("campaign_contacts"), methods=["GET"]),
             Route(f"{base}/api/contacts/{{rid:int}}/campaigns", self._api("contact_campaigns"), methods=["GET"]),
             Route(f"{base}/api/contacts/{{rid:int}}/segments", self._api("contact_segments"), methods=["GET"]),
+            Route(f"{base}/api/stats/{{table}}", self._api("stats"), methods=["GET"]),
+            Route(f"{base}/api/contacts/new", self._api("contact_new"), methods=["POST"]),
+            Route(f"{base}/api/contacts/{{rid:int}}/edit", self._api("contact_edit"), methods=["PUT", "PATCH"]),
+            Route(f"{base}/api/contacts/{{rid:int}}/delete", self._api("contact_delete"), methods=["DELETE"]),
+            Route(
+                f"{base}/api/campaigns/{{rid:int}}/contact/{{lead:int}}/{{action:str}}",
+                self._api("campaign_member"),
+                methods=["POST"],
+            ),
             Route(f"{base}/api/{{entity}}/{{rid:int}}", self._api("one"), methods=["GET"]),
             Route(f"{base}/api/{{entity}}", self._api("list"), methods=["GET"]),
             Route(f"{base}/api/{{rest:path}}", self._api("unknown"), methods=every),
@@ -261,6 +321,12 @@ class MauticSandbox:
                 methods=["PATCH", "DELETE"],
             ),
             Route(f"{a}/export/{{entity}}", control_endpoint(self._control_export), methods=["GET"]),
+            Route(
+                f"{a}/campaigns/{{rid:int}}/contacts/{{lead:int}}/{{action:str}}",
+                control_endpoint(self._control_membership),
+                methods=["POST"],
+            ),
+            *self.webhooks.routes(c),
             Route(f"{c}/faults", control_endpoint(self._control_faults), methods=["POST", "DELETE"]),
             Route(f"{c}/stats", control_endpoint(self._control_stats), methods=["GET"]),
         ]
@@ -296,6 +362,11 @@ class MauticSandbox:
                 "campaign_contacts": "/api/campaigns/{id}/contacts",
                 "contact_campaigns": "/api/contacts/{id}/campaigns",
                 "contact_segments": "/api/contacts/{id}/segments",
+                "stats": "/api/stats/{table}",
+                "contact_new": "/api/contacts/new",
+                "contact_edit": "/api/contacts/{id}/edit",
+                "contact_delete": "/api/contacts/{id}/delete",
+                "campaign_member": "/api/campaigns/{id}/contact/{contactId}/{action}",
                 "unknown": "/api/(unknown)",
             }[route_kind]
             if inst is None:
@@ -333,6 +404,9 @@ class MauticSandbox:
                 raise ApiError(status, _generic_message(status), kind="kernel")
             user, key = self._authenticate(request, inst)
             rate_headers = self._rate_limit(inst, key, faults)
+            if kind in _WRITES:
+                status, payload = await self._write(request, inst, kind)
+                return _json(status, payload, {**version, **rate_headers})
             payload = self._dispatch(request, inst, kind, entity, user, faults)
             return _json(200, payload, {**version, **rate_headers})
         except _RateLimited as limited:
@@ -365,7 +439,39 @@ class MauticSandbox:
             return inst.campaign_contacts(rid, params)
         if kind == "contact_campaigns":
             return inst.contact_campaigns(rid)
+        if kind == "stats":
+            return inst.stats(request.path_params["table"], params)
         return inst.contact_segments(rid)
+
+    async def _write(self, request: Request, inst: MauticInstallation, kind: str) -> tuple[int, dict[str, Any]]:
+        """The contact and campaign-membership writes (``mautic.md`` §7): ``/new`` 201, PATCH 404s on a missing
+        contact while PUT creates it, membership add/remove ``{"success": 1}``; each change sends its webhooks."""
+        rid = request.path_params.get("rid")
+        now = self.clock()
+        contacts = inst.tables["contacts"]
+        if kind == "campaign_member":
+            action, lead = request.path_params["action"], request.path_params["lead"]
+            if action not in ("add", "remove"):
+                path = request.url.path[len(inst.base_path) :]
+                raise ApiError(404, f"Requested URL not found: {path}", kind="kernel")
+            if rid not in inst.tables["campaigns"] or lead not in contacts:
+                raise ApiError(404, MSG_NOT_FOUND)
+            (inst.join if action == "add" else inst.leave)(rid, lead, now)
+            return _WRITES[kind], {"success": 1}
+        if kind == "contact_delete":
+            if rid not in contacts:
+                raise ApiError(404, MSG_NOT_FOUND)
+            view = {**inst.render("contacts", contacts[rid]), "id": None}
+            inst.delete("contacts", rid, now)
+            return _WRITES[kind], {"contact": view}
+        fields = await _contact_fields(request)
+        if kind == "contact_new" or (rid not in contacts and request.method == "PUT"):
+            return 201, {"contact": inst.render("contacts", inst.create("contacts", now, fields))}
+        if rid not in contacts:
+            raise ApiError(404, MSG_NOT_FOUND)
+        if request.method == "PUT":  # PUT replaces: the fields it does not name are emptied
+            fields = {**dict.fromkeys(_TEXT_FIELDS | _NUMBER_FIELDS), **fields}
+        return _WRITES[kind], {"contact": inst.render("contacts", inst.update("contacts", rid, fields, now))}
 
     def _authenticate(self, request: Request, inst: MauticInstallation) -> tuple[dict[str, Any] | None, str]:
         """The API user and the limiter's key: a bearer token (header or ``access_token``) or Basic credentials."""
@@ -625,7 +731,7 @@ class MauticSandbox:
         spec = self.normalise_spec(await read_json_object(request))
         started = time.perf_counter()
         inst = await run_in_threadpool(MauticInstallation, spec, self.clock)
-        self.installations[inst.id] = inst
+        self._install(inst)
         return {**inst.summary(), "generation_seconds": round(time.perf_counter() - started, 3)}
 
     async def _control_account(self, request: Request) -> Any:
@@ -704,6 +810,19 @@ class MauticSandbox:
         if not isinstance(fields, dict):
             raise ControlError(400, "fields must be an object")
         return inst.render(entity, inst.update(entity, rid, fields, when))
+
+    async def _control_membership(self, request: Request) -> Any:
+        """Add a contact to a campaign or remove it, as a user would in Mautic (its webhooks are sent)."""
+        inst = self._inst(request.path_params["account"])
+        rid, lead, action = request.path_params["rid"], request.path_params["lead"], request.path_params["action"]
+        if action not in ("add", "remove"):
+            raise ControlError(404, f"unknown membership action {action!r}: add or remove")
+        if rid not in inst.tables["campaigns"]:
+            raise ControlError(404, f"no campaigns record {rid}")
+        if lead not in inst.tables["contacts"]:
+            raise ControlError(404, f"no contacts record {lead}")
+        changed = (inst.join if action == "add" else inst.leave)(rid, lead, self.clock())
+        return {"campaign": rid, "contact": lead, "action": action, "changed": changed}
 
     async def _control_export(self, request: Request) -> Any:
         inst = self._inst(request.path_params["account"])

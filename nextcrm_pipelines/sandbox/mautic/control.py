@@ -6,9 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nextcrm_pipelines.sandbox.control import ControlClient
-from nextcrm_pipelines.sandbox.mautic.model import (
-    CONTROL_PREFIX,
-)
+from nextcrm_pipelines.sandbox.mautic.model import CONTROL_PREFIX, PREFIX
 
 
 class MauticControl(ControlClient):
@@ -104,6 +102,56 @@ class MauticControl(ControlClient):
     def export(self, account_id: str, entity: str) -> dict[str, Any]:
         """``{"records", "deleted_ids"}`` for campaigns, contacts, segments, emails or campaign_contacts."""
         return self._call("GET", f"/accounts/{account_id}/export/{entity}")
+
+    def add_to_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
+        """Add a contact to a campaign as a user would (re-adds a removed one); its webhooks are sent."""
+        return self._call("POST", f"/accounts/{account_id}/campaigns/{campaign_id}/contacts/{contact_id}/add")
+
+    def remove_from_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
+        """Remove a contact from a campaign (kept as manually removed); its webhooks are sent."""
+        return self._call("POST", f"/accounts/{account_id}/campaigns/{campaign_id}/contacts/{contact_id}/remove")
+
+    # --- webhooks -----------------------------------------------------------------------------------------
+
+    def subscribe_webhooks(self, account_id: str, url: str, secret: str, **options: Any) -> dict[str, Any]:
+        """Create a webhook of the installation to ``url`` with its ``secret``; options: ``events``, ``mode``
+        (``immediate`` or ``queue``), ``webhook_limit``, ``order``, ``site_url``, ``hold``, ``duplicate_rate``,
+        ``retry_delays`` (queue mode). ``site_url`` defaults to the installation's URL on this server."""
+        body = {"account": account_id, "url": url, "secret": secret, **options}
+        server_url = getattr(self.server, "url", None)
+        if "site_url" not in body and isinstance(server_url, str):
+            body["site_url"] = f"{server_url}{PREFIX}/{account_id}"
+        return self._call("POST", "/webhooks", json=body)
+
+    def webhook(self, sub_id: str) -> dict[str, Any]:
+        """One webhook: account, url, events, mode, webhook_limit, order, site_url, retry_delays, queued."""
+        return self._call("GET", f"/webhooks/{sub_id}")
+
+    def process_webhooks(self, account_id: str | None = None) -> int:
+        """Run ``mautic:webhooks:process``: send queue-mode events in batches; returns how many bodies went out."""
+        body = {} if account_id is None else {"account": account_id}
+        return self._call("POST", "/webhooks/process", json=body)["sent"]
+
+    def hold_webhooks(self, sub_id: str) -> None:
+        """Keep the webhook's new bodies back until ``release_webhooks``."""
+        self._call("POST", f"/webhooks/{sub_id}/hold")
+
+    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
+        """Send the held bodies (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
+        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
+
+    def flush_webhooks(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued delivery (resends included) is done; False on timeout."""
+        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
+
+    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
+        attempts = self._call("GET", "/webhooks/attempts")["data"]
+        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
+
+    def unsubscribe_webhooks(self, sub_id: str) -> None:
+        """Delete the webhook."""
+        self._call("DELETE", f"/webhooks/{sub_id}")
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
         """server_errors, server_error_status, rate_limited, latency_ms, insert_during_paging (one account or all)."""

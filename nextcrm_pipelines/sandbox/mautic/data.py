@@ -1,5 +1,10 @@
 """``MauticInstallation``: one Mautic installation's users, API clients and OAuth server, its generated campaigns,
-contacts, segments and emails with their memberships, and the API's list and read semantics over them."""
+contacts, segments and emails with their memberships, and the API's list, read and write semantics over them.
+
+Every change to a contact (created, edited, points changed, deleted, added to or removed from a campaign) is
+told to ``on_contact_event(event type, payload)`` when set: the payload is what Mautic's webhook carries for
+that event, with its ``timestamp``. Mautic has no campaign webhook, so a membership change is announced as
+``mautic.lead_post_save_update`` of the contact."""
 
 from __future__ import annotations
 
@@ -237,6 +242,7 @@ class MauticInstallation:
         self.requests = 0
         self.throttled = 0
         self._rng = random.Random(f"mautic-changes:{self.seed}")
+        self.on_contact_event: Callable[[str, dict[str, Any]], None] | None = None
         self._generate(clock())
 
     # --- configuration ------------------------------------------------------------------------------------
@@ -539,6 +545,8 @@ class MauticInstallation:
         if fields:
             self._apply_fields(entity, rec, fields)
         self._touch()
+        if entity == "contacts":
+            self._contact_event("mautic.lead_post_save_new", {"contact": self._render_contact(rec, False)})
         return rec
 
     def _apply_fields(self, entity: str, rec: _Record, fields: Mapping[str, Any]) -> None:
@@ -566,14 +574,25 @@ class MauticInstallation:
         rec = self.tables[entity].get(rid)
         if rec is None:
             raise ControlError(404, f"no {entity} record {rid}")
+        points = rec.f["v"].get("points", 0) if entity == "contacts" else None
         rec.modified = at
         rec.f["modifiedBy"] = next(iter(self.users_by_id))
         self._apply_fields(entity, rec, fields)
         self._touch()
+        if entity == "contacts":
+            view = self._render_contact(rec, False)
+            self._contact_event("mautic.lead_post_save_update", {"contact": view})
+            if view["points"] != points:
+                change = {"old_points": points, "new_points": view["points"]}
+                self._contact_event("mautic.lead_points_change", {"contact": view, "points": change})
         return rec
 
     def delete(self, entity: str, rid: int, at: int) -> None:
         """Delete a record (no tombstone in the API; the control export lists its id)."""
+        if entity == "contacts":
+            # As LeadModel leaves it after the delete: the entity's id is gone, the event names it.
+            gone = {**self._render_contact(self.tables[entity][rid], False), "id": None}
+            self._contact_event("mautic.lead_post_delete", {"id": rid, "contact": gone})
         del self.tables[entity][rid]
         self.deleted[entity][rid] = at
         if entity == "campaigns":
@@ -636,6 +655,7 @@ class MauticInstallation:
                 break
             cid, lid = rng.choice(live_campaigns), rng.choice(live_contacts)
             self.campaign_leads.setdefault(cid, {})[lid] = _Member(now, manually_added=True)
+            self._membership_changed(lid)
             out["joined"].append(lid)
         members = [
             (cid, lid) for cid, rows in self.campaign_leads.items() for lid, m in rows.items() if not m.manually_removed
@@ -643,9 +663,44 @@ class MauticInstallation:
         rng.shuffle(members)
         for cid, lid in members[: changes.get("leaves", 0)]:
             self.campaign_leads[cid][lid].manually_removed = True
+            self._membership_changed(lid)
             out["left"].append(lid)
         self._touch()
         return out
+
+    def join(self, campaign_id: int, contact_id: int, at: int) -> bool:
+        """``MembershipManager::addContact``: add (or re-add) the contact manually; False if it already was in."""
+        members = self.campaign_leads.setdefault(campaign_id, {})
+        member = members.get(contact_id)
+        if member is not None and not member.manually_removed:
+            return False
+        if member is None:
+            members[contact_id] = _Member(at, manually_added=True)
+        else:
+            member.manually_removed, member.manually_added, member.exited = False, True, None
+            member.rotation += 1
+        self._touch()
+        self._membership_changed(contact_id)
+        return True
+
+    def leave(self, campaign_id: int, contact_id: int, at: int) -> bool:
+        """``MembershipManager::removeContact``: mark the membership manually removed; False if it was not in."""
+        member = self.campaign_leads.get(campaign_id, {}).get(contact_id)
+        if member is None or member.manually_removed:
+            return False
+        member.manually_removed, member.manually_added, member.exited = True, False, at
+        self._touch()
+        self._membership_changed(contact_id)
+        return True
+
+    def _membership_changed(self, contact_id: int) -> None:
+        rec = self.tables["contacts"].get(contact_id)
+        if rec is not None:
+            self._contact_event("mautic.lead_post_save_update", {"contact": self._render_contact(rec, False)})
+
+    def _contact_event(self, kind: str, payload: dict[str, Any]) -> None:
+        if self.on_contact_event is not None:
+            self.on_contact_event(kind, {**payload, "timestamp": self.iso(self.clock())})
 
     # --- rendering ----------------------------------------------------------------------------------------
 
@@ -1110,6 +1165,23 @@ class MauticInstallation:
         """``GET /api/campaigns/{id}/contacts``: ``campaign_leads`` stats rows of strings, a list (``[]`` if empty)."""
         if campaign_id not in self.tables["campaigns"]:
             raise ApiError(404, MSG_NOT_FOUND)
+        total, rows = self._member_rows(params, campaign_id=campaign_id, default_limit=CAMPAIGN_CONTACTS_LIMIT)
+        return {"total": total, "contacts": rows}
+
+    def stats(self, table: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``GET /api/stats/{table}`` (``StatsApiController``): ``{"total", "stats": [rows]}``; an unknown table
+        answers the tables and columns there are. Only ``campaign_leads`` is kept: every membership row, the
+        manually removed ones included."""
+        if table != "campaign_leads":
+            return {"availableTables": ["campaign_leads"], "tableColumns": {"campaign_leads": list(_MEMBER_COLUMNS)}}
+        total, rows = self._member_rows(params, campaign_id=None, default_limit=CAMPAIGN_CONTACTS_LIMIT)
+        return {"total": total, "stats": rows}
+
+    def _member_rows(
+        self, params: Mapping[str, Any], *, campaign_id: int | None, default_limit: int
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """``campaign_leads`` rows matching ``where[]``, sorted by ``order[]``, one ``start``/``limit`` page: the
+        total (a string, as DBAL counts it) and the rows (strings). One campaign's hide manual removals."""
 
         def resolve(name: str) -> _Column:
             col = _MEMBER_COLUMNS.get(name.split(".", 1)[-1])
@@ -1119,10 +1191,12 @@ class MauticInstallation:
 
         where = params.get("where")
         preds = self.where("campaigns", where, resolve) if isinstance(where, dict) else []
+        campaigns = [campaign_id] if campaign_id is not None else sorted(self.campaign_leads)
         rows = [
-            (campaign_id, lid, m)
-            for lid, m in sorted(self.campaign_leads.get(campaign_id, {}).items())
-            if not m.manually_removed and all(p((campaign_id, lid, m)) for p in preds)
+            (cid, lid, m)
+            for cid in campaigns
+            for lid, m in sorted(self.campaign_leads.get(cid, {}).items())
+            if not (campaign_id is not None and m.manually_removed) and all(p((cid, lid, m)) for p in preds)
         ]
         order = params.get("order")
         for clause in reversed(_values(order) if isinstance(order, dict) else []):
@@ -1134,23 +1208,20 @@ class MauticInstallation:
                 key=lambda row, col=col: (0, 0) if col.get(self, row) is None else (1, col.get(self, row)), reverse=desc
             )
         start = max(0, _php_int(params.get("start"), 0))
-        limit = max(0, _php_int(params.get("limit"), CAMPAIGN_CONTACTS_LIMIT))
+        limit = max(0, _php_int(params.get("limit"), default_limit))
         page = rows[start : start + limit]
-        return {
-            "total": str(len(rows)),
-            "contacts": [
-                {
-                    "campaign_id": str(cid),
-                    "lead_id": str(lid),
-                    "date_added": _db_datetime(m.added),
-                    "manually_removed": "1" if m.manually_removed else "0",
-                    "manually_added": "1" if m.manually_added else "0",
-                    "date_last_exited": _db_datetime(m.exited),
-                    "rotation": str(m.rotation),
-                }
-                for cid, lid, m in page
-            ],
-        }
+        return str(len(rows)), [
+            {
+                "campaign_id": str(cid),
+                "lead_id": str(lid),
+                "date_added": _db_datetime(m.added),
+                "manually_removed": "1" if m.manually_removed else "0",
+                "manually_added": "1" if m.manually_added else "0",
+                "date_last_exited": _db_datetime(m.exited),
+                "rotation": str(m.rotation),
+            }
+            for cid, lid, m in page
+        ]
 
     def _published_now(self, rec: _Record, now: int) -> bool:
         f = rec.f

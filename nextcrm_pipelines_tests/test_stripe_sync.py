@@ -231,19 +231,20 @@ def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url,
     t0 = datetime(2026, 2, 1, tzinfo=UTC)
     good = [{"id": f"ch_{i}", "object": "charge", "amount": 100 + i, "currency": "eur", "status": "succeeded",
              "created": int(t0.timestamp()) + i} for i in range(50)]  # fmt: skip
-    bad = [{**good[0], "id": "ch_bad_amount", "amount": "12.5"}, {**good[0], "id": "ch_no_currency", "currency": None}]
+    bad = [{**good[0], "id": "ch_bad_amount", "amount": "12.5"}, {**good[0], "id": "ch_no_currency", "currency": None},
+           {**good[0], "id": "ch_no_status", "status": None}]  # fmt: skip
     with psycopg.connect(database_url) as conn:
         result = sync_entity(conn=conn, schema=schema, provider="stripe", entity=PAYMENTS,
                          connection_id=connection.id, window=SyncWindow(t0, t0 + timedelta(days=1)),
                          pages=[[(r, t0) for r in good[:25] + bad[:1]],
                                 [(r, t0) for r in good[25:] + bad[1:]]],
                          stats=RequestStats())  # fmt: skip
-    assert result.status == "partial" and result.counts.failed == 2 and result.counts.inserted == 50
-    assert {f.id for f in result.failures} == {"ch_bad_amount", "ch_no_currency"}
-    assert "ch_bad_amount" in caplog.text and "ch_no_currency" in caplog.text
+    assert result.status == "partial" and result.counts.failed == 3 and result.counts.inserted == 50
+    assert {f.id for f in result.failures} == {"ch_bad_amount", "ch_no_currency", "ch_no_status"}
+    assert "ch_bad_amount" in caplog.text and "ch_no_currency" in caplog.text and "ch_no_status" in caplog.text
     assert len(mirror_rows(database_url, schema, "stripe_payments", "id")) == 50
     with psycopg.connect(database_url) as conn:
         status, failed, error = conn.execute(
             sql.SQL("SELECT status, failed_records, error FROM {}").format(table("integration_sync_logs", schema))
         ).fetchone()
-    assert status == "partial" and failed == 2 and "ch_bad_amount" in error
+    assert status == "partial" and failed == 3 and "ch_bad_amount" in error

@@ -37,6 +37,9 @@ from nextcrm_pipelines.core.db import table
 log = logging.getLogger(__name__)
 
 JSONB_OID = 3802
+# What the database says of one bad record (a value it cannot store, a required field missing):
+# the batch is split until that record is alone, logged and skipped.
+RECORD_ERRORS = (psycopg.DataError, psycopg.errors.NotNullViolation, psycopg.errors.CheckViolation)
 
 # Every entity table ends with these columns, in this order (see migrations).
 MIRROR_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -216,7 +219,7 @@ class UpsertWriter:
             except psycopg.errors.UniqueViolation:
                 self.conn.rollback()
                 counts.add(self._write_once(unique, direct_inserts=False))
-        except psycopg.DataError as exc:
+        except RECORD_ERRORS as exc:
             self.conn.rollback()
             if len(unique) == 1:
                 self._record_failure(unique[0].id, exc)

@@ -3,12 +3,18 @@
 BillionMail: the whole campaign list per run (connection partitions), errors inside HTTP 200 fail
 with the provider's message, an expired login token is renewed, deleted campaigns are flagged.
 Mautic: the OAuth connect flow and client credentials, campaigns paged while new ones are being
-added (none skipped, none read twice), both list envelopes, deletions flagged by the sweep.
+added (none skipped, none read twice), both list envelopes, deletions flagged by the sweep, and
+contact counts that are the live member counts (one request per campaign read) while Mautic's own
+listed counts are still cached.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from datetime import date
+
 import dagster as dg
+import httpx
 import psycopg
 import pytest
 
@@ -22,7 +28,7 @@ from nextcrm_pipelines.partitions import connections_partitions_name
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines.providers.billionmail.client import BillionMailApi, EnvelopeError
 from nextcrm_pipelines.providers.mautic.client import entities
-from nextcrm_pipelines.providers.mautic.records import changed_at
+from nextcrm_pipelines.providers.mautic.records import changed_at, parse_time
 from nextcrm_pipelines_tests.accounting import mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
 
@@ -185,3 +191,39 @@ def test_mautic_deleted_campaigns_are_flagged_by_the_sweep(database_url, schema,
     rows = mirror(database_url, schema, "mautic_campaigns", connection.id)
     assert all(rows[str(cid)]["deleted"] for cid in deleted)
     assert sum(r["deleted"] for r in rows.values()) == 3
+
+
+def test_mautic_contact_counts_are_live_at_one_request_per_campaign(database_url, schema, sandbox, mautic, box):
+    control, account_id, connection = mautic("client_credentials", contacts=60)
+    with psycopg.connect(database_url) as conn:
+        client_id = vault.load_secrets(conn, connection.id, box).reveal()["client_id"]
+    token = control.grant(account_id, client_id)["token"]["access_token"]
+    listing = httpx.get(f"{connection.base_url}/api/campaigns", params={"limit": 0, "withContactCounts": "true"},
+                        headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+    cached = {cid: raw["contactCount"] for cid, raw in listing.json()["campaigns"].items()}  # kept for 12 hours
+    control.changes(account_id, joins=12, leaves=4)
+    days = days_back(sandbox_now(sandbox).date(), 7)
+    routes_before = control.stats()["by_route"]
+    results = sync_days(database_url, schema, connection, days)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    members = Counter(r["campaign_id"] for r in control.export(account_id, "campaign_contacts")["records"])
+    campaigns = control.export(account_id, "campaigns")["records"]
+    live = {str(c["id"]): members.get(str(c["id"]), 0) for c in campaigns}
+    rows = mirror(database_url, schema, "mautic_campaigns", connection.id)
+    assert {cid: row["contact_count"] for cid, row in rows.items()} == live
+    assert {cid for cid in live if cached[cid] != live[cid]}  # the listing's figures went stale meanwhile
+
+    def pages(day: date, field: str) -> int:
+        """Pages of 7 (the last one short) that list the campaigns whose `field` falls in the day."""
+        window = day_window(day)
+        listed = sum(1 for c in campaigns if (at := parse_time(c[field])) and window.start <= at < window.end)
+        return listed // 7 + 1
+
+    # Each day: both listing passes, paged by id, and one member count per campaign read.
+    listings = [pages(day, "dateModified") + pages(day, "dateAdded") for day in days]
+    assert [r.stats.requests for r in results] == [n + r.total for n, r in zip(listings, results, strict=True)]
+    assert sum(r.total for r in results) == len(rows) == len(campaigns)
+    routes = control.stats()["by_route"]
+    served = {route: routes[route] - routes_before.get(route, 0) for route in routes}
+    assert served["GET /api/campaigns"] == sum(listings)
+    assert served["GET /api/campaigns/{id}/contacts"] == len(campaigns)

@@ -1,14 +1,17 @@
 """Mautic webhooks end to end: sandbox change → signed PHP-encoded delivery → receiver → inbox → sensor tick →
 apply run → `mautic_campaigns`, over real HTTP and a real Postgres.
 
-- A contact joining a campaign and a contact being deleted change the campaigns' contact counts to Mautic's
-  live figures (its listed `contactCount` is still the cached one), leaving the rest of each row as it was.
+- Campaign joins and leaves send no webhook (Mautic has no such event): a later edit of a contact refreshes its
+  campaigns and shows a silent join; a deleted member's campaigns drop to Mautic's live counts.
 - Duplicated (three copies) and newest-first deliveries leave exactly the table that in-order delivery does.
+- A re-sync after a webhook refresh keeps the live count, which the sync stores too (Mautic's listed
+  `contactCount` is cached for hours).
 - An email sent or opened by a campaign refreshes that campaign, and no other.
 - Event types that touch nothing we store are processed and counted as skipped: no row changes, no API call.
 - A delivery signed with another secret is refused (401) and stores nothing; immediate mode does not resend.
 - Bodies carry `\\/` and `\\uXXXX` escapes and verify over those exact bytes (re-encoding them would not).
-- Queue mode sends `webhook_limit` events per body at the cron run and resends only after transport errors.
+- The sandbox sends what Mautic sends: nothing for memberships or anonymous visitors' saves, `…_new` when a save
+  identifies a contact; queue mode sends `webhook_limit` events per body and resends only after transport errors.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.sync import SyncResult
 from nextcrm_pipelines.core.vault import SecretBox
 from nextcrm_pipelines.sandbox.mautic import MauticControl, php_json
 from nextcrm_pipelines.sandbox.server import SandboxServer
@@ -44,6 +48,10 @@ from nextcrm_pipelines_tests.webhook_helpers import inbox_rows, receiver, tick_a
 SECRET = "mautic-webhook-" + "s" * 24
 CAMPAIGNS = "mautic_campaigns"
 NEW_CONTACT = "mautic.lead_post_save_new"
+UPDATED = "mautic.lead_post_save_update"
+DELETED = "mautic.lead_post_delete"
+POINTS = "mautic.lead_points_change"
+CACHED_LISTING = {"limit": 0, "withContactCounts": "true"}
 
 
 # --- helpers -----------------------------------------------------------------------------------------------
@@ -68,10 +76,12 @@ def twin(database_url: str, box: SecretBox, connection: Connection) -> Connectio
                                     settings=connection.settings)  # fmt: skip
 
 
-def sync(database_url: str, schema: str, sandbox: SandboxServer, connection: Connection) -> None:
+def sync(database_url: str, schema: str, sandbox: SandboxServer, connection: Connection) -> list[SyncResult]:
+    """Sync the last week of campaigns, day by day, and check every day succeeded."""
     days = days_back(sandbox_now(sandbox).date(), 7)
     results = sync_days(database_url, schema, connection.id, CAMPAIGNS, days)
     assert all(r.status == "success" for r in results), [r.error for r in results]
+    return results
 
 
 class Mautic:
@@ -126,6 +136,24 @@ def members(control: MauticControl, account: str) -> dict[str, set[str]]:
     return found
 
 
+def identified(control: MauticControl, account: str) -> list[str]:
+    """Ids of the contacts that are not anonymous (Mautic sends their saves), in id order."""
+    names = ("firstname", "lastname", "company", "email")
+    contacts = control.export(account, "contacts")["records"]
+    return [str(c["id"]) for c in contacts if any(c["fields"]["all"].get(name) for name in names)]
+
+
+def outsiders(control: MauticControl, account: str, campaign: str) -> list[str]:
+    """Identified contacts that are not in the campaign now, in id order."""
+    memberships = members(control, account)
+    return [lead for lead in identified(control, account) if campaign not in memberships.get(lead, set())]
+
+
+def counts(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
+    """Campaign id -> the contact count a mirror row holds."""
+    return {cid: row["contact_count"] for cid, row in rows.items()}
+
+
 def comparable(rows: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Rows without what differs by connection or by the moment of writing."""
     return {cid: {k: v for k, v in row.items() if k not in ("connection_id", "synced_at")} for cid, row in rows.items()}
@@ -158,15 +186,16 @@ def webhook_logs(database_url: str, schema: str) -> list[tuple]:
 # --- end to end ---------------------------------------------------------------------------------------------
 
 
-def test_joining_and_deleted_contacts_change_campaign_counts(database_url, schema, box, sandbox, mautic):
+def test_contact_edits_and_deletes_bring_campaign_counts_to_the_live_figures(database_url, schema, box, sandbox,
+                                                                             mautic):  # fmt: skip
     control, account, connection = mautic("client_credentials", contacts=40)
     hooked(database_url, box, connection)
     sync(database_url, schema, sandbox, connection)
     before = mirror(database_url, schema, CAMPAIGNS, connection.id)
-    assert {cid: row["contact_count"] for cid, row in before.items()} == live_counts(control, account)
+    assert counts(before) == live_counts(control, account)
     memberships = members(control, account)
     campaign = max(before, key=lambda cid: (before[cid]["contact_count"], cid))
-    joiner = next(lead for lead, joined in sorted(memberships.items()) if campaign not in joined)
+    joiner = outsiders(control, account, campaign)[0]
     leaver = next(lead for lead, joined in sorted(memberships.items()) if campaign not in joined and lead != joiner)
     left = memberships[leaver]
     with (
@@ -176,26 +205,34 @@ def test_joining_and_deleted_contacts_change_campaign_counts(database_url, schem
         dg.instance_for_test() as instance,
     ):
         assert api.call("POST", f"/campaigns/{campaign}/contact/{joiner}/add") == {"success": 1}
+        assert control.flush_webhooks()
+        assert control.webhook_attempts(sub["id"]) == []  # Mautic tells no one of a join
+        assert tick_and_apply(instance, "mautic") == []
+        api.call("PATCH", f"/contacts/{joiner}/edit", json={"position": "Head of growth"})
+        assert control.flush_webhooks()
+        assert len(tick_and_apply(instance, "mautic")) == 1
+        edited = mirror(database_url, schema, CAMPAIGNS, connection.id)
         api.call("DELETE", f"/contacts/{leaver}/delete")
         assert control.flush_webhooks()
-        assert [a["status"] for a in control.webhook_attempts(sub["id"])] == [200, 200]
         assert len(tick_and_apply(instance, "mautic")) == 1
-        listed = api.call("GET", "/campaigns", params={"limit": 0, "withContactCounts": "true"})["campaigns"]
-    after = mirror(database_url, schema, CAMPAIGNS, connection.id)
-    expected = {cid: row["contact_count"] for cid, row in before.items()}
+        attempts = control.webhook_attempts(sub["id"])
+    assert [a["status"] for a in attempts] == [200, 200]
+    expected = counts(before)
     expected[campaign] += 1
+    assert counts(edited) == expected  # the joiner's edit refreshed its campaigns: the silent join shows
     for cid in left:
         expected[cid] -= 1
-    assert {cid: row["contact_count"] for cid, row in after.items()} == expected == live_counts(control, account)
-    # Mautic's own listing still serves the cached counts: only the live count shows the change.
-    assert listed[campaign]["contactCount"] == before[campaign]["contact_count"]
+    after = mirror(database_url, schema, CAMPAIGNS, connection.id)
+    assert counts(after) == expected == live_counts(control, account)
     for cid, row in after.items():  # the rest of each row is what the sync wrote, at the same version
         assert (row["name"], row["published"], row["source_updated_at"], row["deleted"]) == (
             before[cid]["name"], before[cid]["published"], before[cid]["source_updated_at"], False)  # fmt: skip
     statuses = [(kind, status) for _, kind, status, _, _ in inbox_rows(database_url, schema, "mautic")]
-    assert statuses == [("mautic.lead_post_save_update", "processed"), ("mautic.lead_post_delete", "processed")]
-    # Every campaign was re-read (a deleted contact's memberships are gone), only the changed ones rewritten.
-    assert webhook_logs(database_url, schema) == [(connection.id, "success", 2, 0, 1 + len(left))]
+    assert statuses == [(UPDATED, "processed"), (DELETED, "processed")]
+    # The edit rewrote the one campaign whose count moved; the delete re-read every campaign (a deleted
+    # contact's memberships are gone) and rewrote the ones it had been in.
+    assert webhook_logs(database_url, schema) == [(connection.id, "success", 1, 0, 1),
+                                                  (connection.id, "success", 1, 0, len(left))]  # fmt: skip
 
 
 def test_duplicates_and_newest_first_leave_the_in_order_table(database_url, schema, box, sandbox, mautic):
@@ -204,10 +241,10 @@ def test_duplicates_and_newest_first_leave_the_in_order_table(database_url, sche
     reordered = twin(database_url, box, in_order)
     for connection in (in_order, reordered):
         sync(database_url, schema, sandbox, connection)
+    campaign = sorted(live_counts(control, account), key=int)[0]
+    x, y = outsiders(control, account, campaign)[:2]
     memberships = members(control, account)
-    campaign = sorted(live_counts(control, account))[0]
-    outsiders = [lead for lead, joined in sorted(memberships.items()) if campaign not in joined]
-    x, y, deleted, edited = outsiders[:4]
+    deleted = next(lead for lead, joined in sorted(memberships.items()) if joined and lead not in (x, y))
     with (
         receiver(database_url, schema, box) as url,
         subscribed(control, account, f"{url}/webhooks/mautic/{in_order.id}") as first,
@@ -215,10 +252,11 @@ def test_duplicates_and_newest_first_leave_the_in_order_table(database_url, sche
         mautic_api(sandbox, control, account, database_url, box, in_order) as api,
         dg.instance_for_test() as instance,
     ):
-        api.call("POST", f"/campaigns/{campaign}/contact/{x}/add")
+        api.call("POST", f"/campaigns/{campaign}/contact/{x}/add")  # joins and leaves send nothing
         api.call("POST", f"/campaigns/{campaign}/contact/{y}/add")
+        api.call("PATCH", f"/contacts/{x}/edit", json={"points": 999})  # saved, and its points changed
         api.call("POST", f"/campaigns/{campaign}/contact/{x}/remove")
-        api.call("PATCH", f"/contacts/{edited}/edit", json={"points": 999})
+        api.call("PATCH", f"/contacts/{y}/edit", json={"position": "Buyer"})
         api.call("DELETE", f"/contacts/{deleted}/delete")
         assert control.flush_webhooks()
         held = control.release_webhooks(second["id"], order="newest-first", copies=3)
@@ -226,20 +264,53 @@ def test_duplicates_and_newest_first_leave_the_in_order_table(database_url, sche
         assert len(tick_and_apply(instance, "mautic")) == 1
         sent = control.webhook_attempts(first["id"])
         resent = control.webhook_attempts(second["id"])
-    assert held == len(sent) and len(resent) == 3 * len(sent)
+    assert held == len(sent) == 4 and len(resent) == 3 * len(sent)
     assert all(a["status"] == 200 for a in sent + resent)
     one = mirror(database_url, schema, CAMPAIGNS, in_order.id)
     other = mirror(database_url, schema, CAMPAIGNS, reordered.id)
     assert comparable(one) == comparable(other)
-    assert {cid: row["contact_count"] for cid, row in one.items()} == live_counts(control, account)
+    assert counts(one) == live_counts(control, account)
     with psycopg.connect(database_url) as conn:
         stored = conn.execute(
-            sql.SQL("SELECT connection_id, count(*), count(*) FILTER (WHERE status = 'processed') FROM {} "
-                    "GROUP BY connection_id").format(table("webhook_events", schema))
+            sql.SQL("SELECT connection_id, event_type, count(*), count(*) FILTER (WHERE status = 'processed') "
+                    "FROM {} GROUP BY 1, 2").format(table("webhook_events", schema))
         ).fetchall()  # fmt: skip
-    counts = {cid: (total, processed) for cid, total, processed in stored}
-    assert counts[in_order.id] == counts[reordered.id]  # the copies were redeliveries: stored once
-    assert counts[in_order.id][0] == counts[in_order.id][1] >= 4
+    kinds = {(cid, kind): (total, processed) for cid, kind, total, processed in stored}
+    for connection in (in_order, reordered):  # the copies were redeliveries: each event stored once
+        assert {kind: n for (cid, kind), n in kinds.items() if cid == connection.id} == {
+            UPDATED: (2, 2), POINTS: (1, 1), DELETED: (1, 1)}  # fmt: skip
+
+
+def test_a_resync_after_a_webhook_refresh_keeps_the_live_count(database_url, schema, box, sandbox, mautic):
+    control, account, connection = mautic("client_credentials", contacts=40)
+    hooked(database_url, box, connection)
+    with mautic_api(sandbox, control, account, database_url, box, connection) as api:
+        cached = api.call("GET", "/campaigns", params=CACHED_LISTING)["campaigns"]  # Mautic keeps these 12 hours
+        campaign = sorted(cached, key=int)[0]
+        first, second = outsiders(control, account, campaign)[:2]
+        api.call("POST", f"/campaigns/{campaign}/contact/{first}/add")
+        sync(database_url, schema, sandbox, connection)
+        synced = mirror(database_url, schema, CAMPAIGNS, connection.id)
+        with (
+            receiver(database_url, schema, box) as url,
+            subscribed(control, account, f"{url}/webhooks/mautic/{connection.id}"),
+            dg.instance_for_test() as instance,
+        ):
+            api.call("POST", f"/campaigns/{campaign}/contact/{second}/add")
+            api.call("PATCH", f"/contacts/{second}/edit", json={"position": "Champion"})
+            assert control.flush_webhooks()
+            assert len(tick_and_apply(instance, "mautic")) == 1
+        refreshed = mirror(database_url, schema, CAMPAIGNS, connection.id)
+        listed = api.call("GET", "/campaigns", params=CACHED_LISTING)["campaigns"]
+    stale = {cid: raw["contactCount"] for cid, raw in cached.items()}
+    assert {cid: raw["contactCount"] for cid, raw in listed.items()} == stale  # Mautic's listing is still cached
+    assert synced[campaign]["contact_count"] == stale[campaign] + 1  # the sync counted the join the cache missed
+    assert refreshed[campaign]["contact_count"] == stale[campaign] + 2 == live_counts(control, account)[campaign]
+    again = sync(database_url, schema, sandbox, connection)  # every partition re-run after the refresh
+    resynced = mirror(database_url, schema, CAMPAIGNS, connection.id)
+    assert counts(resynced) == live_counts(control, account)
+    assert comparable(resynced) == comparable(refreshed)
+    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
 
 
 def test_event_types_that_touch_nothing_are_counted_and_change_nothing(database_url, schema, box, sandbox, mautic):
@@ -275,7 +346,7 @@ def test_campaign_emails_refresh_the_campaign_that_sent_them(database_url, schem
     before = mirror(database_url, schema, CAMPAIGNS, connection.id)
     sent_by, opened_from, untold = sorted(before, key=int)[:3]
     memberships = members(control, account)
-    for campaign in (sent_by, opened_from, untold):  # no webhook is subscribed: nothing tells us of these
+    for campaign in (sent_by, opened_from, untold):  # joins send no webhook: nothing tells us of these
         lead = next(lead for lead, joined in sorted(memberships.items()) if campaign not in joined)
         control.add_to_campaign(account, int(campaign), int(lead))
     send_event = next(iter(before[sent_by]["raw"]["events"]))
@@ -302,13 +373,12 @@ def test_campaign_emails_refresh_the_campaign_that_sent_them(database_url, schem
 def test_a_delivery_signed_with_another_secret_is_refused_and_not_resent(database_url, schema, box, sandbox, mautic):
     control, account, connection = mautic("client_credentials", contacts=20)
     hooked(database_url, box, connection)
-    campaign = sorted(live_counts(control, account))[0]
-    outsider = next(lead for lead, joined in sorted(members(control, account).items()) if campaign not in joined)
+    contact = identified(control, account)[0]
     with (
         receiver(database_url, schema, box) as url,
         subscribed(control, account, f"{url}/webhooks/mautic/{connection.id}", secret="not-the-secret") as sub,
     ):
-        control.add_to_campaign(account, int(campaign), int(outsider))
+        control.update_record(account, "contacts", int(contact), {"position": "Analyst"})
         assert control.flush_webhooks()
         attempts = control.webhook_attempts(sub["id"])
     assert [(a["number"], a["status"]) for a in attempts] == [(1, 401)]  # refused, and immediate mode gave up
@@ -348,7 +418,48 @@ def test_php_escaped_bodies_verify_over_their_exact_bytes(database_url, schema, 
     assert [status for _, _, status, _, _ in inbox_rows(database_url, schema, "mautic")] == ["processed"]
 
 
-# --- the sandbox's delivery modes --------------------------------------------------------------------------
+# --- the sandbox's events and delivery modes --------------------------------------------------------------------------
+
+
+def test_the_sandbox_sends_only_the_events_mautic_sends(database_url, schema, box, sandbox, mautic):
+    control, account, connection = mautic("client_credentials", contacts=20)
+    hooked(database_url, box, connection)
+    live = live_counts(control, account)
+    campaign = max(live, key=lambda cid: (live[cid], cid))
+    joiner = outsiders(control, account, campaign)[0]
+    member = next(lead for lead, joined in sorted(members(control, account).items()) if campaign in joined)
+    anonymous = dict.fromkeys(("firstname", "lastname", "company", "email", "twitter", "dateIdentified"))
+    with (
+        receiver(database_url, schema, box) as url,
+        subscribed(control, account, f"{url}/webhooks/mautic/{connection.id}") as sub,
+        mautic_api(sandbox, control, account, database_url, box, connection) as api,
+    ):
+        api.call("POST", f"/campaigns/{campaign}/contact/{joiner}/add")
+        api.call("POST", f"/campaigns/{campaign}/contact/{member}/remove")
+        control.remove_from_campaign(account, int(campaign), int(joiner))
+        control.add_to_campaign(account, int(campaign), int(member))
+        control.changes(account, joins=3, leaves=2)
+        visitor = control.add_record(account, "contacts", anonymous)  # an anonymous visitor's save: nothing either
+        assert control.flush_webhooks()
+        assert control.webhook_attempts(sub["id"]) == []
+        path = f"/contacts/{visitor['id']}"
+        api.call("PATCH", f"{path}/edit", json={"points": visitor["points"] + 7})  # points change: sent
+        api.call("PATCH", f"{path}/edit", json={"email": "ada@example.com"})  # identified by this save
+        api.call("PATCH", f"{path}/edit", json={"position": "CTO"})
+        api.call("DELETE", f"{path}/delete")
+        assert control.flush_webhooks()
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            sql.SQL("SELECT event_type, payload FROM {} ORDER BY id").format(table("webhook_events", schema))
+        ).fetchall()
+    assert [kind for kind, _ in stored] == [POINTS, NEW_CONTACT, UPDATED, DELETED]
+    (_, points), (_, new), (_, updated), (_, deleted) = stored
+    assert points["points"] == {"old_points": visitor["points"], "new_points": visitor["points"] + 7}
+    assert points["contact"]["dateIdentified"] is None and new["contact"]["dateIdentified"] is not None
+    assert new["contact"]["fields"]["all"]["email"] == "ada@example.com"
+    assert updated["contact"]["fields"]["all"]["position"] == "CTO"
+    assert deleted["id"] == visitor["id"] and deleted["contact"]["id"] is None
+    assert {p["contact"]["id"] for p in (points, new, updated)} == {visitor["id"]}
 
 
 def test_queue_mode_batches_at_the_cron_run_and_resends_only_after_transport_errors(
@@ -356,19 +467,18 @@ def test_queue_mode_batches_at_the_cron_run_and_resends_only_after_transport_err
 ):
     control, account, connection = mautic("client_credentials", contacts=20)
     hooked(database_url, box, connection)
-    campaign = sorted(live_counts(control, account))[0]
-    outsiders = [lead for lead, joined in sorted(members(control, account).items()) if campaign not in joined]
+    contacts = identified(control, account)[:3]
     dead = f"http://127.0.0.1:{free_port()}/webhooks/mautic/{connection.id}"
     with (
         receiver(database_url, schema, box) as url,
         subscribed(control, account, f"{url}/webhooks/mautic/{connection.id}", mode="queue", webhook_limit=2,
-                   events=["mautic.lead_post_save_update"]) as queued,
+                   events=[UPDATED]) as queued,
         subscribed(control, account, dead, mode="queue", retry_delays=[0.01, 0.01],
-                   events=["mautic.lead_post_save_update"]) as unreachable_queue,
-        subscribed(control, account, dead, events=["mautic.lead_post_save_update"]) as unreachable_now,
+                   events=[UPDATED]) as unreachable_queue,
+        subscribed(control, account, dead, events=[UPDATED]) as unreachable_now,
     ):  # fmt: skip
-        for lead in outsiders[:3]:
-            control.add_to_campaign(account, int(campaign), int(lead))
+        for contact in contacts:
+            control.update_record(account, "contacts", int(contact), {"position": "Analyst"})
         assert control.flush_webhooks()
         assert control.webhook_attempts(queued["id"]) == [] and control.webhook(queued["id"])["queued"] == 3
         assert control.process_webhooks(account) == 3  # 2 + 1 to the receiver, 1 (of 3 events) to the dead URL
@@ -382,7 +492,7 @@ def test_queue_mode_batches_at_the_cron_run_and_resends_only_after_transport_err
     with psycopg.connect(database_url) as conn:
         stored = conn.execute(sql.SQL("SELECT DISTINCT raw_body FROM {}").format(table("webhook_events", schema)))
         bodies = [orjson.loads(raw) for (raw,) in stored.fetchall()]
-    assert sorted(len(b["mautic.lead_post_save_update"]) for b in bodies) == [1, 2]
+    assert sorted(len(b[UPDATED]) for b in bodies) == [1, 2]
     assert len(inbox_rows(database_url, schema, "mautic")) == 3
 
 

@@ -7,14 +7,19 @@ twice: campaigns whose `dateModified` falls in the window, then never-modified o
 by id in an object, `[]` or `{}` when empty. Paging by id never needs `total`, which Mautic sends as
 a string or a number and may serve stale from its count cache.
 
+A campaign's `contactCount` is its live member count, one `GET /api/campaigns/{id}/contacts?limit=1`
+per campaign read (its `total`, counted by the stats API at each request). The listing's
+`withContactCounts` figure is served from a cache Mautic keeps for hours, so it is not asked for: a
+re-run partition and a webhook refresh store the same figure for the same state, each as it was when
+read, at the same version (`dateModified`, else `dateAdded`), so the later write stands.
+
 Webhook events are thin, so their apply reads by id: campaigns by id as the sync lists them, a single
-campaign (404: gone), a campaign's live member count (`/api/campaigns/{id}/contacts`, not cached like
-`withContactCounts`), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
+campaign (404: gone), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -112,30 +117,39 @@ class MauticApi:
             last = int(items[-1]["id"])
 
     def campaigns(self, window: SyncWindow) -> Iterator[list[Record]]:
-        """Campaigns changed in the window (or, never changed, added in it)."""
+        """Campaigns changed in the window (or, never changed, added in it), each with its live member count."""
         start, end = _stamp(window.start), _stamp(window.end)
         modified = [("dateModified", "gte", start), ("dateModified", "lt", end)]
-        for page in self._by_id(modified, withContactCounts="true"):
-            yield [(raw, changed_at(raw)) for raw in page]
+        for page in self._by_id(modified):
+            if counted := self.with_member_counts(page):
+                yield [(raw, changed_at(raw)) for raw in counted]
         added = [("dateAdded", "gte", start), ("dateAdded", "lt", end)]
-        for page in self._by_id(added, withContactCounts="true"):
-            fresh = [(raw, changed_at(raw)) for raw in page if parse_time(raw.get("dateModified")) is None]
-            if fresh:
-                yield fresh
+        for page in self._by_id(added):
+            never_modified = [raw for raw in page if parse_time(raw.get("dateModified")) is None]
+            if counted := self.with_member_counts(never_modified):
+                yield [(raw, changed_at(raw)) for raw in counted]
+
+    def with_member_counts(self, campaigns: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The campaigns with `contactCount` set to their live member count; those deleted meanwhile (404) left out."""
+        counted = []
+        for raw in campaigns:
+            count = self.campaign_member_count(str(raw["id"]))
+            if count is not None:
+                counted.append({**raw, "contactCount": count})
+        return counted
 
     def campaign_ids(self) -> Iterator[list[str]]:
         for page in self._by_id([], minimal="true"):
             yield [str(raw["id"]) for raw in page]
 
     def campaigns_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
-        """The campaigns with these ids, as the sync lists them (`withContactCounts`); absent ids are left out."""
+        """The campaigns with these ids, as the sync lists them (without member counts); absent ids are left out."""
         found: dict[str, dict[str, Any]] = {}
         ordered = sorted(ids, key=_id_order)
         for start in range(0, len(ordered), self.page_size):
             chunk = ordered[start : start + self.page_size]
             params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
-                      "withContactCounts": "true", "where[0][col]": "id", "where[0][expr]": "in",
-                      "where[0][val]": ",".join(chunk)}  # fmt: skip
+                      "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
             for raw in entities(self.http.get_json("/api/campaigns", params=params), "campaigns"):
                 found[str(raw["id"])] = raw
         return found

@@ -1,8 +1,9 @@
 """Mautic JSON -> rows of `mautic_campaigns`.
 
 `dateModified` is null until a campaign is first edited, so a campaign's version (and the day it
-belongs to) is `dateModified`, falling back to `dateAdded`. Mautic has no tombstones: campaigns
-deleted upstream are flagged by the id sweep.
+belongs to) is `dateModified`, falling back to `dateAdded`. `contact_count` is the live member count
+the client sets as `contactCount`. Mautic has no tombstones: campaigns deleted upstream are flagged by
+the id sweep.
 """
 
 from __future__ import annotations

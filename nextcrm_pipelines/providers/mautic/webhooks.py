@@ -1,8 +1,9 @@
 """Mautic webhooks: `Webhook-Signature` = base64 HMAC-SHA256 of the body with the webhook's secret.
 
 A body maps event types to lists of events; Mautic gives no event ids, so each is known by its hash.
-No event is about a campaign, yet contacts joining and leaving change the contact counts our campaign
-rows carry, so applying refreshes the campaigns an event touches, each once per batch:
+No event is about a campaign, and joining or leaving one sends none, yet memberships change the contact
+counts our campaign rows carry, so applying refreshes the campaigns an event touches, each once per
+batch (a join shows at the contact's next event, or at the next sync of the campaign's day):
 
 - contact saved, points or channel subscription changed, form submitted: the campaigns the contact is in
   or has left (its `campaign_leads` rows, removals included);
@@ -10,8 +11,8 @@ rows carry, so applying refreshes the campaigns an event touches, each once per 
 - email sent or opened by a campaign: the campaign owning that campaign event (from the stored rows);
 - anything else (companies, page hits, SMS, broadcast emails) touches nothing we store: counted as skipped.
 
-A refreshed campaign is read as the sync reads it and given its live member count (Mautic's
-`withContactCounts` is cached for hours), then upserted under never-regress at the sync's version
+A refreshed campaign is read as the sync reads it, with its live member count (the client's
+`with_member_counts`, which the sync uses too), then upserted under never-regress at the sync's version
 (`dateModified`, else `dateAdded`); one that Mautic answers 404 for is flagged deleted, as the id sweep does.
 """
 
@@ -93,29 +94,16 @@ def _stored_campaigns(context: ApplyContext, event_ids: Collection[str] | None =
     return {campaign_id for (campaign_id,) in rows.fetchall()}
 
 
-def _with_live_count(raw: dict[str, Any], count: int) -> dict[str, Any]:
-    """The campaign as listed, its contact count replaced by the live one when Mautic's cached figure differs."""
-    if raw.get("contactCount") == count:
-        return raw
-    fresh = {key: value for key, value in raw.items() if key != "contactCountFetchedAt"}
-    fresh["contactCount"] = count
-    return fresh
-
-
 def refresh_campaigns(context: ApplyContext, ids: Iterable[str]) -> BatchCounts:
     """Re-read these campaigns and upsert them (never regressing); flag the ones Mautic no longer has."""
     wanted = sorted(set(ids), key=lambda value: (len(value), value))
     api = context.client()
     listed = api.campaigns_by_id(wanted)
-    rows, gone = [], []
-    for campaign_id in wanted:
-        raw = listed.get(campaign_id) or api.campaign(campaign_id)
-        count = api.campaign_member_count(campaign_id) if raw is not None else None
-        if raw is None or count is None:
-            gone.append(campaign_id)
-            continue
-        raw = _with_live_count(raw, count)
-        rows.append(campaign_row(raw, changed_at(raw)))
+    found = [raw for campaign_id in wanted if (raw := listed.get(campaign_id) or api.campaign(campaign_id))]
+    counted = api.with_member_counts(found)
+    kept = {str(raw["id"]) for raw in counted}
+    rows = [campaign_row(raw, changed_at(raw)) for raw in counted]
+    gone = [campaign_id for campaign_id in wanted if campaign_id not in kept]
     counts = BatchCounts()
     if rows:
         counts.add(context.upsert(CAMPAIGNS_TABLE, rows))

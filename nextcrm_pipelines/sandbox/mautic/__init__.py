@@ -26,9 +26,10 @@ connection's base URL is ``{sandbox}/mautic/{account}`` and the real paths follo
 - contact writes (``POST /api/contacts/new``, ``PUT|PATCH /api/contacts/{id}/edit``, ``DELETE …/delete``),
   campaign membership (``POST /api/campaigns/{id}/contact/{contactId}/add|remove``) and ``GET /api/stats/
   campaign_leads`` (every membership row, manual removals included);
-- webhooks (``sandbox.mautic.webhooks``): every contact change is sent to the installation's webhooks as
-  PHP-encoded bodies signed ``Webhook-Signature``, in immediate mode (no retry) or queue mode (batches of
-  ``webhook_limit`` at the cron run, resent only after transport errors).
+- webhooks (``sandbox.mautic.webhooks``): the contact events Mautic sends (identified, updated, points changed,
+  deleted; nothing for anonymous visitors' saves, nothing for campaign membership changes) go to the
+  installation's webhooks as PHP-encoded bodies signed ``Webhook-Signature``, in immediate mode (no retry) or
+  queue mode (batches of ``webhook_limit`` at the cron run, resent only after transport errors).
 
 Installations are generated deterministically from a seed and changed through the control API under
 ``/_sandbox/mautic`` (``MauticControl`` wraps it for tests).

@@ -445,7 +445,8 @@ class MauticSandbox:
 
     async def _write(self, request: Request, inst: MauticInstallation, kind: str) -> tuple[int, dict[str, Any]]:
         """The contact and campaign-membership writes (``mautic.md`` §7): ``/new`` 201, PATCH 404s on a missing
-        contact while PUT creates it, membership add/remove ``{"success": 1}``; each change sends its webhooks."""
+        contact while PUT creates it, membership add/remove ``{"success": 1}``; contact changes send their webhooks,
+        membership changes none (Mautic has no webhook event for them)."""
         rid = request.path_params.get("rid")
         now = self.clock()
         contacts = inst.tables["contacts"]
@@ -812,7 +813,7 @@ class MauticSandbox:
         return inst.render(entity, inst.update(entity, rid, fields, when))
 
     async def _control_membership(self, request: Request) -> Any:
-        """Add a contact to a campaign or remove it, as a user would in Mautic (its webhooks are sent)."""
+        """Add a contact to a campaign or remove it, as a user would in Mautic (no webhook is sent: there is none)."""
         inst = self._inst(request.path_params["account"])
         rid, lead, action = request.path_params["rid"], request.path_params["lead"], request.path_params["action"]
         if action not in ("add", "remove"):

@@ -69,7 +69,8 @@ class MauticControl(ControlClient):
         return self._call("GET", f"/accounts/{account_id}/oauth")
 
     def changes(self, account_id: str, **counts: int) -> dict[str, list[int]]:
-        """Apply creates/edits/deletes/publishes/unpublishes/joins/leaves and contact_* changes now."""
+        """Apply creates/edits/deletes/publishes/unpublishes/joins/leaves and contact_* changes now (contact changes
+        send their webhooks; joins and leaves none)."""
         return self._call("POST", f"/accounts/{account_id}/changes", json=counts)
 
     def add_record(
@@ -104,11 +105,11 @@ class MauticControl(ControlClient):
         return self._call("GET", f"/accounts/{account_id}/export/{entity}")
 
     def add_to_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
-        """Add a contact to a campaign as a user would (re-adds a removed one); its webhooks are sent."""
+        """Add a contact to a campaign as a user would (re-adds a removed one); Mautic sends no webhook for it."""
         return self._call("POST", f"/accounts/{account_id}/campaigns/{campaign_id}/contacts/{contact_id}/add")
 
     def remove_from_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
-        """Remove a contact from a campaign (kept as manually removed); its webhooks are sent."""
+        """Remove a contact from a campaign (kept as manually removed); Mautic sends no webhook for it."""
         return self._call("POST", f"/accounts/{account_id}/campaigns/{campaign_id}/contacts/{contact_id}/remove")
 
     # --- webhooks -----------------------------------------------------------------------------------------

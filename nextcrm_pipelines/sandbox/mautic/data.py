@@ -1,10 +1,18 @@
 """``MauticInstallation``: one Mautic installation's users, API clients and OAuth server, its generated campaigns,
 contacts, segments and emails with their memberships, and the API's list, read and write semantics over them.
 
-Every change to a contact (created, edited, points changed, deleted, added to or removed from a campaign) is
-told to ``on_contact_event(event type, payload)`` when set: the payload is what Mautic's webhook carries for
-that event, with its ``timestamp``. Mautic has no campaign webhook, so a membership change is announced as
-``mautic.lead_post_save_update`` of the contact."""
+Changes to contacts are told to ``on_contact_event(event type, payload)`` when set, as Mautic's ``LeadBundle``
+webhook subscriber queues them, the payload carrying the contact and the ``timestamp``:
+
+- ``mautic.lead_post_save_new`` when a save identifies the contact (it now has a name, company, email or social
+  handle and had no ``dateIdentified``, which the save sets; creating an identified contact is such a save);
+- ``mautic.lead_post_save_update`` for any other save of an identified contact; saves of anonymous visitors send
+  neither;
+- ``mautic.lead_points_change`` when a save moves the points (anonymous or not);
+- ``mautic.lead_post_delete`` when the contact is deleted.
+
+Campaign membership changes (joins, leaves, by the API or the control API) send nothing: Mautic has no webhook
+event for them, and adding a contact to a campaign does not save the contact."""
 
 from __future__ import annotations
 
@@ -146,6 +154,7 @@ _KNOB_DEFAULTS: dict[str, Any] = {
     "utc_offset": "+00:00",
     "mautic_version": MAUTIC_VERSION,
 }
+_SOCIAL_FIELDS = tuple(alias for _i, alias, _l, _k, group in _CONTACT_FIELDS if group == "social")
 _COUNT_FIELDS = ("campaigns", "contacts", "segments", "emails")
 _ACCOUNT_FIELDS = frozenset({"id", "seed", "days", "clients", "users", *_COUNT_FIELDS, *_KNOB_DEFAULTS})
 _CHANGE_FIELDS = (
@@ -546,7 +555,7 @@ class MauticInstallation:
             self._apply_fields(entity, rec, fields)
         self._touch()
         if entity == "contacts":
-            self._contact_event("mautic.lead_post_save_new", {"contact": self._render_contact(rec, False)})
+            self._contact_saved(rec, added, created=True)
         return rec
 
     def _apply_fields(self, entity: str, rec: _Record, fields: Mapping[str, Any]) -> None:
@@ -580,8 +589,8 @@ class MauticInstallation:
         self._apply_fields(entity, rec, fields)
         self._touch()
         if entity == "contacts":
+            self._contact_saved(rec, at, created=False)
             view = self._render_contact(rec, False)
-            self._contact_event("mautic.lead_post_save_update", {"contact": view})
             if view["points"] != points:
                 change = {"old_points": points, "new_points": view["points"]}
                 self._contact_event("mautic.lead_points_change", {"contact": view, "points": change})
@@ -655,7 +664,6 @@ class MauticInstallation:
                 break
             cid, lid = rng.choice(live_campaigns), rng.choice(live_contacts)
             self.campaign_leads.setdefault(cid, {})[lid] = _Member(now, manually_added=True)
-            self._membership_changed(lid)
             out["joined"].append(lid)
         members = [
             (cid, lid) for cid, rows in self.campaign_leads.items() for lid, m in rows.items() if not m.manually_removed
@@ -663,7 +671,6 @@ class MauticInstallation:
         rng.shuffle(members)
         for cid, lid in members[: changes.get("leaves", 0)]:
             self.campaign_leads[cid][lid].manually_removed = True
-            self._membership_changed(lid)
             out["left"].append(lid)
         self._touch()
         return out
@@ -680,7 +687,6 @@ class MauticInstallation:
             member.manually_removed, member.manually_added, member.exited = False, True, None
             member.rotation += 1
         self._touch()
-        self._membership_changed(contact_id)
         return True
 
     def leave(self, campaign_id: int, contact_id: int, at: int) -> bool:
@@ -690,13 +696,27 @@ class MauticInstallation:
             return False
         member.manually_removed, member.manually_added, member.exited = True, False, at
         self._touch()
-        self._membership_changed(contact_id)
         return True
 
-    def _membership_changed(self, contact_id: int) -> None:
-        rec = self.tables["contacts"].get(contact_id)
-        if rec is not None:
-            self._contact_event("mautic.lead_post_save_update", {"contact": self._render_contact(rec, False)})
+    @staticmethod
+    def anonymous(rec: _Record) -> bool:
+        """``Lead::isAnonymous``: no first or last name, company, email or social handle."""
+        values = rec.f["v"]
+        identities = ("firstname", "lastname", "company", "email", *_SOCIAL_FIELDS)
+        return not any(values.get(alias) for alias in identities)
+
+    def _contact_saved(self, rec: _Record, at: int, *, created: bool) -> None:
+        """``WebhookSubscriber::onLeadNewUpdate`` after a save: ``…_new`` when the save identifies the contact
+        (``Lead::checkDateIdentified`` sets ``dateIdentified`` then), ``…_update`` otherwise, nothing when the
+        contact is anonymous."""
+        if self.anonymous(rec):
+            return
+        identified = created or rec.f["dateIdentified"] is None
+        if rec.f["dateIdentified"] is None:
+            rec.f["dateIdentified"] = at
+            self._touch()
+        kind = "mautic.lead_post_save_new" if identified else "mautic.lead_post_save_update"
+        self._contact_event(kind, {"contact": self._render_contact(rec, False)})
 
     def _contact_event(self, kind: str, payload: dict[str, Any]) -> None:
         if self.on_contact_event is not None:

@@ -22,6 +22,21 @@ number and its data, generated deterministically from a seed. Transaction Search
 filters on that date. The control API under ``/_sandbox/paypal`` creates accounts, applies changes on the
 sandbox clock, adds single records or a whole busy day, exports data, injects faults and reports
 statistics.
+
+Payments and webhooks: Checkout captures (code T0006) are read and refunded through Payments v2
+(``GET /v2/payments/captures/{id}``, ``POST …/refund`` with ``PayPal-Request-Id`` replay), subscription
+sales (T0002) through ``GET /v1/payments/sale/{id}``; subscriptions are suspended, activated and cancelled
+through ``POST /v1/billing/subscriptions/{id}/{action}``. Each change made through the API or the control
+API is announced to the app's webhooks (``POST /v1/notifications/webhooks`` or ``POST
+/_sandbox/paypal/webhooks`` with ``account`` and ``webhook_id``) as PayPal's events (``PAYMENT.CAPTURE.*``,
+``PAYMENT.SALE.*``, ``BILLING.SUBSCRIPTION.*``), delivered with PayPal's retries (25 over three days) and
+signed as PayPal signs them: SHA256withRSA over ``transmission_id|transmission_time|webhook_id|crc32``,
+by a certificate for ``messageverificationcerts.sandbox.paypal.com`` served at
+``/v1/notifications/certs/<name>`` and issued by the sandbox's own CA (``GET /_sandbox/paypal/webhook-ca``,
+the trust root a sandbox connection is configured with). ``POST /v1/notifications/verify-webhook-signature``
+checks a delivery as PayPal does, over the event serialised again; the events are listed and resent under
+``/v1/notifications/webhooks-events``. For tests, ``/_sandbox/paypal/webhook-certs`` mints expired,
+misnamed or untrusted certificates and ``/_sandbox/paypal/webhook-signatures`` signs any body.
 """
 
 from __future__ import annotations
@@ -31,12 +46,15 @@ import base64
 import binascii
 import calendar
 import datetime as dt
+import hashlib
 import math
 import random
 import re
 import secrets
 import threading
 import time
+import uuid
+import zlib
 from bisect import bisect_left, bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -46,6 +64,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.x509.oid import NameOID
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
@@ -63,18 +86,25 @@ from nextcrm_pipelines.sandbox.control import (
     reject_unknown_fields,
 )
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "API_PREFIX",
+    "AUTH_ALGO",
     "CONTROL_PREFIX",
     "DEFAULT_KNOBS",
+    "MESSAGE_CERT_CN",
     "SCOPE_REPORTING",
     "SCOPE_SUBSCRIPTIONS",
+    "SCOPE_VERIFY_WEBHOOKS",
     "TOKEN_PATH",
+    "WEBHOOK_RETRY_DELAYS",
+    "MessageCerts",
     "PayPalAccount",
     "PayPalControl",
     "PayPalError",
     "PayPalSandbox",
+    "signed_message",
 ]
 
 PREFIX = "/paypal"
@@ -85,22 +115,41 @@ TERMINATE_PATH = f"{API_PREFIX}/v1/oauth2/token/terminate"
 
 SCOPE_REPORTING = "https://uri.paypal.com/services/reporting/search/read"
 SCOPE_SUBSCRIPTIONS = "https://uri.paypal.com/services/subscriptions"
+SCOPE_PAYMENTS = "https://uri.paypal.com/services/payments/payment/authcapture"
+SCOPE_REFUNDS = "https://uri.paypal.com/services/payments/refund"
+SCOPE_WEBHOOKS = "https://uri.paypal.com/services/applications/webhooks"
+SCOPE_VERIFY_WEBHOOKS = "https://uri.paypal.com/services/applications/verify-webhook-signature"
+AUTH_ALGO = "SHA256withRSA"
+MESSAGE_CERT_CN = "messageverificationcerts.sandbox.paypal.com"
+
+
+def _retry_delays() -> tuple[float, ...]:
+    """PayPal retries a failed delivery up to 25 times over 3 days; it publishes no spacing, so: doubling
+    from a minute for nine retries, then equal gaps to fill the three days."""
+    first = [60.0 * 2**i for i in range(9)]
+    rest = (3 * 86_400 - sum(first)) / 16
+    return (*first, *([rest] * 16))
+
+
+WEBHOOK_RETRY_DELAYS = _retry_delays()
+EVENTS_KEPT = 10_000  # per app, for GET /v1/notifications/webhooks-events and resend
 DEFAULT_SCOPES = (
     "https://uri.paypal.com/services/invoicing",
     "https://uri.paypal.com/services/vault/payment-tokens/read",
     "https://uri.paypal.com/services/disputes/read-buyer",
     "https://uri.paypal.com/services/payments/realtimepayment",
     "https://uri.paypal.com/services/disputes/update-seller",
-    "https://uri.paypal.com/services/payments/payment/authcapture",
+    SCOPE_PAYMENTS,
     "openid",
     "https://uri.paypal.com/services/disputes/read-seller",
-    "https://uri.paypal.com/services/payments/refund",
+    SCOPE_REFUNDS,
     "https://api-m.paypal.com/v1/payments/.*",
     "https://uri.paypal.com/payments/payouts",
     "https://uri.paypal.com/services/vault/payment-tokens/readwrite",
     SCOPE_SUBSCRIPTIONS,
-    "https://uri.paypal.com/services/applications/webhooks",
+    SCOPE_WEBHOOKS,
     SCOPE_REPORTING,
+    SCOPE_VERIFY_WEBHOOKS,
 )
 
 # Knobs of an account, with their defaults (facts marked unverified in the provider notes are knobs too).
@@ -141,6 +190,28 @@ _SUBJECTS = {
     "T0002": "Subscription payment",
 }
 _STATUS_OF_CAPTURE = {"S": "COMPLETED", "P": "PENDING", "V": "REFUNDED", "F": "PARTIALLY_REFUNDED", "D": "DECLINED"}
+_STATE_OF_SALE = {"S": "completed", "P": "pending", "V": "refunded", "F": "partially_refunded", "D": "denied"}
+# Webhooks announce Checkout captures (Transaction Search code T0006, "PayPal Checkout APIs") and subscription
+# sales (T0002); the other codes are classic products that notify by IPN, not REST webhooks.
+_PAYMENT_EVENTS = {"T0006": ("PAYMENT.CAPTURE", "capture"), "T0002": ("PAYMENT.SALE", "sale")}
+_SUBSCRIPTION_EVENTS = {
+    "ACTIVE": "BILLING.SUBSCRIPTION.ACTIVATED",
+    "SUSPENDED": "BILLING.SUBSCRIPTION.SUSPENDED",
+    "CANCELLED": "BILLING.SUBSCRIPTION.CANCELLED",
+    "EXPIRED": "BILLING.SUBSCRIPTION.EXPIRED",
+}
+# action -> (statuses it applies to, the status it sets, the event it sends)
+_SUBSCRIPTION_ACTIONS = {
+    "suspend": (frozenset({"ACTIVE"}), "SUSPENDED", "BILLING.SUBSCRIPTION.SUSPENDED"),
+    "activate": (frozenset({"SUSPENDED", "APPROVED"}), "ACTIVE", "BILLING.SUBSCRIPTION.ACTIVATED"),
+    "cancel": (frozenset({"ACTIVE", "SUSPENDED", "APPROVED"}), "CANCELLED", "BILLING.SUBSCRIPTION.CANCELLED"),
+}
+# Transaction Search protection_eligibility (01 eligible, 02 not eligible, 03 partially) as a capture shows it.
+_PROTECTION: dict[str | None, dict[str, Any]] = {
+    "01": {"status": "ELIGIBLE", "dispute_categories": ["ITEM_NOT_RECEIVED", "UNAUTHORIZED_TRANSACTION"]},
+    "02": {"status": "NOT_ELIGIBLE"},
+    "03": {"status": "PARTIALLY_ELIGIBLE", "dispute_categories": ["ITEM_NOT_RECEIVED"]},
+}
 _INSTRUMENTS = (
     ("PAYPAL", "PayPal", "PayPal Wallet"),
     ("PAYPAL", "PayPal", "PayPal Wallet"),
@@ -343,6 +414,39 @@ def _server_error(status: int) -> PayPalError:
 
 def _debug_id() -> str:
     return secrets.token_hex(7)[:13]
+
+
+def _payment_not_found(resource: str) -> PayPalError:
+    return PayPalError(
+        404,
+        "RESOURCE_NOT_FOUND",
+        "The specified resource does not exist.",
+        [{"issue": "INVALID_RESOURCE_ID", "description": "Specified resource ID does not exist. Please check the "
+                                                          "resource ID and try again."}],
+        link=f"https://developer.paypal.com/docs/api/payments/v2/#{resource}",
+    )  # fmt: skip
+
+
+def _unprocessable(issue: str, description: str) -> PayPalError:
+    return PayPalError(
+        422,
+        "UNPROCESSABLE_ENTITY",
+        "The requested action could not be performed, semantically incorrect, or failed business validation.",
+        [{"issue": issue, "description": description}],
+        link=f"https://developer.paypal.com/docs/api/payments/v2/#error-{issue}",
+    )
+
+
+def _random_id(length: int) -> str:
+    """A fresh PayPal-looking id (webhooks, events)."""
+    return "".join(secrets.choice(_PAYER_ALPHABET) for _ in range(length))
+
+
+def _derived_id(prefix: str, seed: str) -> str:
+    """A stable PayPal-looking id derived from another (an order of a capture, a v1 payment of a sale)."""
+    digest = hashlib.sha256(f"{prefix}:{seed}".encode()).digest()
+    text = "".join(_PAYER_ALPHABET[b % len(_PAYER_ALPHABET)] for b in digest[:17])
+    return f"{prefix}{text}" if prefix.endswith("-") else text
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -555,6 +659,11 @@ class PayPalAccount:
         self._balances_dirty = True
         self._invoice = 1000
         self.lock = threading.RLock()
+        self.by_txn: dict[str, _Txn] = {}  # balance-affecting rows by transaction id (captures, sales, refunds)
+        self.refunded: dict[str, int] = {}  # minor units refunded so far, by the refunded row's transaction id
+        self.refund_requests: dict[str, tuple[str, dict[str, Any]]] = {}  # PayPal-Request-Id -> (capture, refund)
+        # Told of each change webhooks announce: (event type, resource type, resource builder taking the API base).
+        self.on_event: Callable[[str, str, Callable[[str], dict[str, Any]]], None] | None = None
         self._rng = _Rng(f"paypal-changes:{self.client_id}:{self.seed}")
         rng = _Rng(f"paypal:{self.client_id}:{self.seed}")
         self.payers = [self._new_payer(rng) for _ in range(max(20, min(2000, spec["transactions"] // 5)))]
@@ -982,10 +1091,12 @@ class PayPalAccount:
             },
         )
 
-    def _refund(self, rng: _Rng, sale: _Txn, when: int, *, partial: bool) -> _Txn:
-        """A ``T1107`` refund row at ``when``; the sale becomes ``V`` (or ``F`` when partial) then too."""
+    def _refund(self, rng: _Rng, sale: _Txn, when: int, *, partial: bool, back: int | None = None) -> _Txn:
+        """A ``T1107`` refund row at ``when`` (of ``back`` minor units, else all or a random part); the sale
+        becomes ``V`` once refunded in full, ``F`` before."""
         style = self.knobs["date_style"]
-        back = sale.amount if not partial else max(1, int(sale.amount * (0.2 + rng.random() * 0.6)))
+        if back is None:
+            back = sale.amount if not partial else max(1, int(sale.amount * (0.2 + rng.random() * 0.6)))
         percent_fee = (abs(sale.fee) - _FIXED_FEE.get(sale.currency, 30)) if sale.fee else 0
         fee_back = (percent_fee * back) // sale.amount if sale.amount else 0
         txn_id = rng.txn_id()
@@ -1026,7 +1137,9 @@ class PayPalAccount:
             payer_name=sale.payer_name,
             payer_email=sale.payer_email,
         )
-        self._new_version(sale, when, {"transaction_status": "F" if partial else "V"})
+        refunded = self.refunded.get(sale.txn_id, 0) + back
+        self.refunded[sale.txn_id] = refunded
+        self._new_version(sale, when, {"transaction_status": "V" if refunded >= sale.amount else "F"})
         return row
 
     def _new_version(self, row: _Txn, when: int, changes: Mapping[str, Any]) -> None:
@@ -1040,6 +1153,9 @@ class PayPalAccount:
         rows = list(rows)
         if not rows:
             return
+        for row in rows:
+            if row.balance:
+                self.by_txn[row.txn_id] = row
         if len(rows) == 1 and (not self.rows or (rows[0].time, rows[0].seq) >= (self.rows[-1].time, 0)):
             self.rows.append(rows[0])
             self.times.append(rows[0].time)
@@ -1391,10 +1507,12 @@ class PayPalAccount:
         }
         with self.lock:
             rows: list[_Txn] = []
+            announce: list[Callable[[], None]] = []
             for _ in range(changes.get("transactions", 0)):
                 sale = self._sale(rng, now)
                 rows.append(sale)
                 out["created"].append(sale.txn_id)
+                announce.append(partial(self._announce_payment, sale))
             refundable = [
                 r
                 for r in self.rows
@@ -1407,23 +1525,238 @@ class PayPalAccount:
                 out["refunds"].append(refund.txn_id)
                 out["created"].append(refund.txn_id)
                 out["edited"].append(sale.txn_id)
+                announce.append(partial(self._announce_refund, refund, sale))
                 if sale.subscription:
                     self._touch_sub(sale.subscription, now)
             live = [sid for sid, s in self.subscriptions.items() if s["status"] not in ("CANCELLED", "EXPIRED")]
             rng.shuffle(live)
             n_updates = changes.get("subscription_updates", 0)
             for sid in live[:n_updates]:
+                before = (self.subscriptions[sid]["status"], self.subscriptions[sid]["quantity"])
                 row = self._update_subscription(rng, sid, now)
                 if row is not None:
                     rows.append(row)
                     out["created"].append(row.txn_id)
+                    announce.append(partial(self._announce_payment, row))
+                kind = self._subscription_change(sid, *before)
+                if kind is not None:
+                    announce.append(partial(self._announce_subscription, sid, kind))
                 out["subscriptions_updated"].append(sid)
             for sid in live[n_updates : n_updates + changes.get("cancels", 0)]:
                 self._set_status(sid, "CANCELLED", now, note="Cancelled by the subscriber")
                 self._refresh_billing(sid)
                 out["subscriptions_cancelled"].append(sid)
+                announce.append(partial(self._announce_subscription, sid, "BILLING.SUBSCRIPTION.CANCELLED"))
             self._insert(rows)
+            for call in announce:
+                call()
         return out
+
+    # --- webhook announcements ----------------------------------------------------------------------------
+
+    def _subscription_change(self, sid: str, status: str, quantity: str) -> str | None:
+        """The ``BILLING.SUBSCRIPTION.*`` event a change from (status, quantity) makes, if any."""
+        sub = self.subscriptions[sid]
+        if sub["status"] != status:
+            return _SUBSCRIPTION_EVENTS.get(sub["status"], "BILLING.SUBSCRIPTION.UPDATED")
+        return "BILLING.SUBSCRIPTION.UPDATED" if sub["quantity"] != quantity else None
+
+    def _announce_payment(self, row: _Txn) -> None:
+        """``PAYMENT.CAPTURE.*`` for a Checkout capture (T0006), ``PAYMENT.SALE.*`` for a subscription sale (T0002)."""
+        kind = _PAYMENT_EVENTS.get(row.code)
+        word = {"S": "COMPLETED", "P": "PENDING", "D": "DENIED"}.get(row.status)
+        if self.on_event is None or kind is None or word is None or not row.balance:
+            return
+        prefix, resource_type = kind
+        build = partial(self.capture_resource if row.code == "T0006" else self.sale_resource, row)
+        self.on_event(f"{prefix}.{word}", resource_type, build)
+
+    def _announce_refund(self, refund: _Txn, sale: _Txn) -> None:
+        """``PAYMENT.CAPTURE.REFUNDED`` (a v2 refund) or ``PAYMENT.SALE.REFUNDED`` (a v1 refund)."""
+        kind = _PAYMENT_EVENTS.get(sale.code)
+        if self.on_event is None or kind is None:
+            return
+        total = self.refunded.get(sale.txn_id, 0)
+        build = partial(self.refund_resource, refund, sale, total)
+        self.on_event(f"{kind[0]}.REFUNDED", "refund", build)
+
+    def _announce_subscription(self, sid: str, event_type: str) -> None:
+        if self.on_event is not None:
+            self.on_event(event_type, "subscription", lambda base: self.subscription(sid, base))
+
+    # --- payment resources (Payments v2 captures and refunds, v1 sales and refunds) ---------------------------
+
+    def capture_resource(self, row: _Txn, base_url: str) -> dict[str, Any]:
+        """A Checkout capture as ``GET /v2/payments/captures/{id}`` shows it now."""
+        info, currency = row.infos[-1][1], row.currency
+        href = f"{base_url}/v2/payments/captures/{row.txn_id}"
+        breakdown: dict[str, Any] = {"gross_amount": _money(row.amount, currency)}
+        if row.fee:
+            breakdown["paypal_fee"] = _money(-row.fee, currency)
+        breakdown["net_amount"] = _money(row.amount + row.fee, currency)
+        out: dict[str, Any] = {
+            "id": row.txn_id,
+            "amount": _money(row.amount, currency),
+            "final_capture": True,
+            "seller_protection": _PROTECTION.get(info.get("protection_eligibility"), _PROTECTION["02"]),
+            "seller_receivable_breakdown": breakdown,
+            "status": _STATUS_OF_CAPTURE[row.status],
+        }
+        if info.get("invoice_id"):
+            out["invoice_id"] = info["invoice_id"]
+        if info.get("custom_field"):
+            out["custom_id"] = info["custom_field"]
+        out["supplementary_data"] = {"related_ids": {"order_id": _derived_id("order", row.txn_id)}}
+        out["payee"] = {"merchant_id": self.id}
+        out["create_time"] = stamp(row.time)
+        out["update_time"] = stamp(row.infos[-1][0])
+        out["links"] = [
+            {"href": href, "rel": "self", "method": "GET"},
+            {"href": f"{href}/refund", "rel": "refund", "method": "POST"},
+            {"href": f"{base_url}/v2/checkout/orders/{_derived_id('order', row.txn_id)}", "rel": "up",
+             "method": "GET"},
+        ]  # fmt: skip
+        return out
+
+    def sale_resource(self, row: _Txn, base_url: str) -> dict[str, Any]:
+        """A subscription payment as ``GET /v1/payments/sale/{id}`` shows it now."""
+        info, currency = row.infos[-1][1], row.currency
+        total = _money_text(row.amount, currency)
+        href = f"{base_url}/v1/payments/sale/{row.txn_id}"
+        out: dict[str, Any] = {
+            "id": row.txn_id,
+            "state": _STATE_OF_SALE[row.status],
+            "amount": {"total": total, "currency": currency, "details": {"subtotal": total}},
+            "payment_mode": "INSTANT_TRANSFER",
+            "protection_eligibility": _PROTECTION.get(info.get("protection_eligibility"), _PROTECTION["02"])["status"],
+        }
+        if row.fee:
+            out["transaction_fee"] = {"value": _money_text(-row.fee, currency), "currency": currency}
+        if row.subscription:
+            out["billing_agreement_id"] = row.subscription
+        if info.get("invoice_id"):
+            out["invoice_number"] = info["invoice_id"]
+        if info.get("custom_field"):
+            out["custom"] = info["custom_field"]
+        out["create_time"] = stamp(row.time)
+        out["update_time"] = stamp(row.infos[-1][0])
+        out["links"] = [
+            {"href": href, "rel": "self", "method": "GET"},
+            {"href": f"{href}/refund", "rel": "refund", "method": "POST"},
+        ]
+        return out
+
+    def refund_resource(self, refund: _Txn, sale: _Txn, refunded: int, base_url: str) -> dict[str, Any]:
+        """The refund of a capture (Payments v2 shape) or of a sale (v1 shape), ``refunded`` in all so far."""
+        info, currency = refund.infos[-1][1], refund.currency
+        back, fee_back = -refund.amount, refund.fee
+        when, updated = stamp(refund.time), stamp(refund.infos[-1][0])
+        if sale.code == "T0006":
+            breakdown: dict[str, Any] = {"gross_amount": _money(back, currency)}
+            if fee_back:
+                breakdown["paypal_fee"] = _money(fee_back, currency)
+            breakdown["net_amount"] = _money(back - fee_back, currency)
+            breakdown["total_refunded_amount"] = _money(refunded, currency)
+            out: dict[str, Any] = {"id": refund.txn_id, "amount": _money(back, currency),
+                                   "seller_payable_breakdown": breakdown}  # fmt: skip
+            if info.get("invoice_id"):
+                out["invoice_id"] = info["invoice_id"]
+            if info.get("custom_field"):
+                out["custom_id"] = info["custom_field"]
+            out.update({"status": "COMPLETED", "create_time": when, "update_time": updated})
+            out["links"] = [
+                {"href": f"{base_url}/v2/payments/refunds/{refund.txn_id}", "rel": "self", "method": "GET"},
+                {"href": f"{base_url}/v2/payments/captures/{sale.txn_id}", "rel": "up", "method": "GET"},
+            ]
+            return out
+        payment = _derived_id("PAYID-", sale.txn_id)
+        out = {"id": refund.txn_id, "state": "completed",
+               "amount": {"total": _money_text(back, currency), "currency": currency}}  # fmt: skip
+        if fee_back:
+            out["refund_from_transaction_fee"] = {"currency": currency, "value": _money_text(fee_back, currency)}
+        out["total_refunded_amount"] = {"currency": currency, "value": _money_text(refunded, currency)}
+        out["refund_from_received_amount"] = {"currency": currency, "value": _money_text(back - fee_back, currency)}
+        out["sale_id"] = sale.txn_id
+        out["parent_payment"] = payment
+        if info.get("invoice_id"):
+            out["invoice_number"] = info["invoice_id"]
+        out.update({"create_time": when, "update_time": updated})
+        out["links"] = [
+            {"href": f"{base_url}/v1/payments/refund/{refund.txn_id}", "rel": "self", "method": "GET"},
+            {"href": f"{base_url}/v1/payments/payment/{payment}", "rel": "parent_payment", "method": "GET"},
+            {"href": f"{base_url}/v1/payments/sale/{sale.txn_id}", "rel": "sale", "method": "GET"},
+        ]
+        return out
+
+    def capture(self, capture_id: str, base_url: str) -> dict[str, Any]:
+        """``GET /v2/payments/captures/{id}``: Checkout captures (T0006) only."""
+        row = self.by_txn.get(capture_id)
+        if row is None or row.code != "T0006":
+            raise _payment_not_found("captures")
+        return self.capture_resource(row, base_url)
+
+    def sale(self, sale_id: str, base_url: str) -> dict[str, Any]:
+        """``GET /v1/payments/sale/{id}``: subscription sales (T0002) only."""
+        row = self.by_txn.get(sale_id)
+        if row is None or row.code != "T0002":
+            raise PayPalError(404, "INVALID_RESOURCE_ID", "Requested resource ID was not found.",
+                              link="https://developer.paypal.com/docs/api/payments/#errors")  # fmt: skip
+        return self.sale_resource(row, base_url)
+
+    def refund_capture(self, capture_id: str, body: Mapping[str, Any], request_id: str | None, now: int,
+                       base_url: str) -> tuple[int, dict[str, Any]]:  # fmt: skip
+        """``POST /v2/payments/captures/{id}/refund``: all that is left, or ``amount``; a replayed
+        ``PayPal-Request-Id`` answers the first refund again (200 instead of 201)."""
+        if request_id and request_id in self.refund_requests:
+            first_capture, first = self.refund_requests[request_id]
+            if first_capture == capture_id:
+                return 200, first
+        row = self.by_txn.get(capture_id)
+        if row is None or row.code != "T0006":
+            raise _payment_not_found("captures")
+        left = row.amount - self.refunded.get(capture_id, 0)
+        if row.status not in ("S", "F") or left <= 0:
+            raise _unprocessable("CAPTURE_FULLY_REFUNDED", "The capture has already been fully refunded.")
+        back = left
+        amount = body.get("amount")
+        if amount is not None:
+            if not isinstance(amount, dict) or amount.get("currency_code") != row.currency:
+                raise _unprocessable("REFUND_CURRENCY_MISMATCH", "Refund must be in the currency of the capture.")
+            try:
+                back = _minor(amount.get("value"), row.currency)
+            except (TypeError, ValueError):
+                raise _schema_error(
+                    "amount.value",
+                    str(amount.get("value")),
+                    "INVALID_PARAMETER_SYNTAX",
+                    "The value of a field does not conform to the expected format.",
+                ) from None
+            if back <= 0 or back > left:
+                raise _unprocessable("REFUND_AMOUNT_EXCEEDED", "The refund amount must be at most what is left.")
+        refund = self._refund(self._rng, row, now, partial=back < row.amount, back=back)
+        self._insert([refund])
+        self._announce_refund(refund, row)
+        out = self.refund_resource(refund, row, self.refunded[capture_id], base_url)
+        if request_id:
+            self.refund_requests[request_id] = (capture_id, out)
+        return 201, out
+
+    def subscription_action(self, sid: str, action: str, reason: str | None, now: int) -> None:
+        """``POST /v1/billing/subscriptions/{id}/suspend|activate|cancel`` (204 on success)."""
+        sub = self.subscriptions.get(sid)
+        if sub is None:
+            raise _not_found("subscriptions")
+        allowed, target, event = _SUBSCRIPTION_ACTIONS[action]
+        if sub["status"] not in allowed:
+            raise _unprocessable(
+                "SUBSCRIPTION_STATUS_INVALID",
+                f"Invalid subscription status for {action} action; subscription status should be "
+                + " or ".join(s.lower() for s in sorted(allowed))
+                + ".",
+            )
+        self._set_status(sid, target, now, note=reason)
+        self._refresh_billing(sid)
+        self._announce_subscription(sid, event)
 
     def _update_subscription(self, rng: _Rng, sid: str, now: int) -> _Txn | None:
         sub = self.subscriptions[sid]
@@ -1472,7 +1805,9 @@ class PayPalAccount:
         rng = self._rng
         with self.lock:
             if entity == "transaction":
-                return self._add_transaction(rng, dict(fields), at)
+                row = self._add_transaction(rng, dict(fields), at)
+                self._announce_payment(row)
+                return self.render(row, _SECTIONS, None)
             if entity == "subscription":
                 plan_id = fields.get("plan_id")
                 if plan_id is None:
@@ -1487,13 +1822,14 @@ class PayPalAccount:
                     if key not in ("id", "links", "status", "plan_id"):
                         sub[key] = value
                 self._refresh_billing(sid)
+                self._announce_subscription(sid, "BILLING.SUBSCRIPTION.CREATED")
                 return self.subscription(sid, base_url)
             if entity == "plan":
                 pid = self._new_plan(rng, at, fields)
                 return self.plan(pid, base_url)
         raise ValueError("entity must be transaction, subscription or plan")
 
-    def _add_transaction(self, rng: _Rng, fields: dict[str, Any], at: int) -> dict[str, Any]:
+    def _add_transaction(self, rng: _Rng, fields: dict[str, Any], at: int) -> _Txn:
         balance = fields.pop("balance_affecting", True)
         sid = fields.pop("subscription_id", None)
         info_fields = dict(fields.pop("transaction_info", {}) or {})
@@ -1528,7 +1864,7 @@ class PayPalAccount:
             row.sections[name] = value
         self._insert([row])
         self._refresh_balances()
-        return self.render(row, _SECTIONS, None)
+        return row
 
     # --- export -------------------------------------------------------------------------------------------
 
@@ -1736,6 +2072,80 @@ _ACCOUNT_FIELDS = frozenset(
     }
 )
 _CHANGE_FIELDS = ("transactions", "refunds", "subscription_updates", "cancels")
+# The shared subscription fields (see ``sandbox.webhooks``) plus the account, its webhook id, the event filter
+# and a minted certificate to sign with.
+_WEBHOOK_FIELDS = frozenset(
+    {"url", "duplicate_rate", "hold", "retry_delays", "account", "webhook_id", "event_types", "cert"}
+)
+_VERIFY_FIELDS = ("auth_algo", "cert_url", "transmission_id", "transmission_sig", "transmission_time", "webhook_id",
+                  "webhook_event")  # fmt: skip
+_EVENT_SUMMARIES = {
+    "PAYMENT.CAPTURE.COMPLETED": "Payment completed",
+    "PAYMENT.CAPTURE.PENDING": "Payment pending",
+    "PAYMENT.CAPTURE.DENIED": "Payment denied",
+    "PAYMENT.CAPTURE.REFUNDED": "A payment capture was refunded",
+    "PAYMENT.SALE.COMPLETED": "Payment completed",
+    "PAYMENT.SALE.PENDING": "Payment pending",
+    "PAYMENT.SALE.DENIED": "Payment denied",
+    "PAYMENT.SALE.REFUNDED": "A sale was refunded",
+    "BILLING.SUBSCRIPTION.CREATED": "Subscription created",
+    "BILLING.SUBSCRIPTION.ACTIVATED": "Subscription activated",
+    "BILLING.SUBSCRIPTION.UPDATED": "Subscription updated",
+    "BILLING.SUBSCRIPTION.SUSPENDED": "Subscription suspended",
+    "BILLING.SUBSCRIPTION.CANCELLED": "Subscription cancelled",
+    "BILLING.SUBSCRIPTION.EXPIRED": "Subscription expired",
+}
+
+
+@dataclass(frozen=True)
+class _Hook:
+    """One webhook of an app: where its events go, which types it takes (None: all) and the cert it signs with."""
+
+    webhook_id: str
+    account: str
+    url: str
+    event_types: frozenset[str] | None
+    cert: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.account}/{self.webhook_id}"
+
+    def wants(self, event_type: str) -> bool:
+        return self.event_types is None or event_type in self.event_types
+
+
+def _verify_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A verify-webhook-signature body with every field (strings, and the event as an object); 400 otherwise."""
+    problems = [(name, "MISSING_REQUIRED_PARAMETER") for name in _VERIFY_FIELDS if name not in body]
+    problems += [
+        (name, "INVALID_PARAMETER_VALUE")
+        for name in _VERIFY_FIELDS
+        if name in body and not isinstance(body[name], dict if name == "webhook_event" else str)
+    ]
+    if problems:
+        details = [{"field": f"/{name}", "location": "body", "issue": issue} for name, issue in problems]
+        raise PayPalError(400, "VALIDATION_ERROR", "Invalid request - see details.", details)
+    return body
+
+
+async def _paypal_json(request: Request) -> dict[str, Any]:
+    """A request's JSON object body (``{}`` when empty); PayPal's 400 ``MALFORMED_REQUEST_JSON`` otherwise."""
+    raw = await request.body()
+    try:
+        body = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise PayPalError(
+            400,
+            "MALFORMED_REQUEST_JSON",
+            "The request JSON is not well formed.",
+            [{"issue": "MALFORMED_REQUEST_JSON", "description": "The request JSON is not well formed."}],
+        )
+    return body
+
+
 _FAULT_FIELDS = frozenset(
     {
         "account",
@@ -1852,6 +2262,157 @@ def _ok(payload: Any, status: int = 200) -> Response:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Webhook signing: the sandbox's own message-verification certificates
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Cert:
+    """One certificate the sandbox publishes at ``/v1/notifications/certs/<name>`` (PEM, leaf first)."""
+
+    name: str
+    kind: str
+    pem: bytes
+    key: rsa.RSAPrivateKey = field(repr=False)
+
+
+class MessageCerts:
+    """The sandbox's stand-in for PayPal's signing PKI: a CA of its own and leaf certificates for
+    ``messageverificationcerts.sandbox.paypal.com``, created on first use (RSA keys take a moment).
+
+    Besides the genuine leaf (``valid``), ``mint`` makes the certificates a receiver must refuse, all
+    over the same leaf key so only the named flaw differs: ``expired``; ``untrusted`` (issued by a CA
+    nobody trusts, served with that CA); ``wrong_cn`` (issued by the sandbox CA to another name).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ca_key: rsa.RSAPrivateKey | None = None
+        self._ca: x509.Certificate | None = None
+        self._leaf_key: rsa.RSAPrivateKey | None = None
+        self.certs: dict[str, _Cert] = {}
+        self.current = ""
+
+    def _ready(self) -> None:
+        with self._lock:
+            if self._ca is not None:
+                return
+            self._ca_key, self._ca = _ca_certificate("NextCRM Sandbox PayPal Message Verification CA")
+            self._leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            self.current = self._add("valid", MESSAGE_CERT_CN, self._ca_key, self._ca, _VALID)
+
+    def default(self) -> str:
+        """The name of the genuine certificate deliveries are signed with."""
+        self._ready()
+        return self.current
+
+    def ca_pem(self) -> str:
+        """The CA a sandbox connection trusts for webhook certificates (PEM)."""
+        self._ready()
+        assert self._ca is not None
+        return self._ca.public_bytes(serialization.Encoding.PEM).decode()
+
+    def mint(self, kind: str) -> _Cert:
+        """A new certificate of ``kind`` (``valid``, ``expired``, ``untrusted``, ``wrong_cn``), published."""
+        self._ready()
+        assert self._ca_key is not None and self._ca is not None
+        with self._lock:
+            if kind == "valid":
+                return self.certs[self._add(kind, MESSAGE_CERT_CN, self._ca_key, self._ca, _VALID)]
+            if kind == "expired":
+                return self.certs[self._add(kind, MESSAGE_CERT_CN, self._ca_key, self._ca, _EXPIRED)]
+            if kind == "wrong_cn":
+                cn = "messageverificationcerts.paypal.com.attacker.example"
+                return self.certs[self._add(kind, cn, self._ca_key, self._ca, _VALID)]
+            if kind == "untrusted":
+                rogue_key, rogue = _ca_certificate("PayPal Message Verification CA")
+                return self.certs[self._add(kind, MESSAGE_CERT_CN, rogue_key, rogue, _VALID, chain=True)]
+        raise ValueError("kind must be valid, expired, untrusted or wrong_cn")
+
+    def _add(self, kind: str, cn: str, issuer_key: rsa.RSAPrivateKey, issuer: x509.Certificate,
+             validity: tuple[int, int], chain: bool = False) -> str:  # fmt: skip
+        assert self._leaf_key is not None
+        now = dt.datetime.now(dt.UTC)
+        issuer_ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        leaf = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([
+                x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PayPal, Inc."),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]))
+            .issuer_name(issuer.subject)
+            .public_key(self._leaf_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + dt.timedelta(days=validity[0]))
+            .not_valid_after(now + dt.timedelta(days=validity[1]))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(issuer_ski), critical=False)
+            .sign(issuer_key, hashes.SHA256())
+        )  # fmt: skip
+        pem = leaf.public_bytes(serialization.Encoding.PEM)
+        if chain:
+            pem += issuer.public_bytes(serialization.Encoding.PEM)
+        name = "CERT-" + "-".join(secrets.token_hex(4) for _ in range(3))
+        self.certs[name] = _Cert(name, kind, pem, self._leaf_key)
+        return name
+
+    def sign(self, name: str, message: bytes) -> str:
+        """Base64 SHA256withRSA (PKCS#1 v1.5) signature of ``message`` by certificate ``name``'s key."""
+        self._ready()
+        key = self.certs[name].key
+        return base64.b64encode(key.sign(message, padding.PKCS1v15(), hashes.SHA256())).decode()
+
+    def genuine(self, name: str, message: bytes, signature: str) -> bool:
+        """Whether ``signature`` is the genuine certificate ``name``'s over ``message`` (online verification)."""
+        cert = self.certs.get(name)
+        if cert is None or cert.kind != "valid":
+            return False
+        try:
+            raw = base64.b64decode(signature, validate=True)
+            cert.key.public_key().verify(raw, message, padding.PKCS1v15(), hashes.SHA256())
+        except (binascii.Error, ValueError, InvalidSignature):
+            return False
+        return True
+
+
+# (days from now) validity of leaf certificates
+_VALID = (-1, 365)
+_EXPIRED = (-400, -30)
+
+
+def _ca_certificate(name: str) -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "NextCRM sandbox"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, name)])  # fmt: skip
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=2))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    return key, cert
+
+
+def signed_message(transmission_id: str, transmission_time: str, webhook_id: str, body: bytes) -> bytes:
+    """What PayPal signs: ``id|time|webhook_id|crc32`` with the body's unsigned decimal CRC-32."""
+    return f"{transmission_id}|{transmission_time}|{webhook_id}|{zlib.crc32(body) & 0xFFFFFFFF}".encode()
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The sandbox
 # ---------------------------------------------------------------------------------------------------------
 
@@ -1885,6 +2446,11 @@ class PayPalSandbox:
         self.stats: Counter[str] = Counter()
         self.by_route: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
+        self.certs = MessageCerts()
+        self.webhooks = WebhookOutbox("paypal", clock, retry_delays=WEBHOOK_RETRY_DELAYS)
+        self._hooks: dict[str, _Hook] = {}  # webhook id -> subscription
+        self._events: dict[str, dict[str, bytes]] = {}  # account id -> event id -> the body as sent
+        self._public: str | None = None  # this server's base URL, learnt from the requests it serves
 
     # --- accounts -----------------------------------------------------------------------------------------
 
@@ -1908,6 +2474,7 @@ class PayPalSandbox:
                 del self._by_client[client_id]
             self._runtime[account.id] = _Runtime(account)
             self._by_client[account.client_id] = account.id
+        account.on_event = partial(self._emit, account.id)
         self.oauth.register_client(account.client_id, account.client_secret)
 
     def _summary(self, account: PayPalAccount) -> dict[str, Any]:
@@ -2022,7 +2589,25 @@ class PayPalSandbox:
 
     def routes(self) -> list[BaseRoute]:
         """API routes under ``/paypal/api`` and control routes under ``/_sandbox/paypal``."""
+        return [self._remembering(route) for route in self._routes()]
+
+    def _remembering(self, route: BaseRoute) -> BaseRoute:
+        """The route, noting this server's base URL from its first request (webhook certificate URLs)."""
+        if not isinstance(route, Route):
+            return route
+        endpoint = route.endpoint
+
+        async def noted(request: Request) -> Response:
+            if self._public is None:
+                self._public = str(request.base_url).rstrip("/")
+            return await endpoint(request)
+
+        noted.__name__ = getattr(endpoint, "__name__", "endpoint")
+        return Route(route.path, noted, methods=sorted((route.methods or {"GET"}) - {"HEAD"}), name=route.name)
+
+    def _routes(self) -> list[BaseRoute]:
         api = f"{API_PREFIX}/v1"
+        events = f"{api}/notifications/webhooks-events"
         control = CONTROL_PREFIX
         return [
             Route(TOKEN_PATH, self._token, methods=["POST"]),
@@ -2037,6 +2622,17 @@ class PayPalSandbox:
             ),
             Route(f"{api}/billing/plans", self._api("plans"), methods=["GET"]),
             Route(f"{api}/billing/plans/{{pid}}", self._api("plan"), methods=["GET"]),
+            Route(f"{api}/billing/subscriptions/{{sid}}/{{action}}", self._subscription_action, methods=["POST"]),
+            Route(f"{API_PREFIX}/v2/payments/captures/{{capture_id}}", self._payments_api, methods=["GET"]),
+            Route(f"{API_PREFIX}/v2/payments/captures/{{capture_id}}/refund", self._payments_api, methods=["POST"]),
+            Route(f"{api}/payments/sale/{{sale_id}}", self._payments_api, methods=["GET"]),
+            Route(f"{api}/notifications/certs/{{name}}", self._cert, methods=["GET"]),
+            Route(f"{api}/notifications/verify-webhook-signature", self._verify_signature, methods=["POST"]),
+            Route(f"{api}/notifications/webhooks", self._webhooks_api, methods=["GET", "POST"]),
+            Route(f"{api}/notifications/webhooks/{{webhook_id}}", self._webhooks_api, methods=["GET", "DELETE"]),
+            Route(events, self._webhook_events_api, methods=["GET"]),
+            Route(f"{events}/{{event_id}}", self._webhook_events_api, methods=["GET"]),
+            Route(f"{events}/{{event_id}}/resend", self._webhook_events_api, methods=["POST"]),
             Route(f"{API_PREFIX}/{{rest:path}}", self._unknown, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
             *self.oauth.control_routes(control),
             Route(f"{control}/accounts", _control(self._c_accounts), methods=["GET", "POST"]),
@@ -2049,6 +2645,10 @@ class PayPalSandbox:
             Route(f"{control}/accounts/{{aid}}/export/{{entity}}", _control(self._c_export), methods=["GET"]),
             Route(f"{control}/faults", _control(self._c_faults), methods=["POST", "DELETE"]),
             Route(f"{control}/stats", _control(self._c_stats), methods=["GET"]),
+            Route(f"{control}/webhook-ca", _control(self._c_webhook_ca), methods=["GET"]),
+            Route(f"{control}/webhook-certs", _control(self._c_webhook_certs), methods=["POST"]),
+            Route(f"{control}/webhook-signatures", _control(self._c_webhook_signature), methods=["POST"]),
+            *webhook_control_routes(control, self.webhooks, self._webhook_subscriber),
         ]
 
     _ROUTES = {
@@ -2104,8 +2704,8 @@ class PayPalSandbox:
             raise _auth_failure()
         return rt
 
-    async def _serve(self, request: Request, kind: str) -> Response:
-        route, scope = self._ROUTES[kind]
+    async def _admit(self, request: Request, route: str, scope: str) -> _Runtime | Response:
+        """Authenticate a call and apply the account's faults, rate limit and scopes; a ``Response`` refuses it."""
         try:
             rt = self._authenticate(request)
         except _InvalidToken:
@@ -2136,6 +2736,16 @@ class PayPalSandbox:
         rt.requests += 1
         if scope not in account.knobs["scopes"]:
             return self._error(_not_authorized(), route, rt)
+        return rt
+
+    async def _serve(self, request: Request, kind: str) -> Response:
+        route, scope = self._ROUTES[kind]
+        admitted = await self._admit(request, route, scope)
+        if isinstance(admitted, Response):
+            return admitted
+        rt = admitted
+        account = rt.account
+        faults = self._fault_for(account.id)
         base_url = str(request.base_url).rstrip("/") + API_PREFIX
         params = dict(request.query_params)
         try:
@@ -2167,6 +2777,287 @@ class PayPalSandbox:
             return self._error(err, route, rt)
         self._count(route, 200)
         return _ok(payload)
+
+    # --- payments and subscription actions --------------------------------------------------------------
+
+    async def _payments_api(self, request: Request) -> Response:
+        """``GET /v2/payments/captures/{id}``, ``POST …/{id}/refund``, ``GET /v1/payments/sale/{id}``."""
+        path = request.url.path
+        refund = request.method == "POST"
+        if "/v1/payments/sale/" in path:
+            route, scope = "GET /v1/payments/sale/{id}", SCOPE_PAYMENTS
+        elif refund:
+            route, scope = "POST /v2/payments/captures/{id}/refund", SCOPE_REFUNDS
+        else:
+            route, scope = "GET /v2/payments/captures/{id}", SCOPE_PAYMENTS
+        admitted = await self._admit(request, route, scope)
+        if isinstance(admitted, Response):
+            return admitted
+        account, base_url = admitted.account, self._base_url(request)
+        status = 200
+        try:
+            with account.lock:
+                if "/v1/payments/sale/" in path:
+                    payload = account.sale(request.path_params["sale_id"], base_url)
+                elif refund:
+                    body = await _paypal_json(request)
+                    status, payload = account.refund_capture(request.path_params["capture_id"], body,
+                                                             request.headers.get("paypal-request-id"), self.clock(),
+                                                             base_url)  # fmt: skip
+                else:
+                    payload = account.capture(request.path_params["capture_id"], base_url)
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, status)
+        return _ok(payload, status)
+
+    async def _subscription_action(self, request: Request) -> Response:
+        """``POST /v1/billing/subscriptions/{id}/suspend|activate|cancel`` with an optional ``reason``."""
+        action = request.path_params["action"]
+        route = f"POST /v1/billing/subscriptions/{{id}}/{action}"
+        if action not in _SUBSCRIPTION_ACTIONS:
+            return await self._unknown(request)
+        admitted = await self._admit(request, route, SCOPE_SUBSCRIPTIONS)
+        if isinstance(admitted, Response):
+            return admitted
+        try:
+            body = await _paypal_json(request)
+            reason = body.get("reason")
+            with admitted.account.lock:
+                admitted.account.subscription_action(request.path_params["sid"], action,
+                                                     str(reason) if reason else None, self.clock())  # fmt: skip
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, 204)
+        return Response(status_code=204, headers={"paypal-debug-id": _debug_id()})
+
+    # --- webhooks -----------------------------------------------------------------------------------------
+
+    def _api_base(self) -> str:
+        return f"{self._public or 'http://127.0.0.1'}{API_PREFIX}"
+
+    def _cert_url(self, name: str) -> str:
+        return f"{self._api_base()}/v1/notifications/certs/{name}"
+
+    def sign(self, body: bytes, webhook_id: str, now: int, cert: str | None = None) -> dict[str, str]:
+        """The headers PayPal sends with ``body`` for ``webhook_id`` at ``now``: a fresh transmission id and
+        time, their signature by the certificate's key, its URL here, and the algorithm."""
+        name = cert or self.certs.default()
+        transmission_id, at = str(uuid.uuid4()), stamp(now)
+        signature = self.certs.sign(name, signed_message(transmission_id, at, webhook_id, body))
+        return {"PAYPAL-TRANSMISSION-ID": transmission_id, "PAYPAL-TRANSMISSION-TIME": at,
+                "PAYPAL-TRANSMISSION-SIG": signature, "PAYPAL-CERT-URL": self._cert_url(name),
+                "PAYPAL-AUTH-ALGO": AUTH_ALGO}  # fmt: skip
+
+    def _signer(self, webhook_id: str) -> Signer:
+        def sign(body: bytes, now: int) -> dict[str, str]:
+            hook = self._hooks.get(webhook_id)
+            return self.sign(body, webhook_id, now, hook.cert if hook else None)
+
+        return sign
+
+    def _new_hook(self, account_id: str, url: str, webhook_id: str | None, event_types: Any,
+                  cert: str | None = None) -> _Hook:  # fmt: skip
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ControlError(400, "url must be an http(s) URL")
+        if webhook_id is None:
+            webhook_id = _random_id(17)
+        if not isinstance(webhook_id, str) or not re.fullmatch(r"[A-Za-z0-9]{1,50}", webhook_id):
+            raise ControlError(400, "webhook_id must be 1 to 50 letters and digits")
+        if webhook_id in self._hooks:
+            raise ControlError(400, f"webhook {webhook_id} exists already")
+        types = event_types if event_types is not None else ["*"]
+        if not isinstance(types, list) or not types or not all(isinstance(t, str) and t for t in types):
+            raise ControlError(400, 'event_types must be a non-empty list of event types, or ["*"]')
+        if cert is not None and cert not in self.certs.certs:
+            raise ControlError(400, f"no certificate {cert!r} (mint one with POST {CONTROL_PREFIX}/webhook-certs)")
+        hook = _Hook(webhook_id, account_id, url, None if "*" in types else frozenset(types), cert)
+        self._hooks[webhook_id] = hook
+        return hook
+
+    def _webhook_subscriber(self, body: dict[str, Any]) -> tuple[str, Signer]:
+        """Read a control subscription's PayPal fields: ``account``, ``webhook_id`` (assigned when absent),
+        ``event_types`` (``["*"]`` by default) and ``cert`` (a minted certificate to sign with)."""
+        reject_unknown_fields(body, _WEBHOOK_FIELDS, "webhook subscription")
+        account_id = str(body.get("account", ""))
+        self._rt(account_id)
+        hook = self._new_hook(account_id, body.get("url"), body.get("webhook_id"), body.get("event_types"),
+                              body.get("cert"))  # fmt: skip
+        return hook.key, self._signer(hook.webhook_id)
+
+    def _emit(self, account_id: str, event_type: str, resource_type: str,
+              build: Callable[[str], dict[str, Any]]) -> None:  # fmt: skip
+        """Send an event about a change to every webhook of the account that wants its type."""
+        hooks = [h for h in self._hooks.values() if h.account == account_id and h.wants(event_type)]
+        if not hooks:
+            return
+        base = self._api_base()
+        event_id = f"WH-{_random_id(17)}-{_random_id(17)}"
+        resource = build(base)
+        event = {
+            "id": event_id,
+            "event_version": "1.0",
+            "create_time": stamp(self.clock()),
+            "resource_type": resource_type,
+            "resource_version": "1.0" if event_type.startswith("PAYMENT.SALE.") else "2.0",
+            "event_type": event_type,
+            "summary": _EVENT_SUMMARIES.get(event_type, event_type.replace(".", " ").capitalize()),
+            "resource": resource,
+            "links": [
+                {"href": f"{base}/v1/notifications/webhooks-events/{event_id}", "rel": "self", "method": "GET"},
+                {"href": f"{base}/v1/notifications/webhooks-events/{event_id}/resend", "rel": "resend",
+                 "method": "POST"},
+            ],
+        }  # fmt: skip
+        body = orjson.dumps(event)
+        kept = self._events.setdefault(account_id, {})
+        kept[event_id] = body
+        if len(kept) > EVENTS_KEPT:
+            del kept[next(iter(kept))]
+        for hook in hooks:
+            self.webhooks.emit(hook.key, body)
+
+    def close(self) -> None:
+        """Stop the webhook delivery thread (undelivered events are dropped)."""
+        self.webhooks.close()
+
+    async def _cert(self, request: Request) -> Response:
+        """``GET /v1/notifications/certs/{name}``: a signing certificate (PEM), public like PayPal's."""
+        route = "GET /v1/notifications/certs/{name}"
+        cert = self.certs.certs.get(request.path_params["name"])
+        if cert is None:
+            self._count(route, 404)
+            return _render_error(PayPalError(404, "RESOURCE_NOT_FOUND", "The specified resource does not exist."))
+        self._count(route, 200)
+        return Response(cert.pem, headers={"content-type": "application/x-pem-file"})
+
+    async def _verify_signature(self, request: Request) -> Response:
+        """``POST /v1/notifications/verify-webhook-signature``: PayPal's own check, over ``webhook_event``
+        serialised again (so an event whose bytes differ from what was signed fails, as at PayPal)."""
+        route = "POST /v1/notifications/verify-webhook-signature"
+        admitted = await self._admit(request, route, SCOPE_VERIFY_WEBHOOKS)
+        if isinstance(admitted, Response):
+            return admitted
+        try:
+            body = _verify_request(await _paypal_json(request))
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        hook = self._hooks.get(body["webhook_id"])
+        name = body["cert_url"].rsplit("/", 1)[-1]
+        message = signed_message(body["transmission_id"], body["transmission_time"], body["webhook_id"],
+                                 orjson.dumps(body["webhook_event"]))  # fmt: skip
+        genuine = (
+            hook is not None
+            and hook.account == admitted.account.id
+            and body["auth_algo"] == AUTH_ALGO
+            and body["cert_url"] == self._cert_url(name)
+            and self.certs.genuine(name, message, body["transmission_sig"])
+        )
+        self._count(route, 200)
+        return _ok({"verification_status": "SUCCESS" if genuine else "FAILURE"})
+
+    def _webhook_object(self, hook: _Hook) -> dict[str, Any]:
+        href = f"{self._api_base()}/v1/notifications/webhooks/{hook.webhook_id}"
+        types = ["*"] if hook.event_types is None else sorted(hook.event_types)
+        return {
+            "id": hook.webhook_id,
+            "url": hook.url,
+            "event_types": [{"name": t, "description": _EVENT_SUMMARIES.get(t, "ALL")} for t in types],
+            "links": [
+                {"href": href, "rel": "self", "method": "GET"},
+                {"href": href, "rel": "update", "method": "PATCH"},
+                {"href": href, "rel": "delete", "method": "DELETE"},
+            ],
+        }
+
+    async def _webhooks_api(self, request: Request) -> Response:
+        """``POST``/``GET /v1/notifications/webhooks`` and ``GET``/``DELETE …/{webhook_id}``: the app's webhooks."""
+        wid = request.path_params.get("webhook_id")
+        route = f"{request.method} /v1/notifications/webhooks" + ("/{id}" if wid else "")
+        admitted = await self._admit(request, route, SCOPE_WEBHOOKS)
+        if isinstance(admitted, Response):
+            return admitted
+        account = admitted.account
+        mine = {w: h for w, h in self._hooks.items() if h.account == account.id}
+        try:
+            if wid is not None:
+                hook = mine.get(wid)
+                if hook is None:
+                    raise PayPalError(404, "INVALID_RESOURCE_ID", "Resource id is invalid.")
+                if request.method == "GET":
+                    self._count(route, 200)
+                    return _ok(self._webhook_object(hook))
+                for sub in self.webhooks.subscriptions(hook.key):
+                    self.webhooks.unsubscribe(sub.id)
+                del self._hooks[wid]
+                self._count(route, 204)
+                return Response(status_code=204, headers={"paypal-debug-id": _debug_id()})
+            if request.method == "GET":
+                self._count(route, 200)
+                return _ok({"webhooks": [self._webhook_object(h) for h in mine.values()]})
+            body = await _paypal_json(request)
+            url, types = body.get("url"), body.get("event_types")
+            if len(mine) >= 10:
+                raise PayPalError(400, "WEBHOOK_NUMBER_LIMIT_EXCEEDED", "Maximum number of webhooks exceeded.")
+            if any(h.url == url for h in mine.values()):
+                raise PayPalError(400, "WEBHOOK_URL_ALREADY_EXISTS", "Webhook URL already exists.")
+            names = [t.get("name") if isinstance(t, dict) else None for t in types] if isinstance(types, list) else []
+            if not names or not all(isinstance(n, str) for n in names):
+                issue = {"field": "event_types", "issue": "Event types must be a non-empty list of {name}."}
+                raise PayPalError(400, "VALIDATION_ERROR", "Invalid data provided.", [issue])
+            try:
+                hook = self._new_hook(account.id, url, None, names)
+            except ControlError as err:
+                raise PayPalError(
+                    400, "VALIDATION_ERROR", "Invalid data provided.", [{"field": "url", "issue": err.message}]
+                ) from None
+            self.webhooks.subscribe(hook.key, hook.url, self._signer(hook.webhook_id))
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, 201)
+        return _ok(self._webhook_object(hook), 201)
+
+    async def _webhook_events_api(self, request: Request) -> Response:
+        """``GET /v1/notifications/webhooks-events`` (newest first, ``page_size``, ``event_type``,
+        ``start_time``/``end_time``), ``GET …/{id}`` and ``POST …/{id}/resend``."""
+        eid = request.path_params.get("event_id")
+        resend = request.url.path.endswith("/resend")
+        suffix = ("/{id}" if eid else "") + ("/resend" if resend else "")
+        route = f"{request.method} /v1/notifications/webhooks-events{suffix}"
+        admitted = await self._admit(request, route, SCOPE_WEBHOOKS)
+        if isinstance(admitted, Response):
+            return admitted
+        events = self._events.get(admitted.account.id, {})
+        try:
+            if eid is None:
+                params = request.query_params
+                size = _schema_int(params, "page_size", 10, 1, 300)
+                start, end = _time_param(params, "start_time"), _time_param(params, "end_time")
+                found = []
+                for body in reversed(list(events.values())):
+                    event = orjson.loads(body)
+                    if params.get("event_type") and event["event_type"] != params["event_type"]:
+                        continue
+                    if not _in_range(parse_time(event["create_time"]), (start, end)):
+                        continue
+                    found.append(event)
+                self._count(route, 200)
+                return _ok({"events": found[:size], "count": min(size, len(found)), "links": []})
+            body = events.get(eid)
+            if body is None:
+                raise PayPalError(404, "INVALID_RESOURCE_ID", "Resource id is invalid.")
+            if not resend:
+                self._count(route, 200)
+                return Response(body, headers={"content-type": _JSON_CT, "paypal-debug-id": _debug_id()})
+            event = orjson.loads(body)
+            wanted = (await _paypal_json(request)).get("webhook_ids")
+            for hook in list(self._hooks.values()):
+                if hook.account == admitted.account.id and (not wanted or hook.webhook_id in wanted):
+                    self.webhooks.emit(hook.key, body)
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, 202)
+        return _ok(event, 202)
 
     # --- control API --------------------------------------------------------------------------------------
 
@@ -2269,6 +3160,37 @@ class PayPalSandbox:
             f.latency_ms = number_field(body, "latency_ms", 0.0)
         return {"account": target, **f.as_dict()}
 
+    async def _c_webhook_ca(self, request: Request) -> Any:
+        """The CA a sandbox connection trusts for webhook certificates (its ``webhook_ca_pem`` setting)."""
+        return {"pem": await run_in_threadpool(self.certs.ca_pem)}
+
+    async def _c_webhook_certs(self, request: Request) -> Any:
+        """Mint and publish a certificate: ``{"kind": "valid" | "expired" | "untrusted" | "wrong_cn"}``."""
+        body = await read_json_object(request)
+        reject_unknown_fields(body, {"kind"}, "certificate")
+        cert = await run_in_threadpool(self.certs.mint, str(body.get("kind", "valid")))
+        return {"name": cert.name, "kind": cert.kind, "cert_url": self._cert_url(cert.name)}
+
+    async def _c_webhook_signature(self, request: Request) -> Any:
+        """The headers a delivery of ``body`` (text, or ``body_base64``) to ``webhook_id`` would carry, signed
+        at ``at`` (default now) by the genuine certificate or a minted ``cert``; for tests that forge."""
+        body = await read_json_object(request)
+        reject_unknown_fields(body, {"body", "body_base64", "webhook_id", "cert", "at"}, "signature")
+        if isinstance(body.get("body_base64"), str):
+            raw = base64.b64decode(body["body_base64"])
+        elif isinstance(body.get("body"), str):
+            raw = body["body"].encode()
+        else:
+            raise ControlError(400, "give the delivery's body as body (text) or body_base64")
+        webhook_id, cert = body.get("webhook_id"), body.get("cert")
+        if not isinstance(webhook_id, str) or not webhook_id:
+            raise ControlError(400, "webhook_id is required")
+        if cert is not None and cert not in self.certs.certs:
+            raise ControlError(404, f"no certificate {cert!r}")
+        at = _int_field(body, "at", None, 0)
+        now = self.clock() if at is None else at
+        return {"headers": await run_in_threadpool(self.sign, raw, webhook_id, now, cert)}
+
     async def _c_stats(self, request: Request) -> Any:
         return {
             "requests": self.stats["requests"],
@@ -2354,3 +3276,53 @@ class PayPalControl(ControlClient):
     def oauth_state(self) -> dict[str, Any]:
         """Token calls per grant type and the grants."""
         return self._call("GET", "/oauth")
+
+    def subscribe_webhooks(self, account_id: str, url: str, webhook_id: str | None = None,
+                           **options: Any) -> dict[str, Any]:  # fmt: skip
+        """Deliver the account's events to ``url`` for ``webhook_id`` (assigned when None); options:
+        ``event_types``, ``retry_delays``, ``hold``, ``duplicate_rate``, ``cert``. Returns ``{"id", "account",
+        "url", "webhook_id"}`` (``id`` names the subscription in the hold/release/flush calls)."""
+        webhook_id = webhook_id or "WH" + uuid.uuid4().hex[:15].upper()
+        body = {"account": account_id, "url": url, "webhook_id": webhook_id, **options}
+        return {**self._call("POST", "/webhooks", json=body), "webhook_id": webhook_id}
+
+    def webhook_ca(self) -> str:
+        """The sandbox CA's PEM: a sandbox connection's ``webhook_ca_pem`` setting."""
+        return self._call("GET", "/webhook-ca")["pem"]
+
+    def mint_webhook_cert(self, kind: str) -> dict[str, str]:
+        """Publish a certificate of ``kind`` (``valid``, ``expired``, ``untrusted``, ``wrong_cn``).
+
+        Returns ``{"name", "kind", "cert_url"}``."""
+        return self._call("POST", "/webhook-certs", json={"kind": kind})
+
+    def sign_webhook(self, body: bytes, webhook_id: str, cert: str | None = None,
+                     at: int | None = None) -> dict[str, str]:  # fmt: skip
+        """The PAYPAL-* headers a delivery of ``body`` would carry (signed now, or at ``at``)."""
+        payload: dict[str, Any] = {"body_base64": base64.b64encode(body).decode(), "webhook_id": webhook_id}
+        if cert is not None:
+            payload["cert"] = cert
+        if at is not None:
+            payload["at"] = at
+        return self._call("POST", "/webhook-signatures", json=payload)["headers"]
+
+    def hold_webhooks(self, sub_id: str) -> None:
+        """Keep the subscription's new events back until ``release_webhooks``."""
+        self._call("POST", f"/webhooks/{sub_id}/hold")
+
+    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
+        """Send the held events (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
+        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
+
+    def flush_webhooks(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued delivery (retries included) is done; False on timeout."""
+        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
+
+    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
+        attempts = self._call("GET", "/webhooks/attempts")["data"]
+        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
+
+    def unsubscribe_webhooks(self, sub_id: str) -> None:
+        """Stop delivering to the subscription."""
+        self._call("DELETE", f"/webhooks/{sub_id}")

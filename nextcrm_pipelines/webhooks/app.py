@@ -6,7 +6,9 @@ is stored; a body that is signed but not a readable event is recorded as `dead` 
 answered 400; when the database cannot be reached the answer is 503, so the provider retries. A
 2xx goes out only after the row is committed, and a redelivered event is a no-op (unique on
 provider, connection and event id). Xero's intent-to-receive deliveries get their 200 or 401 and
-store nothing.
+store nothing. A provider check that needs the connection or the network (`verify_connection`) runs
+between two short uses of the pool, so no database connection waits on a provider; when it cannot
+reach what it needs the answer is 503, so the provider retries.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.vault import SecretBox, VaultError
 from nextcrm_pipelines.providers import PROVIDERS
-from nextcrm_pipelines.webhooks.verify import InvalidSignature
+from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnavailable, VerifyContext
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,9 @@ def build_app(
     pool = AsyncConnectionPool(libpq_url(database_url), min_size=1, max_size=pool_size, open=False, timeout=5)
     connections = table("integration_connections", schema)
     inbox = table("webhook_events", schema)
+    lookup = sql.SQL(
+        "SELECT provider, secrets_encrypted, display_name, base_url, settings, status FROM {} WHERE id = %s"
+    ).format(connections)
     insert = sql.SQL(
         "INSERT INTO {t} (provider, connection_id, event_id, event_type, occurred_at, payload, raw_body, headers, "
         "status, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
@@ -104,29 +110,38 @@ def build_app(
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             async with pool.connection() as conn:
-                row = await (
-                    await conn.execute(
-                        sql.SQL("SELECT provider, secrets_encrypted FROM {} WHERE id = %s").format(connections),
-                        (connection_id,),
-                    )
-                ).fetchone()
-                if row is None or row[0] != name:
-                    return _reply(404, f"no {name} connection {connection_id!r}")
-                try:
-                    secrets = box.decrypt(connection_id, row[1]).reveal() if row[1] else {}
-                except VaultError:
-                    log.error("webhook for %s: its secrets cannot be decrypted with the current keys", connection_id)
-                    return _reply(503, "secrets unavailable")
-                secret = secrets.get(spec.secret_name) or os.environ.get(spec.env_var)
-                if not secret:
-                    return _reply(401, f"no webhook secret is configured for {connection_id!r}")
-                try:
-                    spec.verify(headers, body, str(secret), clock())
-                except InvalidSignature as exc:
-                    log.warning("webhook for %s refused: %s", connection_id, exc)
-                    return _reply(401, "invalid signature")
-                kept = {k: v for k, v in headers.items() if k in spec.audit_headers or k in ALWAYS_KEPT_HEADERS}
-                text = body.decode("utf-8", "replace")
+                row = await (await conn.execute(lookup, (connection_id,))).fetchone()
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            log.error("webhook for %s not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
+            return _reply(503, "database unavailable; retry later")
+        if row is None or row[0] != name:
+            return _reply(404, f"no {name} connection {connection_id!r}")
+        try:
+            secrets = box.decrypt(connection_id, row[1]).reveal() if row[1] else {}
+        except VaultError:
+            log.error("webhook for %s: its secrets cannot be decrypted with the current keys", connection_id)
+            return _reply(503, "secrets unavailable")
+        secret = secrets.get(spec.secret_name) or os.environ.get(spec.env_var)
+        if not secret:
+            return _reply(401, f"no webhook secret is configured for {connection_id!r}")
+        try:
+            if spec.verify_connection is None:
+                spec.verify(headers, body, str(secret), clock())
+            else:
+                connection = Connection(id=connection_id, provider=row[0], display_name=row[2], base_url=row[3],
+                                        settings=row[4] or {}, status=row[5])  # fmt: skip
+                await spec.verify_connection(VerifyContext(headers, body, str(secret), clock(), connection, secrets,
+                                                           database_url, box))  # fmt: skip
+        except InvalidSignature as exc:
+            log.warning("webhook for %s refused: %s", connection_id, exc)
+            return _reply(401, "invalid signature")
+        except VerificationUnavailable as exc:
+            log.warning("webhook for %s not verified yet: %s", connection_id, exc)
+            return _reply(503, "signature cannot be checked now; retry later")
+        kept = {k: v for k, v in headers.items() if k in spec.audit_headers or k in ALWAYS_KEPT_HEADERS}
+        text = body.decode("utf-8", "replace")
+        try:
+            async with pool.connection() as conn:
                 try:
                     payload = orjson.loads(body)
                     if spec.handshake(payload):

@@ -4,6 +4,11 @@ A provider's `WebhookSpec` (in its `providers/<name>/webhooks.py`) says which co
 environment variable) keys its signature, how to check it over the exact bytes received, and how a
 verified body splits into inbox events (one per provider event, with the provider's id or, where
 there is none, a hash of the event). Every comparison is constant-time.
+
+A provider whose check needs the connection itself or the network (PayPal: a certificate to download
+from an allowed host, or PayPal's own verify endpoint) gives `verify_connection`, an async check
+that sees a `VerifyContext`; it raises `InvalidSignature` (401) or `VerificationUnavailable` (503,
+so the provider delivers again later).
 """
 
 from __future__ import annotations
@@ -11,16 +16,38 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
+from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.vault import SecretBox
+
 
 class InvalidSignature(Exception):
     """The request is not signed by the provider with this connection's secret."""
+
+
+class VerificationUnavailable(Exception):
+    """The signature cannot be checked now (a certificate host or the provider's verify endpoint is
+    unreachable); the delivery is refused with a retryable status, not as forged."""
+
+
+@dataclass(frozen=True)
+class VerifyContext:
+    """What a connection-aware check sees: the delivery, the connection (base URL, settings) and its secrets."""
+
+    headers: Mapping[str, str]
+    body: bytes
+    secret: str = field(repr=False)
+    now: float
+    connection: Connection
+    secrets: Mapping[str, Any] = field(repr=False)
+    database_url: str = field(repr=False)
+    box: SecretBox = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -46,6 +73,8 @@ class WebhookSpec:
     handshake: Callable[[Any], bool] = field(default=lambda payload: False)
     # apply(conn, schema, connection_id, inbox rows) -> counts (see `webhooks.inbox`); None: not applied yet.
     apply: Callable[..., Any] | None = None
+    # A check that needs the connection or the network; when given, the receiver awaits it instead of `verify`.
+    verify_connection: Callable[[VerifyContext], Awaitable[None]] | None = None
 
 
 def hmac_sha256(secret: str, message: bytes) -> bytes:

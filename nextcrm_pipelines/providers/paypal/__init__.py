@@ -1,4 +1,4 @@
-"""PayPal: payments (Transaction Search rows) and subscriptions, per merchant app."""
+"""PayPal: payments (Transaction Search rows) and subscriptions, per merchant app; signed webhooks."""
 
 from nextcrm_pipelines.core.provider import Provider, SecretField
 from nextcrm_pipelines.core.sync import EntitySpec
@@ -10,6 +10,7 @@ from nextcrm_pipelines.providers.paypal.records import (
     payment_row,
     subscription_row,
 )
+from nextcrm_pipelines.providers.paypal.webhooks import WEBHOOKS
 
 PAYMENTS = EntitySpec(
     name="paypal_payments",
@@ -44,6 +45,7 @@ PROVIDER = Provider(
     oauth=OAUTH,
     fixed_secrets={"grant_type": "client_credentials"},
     env_settings={"mode": ("PAYPAL_MODE", "sandbox")},
+    webhooks=WEBHOOKS,
 )
 
 __all__ = ["PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "PayPalApi"]

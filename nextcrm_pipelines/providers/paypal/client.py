@@ -8,7 +8,7 @@ refused with `RESULTSET_TOO_LARGE` is split in halves until each half fits. The 
 there (`Coverage`), and the hourly schedule reads it again until it is complete; a window that
 starts after it ("Data for the given start date is not available") reads nothing yet. Subscriptions
 are found through the window's transactions (`paypal_reference_id` of type SUB) and fetched by id
-with their plan.
+with their plan. Webhook events re-read a capture, a sale or a plan by id (`capture`, `sale`, `plan`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Generator, Iterator
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -170,10 +171,19 @@ class PayPalApi:
         if reached < window.end:
             yield Coverage(reached)
 
-    def _plan(self, plan_id: str) -> dict[str, Any]:
+    def plan(self, plan_id: str) -> dict[str, Any]:
+        """A billing plan by id (read once per client)."""
         if plan_id not in self._plans:
-            self._plans[plan_id] = self.http.get_json(f"/v1/billing/plans/{plan_id}")
+            self._plans[plan_id] = self.http.get_json(f"/v1/billing/plans/{quote(plan_id, safe='')}")
         return self._plans[plan_id]
+
+    def capture(self, capture_id: str) -> dict[str, Any]:
+        """A Checkout capture as it is now (`GET /v2/payments/captures/{id}`)."""
+        return self.http.get_json(f"/v2/payments/captures/{quote(capture_id, safe='')}")
+
+    def sale(self, sale_id: str) -> dict[str, Any]:
+        """A v1 sale (subscription payments) as it is now (`GET /v1/payments/sale/{id}`)."""
+        return self.http.get_json(f"/v1/payments/sale/{quote(sale_id, safe='')}")
 
     def subscriptions(self, window: SyncWindow) -> Iterator[list[Record] | Coverage]:
         """The subscriptions the window's transactions belong to, fetched now with their plan."""
@@ -190,7 +200,7 @@ class PayPalApi:
         for sid in sorted(ids):
             sub = self.http.get_json(f"/v1/billing/subscriptions/{sid}")
             if sub.get("plan_id"):
-                sub = {**sub, "plan": self._plan(sub["plan_id"])}
+                sub = {**sub, "plan": self.plan(sub["plan_id"])}
             version = parse_time(sub.get("update_time")) or parse_time(sub.get("create_time"))
             batch.append((sub, version))
             if len(batch) >= 100:

@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -638,3 +639,55 @@ def test_certificate_checks_name_dates_and_chain():
         with pytest.raises(InvalidSignature):
             check_certificate(chain, roots, now.timestamp())
             pytest.fail(case)
+
+
+def crc32_matching(prefix: bytes, suffix: bytes, target: int) -> bytes:
+    """Four bytes x with crc32(prefix + x + suffix) == target (CRC-32 is affine over GF(2), so solve for x)."""
+
+    def crc(x: int) -> int:
+        return zlib.crc32(prefix + x.to_bytes(4, "little") + suffix) & 0xFFFFFFFF
+
+    base = crc(0)
+    rows = [(crc(1 << bit) ^ base, 1 << bit) for bit in range(32)]  # (image, input) pairs spanning GF(2)^32
+    want, solution = target ^ base, 0
+    for bit in range(31, -1, -1):  # Gaussian elimination on the images, highest bit first
+        pivot = next((i for i, (image, _) in enumerate(rows) if image >> bit & 1), None)
+        if pivot is None:
+            continue
+        image, source = rows.pop(pivot)
+        rows = [(im ^ image, src ^ source) if im >> bit & 1 else (im, src) for im, src in rows]
+        if want >> bit & 1:
+            want, solution = want ^ image, solution ^ source
+    assert want == 0 and crc(solution) == target
+    return solution.to_bytes(4, "little")
+
+
+def forge_same_crc(genuine: bytes, replacement: dict) -> bytes:
+    """A different, valid JSON event whose raw bytes have the genuine body's CRC-32."""
+    target = zlib.crc32(genuine) & 0xFFFFFFFF
+    head = orjson.dumps(replacement)[:-1] + b',"pad":"'
+    for attempt in range(100_000):
+        prefix = head + str(attempt).encode()
+        patch = crc32_matching(prefix, b'"}', target)
+        if all(0x20 <= b < 0x7F and b not in b'"\\' for b in patch):
+            return prefix + patch + b'"}'
+    raise AssertionError("no printable CRC patch found")
+
+
+def test_a_body_forged_to_a_genuine_deliverys_crc_is_refused(database_url, schema, box, sandbox, hooked):
+    shop = hooked(sandbox)
+    genuine = webhook_event(event_id="WH-GENUINE")
+    headers = shop.control.sign_webhook(genuine, shop.webhook_id)
+    forged = forge_same_crc(genuine, {**orjson.loads(genuine), "id": "WH-FORGED",
+                                      "resource": {"id": "0VF52814937998046", "status": "VOIDED"}})  # fmt: skip
+    assert forged != genuine and zlib.crc32(forged) == zlib.crc32(genuine) and orjson.loads(forged)["id"] == "WH-FORGED"
+    with receiver(database_url, schema, box) as base:
+        target = shop.target(base)
+        assert post(target, genuine, headers) == 200
+        assert post(target, forged, headers) == 401  # the same signed headers, another body: refused
+        assert post(target, genuine, headers) == 200  # the genuine delivery again: a no-op
+    with psycopg.connect(database_url) as conn:
+        stored = conn.execute(
+            sql.SQL("SELECT event_id, delivery_id FROM {}").format(table("webhook_events", schema))
+        ).fetchall()
+    assert stored == [("WH-GENUINE", headers["PAYPAL-TRANSMISSION-ID"])]

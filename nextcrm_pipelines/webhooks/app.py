@@ -85,8 +85,12 @@ def build_app(
     ).format(connections)
     insert = sql.SQL(
         "INSERT INTO {t} (provider, connection_id, event_id, event_type, occurred_at, payload, raw_body, headers, "
-        "status, last_error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "status, last_error, delivery_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
         "ON CONFLICT (provider, connection_id, event_id) DO NOTHING"
+    ).format(t=inbox)
+    # One body per signed delivery id (see `WebhookSpec.delivery_header`), checked under a lock on that id.
+    other_body = sql.SQL(
+        "SELECT 1 FROM {t} WHERE provider = %s AND connection_id = %s AND delivery_id = %s AND raw_body <> %s LIMIT 1"
     ).format(t=inbox)
 
     @asynccontextmanager
@@ -140,24 +144,34 @@ def build_app(
             return _reply(503, "signature cannot be checked now; retry later")
         kept = {k: v for k, v in headers.items() if k in spec.audit_headers or k in ALWAYS_KEPT_HEADERS}
         text = body.decode("utf-8", "replace")
+        delivery = headers.get(spec.delivery_header) if spec.delivery_header else None
         try:
             async with pool.connection() as conn:
+                if delivery:
+                    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                                       (f"webhook|{name}|{connection_id}|{delivery}",))  # fmt: skip
+                    if await (await conn.execute(other_body, (name, connection_id, delivery, text))).fetchone():
+                        await conn.rollback()
+                        log.warning("webhook for %s refused: delivery %s was already received with another body",
+                                    connection_id, delivery)  # fmt: skip
+                        return _reply(401, "invalid signature")
                 try:
                     payload = orjson.loads(body)
                     if spec.handshake(payload):
+                        await conn.rollback()
                         return _reply(200)
                     events = spec.events(payload)
                 except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
                     digest = "body:" + hashlib.sha256(body).hexdigest()
                     error = f"unreadable event: {type(exc).__name__}: {exc}"[:500]
                     await conn.execute(insert, (name, connection_id, digest, None, None, None, text, Jsonb(kept),
-                                                "dead", error))  # fmt: skip
+                                                "dead", error, delivery))  # fmt: skip
                     await conn.commit()
                     return _reply(400, "body is not a readable event")
                 for event in events:
                     await conn.execute(insert, (name, connection_id, event.event_id, event.event_type,
                                                 event.occurred_at, Jsonb(event.payload), text, Jsonb(kept),
-                                                "pending", None))  # fmt: skip
+                                                "pending", None, delivery))  # fmt: skip
                 await conn.commit()
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.error("webhook for %s not stored, the database is unavailable: %s", connection_id, type(exc).__name__)

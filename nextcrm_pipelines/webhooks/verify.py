@@ -75,6 +75,10 @@ class WebhookSpec:
     apply: Callable[..., Any] | None = None
     # A check that needs the connection or the network; when given, the receiver awaits it instead of `verify`.
     verify_connection: Callable[[VerifyContext], Awaitable[None]] | None = None
+    # The header naming one signed delivery, where the signature covers only a checksum of the body
+    # (PayPal: CRC-32, which a different body can match): a second, different body under an id
+    # already received is refused.
+    delivery_header: str | None = None
 
 
 def hmac_sha256(secret: str, message: bytes) -> bytes:

@@ -14,8 +14,10 @@ signature` with the connection's token) and accepts only `SUCCESS`; the raw body
 `webhook_event` unchanged, since PayPal checks its CRC over what it parses and serialises again.
 
 No timestamp tolerance is applied (PayPal publishes none); a replayed delivery is a no-op in the inbox.
-The CRC-32 the signature covers is not collision resistant: a body forged to the same CRC would pass
-the offline check, which is why deliveries should reach the receiver over TLS only.
+The CRC-32 the signature covers is not collision resistant: a body forged to the same CRC passes the
+signature check, so the receiver accepts one body per transmission id (`delivery_header`): a forged
+body replayed under a genuine delivery's headers is refused once that delivery is stored. Deliveries
+should still reach the receiver over TLS only, so the genuine ones cannot be withheld and replaced.
 
 Apply. `PAYMENT.CAPTURE.*` and `PAYMENT.SALE.*` carry a capture (Payments v2) or a sale (v1) whose id
 is the Transaction Search `transaction_id`; the event becomes the same `paypal_payments` row the sync
@@ -594,4 +596,5 @@ WEBHOOKS = WebhookSpec(
     HEADERS,
     apply=apply,
     verify_connection=verify_delivery,
+    delivery_header="paypal-transmission-id",
 )

@@ -309,6 +309,26 @@ DEMO_DAYS = 7
 # connection keeps working from the UI and the hourly schedule.
 SANDBOX_PORT = 12111
 WEBHOOK_PORT = 8787
+DEMO_WEBHOOK_SECRET = "whsec_nextcrm_demo_0000000000000000"
+
+
+def _wait_until_serving(url: str, process: Any, timeout: float = 60.0) -> None:
+    """Wait until `url` answers (the child `process` started serving it); fail clearly if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            _fail(f"the server for {url} exited with code {process.returncode}; see its output above")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    _fail(f"{url} did not answer within {timeout:.0f} s")
 
 
 def _sandbox(port: int, *, subprocess: bool = False):
@@ -360,9 +380,10 @@ def _connect_in_sandbox(provider_name: str, client_id: str, secret: str, base_ur
     )
 
 
-def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection]:
+def _connect_demo_accounting(sandbox: Any, database_url: str, webhooks_to: str | None = None) -> list[Connection]:
     """Register a demo app and organisation per accounting emulator and connect it with OAuth;
-    re-running re-connects the same rows (same names, same tenants)."""
+    re-running re-connects the same rows (same names, same tenants). With `webhooks_to` (the
+    receiver's base URL), the Xero and QuickBooks apps also send their signed webhooks there."""
     from nextcrm_pipelines.sandbox.myob import MyobControl
     from nextcrm_pipelines.sandbox.quickbooks import QuickBooksControl
     from nextcrm_pipelines.sandbox.xero import XeroControl
@@ -376,21 +397,41 @@ def _connect_demo_accounting(sandbox: Any, database_url: str) -> list[Connection
         controls[provider_name](sandbox).add_client(client_id, secret)
         tenant = sandbox.control("POST", f"/_sandbox/{provider_name}/tenants", json={
             "client_id": client_id, "seed": seed, "invoices": 600, "contacts": 80, "days": 30})  # fmt: skip
-        stored += _connect_in_sandbox(
+        connected = _connect_in_sandbox(
             provider_name, client_id, secret, f"{sandbox.url}/{provider_name}", display_name, database_url,
             extra_authorize_params={"sandbox_tenant": tenant["id"]}, connection_settings={"requests_per_second": 5},
         )  # fmt: skip
+        stored += connected
+        if webhooks_to and provider_name in ("xero", "quickbooks"):
+            from nextcrm_pipelines.webhooks.app import receiver_url
+
+            signing = f"demo-webhook-key-{provider_name}"
+            for connection in connected:
+                _store_webhook_secret(database_url, connection, signing)
+                url = receiver_url(webhooks_to, provider_name, connection.id)
+                if provider_name == "xero":
+                    XeroControl(sandbox).subscribe_webhooks(client_id, url, signing)
+                else:
+                    QuickBooksControl(sandbox).subscribe_webhooks(url, signing, app=client_id)
     return stored
+
+
+def _store_webhook_secret(database_url: str, connection: Connection, value: str) -> None:
+    spec = get_provider(connection.provider).webhooks
+    assert spec is not None
+    with psycopg.connect(database_url) as conn:
+        vault.update_secrets(conn, connection.id, {spec.secret_name: value}, _box())
 
 
 DEMO_OTHERS = ("Demo PayPal", "Demo BillionMail", "Demo Mautic")
 
 
-def _connect_demo_others(sandbox: Any, database_url: str) -> list[Connection]:
+def _connect_demo_others(sandbox: Any, database_url: str, webhooks_to: str | None = None) -> list[Connection]:
     """PayPal (client credentials), BillionMail (admin login) and Mautic (OAuth) demo accounts in the sandbox.
 
     Their ids come from fixed seeds and credentials, so a re-run (or `make dev`'s own sandbox) serves
-    them at the same base URLs and the same connections keep working.
+    them at the same base URLs and the same connections keep working. With `webhooks_to`, the PayPal
+    and Mautic accounts also send their signed webhooks to that receiver.
     """
     from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
     from nextcrm_pipelines.sandbox.mautic import MauticControl
@@ -422,6 +463,20 @@ def _connect_demo_others(sandbox: Any, database_url: str) -> list[Connection]:
         ]  # fmt: skip
     stored += _connect_in_sandbox("mautic", "nextcrm-demo-mautic", "demo-secret-mautic",
                                   f"{sandbox.url}{mautic['base_path']}", "Demo Mautic", database_url)  # fmt: skip
+    if webhooks_to:
+        from nextcrm_pipelines.webhooks.app import receiver_url
+
+        for connection in stored:
+            url = receiver_url(webhooks_to, connection.provider, connection.id)
+            if connection.provider == "paypal":
+                control = PayPalControl(sandbox)
+                hook = control.subscribe_webhooks(paypal["id"], url, webhook_id="WHDEMO0NEXTCRM01")
+                _store_webhook_secret(database_url, connection, hook["webhook_id"])
+                with psycopg.connect(database_url) as conn:  # this sandbox's own CA signs its certificates
+                    vault.merge_settings(conn, connection.id, {"webhook_ca_pem": control.webhook_ca()})
+            elif connection.provider == "mautic":
+                MauticControl(sandbox).subscribe_webhooks(mautic["id"], url, "demo-webhook-secret-mautic")
+                _store_webhook_secret(database_url, connection, "demo-webhook-secret-mautic")
     return stored
 
 
@@ -499,20 +554,31 @@ def dev(port: int) -> None:
     env = environment.prepare()
     click.echo(f"database: {settings.redact_url(env.database_url)}; Dagster home: {env.dagster_home}")
     with _sandbox(SANDBOX_PORT, subprocess=True) as sandbox:
-        # The sandbox's OAuth state lives in its process: connect the demo organisations to this one.
-        with psycopg.connect(env.database_url) as conn:
-            demo_names = {c.display_name for c in vault.list_connections(conn)}
-        if demo_names & {name for _, name, _ in DEMO_ACCOUNTING}:
-            _connect_demo_accounting(sandbox, env.database_url)
-        if demo_names & set(DEMO_OTHERS):
-            _connect_demo_others(sandbox, env.database_url)
-        click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}; "
-                   f"webhooks: http://127.0.0.1:{WEBHOOK_PORT}/webhooks/<provider>/<connection id>")  # fmt: skip
-        workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
         receiver = subprocess.Popen(
             [sys.executable, "-m", "nextcrm_pipelines.cli", "webhooks", "serve", "--port", str(WEBHOOK_PORT)]
         )
         try:
+            hooks = f"http://127.0.0.1:{WEBHOOK_PORT}"
+            _wait_until_serving(f"{hooks}/healthz", receiver)
+            # The sandbox's OAuth state lives in its process: connect the demo organisations to this one, and
+            # point the demo accounts' webhooks at the receiver (Xero checks it with intent-to-receive).
+            with psycopg.connect(env.database_url) as conn:
+                demo = {c.display_name: c for c in vault.list_connections(conn)}
+            if "Demo Stripe" in demo:
+                from nextcrm_pipelines.sandbox.stripe import StripeControl
+                from nextcrm_pipelines.webhooks.app import receiver_url
+
+                stripe = demo["Demo Stripe"]
+                _store_webhook_secret(env.database_url, stripe, DEMO_WEBHOOK_SECRET)
+                StripeControl(sandbox).subscribe_webhooks(DEMO_API_KEY, receiver_url(hooks, "stripe", stripe.id),
+                                                          DEMO_WEBHOOK_SECRET)  # fmt: skip
+            if set(demo) & {name for _, name, _ in DEMO_ACCOUNTING}:
+                _connect_demo_accounting(sandbox, env.database_url, webhooks_to=hooks)
+            if set(demo) & set(DEMO_OTHERS):
+                _connect_demo_others(sandbox, env.database_url, webhooks_to=hooks)
+            click.echo(f"sandbox: {sandbox.url}; Dagster UI: http://127.0.0.1:{port}; "
+                       f"webhooks: {hooks}/webhooks/<provider>/<connection id>")  # fmt: skip
+            workspace = str(settings.PROJECT_ROOT / "workspace.yaml")
             subprocess.run(
                 [sys.executable, "-m", "dagster", "dev", "-w", workspace, "-h", "127.0.0.1", "-p", str(port)],
                 check=False,

@@ -165,6 +165,18 @@ def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[s
     conn.commit()
 
 
+def merge_settings(conn: psycopg.Connection, connection_id: str, updates: dict[str, Any]) -> None:
+    """Merge `updates` into a connection's (non-secret) settings; commits."""
+    done = conn.execute(
+        sql.SQL("UPDATE {t} SET settings = settings || %s, updated_at = now() WHERE id = %s").format(
+            t=table("integration_connections")),
+        (Jsonb(updates), connection_id),
+    ).rowcount  # fmt: skip
+    conn.commit()
+    if not done:
+        raise ConnectionNotFound(f"no connection {connection_id!r}")
+
+
 def set_status(conn: psycopg.Connection, connection_id: str, status: str, error: str | None = None) -> None:
     """Set the connection's status (`active`, `needs_reauth`, `disabled`) and its last error."""
     if status not in STATUSES:

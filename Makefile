@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python benchmarks/stripe_sync.py
 	$(BIN)/python benchmarks/xero_backfill.py
+	$(BIN)/python benchmarks/webhooks.py
 
 clean:
 	-test -x $(BIN)/nextcrm-pipelines && $(BIN)/nextcrm-pipelines db stop

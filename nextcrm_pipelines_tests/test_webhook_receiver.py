@@ -116,6 +116,29 @@ def test_a_signed_body_that_is_not_an_event_is_kept_for_audit_and_refused(databa
     assert status == "dead" and raw == body.decode() and event_id.startswith("body:")
 
 
+def test_a_rotated_secret_works_at_once_and_a_body_jsonb_cannot_hold_is_kept_dead(database_url, schema, box):
+    connection_id = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    rotated = "whsec_rotated_" + "c" * 24
+    nul = orjson.dumps({"id": "evt_nul", "object": "event", "type": "charge.updated", "created": int(time.time()),
+                        "data": {"object": {"id": "ch_1", "object": "charge", "description": "a\u0000b"}}})  # fmt: skip
+    with receiver(database_url, schema, box) as url:
+        target = f"{url}/webhooks/stripe/{connection_id}"
+        first = stripe_event("evt_before")
+        assert httpx.post(target, content=first, headers={"Stripe-Signature": stripe_header(first)}).status_code == 200
+        with psycopg.connect(database_url) as conn:
+            vault.update_secrets(conn, connection_id, {"webhook_secret": rotated}, box)
+        after = stripe_event("evt_after")
+        signed_new = {"Stripe-Signature": stripe_header(after, rotated)}
+        assert httpx.post(target, content=after, headers=signed_new).status_code == 200  # not held back by a cache
+        old = stripe_event("evt_old_secret")
+        assert httpx.post(target, content=old, headers={"Stripe-Signature": stripe_header(old)}).status_code == 401
+        response = httpx.post(target, content=nul, headers={"Stripe-Signature": stripe_header(nul, rotated)})
+        assert response.status_code == 400  # signed, but jsonb cannot store \u0000: kept for audit, not a 500
+    stored = [(event_id, status) for _, event_id, _, status, _ in inbox(database_url, schema)]
+    assert stored[:2] == [("evt_before", "pending"), ("evt_after", "pending")]
+    assert len(stored) == 3 and stored[2][0].startswith("body:") and stored[2][1] == "dead"
+
+
 def test_xero_intent_to_receive_and_thin_events(database_url, schema, box):
     key = "xero-webhook-key-" + "k" * 20
     cid = connection(database_url, box, "xero", {"webhook_key": key})

@@ -91,7 +91,7 @@ def subscribed(account: Account, url: str, connection_id: str | None = None, **o
 
 
 def flush(account: Account) -> None:
-    assert account.control.flush_webhooks()["flushed"]
+    assert account.control.flush_webhooks()
 
 
 def statuses(account: Account, subscription: str) -> list[int | None]:

@@ -75,7 +75,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from nextcrm_pipelines.sandbox.control import (
-    ControlClient,
     ControlError,
     clear_scoped_faults,
     control_endpoint,
@@ -86,7 +85,7 @@ from nextcrm_pipelines.sandbox.control import (
     reject_unknown_fields,
 )
 from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "API_PREFIX",
@@ -3214,7 +3213,7 @@ class _InvalidToken(Exception):
     """An expired token answered the ``invalid_token`` way."""
 
 
-class PayPalControl(ControlClient):
+class PayPalControl(WebhookControl):
     """Typed calls to the PayPal control API of a running ``SandboxServer``."""
 
     prefix = CONTROL_PREFIX
@@ -3305,24 +3304,3 @@ class PayPalControl(ControlClient):
         if at is not None:
             payload["at"] = at
         return self._call("POST", "/webhook-signatures", json=payload)["headers"]
-
-    def hold_webhooks(self, sub_id: str) -> None:
-        """Keep the subscription's new events back until ``release_webhooks``."""
-        self._call("POST", f"/webhooks/{sub_id}/hold")
-
-    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
-        """Send the held events (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
-        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
-
-    def flush_webhooks(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued delivery (retries included) is done; False on timeout."""
-        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
-
-    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
-        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
-        attempts = self._call("GET", "/webhooks/attempts")["data"]
-        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
-
-    def unsubscribe_webhooks(self, sub_id: str) -> None:
-        """Stop delivering to the subscription."""
-        self._call("DELETE", f"/webhooks/{sub_id}")

@@ -57,7 +57,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from nextcrm_pipelines.sandbox.control import (
-    ControlClient,
     ControlError,
     clear_scoped_faults,
     control_endpoint,
@@ -76,7 +75,7 @@ from nextcrm_pipelines.sandbox.oauth import (
     json_response,
     request_headers,
 )
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "ACCESS_TTL",
@@ -2295,7 +2294,7 @@ class QuickBooksSandbox:
         return await _control(handle)(request)
 
 
-class QuickBooksControl(ControlClient):
+class QuickBooksControl(WebhookControl):
     """Typed calls to the QuickBooks control API of a running ``SandboxServer``."""
 
     prefix = CONTROL_PREFIX
@@ -2412,27 +2411,6 @@ class QuickBooksControl(ControlClient):
         if retry_delays is not None:
             body["retry_delays"] = list(retry_delays)
         return self._call("POST", "/webhooks", json=body)
-
-    def flush_webhooks(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Wait until every queued delivery (retries included) is done: ``{"flushed", "pending"}``."""
-        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})
-
-    def webhook_attempts(self) -> list[dict[str, Any]]:
-        """Every delivery attempt so far: subscription, attempt number, status or error, time."""
-        return self._call("GET", "/webhooks/attempts")["data"]
-
-    def hold_webhooks(self, subscription: str) -> dict[str, Any]:
-        """Keep the subscription's new deliveries back until ``release_webhooks``."""
-        return self._call("POST", f"/webhooks/{subscription}/hold")
-
-    def release_webhooks(self, subscription: str, order: str = "as-sent", copies: int = 1) -> int:
-        """Send the held deliveries in ``order`` (as-sent, newest-first, shuffled), each ``copies`` times."""
-        body = {"order": order, "copies": copies}
-        return int(self._call("POST", f"/webhooks/{subscription}/release", json=body)["released"])
-
-    def unsubscribe_webhooks(self, subscription: str) -> dict[str, Any]:
-        """Stop delivering to the subscription."""
-        return self._call("DELETE", f"/webhooks/{subscription}")
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:
         """Inject server_errors, rate_limited, day_limit_exhausted, latency_ms (for one tenant or all)."""

@@ -45,14 +45,13 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from nextcrm_pipelines.sandbox.control import (
-    ControlClient,
     ControlError,
     control_endpoint,
     optional_int_field,
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
+from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "API_VERSION",
@@ -2261,7 +2260,7 @@ class StripeSandbox:
         )
 
 
-class StripeControl(ControlClient):
+class StripeControl(WebhookControl):
     """Typed calls to the Stripe webhook control API of a running ``SandboxServer``."""
 
     prefix = "/_sandbox/stripe"
@@ -2271,24 +2270,3 @@ class StripeControl(ControlClient):
         ``retry_delays``, ``hold``, ``duplicate_rate``, ``timestamp_offset``. Returns ``{"id", "account", "url"}``."""
         signing = secret if isinstance(secret, str) else list(secret)
         return self._call("POST", "/webhooks", json={"api_key": api_key, "url": url, "secret": signing, **options})
-
-    def hold_webhooks(self, sub_id: str) -> None:
-        """Keep the subscription's new events back until ``release_webhooks``."""
-        self._call("POST", f"/webhooks/{sub_id}/hold")
-
-    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
-        """Send the held events (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
-        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
-
-    def flush_webhooks(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued delivery (retries included) is done; False on timeout."""
-        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
-
-    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
-        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
-        attempts = self._call("GET", "/webhooks/attempts")["data"]
-        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
-
-    def unsubscribe_webhooks(self, sub_id: str) -> None:
-        """Stop delivering to the subscription."""
-        self._call("DELETE", f"/webhooks/{sub_id}")

@@ -29,6 +29,7 @@ from starlette.requests import Request
 from starlette.routing import BaseRoute, Route
 
 from nextcrm_pipelines.sandbox.control import (
+    ControlClient,
     ControlError,
     bool_field,
     control_endpoint,
@@ -37,7 +38,7 @@ from nextcrm_pipelines.sandbox.control import (
     read_json_object,
 )
 
-__all__ = ["Attempt", "Signer", "WebhookOutbox", "webhook_control_routes"]
+__all__ = ["Attempt", "Signer", "WebhookControl", "WebhookOutbox", "webhook_control_routes"]
 
 log = logging.getLogger(__name__)
 
@@ -341,3 +342,31 @@ def webhook_control_routes(
         Route(f"{base}/{{sub_id}}/release", control_endpoint(release), methods=["POST"]),
         Route(f"{base}/{{sub_id}}", control_endpoint(remove), methods=["DELETE"]),
     ]
+
+
+class WebhookControl(ControlClient):
+    """The typed calls of ``webhook_control_routes`` that every emulator's control client shares."""
+
+    def hold_webhooks(self, sub_id: str) -> None:
+        """Keep the subscription's new deliveries back until ``release_webhooks``."""
+        self._call("POST", f"/webhooks/{sub_id}/hold")
+
+    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
+        """Send the held deliveries in ``order`` (as-sent, newest-first, shuffled), each ``copies`` times;
+        returns how many were held."""
+        return int(
+            self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
+        )
+
+    def flush_webhooks(self, timeout: float = 30.0) -> bool:
+        """Wait until every queued delivery (retries included) is done; False on timeout."""
+        return bool(self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"])
+
+    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
+        """Every delivery attempt so far (of one subscription, or all): number, status or error, time."""
+        attempts = self._call("GET", "/webhooks/attempts")["data"]
+        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
+
+    def unsubscribe_webhooks(self, sub_id: str) -> None:
+        """Stop delivering to the subscription."""
+        self._call("DELETE", f"/webhooks/{sub_id}")

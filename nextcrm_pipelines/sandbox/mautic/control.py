@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nextcrm_pipelines.sandbox.control import ControlClient
 from nextcrm_pipelines.sandbox.mautic.model import CONTROL_PREFIX, PREFIX
+from nextcrm_pipelines.sandbox.webhooks import WebhookControl
 
 
-class MauticControl(ControlClient):
+class MauticControl(WebhookControl):
     """Typed calls to ``/_sandbox/mautic/...`` through a running ``SandboxServer`` (``server.control``)."""
 
     prefix = CONTROL_PREFIX
@@ -132,27 +132,6 @@ class MauticControl(ControlClient):
         """Run ``mautic:webhooks:process``: send queue-mode events in batches; returns how many bodies went out."""
         body = {} if account_id is None else {"account": account_id}
         return self._call("POST", "/webhooks/process", json=body)["sent"]
-
-    def hold_webhooks(self, sub_id: str) -> None:
-        """Keep the webhook's new bodies back until ``release_webhooks``."""
-        self._call("POST", f"/webhooks/{sub_id}/hold")
-
-    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> int:
-        """Send the held bodies (``as-sent``, ``newest-first`` or ``shuffled``), each ``copies`` times."""
-        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})["released"]
-
-    def flush_webhooks(self, timeout: float = 30.0) -> bool:
-        """Wait until every queued delivery (resends included) is done; False on timeout."""
-        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})["flushed"]
-
-    def webhook_attempts(self, sub_id: str | None = None) -> list[dict[str, Any]]:
-        """Every delivery try (``subscription``, ``number``, ``status``, ``error``, ``at``), oldest first."""
-        attempts = self._call("GET", "/webhooks/attempts")["data"]
-        return [a for a in attempts if sub_id is None or a["subscription"] == sub_id]
-
-    def unsubscribe_webhooks(self, sub_id: str) -> None:
-        """Delete the webhook."""
-        self._call("DELETE", f"/webhooks/{sub_id}")
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
         """server_errors, server_error_status, rate_limited, latency_ms, insert_during_paging (one account or all)."""

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nextcrm_pipelines.sandbox.control import ControlClient
+from nextcrm_pipelines.sandbox.webhooks import WebhookControl
 from nextcrm_pipelines.sandbox.xero.api import CONTROL_PREFIX, DEFAULT_SCOPE
 
 
-class XeroControl(ControlClient):
+class XeroControl(WebhookControl):
     """Typed calls to ``/_sandbox/xero/...`` through a running ``SandboxServer`` (``server.control``)."""
 
     prefix = CONTROL_PREFIX
@@ -110,23 +110,3 @@ class XeroControl(ControlClient):
     def intent_to_receive(self, sub_id: str, key: str | None = None) -> dict[str, Any]:
         """Run the intent-to-receive check again (with a reset webhook key, if given)."""
         return self._call("POST", f"/webhooks/{sub_id}/intent-to-receive", json={} if key is None else {"key": key})
-
-    def hold_webhooks(self, sub_id: str) -> dict[str, Any]:
-        """Keep the subscription's deliveries back until ``release_webhooks``."""
-        return self._call("POST", f"/webhooks/{sub_id}/hold")
-
-    def release_webhooks(self, sub_id: str, order: str = "as-sent", copies: int = 1) -> dict[str, Any]:
-        """Send the held deliveries ``as-sent``, ``newest-first`` or ``shuffled``, each ``copies`` times."""
-        return self._call("POST", f"/webhooks/{sub_id}/release", json={"order": order, "copies": copies})
-
-    def flush_webhooks(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Wait until every queued delivery (retries included) has been sent: ``{"flushed", "pending"}``."""
-        return self._call("POST", "/webhooks/flush", json={"timeout": timeout})
-
-    def webhook_attempts(self) -> list[dict[str, Any]]:
-        """Every delivery attempt: subscription, attempt number, the receiver's status or the error."""
-        return self._call("GET", "/webhooks/attempts")["data"]
-
-    def unsubscribe_webhooks(self, sub_id: str) -> dict[str, Any]:
-        """Remove the subscription."""
-        return self._call("DELETE", f"/webhooks/{sub_id}")

@@ -137,6 +137,11 @@ class _GroupCommit:
                 outcomes = [exc] * len(group)
             except psycopg.Error:
                 outcomes = [await self._alone(rows) for rows, _ in group]
+            except asyncio.CancelledError:  # stopping: whatever was taken is answered as not stored
+                for _, waiter in group:
+                    if not waiter.done():
+                        waiter.set_exception(psycopg.OperationalError("the receiver is shutting down"))
+                raise
             for (_, waiter), outcome in zip(group, outcomes, strict=True):
                 if waiter.done():
                     continue

@@ -50,7 +50,8 @@ def logged_windows(database_url, schema, connection_id) -> list[tuple[datetime, 
 
 
 def test_days_equal_what_paypal_shows_with_exact_money_and_idempotent_reruns(database_url, schema, sandbox, paypal):
-    control, account_id, connection = paypal(sandbox)
+    # Enough subscriptions that some bill within the six days whatever the generated billing dates.
+    control, account_id, connection = paypal(sandbox, subscriptions=40)
     days = days_back(sandbox_now(sandbox).date(), 6)
     results = sync(database_url, schema, connection, "paypal_payments", days)
     assert all(r.status == "success" for r in results), [r.error for r in results]

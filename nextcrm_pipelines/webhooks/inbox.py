@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from nextcrm_pipelines.core.connections import get_connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import RequestStats
 from nextcrm_pipelines.core.settings import libpq_url
@@ -77,6 +78,13 @@ class ApplyContext:
                                      connection_id=self.connection_id, box=self.box)  # fmt: skip
             _, _, self._client, self.stats = self._stack.enter_context(opened)
         return self._client
+
+    def tenant(self) -> str:
+        """The connection's external tenant (Xero tenant id, QuickBooks realm id): events name theirs."""
+        tenant = get_connection(self.conn, self.connection_id).external_tenant
+        if not tenant:
+            raise ValueError(f"{self.provider} connection {self.connection_id!r} has no tenant id; reconnect it")
+        return tenant
 
     def _writer(self, spec: TableSpec) -> UpsertWriter:
         if spec.name not in self._writers:
@@ -160,17 +168,6 @@ def due_batch(conn: psycopg.Connection, schema: str, provider: str, limit: int) 
         (provider, limit),
     ).fetchone()
     return DueBatch(int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row[0] else None
-
-
-def due_events(conn: psycopg.Connection, schema: str, provider: str) -> tuple[int, int, int]:
-    """(count, highest id, attempts so far) of all of `provider`'s due events."""
-    row = conn.execute(
-        sql.SQL(
-            "SELECT count(*), coalesce(max(id), 0), coalesce(sum(attempts), 0) FROM {} WHERE provider = %s AND " + _DUE
-        ).format(table("webhook_events", schema)),
-        (provider,),
-    ).fetchone()
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply, run_id: str | None = None,

@@ -101,18 +101,6 @@ def deleted_stub(invoice_id: str, at: datetime) -> dict[str, Any]:
     return {"domain": "QBO", "status": "Deleted", "Id": invoice_id, "MetaData": {"LastUpdatedTime": at.isoformat()}}
 
 
-def _connection_realm(context: ApplyContext) -> str:
-    row = context.conn.execute(
-        sql.SQL("SELECT external_tenant FROM {} WHERE id = %s").format(
-            table("integration_connections", context.schema)
-        ),
-        (context.connection_id,),
-    ).fetchone()
-    if row is None or not row[0]:
-        raise ValueError(f"connection {context.connection_id!r} has no QuickBooks realm id; reconnect it")
-    return str(row[0])
-
-
 def _already_deleted(context: ApplyContext, ids: set[str]) -> set[str]:
     """The ids whose stored row already says the invoice was hard-deleted."""
     found = context.conn.execute(
@@ -131,7 +119,7 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     counted as skipped. Rows that can be written are written before an id that is neither found nor
     reported deleted fails the events (retried later).
     """
-    realm = _connection_realm(context)
+    realm = context.tenant()
     counts = BatchCounts()
     foreign = 0
     reread: dict[str, datetime] = {}  # id -> earliest event time naming it

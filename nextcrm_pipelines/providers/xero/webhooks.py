@@ -17,9 +17,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from psycopg import sql
-
-from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec
 from nextcrm_pipelines.providers.xero.records import (
     CONTACTS_TABLE,
@@ -82,18 +79,6 @@ class _Wanted:
         self.seen_at[record_id] = at if held is None or at > held else held
 
 
-def _connection_tenant(context: ApplyContext) -> str:
-    row = context.conn.execute(
-        sql.SQL("SELECT external_tenant FROM {} WHERE id = %s").format(
-            table("integration_connections", context.schema)
-        ),
-        (context.connection_id,),
-    ).fetchone()
-    if row is None or not row[0]:
-        raise ValueError(f"connection {context.connection_id!r} has no Xero tenant id; reconnect it")
-    return str(row[0]).lower()
-
-
 def _refetch(context: ApplyContext, category: str, wanted: _Wanted) -> BatchCounts:
     """Upsert the current state of the wanted records; flag deleted those Xero no longer knows (404)."""
     how = _REFETCH[category]
@@ -132,7 +117,7 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     Repeated events for one record cost one read; events of another organisation and other categories
     (SUBSCRIPTION, CREDITNOTE, ...) change nothing and count as unchanged.
     """
-    tenant = _connection_tenant(context)
+    tenant = context.tenant().lower()
     wanted: dict[str, _Wanted] = {category: _Wanted() for category in _REFETCH}
     counts = BatchCounts()
     foreign = 0

@@ -50,9 +50,13 @@ def logged_windows(database_url, schema, connection_id) -> list[tuple[datetime, 
 
 
 def test_days_equal_what_paypal_shows_with_exact_money_and_idempotent_reruns(database_url, schema, sandbox, paypal):
-    # Enough subscriptions that some bill within the six days whatever the generated billing dates.
     control, account_id, connection = paypal(sandbox, subscriptions=40)
-    days = days_back(sandbox_now(sandbox).date(), 6)
+    now = sandbox_now(sandbox)
+    days = days_back(now.date(), 6)
+    # Generated plans may all start with a trial; one payment a day ago makes sure a subscription is billed.
+    billed = control.export(account_id, "subscriptions")["records"][0]["id"]
+    control.add_record(account_id, "transaction", {"subscription_id": billed},
+                       at=int((now - timedelta(days=1)).timestamp()))  # fmt: skip
     results = sync(database_url, schema, connection, "paypal_payments", days)
     assert all(r.status == "success" for r in results), [r.error for r in results]
     truth = visible_truth(control, account_id)
@@ -74,7 +78,7 @@ def test_days_equal_what_paypal_shows_with_exact_money_and_idempotent_reruns(dat
     assert all(r.status == "success" for r in subs)
     mirrored = mirror(database_url, schema, "paypal_subscriptions", connection.id)
     referenced = {r["subscription_id"] for r in rows.values() if r["subscription_id"]}
-    assert referenced and set(mirrored) == referenced
+    assert billed in referenced and set(mirrored) == referenced
     truth_subs = {s["id"]: s for s in control.export(account_id, "subscriptions")["records"]}
     for sid, row in mirrored.items():
         assert row["status"] == truth_subs[sid]["status"] and row["plan_name"]

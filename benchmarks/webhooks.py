@@ -46,6 +46,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.cpu import CpuMeter, postmaster_pid  # noqa: E402
+
 SCHEMA = "bench_webhooks"
 SECRET = "whsec_bench_" + "b" * 32
 RECEIVER_POOL_SIZE = 8  # `build_app`'s default, which `webhooks serve` uses
@@ -80,59 +82,6 @@ def stripe_signature(body: bytes, secret: str = SECRET, at: int | None = None) -
     at = int(time.time()) if at is None else at
     digest = hmac.new(secret.encode(), str(at).encode() + b"." + body, hashlib.sha256).hexdigest()
     return f"t={at},v1={digest}"
-
-
-# --- CPU accounting ---------------------------------------------------------------------------------
-
-
-class CpuMeter:
-    """CPU seconds (user + system) of the receiver, the Postgres server and this process."""
-
-    def __init__(self, receiver_pid: int, postmaster_pid: int | None) -> None:
-        import psutil
-
-        self._psutil = psutil
-        self.receiver = psutil.Process(receiver_pid)
-        self.postmaster = psutil.Process(postmaster_pid) if postmaster_pid else None
-
-    def _postgres(self) -> float | None:
-        if self.postmaster is None:
-            return None
-        try:
-            own = self.postmaster.cpu_times()
-            total = own.user + own.system + own.children_user + own.children_system
-            for child in self.postmaster.children():
-                try:
-                    times = child.cpu_times()
-                    total += times.user + times.system
-                except self._psutil.NoSuchProcess:
-                    pass
-            return total
-        except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
-            return None
-
-    def sample(self) -> dict[str, float | None]:
-        """CPU seconds used so far by each (None where it cannot be read)."""
-        times = self.receiver.cpu_times()
-        return {"receiver": times.user + times.system, "postgres": self._postgres(), "client": time.process_time()}
-
-    @staticmethod
-    def spent(before: dict[str, float | None], after: dict[str, float | None]) -> dict[str, float | None]:
-        """CPU seconds used between two samples."""
-        return {k: (after[k] - before[k]) if after[k] is not None and before[k] is not None else None for k in before}
-
-
-def postmaster_pid(database_url: str) -> int | None:
-    """The pid of the server's postmaster when it runs on this machine (the parent of our backend)."""
-    import psutil
-    import psycopg
-
-    with psycopg.connect(database_url) as conn:
-        backend = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
-    try:
-        return psutil.Process(backend).ppid()
-    except psutil.Error:
-        return None
 
 
 # --- load -------------------------------------------------------------------------------------------
@@ -552,7 +501,7 @@ def run(args: argparse.Namespace, database_url: str, work: Path) -> dict[str, An
     port = free_port()
     receiver = start_receiver(port, dict(os.environ), work / "receiver.log")
     try:
-        meter = CpuMeter(receiver.pid, postmaster_pid(database_url))
+        meter = CpuMeter({"receiver": receiver.pid}, postmaster_pid(database_url))
         receiver_load(port, connection_id, bodies[:warmup], args.concurrency, Phase("warm-up"))
         baseline_load(
             database_url,

@@ -248,3 +248,32 @@ def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url,
             sql.SQL("SELECT status, failed_records, error FROM {}").format(table("integration_sync_logs", schema))
         ).fetchone()
     assert status == "partial" and failed == 3 and "ch_bad_amount" in error
+
+
+def test_syncs_collect_less_often_while_they_run_and_restore_the_collector_after():
+    import gc
+    import threading
+
+    from nextcrm_pipelines.core.sync import SYNC_GC_YOUNG_THRESHOLD, fewer_gc_passes
+
+    own = gc.get_threshold()
+    inside: list[tuple[int, int, int]] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def other_sync() -> None:
+        with fewer_gc_passes():
+            inside.append(gc.get_threshold())
+            entered.set()
+            release.wait(5)
+
+    with fewer_gc_passes():
+        assert gc.get_threshold()[0] >= SYNC_GC_YOUNG_THRESHOLD and gc.get_freeze_count() > 0
+        concurrent = threading.Thread(target=other_sync)
+        concurrent.start()
+        assert entered.wait(5)
+    # The first sync ended while the other still runs: the setting stays until the last one ends.
+    assert gc.get_threshold()[0] >= SYNC_GC_YOUNG_THRESHOLD
+    release.set()
+    concurrent.join()
+    assert inside and inside[0][0] >= SYNC_GC_YOUNG_THRESHOLD
+    assert gc.get_threshold() == own and gc.get_freeze_count() == 0

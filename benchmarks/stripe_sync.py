@@ -9,9 +9,10 @@ N charges over D days; we measure
   - dlt: its `rest_api` source into the same Postgres with `merge` on id (first load and re-run);
 and peak RSS of our sync at two sizes, each in a fresh process, to show memory does not grow with
 the record count. Rates are charges per second of wall time; ratios are against baselines measured
-in this same run.
+in this same run. Fetch-only, ours and naive run `--repeat` times, interleaved, and the medians are
+compared; each phase also reports the CPU seconds of the client, the sandbox and Postgres.
 
-    python benchmarks/stripe_sync.py [--charges 200000] [--days 90] [--small 50000] [--skip-dlt]
+    python benchmarks/stripe_sync.py [--charges 200000] [--days 90] [--small 50000] [--repeat 3] [--skip-dlt]
 """
 
 from __future__ import annotations

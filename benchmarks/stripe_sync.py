@@ -191,9 +191,9 @@ def main() -> None:
             sandbox_pid = sandbox.pid
             from benchmarks.baselines import dlt_load, naive_load
 
+            meter = _meter(database_url, sandbox_pid)
             # Repetitions interleave the contenders, so a noisy spell on this shared machine hits them alike.
             for rep in range(1, args.repeat + 1):
-                meter = _meter(database_url, sandbox_pid)
                 report["fetch_only_runs"].append(fetch_only(sandbox.url, big, args.days, meter))
                 print(f"[{rep}] fetch-only", report["fetch_only_runs"][-1], flush=True)
                 report["ours_runs"].append(
@@ -244,7 +244,7 @@ def print_report(report: dict) -> None:
     fetch = n / fetch_run["seconds"]
     backfill = n / backfill_run["seconds"]
     resync = n / resync_run["seconds"]
-    naive = sorted(r["records_per_second"] for r in report["naive_runs"])[len(report["naive_runs"]) // 2]
+    naive = _median_run(report["naive_runs"], lambda r: r["seconds"])["records_per_second"]
 
     def spread(values: list[float]) -> str:
         return " / ".join(f"{v:,.0f}" for v in values)

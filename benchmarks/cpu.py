@@ -6,6 +6,7 @@ cores, so a rate alone does not say what to make cheaper; CPU seconds per party 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -44,10 +45,14 @@ class CpuMeter:
             return None
 
     def sample(self) -> dict[str, float | None]:
-        """CPU seconds used so far by each (None where it cannot be read)."""
+        """CPU seconds used so far by each (None where it cannot be read).
+
+        The client is this process plus its children that have ended (a backfill's helper processes).
+        """
         out = {name: self._process(process) for name, process in self.processes.items()}
         out["postgres"] = self._postgres()
-        out["client"] = time.process_time()
+        reaped = os.times()
+        out["client"] = time.process_time() + reaped.children_user + reaped.children_system
         return out
 
     @staticmethod

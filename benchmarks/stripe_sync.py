@@ -3,8 +3,9 @@
 One run, one machine, one Postgres server, one sandbox (in its own process): the sandbox holds
 N charges over D days; we measure
   - fetch-only: every page our Stripe client reads for the backfill, parsed, no database;
-  - ours: the full backfill (every day, through the same `sync_partition` the assets call), then
-    a re-sync of the same days with nothing changed;
+  - ours: the full backfill (every day, through the same `sync_partitions` the assets call, which
+    shares the days between `sync_workers` processes), then a re-sync of the same days with nothing
+    changed;
   - naive: fetch + one `INSERT ... ON CONFLICT` and one COMMIT per row, on a subset, scaled;
   - dlt: its `rest_api` source into the same Postgres with `merge` on id (first load and re-run);
 and peak RSS of our sync at two sizes, each in a fresh process, to show memory does not grow with
@@ -97,7 +98,7 @@ def ours(database_url: str, url: str, api_key: str, days: int, schema: str, sand
     os.environ["NEXTCRM_DB_SCHEMA"] = schema
     from nextcrm_pipelines.core import connections as vault
     from nextcrm_pipelines.core import db
-    from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.core.runner import day_window, sync_partitions, sync_workers
     from nextcrm_pipelines.core.vault import SecretBox
     from nextcrm_pipelines.providers import get_provider
 
@@ -129,7 +130,10 @@ def ours(database_url: str, url: str, api_key: str, days: int, schema: str, sand
         out[phase] = totals
     with psycopg.connect(database_url) as conn:
         out["rows"] = conn.execute(f'SELECT count(*) FROM "{schema}".stripe_payments').fetchone()[0]
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["workers"] = sync_workers(provider, len(windows))
+    # The largest of this process and its helpers (each holds its own batches in flight).
+    peaks = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    out["peak_rss_mb"] = max(peaks) / 1024
     return out
 
 
@@ -253,7 +257,8 @@ def print_report(report: dict) -> None:
     lines = [
         "",
         f"== Stripe sync benchmark: {n:,} charges over {report['days']} days "
-        f"({fetch_run['records_read']:,} records read incl. the events feed), median of {reps} ==",
+        f"({fetch_run['records_read']:,} records read incl. the events feed), median of {reps}; "
+        f"our backfill in {report['ours_runs'][-1].get('workers', 1)} process(es) ==",
         f"fetch-only (client, no DB)   {fetch:10,.0f} charges/s  ({fetch_run['seconds']:.1f}s)"
         f"  runs: {spread([n / r['seconds'] for r in report['fetch_only_runs']])}",
         f"ours: full backfill          {backfill:10,.0f} charges/s  ({backfill_run['seconds']:.1f}s)"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from nextcrm_pipelines.core.http import (
     DailyLimitExhausted,
     HttpClient,
     ProviderError,
+    RequestStats,
     RetryPolicy,
 )
 
@@ -120,3 +122,21 @@ def test_the_client_side_limiter_paces_requests(server_url):
         elapsed = time.monotonic() - started
     # 20 tokens of burst, then 10 more at 20/s: at least ~0.5 s.
     assert elapsed >= 0.45 and http.stats.throttle_seconds > 0
+
+
+def test_errors_and_counters_cross_to_the_process_that_started_a_sync_helper():
+    """A helper process of a backfill sends its results and errors back pickled: class, message and
+    where it failed survive (bad credentials stay `AuthenticationFailed`), the provider's response does not."""
+    error = AuthenticationFailed("key refused", provider="stripe", connection_id="stripe-acme",
+                                 endpoint="GET /v1/charges", status=401)  # fmt: skip
+    error.response = object()
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is AuthenticationFailed and str(back) == str(error)
+    assert (back.provider, back.connection_id, back.endpoint, back.status) == ("stripe", "stripe-acme",
+                                                                                "GET /v1/charges", 401)  # fmt: skip
+    assert back.response is None
+    stats = RequestStats()
+    stats.add(requests=3, retries=1, throttle_seconds=0.5)
+    copied = pickle.loads(pickle.dumps(stats))
+    copied.add(requests=1)
+    assert copied.as_dict() == {"requests": 4, "retries": 1, "rate_limit_waits": 0, "throttle_seconds": 0.5}

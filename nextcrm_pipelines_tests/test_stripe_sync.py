@@ -18,6 +18,8 @@ from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed
+from nextcrm_pipelines.core.runner import day_window, sync_partitions, sync_workers
+from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines_tests.helpers import (
     charges_by_id,
@@ -138,6 +140,120 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     assert charges_by_id(database_url, schema) == expected  # no gaps, same amounts
 
 
+def backfill(database_url: str, schema: str, connection_id: str, days: list, **kwargs) -> list:
+    """One call for all the days, as a Dagster backfill run makes it."""
+    return sync_partitions(database_url=database_url, schema=schema, provider=get_provider("stripe"),
+                           entity_name="stripe_payments", connection_id=connection_id,
+                           windows=[day_window(d) for d in days], **kwargs)  # fmt: skip
+
+
+def sync_logs(database_url: str, schema: str) -> list[tuple]:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            sql.SQL("SELECT window_start, status, inserted_records FROM {} ORDER BY window_start").format(
+                table("integration_sync_logs", schema)
+            )
+        ).fetchall()
+
+
+def test_backfill_windows_split_between_processes_land_exactly_once_each(
+    database_url, schema, sandbox, stripe_account, stripe_connection
+):
+    key = stripe_account(charges=900, subscriptions=5, days=8)
+    connection = stripe_connection(key)
+    days = days_back(sandbox_now(sandbox).date(), 8)
+    assert sync_workers(get_provider("stripe"), len(days), 2) == 2
+    assert sync_workers(get_provider("xero"), len(days), 2) == 1  # a rotating refresh token: one process
+    results = backfill(database_url, schema, connection.id, days, workers=2)
+    assert [r.window for r in results] == [day_window(d) for d in days]  # in the order asked
+    assert all(r.status == "success" for r in results)
+    assert charges_by_id(database_url, schema) == expected_charges(sandbox, key)
+    created = {}
+    for charge in sandbox.stripe_export(key, "charges"):
+        day = datetime.fromtimestamp(charge["created"], UTC).date()
+        created[day] = created.get(day, 0) + 1
+    assert [r.rows_in_window for r in results] == [created.get(d, 0) for d in days]
+    logs = sync_logs(database_url, schema)
+    assert [(start.date(), status) for start, status, _ in logs] == [(d, "success") for d in days]
+    assert sum(inserted for *_, inserted in logs) == len(expected_charges(sandbox, key))
+    again = backfill(database_url, schema, connection.id, days, workers=2)
+    assert sum(r.synced for r in again) == 0 and charges_by_id(database_url, schema) == expected_charges(sandbox, key)
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Processes started by `pid` through multiprocessing's spawn (its sync helpers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                spawned = b"spawn_main" in cmdline.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == pid and spawned:
+            found.append(int(entry))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_backfill_killed_midway_stops_in_every_process_and_rerun_ends_exact(
+    database_url, schema, sandbox, stripe_account, stripe_connection, secret_key
+):
+    key = stripe_account(charges=3000, subscriptions=5, days=6)
+    connection = stripe_connection(key)
+    days = days_back(sandbox_now(sandbox).date(), 6)
+    sandbox.set_stripe_faults(api_key=key, latency_ms=200)  # every process is mid-way when the kill comes
+    script = textwrap.dedent(
+        f"""
+        from datetime import date
+        from nextcrm_pipelines_tests.test_stripe_sync import backfill
+        days = [date.fromisoformat(d) for d in {[d.isoformat() for d in days]!r}]
+        backfill({database_url!r}, {schema!r}, {connection.id!r}, days, workers=2, batch_size=100)
+        """
+    )
+    env = {**os.environ, "NEXTCRM_SECRET_KEY": secret_key, "NEXTCRM_DB_SCHEMA": schema}
+    child = subprocess.Popen([sys.executable, "-c", script], env=env)
+    helpers: list[int] = []
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            helpers = helpers or _spawned_children(child.pid)
+            if helpers and len(mirror_rows(database_url, schema, "stripe_payments", "id")) >= 200:
+                break
+            assert child.poll() is None, "the backfill finished before it could be killed; slow it down"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+    assert helpers, "the backfill never started a helper process"
+    # A helper left running would go on for seconds (its windows at 200 ms a request); one that
+    # watches its parent exits at once.
+    deadline = time.monotonic() + 2
+    while any(_running(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in helpers), "a helper outlived the killed sync"
+    partial = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
+    time.sleep(1.0)
+    assert len(mirror_rows(database_url, schema, "stripe_payments", "id")) == partial  # nobody writes on
+    expected = expected_charges(sandbox, key)
+    assert 0 < partial < len(expected)
+    sandbox.clear_stripe_faults(api_key=key)
+    backfill(database_url, schema, connection.id, days, workers=2)
+    mirrored = mirror_rows(database_url, schema, "stripe_payments", "id")
+    assert len(mirrored) == len({r[0] for r in mirrored})
+    assert charges_by_id(database_url, schema) == expected
+
+
 def test_refund_made_after_first_sync_shows_after_next_days_sync(database_url, schema, own_stripe):
     own, key, connection = own_stripe(seed=9, charges=200, subscriptions=10, days=3)
     sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(own).date(), 3))
@@ -219,6 +335,22 @@ def test_wrong_api_key_fails_with_a_clear_message_and_marks_the_connection(
             (connection.id,),
         ).fetchone()
     assert status == "needs_reauth" and "HTTP 401" in error
+
+
+def test_a_wrong_key_met_by_a_helper_process_fails_the_same_way(database_url, schema, sandbox, stripe_connection):
+    connection = stripe_connection("sk_test_this_key_is_wrong_12345")
+    days = days_back(sandbox_now(sandbox).date(), 6)
+    with pytest.raises(AuthenticationFailed) as failure:
+        backfill(database_url, schema, connection.id, days, workers=2)
+    message = str(failure.value)
+    assert "stripe connection 'stripe-acme'" in message and "HTTP 401" in message
+    assert "sk_test_this_key_is_wrong_12345" not in message and "2345" not in message
+    with psycopg.connect(database_url) as conn:
+        status = conn.execute(
+            sql.SQL("SELECT status FROM {} WHERE id = %s").format(table("integration_connections", schema)),
+            (connection.id,),
+        ).fetchone()[0]
+    assert status == "needs_reauth"
 
 
 def test_malformed_record_is_logged_with_its_id_and_the_rest_lands(database_url, schema, stripe_connection, caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import psycopg
 import pytest
 from click.testing import CliRunner
@@ -108,3 +110,10 @@ def test_migrations_are_idempotent(database_url, schema):
     head = ScriptDirectory.from_config(db.alembic_config(database_url, schema)).get_current_head()
     assert head == "0007"
     assert db.upgrade(database_url, schema) == db.current_revision(database_url, schema) == head
+
+
+def test_a_secret_box_handed_to_a_helper_process_still_opens_what_it_sealed():
+    old, new = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    sealed = SecretBox([old]).encrypt("stripe-acme", {"api_key": "sk_test_x"})
+    box = pickle.loads(pickle.dumps(SecretBox([new, old])))
+    assert box.decrypt("stripe-acme", sealed).get("api_key") == "sk_test_x"

@@ -46,6 +46,17 @@ class ProviderError(RuntimeError):
         code = f" -> HTTP {status}" if status is not None else ""
         super().__init__(f"{where}{detail}{code}: {message}")
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as built (the keyword-only arguments would not survive the default), minus the response."""
+        return _restore_provider_error, (type(self), self.args, {**self.__dict__, "response": None})
+
+
+def _restore_provider_error(cls: type[ProviderError], args: tuple[Any, ...], state: dict[str, Any]) -> ProviderError:
+    error = cls.__new__(cls)
+    RuntimeError.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class AuthenticationFailed(ProviderError):
     """The provider refused the credentials: the connection needs re-authorisation."""
@@ -68,6 +79,14 @@ class RequestStats:
     rate_limit_waits: int = 0
     throttle_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The counters without the lock, so results cross process boundaries."""
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def add(self, **counts: float) -> None:
         with self._lock:

@@ -30,6 +30,9 @@ class ClientContext:
     secrets: Secrets
     stats: RequestStats
     tokens: TokenManager | None = None
+    # The share of the connection's request rate this client may use: several processes syncing
+    # one connection's windows side by side split its rate between them.
+    rate_share: float = 1.0
 
 
 OpenClient = Callable[[ClientContext], AbstractContextManager[Any]]
@@ -69,6 +72,10 @@ class Provider:
     base_url_env: str | None = None
     # Signed webhooks, for providers that send them (see `nextcrm_pipelines.webhooks`).
     webhooks: WebhookSpec | None = None
+    # Whether a backfill may sync its windows in several processes at once (see
+    # `runner.sync_partitions`): only for clients that honour `ClientContext.rate_share` and keep no
+    # state a second process could invalidate (an API key, not a rotating refresh token).
+    parallel_windows: bool = False
 
     @property
     def daily(self) -> bool:

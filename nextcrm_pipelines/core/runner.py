@@ -3,14 +3,23 @@
 Shared by the Dagster assets, the CLI and the benchmarks so they exercise the same path. A
 session-level advisory lock per connection keeps two syncs of one connection from overlapping,
 however they were launched (Dagster's tag concurrency limit covers runs; this covers the rest).
+
+A backfill of a provider that allows it (`Provider.parallel_windows`) syncs its windows in several
+processes under that one lock: one Python process cannot keep both the client work (parsing,
+mapping) and Postgres busy, because its threads share one interpreter lock.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
+import pickle
+import threading
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -27,6 +36,12 @@ from nextcrm_pipelines.core.sync import BATCH_SIZE, SyncResult, SyncWindow, sync
 from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
+
+# Processes that sync the windows of one backfill side by side (1: all in this process). A window
+# is the unit: each keeps its own transactions and sync log whichever process syncs it.
+SYNC_WORKERS_ENV = "NEXTCRM_SYNC_WORKERS"
+# Fewer windows than this sync in one process: starting a helper costs about half a second.
+PARALLEL_MIN_WINDOWS = 4
 
 
 class ConnectionUnavailable(RuntimeError):
@@ -70,12 +85,19 @@ def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[No
 
 @contextmanager
 def open_connection(
-    *, database_url: str, provider: Provider, connection_id: str, box: SecretBox | None = None
+    *,
+    database_url: str,
+    provider: Provider,
+    connection_id: str,
+    box: SecretBox | None = None,
+    lock: bool = True,
+    rate_share: float = 1.0,
 ) -> Iterator[tuple[psycopg.Connection, Connection, Any, RequestStats]]:
     """Check and lock one connection, open its client; yields (session, connection, client, stats).
 
     Bad credentials met inside the block mark the connection `needs_reauth` with the command that
-    fixes it, then propagate as `AuthenticationFailed`.
+    fixes it, then propagate as `AuthenticationFailed`. `lock=False` is for a helper process of a
+    sync that already holds the connection's lock.
     """
     box = box or SecretBox.from_environment()
     stats = RequestStats()
@@ -96,9 +118,13 @@ def open_connection(
         if provider.oauth is not None:
             tokens = TokenManager(spec=provider.oauth, connection=connection, secrets=secrets, box=box,
                                   database_url=database_url)  # fmt: skip
-        context = ClientContext(connection=connection, secrets=secrets, stats=stats, tokens=tokens)
+        context = ClientContext(connection=connection, secrets=secrets, stats=stats, tokens=tokens,
+                                rate_share=rate_share)  # fmt: skip
         try:
-            with connection_lock(conn, connection_id), provider.open_client(context) as client:
+            with (
+                connection_lock(conn, connection_id) if lock else nullcontext(),
+                provider.open_client(context) as client,
+            ):
                 yield conn, connection, client, stats
         except AuthenticationFailed as exc:
             conn.rollback()
@@ -110,6 +136,17 @@ def open_connection(
         finally:
             if tokens is not None:
                 tokens.close()
+
+
+def sync_workers(provider: Provider, window_count: int, workers: int | None = None) -> int:
+    """How many processes sync `window_count` windows: `workers`, else NEXTCRM_SYNC_WORKERS, else
+    up to 2 by the CPUs; 1 for providers that do not allow it and for a few windows."""
+    if not provider.parallel_windows or window_count < PARALLEL_MIN_WINDOWS:
+        return 1
+    if workers is None:
+        configured = os.environ.get(SYNC_WORKERS_ENV, "").strip()
+        workers = int(configured) if configured else min(2, os.cpu_count() or 1)
+    return max(1, min(workers, window_count // 2))
 
 
 def sync_partitions(
@@ -124,32 +161,159 @@ def sync_partitions(
     box: SecretBox | None = None,
     run_id: str | None = None,
     batch_size: int = BATCH_SIZE,
+    workers: int | None = None,
 ) -> list[SyncResult]:
     """Sync several windows of one connection with one client and one database session.
 
-    The next window is fetched while the previous one is written. A window that fails is logged
+    The next window is fetched while the previous one is written, and a long backfill of a provider
+    that allows it is shared between processes (`sync_workers`). A window that fails is logged
     and reported in its result (`status == "failed"`); bad credentials mark the connection
-    `needs_reauth` and raise `AuthenticationFailed`.
+    `needs_reauth` and raise `AuthenticationFailed`. Results come in the order of `windows`.
     """
-    entity = provider.entity(entity_name)
-    fetch = provider.fetchers[entity_name]
-    with open_connection(database_url=database_url, provider=provider, connection_id=connection_id, box=box) as (
-        conn, _, client, stats,
+    partitions = partitions or [None] * len(windows)
+    job = _Group(database_url=database_url, schema=schema, provider=provider.name, entity_name=entity_name,
+                 connection_id=connection_id, windows=windows, partitions=partitions, box=box, run_id=run_id,
+                 batch_size=batch_size)  # fmt: skip
+    count = sync_workers(provider, len(windows), workers)
+    if count == 1:
+        return _sync_group(job, provider)
+    return _sync_in_processes(job, provider, count)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Windows of one connection's entity that one process syncs."""
+
+    database_url: str
+    schema: str
+    provider: str
+    entity_name: str
+    connection_id: str
+    windows: list[SyncWindow]
+    partitions: list[str | None]
+    box: SecretBox | None
+    run_id: str | None
+    batch_size: int
+    lock: bool = True
+    rate_share: float = 1.0
+
+    def part(self, indexes: list[int], *, lock: bool, rate_share: float) -> _Group:
+        return replace(self, windows=[self.windows[i] for i in indexes],
+                       partitions=[self.partitions[i] for i in indexes], lock=lock, rate_share=rate_share)  # fmt: skip
+
+
+def _sync_group(
+    job: _Group, provider: Provider, alongside: Callable[[], AbstractContextManager[Any]] = nullcontext
+) -> list[SyncResult]:
+    """Sync `job`'s windows in this process; `alongside` wraps the sync, inside the connection's lock."""
+    fetch = provider.fetchers[job.entity_name]
+    with (
+        open_connection(database_url=job.database_url, provider=provider, connection_id=job.connection_id,
+                        box=job.box, lock=job.lock, rate_share=job.rate_share) as (conn, _, client, stats),
+        alongside(),
     ):  # fmt: skip
         return sync_windows(
             conn=conn,
-            schema=schema,
+            schema=job.schema,
             provider=provider.name,
-            entity=entity,
-            connection_id=connection_id,
-            windows=windows,
+            entity=provider.entity(job.entity_name),
+            connection_id=job.connection_id,
+            windows=job.windows,
             fetch=lambda window: fetch(client, window),
             stats=stats,
-            run_id=run_id,
-            partitions=partitions,
-            batch_size=batch_size,
+            run_id=job.run_id,
+            partitions=job.partitions,
+            batch_size=job.batch_size,
             fatal=(AuthenticationFailed, DailyLimitExhausted),
         )
+
+
+def _sync_in_processes(job: _Group, provider: Provider, count: int) -> list[SyncResult]:
+    """Windows dealt round-robin to `count` processes (this one and helpers), each with its share of
+    the rate. Helpers start once this process holds the connection's lock and are waited for (or
+    stopped, if this process fails) before it lets the lock go."""
+    groups = [list(range(k, len(job.windows), count)) for k in range(count)]
+    share = 1.0 / count
+    context = multiprocessing.get_context("spawn")  # forking a threaded process is unsafe
+    results: dict[int, SyncResult] = {}
+
+    @contextmanager
+    def helpers() -> Iterator[None]:
+        started: list[tuple[Any, Any, list[int]]] = []
+        try:
+            for number, group in enumerate(groups[1:], start=1):
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_helper_main, name=f"sync-{job.entity_name}-{number}", daemon=True,
+                                          args=(job.part(group, lock=False, rate_share=share), sender))  # fmt: skip
+                process.start()
+                sender.close()
+                started.append((process, receiver, group))
+            yield
+            for process, receiver, group in started:
+                results.update(zip(group, _helper_results(process, receiver), strict=True))
+        finally:
+            for process, receiver, _ in started:
+                if process.is_alive():
+                    process.terminate()
+                process.join(timeout=10)
+                receiver.close()
+
+    own = _sync_group(job.part(groups[0], lock=True, rate_share=share), provider, alongside=helpers)
+    results.update(zip(groups[0], own, strict=True))
+    return [results[i] for i in range(len(job.windows))]
+
+
+def _helper_results(process: Any, receiver: Any) -> list[SyncResult]:
+    """A helper's results, or its error raised here (bad credentials stay `AuthenticationFailed`)."""
+    try:
+        kind, payload = receiver.recv()
+    except EOFError:
+        process.join(timeout=10)
+        raise RuntimeError(
+            f"sync helper {process.name} stopped (exit code {process.exitcode}) before it finished"
+        ) from None
+    if kind == "error":
+        raise payload
+    return payload
+
+
+def _exit_with_parent() -> None:
+    """Stop this helper when the process that started it is gone (killed included): its lock went with it."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        parent.join()
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _transferable(error: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def _helper_main(job: _Group, sender: Any) -> None:
+    """A helper process: sync its windows and send the results (or the error that stopped it) back."""
+    _exit_with_parent()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from nextcrm_pipelines.providers import get_provider
+
+    try:
+        results = _sync_group(job, get_provider(job.provider))
+        for result in results:
+            if result.exception is not None:
+                result.exception = _transferable(result.exception)
+        sender.send(("ok", results))
+    except BaseException as exc:
+        sender.send(("error", _transferable(exc)))
+    finally:
+        sender.close()
 
 
 def sweep_connection(

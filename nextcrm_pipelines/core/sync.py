@@ -303,7 +303,8 @@ def sync_windows(
     the windows seen so far are logged. A window that only lost malformed records ends `partial`.
     """
     partitions = partitions or [None] * len(windows)
-    writer = UpsertWriter(conn, entity.table, connection_id, schema)
+    # Batches commit without waiting for the disk; each window's log commit (durable) flushes them.
+    writer = UpsertWriter(conn, entity.table, connection_id, schema, durable=False)
     handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
     stop = threading.Event()
     producer = threading.Thread(

@@ -146,10 +146,19 @@ def dedupe_latest(rows: Sequence[Row]) -> list[Row]:
 
 
 class UpsertWriter:
-    """Writes batches of rows for one connection into one entity table, one transaction each."""
+    """Writes batches of rows for one connection into one entity table, one transaction each.
 
-    def __init__(self, conn: psycopg.Connection, spec: TableSpec, connection_id: str, schema: str):
+    With `durable=False` a batch's commit does not wait for its WAL to reach disk: the caller then
+    commits something durably after the batches it reports (the sync's window log), which flushes
+    them too, since WAL is flushed in order. A server crash in between loses the batches and the
+    report together, so the window is simply synced again.
+    """
+
+    def __init__(
+        self, conn: psycopg.Connection, spec: TableSpec, connection_id: str, schema: str, *, durable: bool = True
+    ):
         self.conn = conn
+        self.durable = durable
         self.spec = spec
         self.connection_id = connection_id
         self.failures: list[FailedRecord] = []
@@ -255,6 +264,8 @@ class UpsertWriter:
     def _write_once(self, rows: list[Row], *, direct_inserts: bool) -> BatchCounts:
         counts = BatchCounts()
         with self.conn.cursor() as cur:
+            if not self.durable:
+                cur.execute("SET LOCAL synchronous_commit = off")
             if not self._stage_ready:
                 cur.execute(self._create_stage)
             stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -92,6 +93,7 @@ class SecretBox:
             )
         try:
             self._fernets = [Fernet(k.encode()) for k in keys]
+            self._keys = list(keys)
         except (ValueError, TypeError) as exc:
             raise VaultError("NEXTCRM_SECRET_KEY is not a valid Fernet key (32 url-safe base64 bytes)") from exc
         self._multi = MultiFernet(self._fernets)
@@ -99,6 +101,10 @@ class SecretBox:
     @classmethod
     def from_environment(cls) -> SecretBox:
         return cls(configured_keys())
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Handed to a helper process of the same sync through its pipe (never logged or stored)."""
+        return SecretBox, (self._keys,)
 
     def encrypt(self, connection_id: str, secrets: Mapping[str, str]) -> str:
         payload = orjson.dumps({"connection_id": connection_id, "secrets": dict(secrets)})

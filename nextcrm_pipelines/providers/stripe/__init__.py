@@ -32,7 +32,7 @@ PROVIDER = Provider(
         PAYMENTS.name: lambda api, window: api.charges(window),
         SUBSCRIPTIONS.name: lambda api, window: api.subscriptions(window),
     },
-    open_client=lambda ctx: StripeApi(ctx.connection, ctx.secrets, stats=ctx.stats),
+    open_client=lambda ctx: StripeApi(ctx.connection, ctx.secrets, stats=ctx.stats, rate_share=ctx.rate_share),
     secret_fields=(
         SecretField("api_key", "STRIPE_SECRET_KEY", "Stripe secret or restricted key (sk_... / rk_...)"),
         SecretField(
@@ -40,6 +40,7 @@ PROVIDER = Provider(
         ),
     ),
     webhooks=WEBHOOKS,
+    parallel_windows=True,
 )
 
 __all__ = ["PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "StripeApi"]

@@ -116,6 +116,7 @@ class StripeApi:
         stats: RequestStats | None = None,
         retry: RetryPolicy = DEFAULT_RETRY,
         timeout: float = 30.0,
+        rate_share: float = 1.0,
     ):
         api_key = secrets.get("api_key")
         if not api_key:
@@ -129,7 +130,7 @@ class StripeApi:
         self.retry = retry
         self.budget = Budget(retry.budget_seconds)
         livemode = api_key.startswith(("sk_live_", "rk_live_"))
-        rate = float(connection.settings.get("requests_per_second", DEFAULT_RATE[livemode]))
+        rate = float(connection.settings.get("requests_per_second", DEFAULT_RATE[livemode])) * rate_share
         self._transport = _PacedTransport(RateLimiter(rate), self.stats, timeout)
         options: dict[str, Any] = {}
         if connection.base_url:

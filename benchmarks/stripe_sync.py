@@ -145,9 +145,11 @@ def _run_child(database_url: str, url: str, api_key: str, days: int, schema: str
     output = subprocess.run(
         [sys.executable, __file__, "--child", "--database-url", database_url, "--sandbox-url", url,
          "--api-key", api_key, "--days", str(days), "--schema", schema, "--sandbox-pid", str(sandbox_pid or 0)],
-        check=True, capture_output=True, text=True,
-    ).stdout  # fmt: skip
-    return json.loads(output.strip().splitlines()[-1])
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if output.returncode != 0:
+        raise RuntimeError(f"our sync failed (exit code {output.returncode}):\n{output.stderr[-4000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import pytest
 from psycopg import sql
 
 from nextcrm_pipelines.core import settings
-from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, shared_buffers_mb, stop_embedded_postgres
 from nextcrm_pipelines.core.runner import connection_lock
 
 
@@ -31,6 +31,10 @@ def test_embedded_server_is_reused_and_keeps_data_across_restarts():
         again = ensure_embedded_postgres(folder)
         with psycopg.connect(again.url) as conn:
             assert conn.execute("SELECT v FROM kept").fetchone() == (42,)
+            # Sized for backfills at every start, not Postgres's 128 MB default.
+            buffers = "SELECT setting::bigint * current_setting('block_size')::int FROM pg_settings WHERE name = %s"
+            assert conn.execute(buffers, ("shared_buffers",)).fetchone()[0] == shared_buffers_mb() * 1024 * 1024
+            assert shared_buffers_mb() > 128  # this machine has more than 1 GB of memory
     finally:
         stop_embedded_postgres(folder)
         shutil.rmtree(folder, ignore_errors=True)

@@ -101,6 +101,34 @@ def test_engine_never_replaces_a_row_with_an_older_version(database_url, schema,
     assert charges_by_id(database_url, schema)["ch_x"][1] == Decimal("2.00")
 
 
+def test_a_batch_copied_as_all_new_that_meets_a_stored_id_is_redone_exactly(database_url, schema, stripe_connection):
+    from nextcrm_pipelines.core.upsert import UpsertWriter
+    from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, charge_row
+
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def charge(n: int, **extra) -> dict:
+        return {"id": f"ch_{n}", "object": "charge", "amount": 100 + n, "currency": "usd", "status": "succeeded",
+                "created": int(t0.timestamp()), "refunded": False, "amount_refunded": 0, **extra}  # fmt: skip
+
+    with psycopg.connect(database_url) as conn:
+        writer = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema, durable=False)
+        first = writer.write([charge_row(charge(n), t0) for n in range(5)])  # none stored: the next goes straight in
+        with psycopg.connect(database_url) as other:  # meanwhile another writer (a webhook, say) stores ch_7
+            UpsertWriter(other, PAYMENTS_TABLE, connection.id, schema).write([charge_row(charge(7), t0)])
+        later = t0 + timedelta(hours=1)
+        second = writer.write(
+            [charge_row(charge(n), later) for n in (5, 6)]
+            + [charge_row(charge(7, refunded=True, amount_refunded=107), later)]
+        )
+        third = writer.write([charge_row(charge(n), later) for n in (8, 9)])
+    assert (first.inserted, second.inserted, second.updated, third.inserted) == (5, 2, 1, 2)
+    mirrored = charges_by_id(database_url, schema)
+    assert sorted(mirrored) == sorted(f"ch_{n}" for n in range(10))
+    assert mirrored["ch_7"] == (Decimal("1.07"), Decimal("1.07"), "usd", "succeeded", True)
+
+
 def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     database_url, schema, sandbox, stripe_account, stripe_connection, secret_key
 ):

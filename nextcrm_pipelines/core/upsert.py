@@ -2,7 +2,9 @@
 
 Per batch, in one transaction: look up the stored hashes of the batch's ids and drop records whose
 raw JSON is unchanged (a re-sync then costs an index lookup, not a rewrite); binary `COPY` records
-not stored yet straight into the table; binary `COPY` changed ones into a temporary table and apply
+not stored yet straight into the table (once a batch found none of its ids stored, as in a backfill,
+the next is copied without the lookup: should an id exist after all, the unique key refuses the
+COPY and the batch is redone with it); binary `COPY` changed ones into a temporary table and apply
 them with one `INSERT ... SELECT ... ON CONFLICT DO UPDATE` that only replaces a row when the
 incoming version is not older than the stored one and the content differs. Should another writer
 insert one of the "new" ids in between, the unique key refuses the direct COPY and the batch is
@@ -208,6 +210,8 @@ class UpsertWriter:
             """
         ).format(target=target, status=status)
         self._stage_ready = False
+        # The last lookup found none of its batch stored: the next batch is tried as all new.
+        self._all_new = False
 
     def _tuple(self, row: Row) -> tuple[Any, ...]:
         return (
@@ -223,11 +227,7 @@ class UpsertWriter:
         if not unique:
             return counts
         try:
-            try:
-                counts.add(self._write_once(unique, direct_inserts=True))
-            except psycopg.errors.UniqueViolation:
-                self.conn.rollback()
-                counts.add(self._write_once(unique, direct_inserts=False))
+            counts.add(self._write_unique(unique))
         except RECORD_ERRORS as exc:
             self.conn.rollback()
             if len(unique) == 1:
@@ -238,6 +238,28 @@ class UpsertWriter:
                 counts.add(self.write(unique[:half]))
                 counts.add(self.write(unique[half:]))
         return counts
+
+    def _write_unique(self, rows: list[Row]) -> BatchCounts:
+        if self._all_new and not any(r.tombstone for r in rows):
+            try:
+                return self._insert_all(rows)
+            except psycopg.errors.UniqueViolation:
+                self.conn.rollback()
+                self._all_new = False
+        try:
+            return self._write_once(rows, direct_inserts=True)
+        except psycopg.errors.UniqueViolation:
+            self.conn.rollback()
+            return self._write_once(rows, direct_inserts=False)
+
+    def _insert_all(self, rows: list[Row]) -> BatchCounts:
+        """COPY every row straight into the table; the unique key refuses the batch if one is stored."""
+        with self.conn.cursor() as cur:
+            if not self.durable:
+                cur.execute("SET LOCAL synchronous_commit = off")
+            self._copy(cur, self._copy_target, rows)
+        self.conn.commit()
+        return BatchCounts(inserted=len(rows))
 
     def _bury_rows(self, cur: psycopg.Cursor, ids: list[str], versions: list[datetime]) -> int:
         cur.execute(self._bury, (ids, versions, self.connection_id))
@@ -269,6 +291,7 @@ class UpsertWriter:
             if not self._stage_ready:
                 cur.execute(self._create_stage)
             stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())
+            self._all_new = not stored
             buried = [r for r in rows if r.tombstone and r.id in stored]
             if buried:
                 rows = [r for r in rows if not (r.tombstone and r.id in stored)]

@@ -19,7 +19,7 @@ import threading
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -186,14 +186,14 @@ def sync_partitions(
 class _Group:
     """Windows of one connection's entity that one process syncs."""
 
-    database_url: str
+    database_url: str = field(repr=False)  # may hold a password
     schema: str
     provider: str
     entity_name: str
     connection_id: str
     windows: list[SyncWindow]
     partitions: list[str | None]
-    box: SecretBox | None
+    box: SecretBox | None = field(repr=False)
     run_id: str | None
     batch_size: int
     lock: bool = True

@@ -129,6 +129,18 @@ def test_a_batch_copied_as_all_new_that_meets_a_stored_id_is_redone_exactly(data
     assert mirrored["ch_7"] == (Decimal("1.07"), Decimal("1.07"), "usd", "succeeded", True)
 
 
+def kill_when(child: subprocess.Popen, ready, timeout: float = 60) -> None:
+    """SIGKILL `child` as soon as `ready()` holds; fail if it ends first (the sync was too quick to kill)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not ready():
+            assert child.poll() is None, "the sync finished before it could be killed; slow it down"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.wait(timeout=30)
+
+
 def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     database_url, schema, sandbox, stripe_account, stripe_connection, secret_key
 ):
@@ -147,17 +159,7 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     )
     env = {**os.environ, "NEXTCRM_SECRET_KEY": secret_key, "NEXTCRM_DB_SCHEMA": schema}
     child = subprocess.Popen([sys.executable, "-c", script], env=env)
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            count = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
-            if count >= 400:
-                break
-            assert child.poll() is None, "the sync finished before it could be killed; slow it down"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
+    kill_when(child, lambda: len(mirror_rows(database_url, schema, "stripe_payments", "id")) >= 400)
     partial = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
     expected = expected_charges(sandbox, key)
     assert 0 < partial < len(expected)
@@ -252,17 +254,12 @@ def test_backfill_killed_midway_stops_in_every_process_and_rerun_ends_exact(
     env = {**os.environ, "NEXTCRM_SECRET_KEY": secret_key, "NEXTCRM_DB_SCHEMA": schema}
     child = subprocess.Popen([sys.executable, "-c", script], env=env)
     helpers: list[int] = []
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            helpers = helpers or _spawned_children(child.pid)
-            if helpers and len(mirror_rows(database_url, schema, "stripe_payments", "id")) >= 200:
-                break
-            assert child.poll() is None, "the backfill finished before it could be killed; slow it down"
-            time.sleep(0.05)
-        child.send_signal(signal.SIGKILL)
-    finally:
-        child.wait(timeout=30)
+
+    def midway() -> bool:
+        helpers[:] = helpers or _spawned_children(child.pid)
+        return bool(helpers) and len(mirror_rows(database_url, schema, "stripe_payments", "id")) >= 200
+
+    kill_when(child, midway)
     assert helpers, "the backfill never started a helper process"
     # A helper left running would go on for seconds (its windows at 200 ms a request); one that
     # watches its parent exits at once.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -467,6 +468,23 @@ def test_subprocess_server_and_account_replacement() -> None:
         replaced = srv.add_stripe_account(key, seed=2, charges=10, subscriptions=1)
         assert replaced["status"] == "replaced" and replaced["charges"] == 10
         assert len(list(client.v1.charges.list({"limit": 100}).auto_paging_iter())) == 10
+
+
+def _live_children() -> set[int]:
+    """Process ids of this process's children that are still running (Linux /proc)."""
+    pids: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        pids.update(int(pid) for pid in (task / "children").read_text().split())
+    return {pid for pid in pids if Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] not in ("Z", "X")}
+
+
+def test_a_subprocess_server_whose_start_fails_does_not_outlive_it() -> None:
+    before = _live_children()
+    server = SandboxServer([{"api_key": "sk_test_refused", "charges": "not a number"}], subprocess=True)
+    with pytest.raises(RuntimeError, match="sandbox control POST"):
+        server.start()
+    assert _live_children() <= before
+    assert server.pid is None
 
 
 def test_build_app_exposes_state() -> None:

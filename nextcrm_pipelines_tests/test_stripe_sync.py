@@ -129,6 +129,47 @@ def test_a_batch_copied_as_all_new_that_meets_a_stored_id_is_redone_exactly(data
     assert mirrored["ch_7"] == (Decimal("1.07"), Decimal("1.07"), "usd", "succeeded", True)
 
 
+@pytest.mark.parametrize("others_first", [False, True], ids=["table-never-analysed", "new-connection"])
+def test_a_backfill_looks_ids_up_by_key_probes_not_by_reading_the_connection(
+    database_url, schema, stripe_connection, others_first
+):
+    """A backfill outgrows the table's statistics at once; its lookups must still probe the primary key
+    rather than read every row of the connection for each batch (through either index on it)."""
+    from nextcrm_pipelines.core.upsert import UpsertWriter
+    from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, charge_row
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def batch(prefix: str, number: int) -> list:
+        return [charge_row({"id": f"ch_{prefix}{number}_{n}", "object": "charge", "amount": n, "currency": "usd",
+                            "status": "succeeded", "created": int(t0.timestamp()) + n, "amount_refunded": 0}, t0)
+                for n in range(1000)]  # fmt: skip
+
+    payments = table("stripe_payments", schema)
+    with psycopg.connect(database_url) as conn:
+        # Only what the writer does may change the statistics: no autovacuum ANALYZE in between.
+        conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(payments))
+        conn.commit()
+        if others_first:  # another connection's rows, analysed before this one's first backfill
+            other = UpsertWriter(conn, PAYMENTS_TABLE, stripe_connection("sk_test_other", name="Other").id, schema)
+            for number in range(5):
+                other.write(batch("o", number))
+            conn.execute(sql.SQL("ANALYZE {}").format(payments))
+            conn.commit()
+        connection = stripe_connection("sk_test_unused")
+        writer = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema, durable=False)
+        for number in range(5):
+            assert writer.write(batch("n", number)).inserted == 1000
+        probe = [f"ch_n{number}_{n}" for number in range(5) for n in range(0, 1000, 5)]
+        plan = "\n".join(
+            line for (line,) in conn.execute(sql.SQL("EXPLAIN ") + writer._existing, (probe, connection.id))
+        )
+        again = writer.write(batch("n", 2))
+    assert "stripe_payments_pkey" in plan, plan
+    assert "by_created" not in plan and "Seq Scan on stripe_payments" not in plan, plan
+    assert (again.inserted, again.updated, again.unchanged) == (0, 0, 1000)
+
+
 def kill_when(child: subprocess.Popen, ready, timeout: float = 60) -> None:
     """SIGKILL `child` as soon as `ready()` holds; fail if it ends first (the sync was too quick to kill)."""
     deadline = time.monotonic() + timeout

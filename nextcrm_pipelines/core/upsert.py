@@ -34,6 +34,7 @@ from psycopg import sql
 from psycopg.adapt import Dumper
 from psycopg.pq import Format
 
+from nextcrm_pipelines.core import settings
 from nextcrm_pipelines.core.db import table
 
 log = logging.getLogger(__name__)
@@ -178,9 +179,15 @@ class UpsertWriter:
         self._copy_target = sql.SQL("COPY {target} ({columns}) FROM STDIN (FORMAT BINARY)").format(
             target=target, columns=columns
         )
-        self._existing = sql.SQL("SELECT id, raw_hash FROM {target} WHERE connection_id = %s AND id = ANY(%s)").format(
-            target=target
-        )
+        # One primary-key probe per id. A plain `id = ANY(...)` on a table never analysed is planned
+        # as a scan of every row of the connection, for each batch. `LIMIT 1` keeps the subquery from
+        # being flattened into a join. The probe still needs statistics that know the connection
+        # (see `_know_connection`): otherwise its rows look as few as one id's, and the planner may
+        # probe through the other index on `connection_id`, reading all of them for every id.
+        self._existing = sql.SQL(
+            "SELECT k.id, t.raw_hash FROM unnest(%s::text[]) AS k(id) CROSS JOIN LATERAL"
+            " (SELECT raw_hash FROM {target} WHERE connection_id = %s AND id = k.id LIMIT 1) AS t"
+        ).format(target=target)
         self._merge = sql.SQL(
             """
             INSERT INTO {target} AS t ({columns}, synced_at)
@@ -209,9 +216,12 @@ class UpsertWriter:
               AND (NOT t.deleted OR t.source_updated_at < s.version)
             """
         ).format(target=target, status=status)
+        self._analyze = sql.SQL("ANALYZE {target} (connection_id)").format(target=target)
+        self._schema = schema or settings.db_schema()
         self._stage_ready = False
         # The last lookup found none of its batch stored: the next batch is tried as all new.
         self._all_new = False
+        self._statistics_checked = False
 
     def _tuple(self, row: Row) -> tuple[Any, ...]:
         return (
@@ -228,6 +238,8 @@ class UpsertWriter:
             return counts
         try:
             counts.add(self._write_unique(unique))
+            if not self._statistics_checked and counts.inserted:
+                self._know_connection()
         except RECORD_ERRORS as exc:
             self.conn.rollback()
             if len(unique) == 1:
@@ -238,6 +250,30 @@ class UpsertWriter:
                 counts.add(self.write(unique[:half]))
                 counts.add(self.write(unique[half:]))
         return counts
+
+    def _know_connection(self) -> None:
+        """Once per writer, after its first committed batch: analyse the table's `connection_id` if
+        the planner's statistics do not list this connection (a new connection, a table never
+        analysed), so that the lookups of the batches that follow are planned as key probes.
+
+        Autovacuum would get there too, but only after a backfill has written for a minute or more.
+        A table busy with another ANALYZE or VACUUM is left to it rather than waited for.
+        """
+        self._statistics_checked = True
+        known = self.conn.execute(
+            "SELECT %s = ANY(most_common_vals::text::text[]) FROM pg_stats"
+            " WHERE schemaname = %s AND tablename = %s AND attname = 'connection_id'",
+            (self.connection_id, self._schema, self.spec.name),
+        ).fetchone()
+        if known is not None and known[0]:
+            self.conn.commit()
+            return
+        try:
+            self.conn.execute("SET LOCAL lock_timeout = '200ms'")
+            self.conn.execute(self._analyze)
+            self.conn.commit()
+        except psycopg.errors.LockNotAvailable:
+            self.conn.rollback()
 
     def _write_unique(self, rows: list[Row]) -> BatchCounts:
         if self._all_new and not any(r.tombstone for r in rows):
@@ -290,7 +326,7 @@ class UpsertWriter:
                 cur.execute("SET LOCAL synchronous_commit = off")
             if not self._stage_ready:
                 cur.execute(self._create_stage)
-            stored = dict(cur.execute(self._existing, (self.connection_id, [r.id for r in rows])).fetchall())
+            stored = dict(cur.execute(self._existing, ([r.id for r in rows], self.connection_id)).fetchall())
             self._all_new = not stored
             buried = [r for r in rows if r.tombstone and r.id in stored]
             if buried:

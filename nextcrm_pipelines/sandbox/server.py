@@ -201,15 +201,19 @@ class SandboxServer:
         """Start serving and wait until the server answers."""
         if self._thread is not None or self._proc is not None:
             return self
-        if self.subprocess:
-            self._start_process()
-        else:
-            self._start_thread()
-        self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=None))
-        self._wait_ready()
-        if self.subprocess:
-            for spec in self._accounts:
-                self.control("POST", "/_sandbox/stripe/accounts", json=spec)
+        try:
+            if self.subprocess:
+                self._start_process()
+            else:
+                self._start_thread()
+            self._client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=None))
+            self._wait_ready()
+            if self.subprocess:
+                for spec in self._accounts:
+                    self.control("POST", "/_sandbox/stripe/accounts", json=spec)
+        except BaseException:
+            self.stop()  # a server that started must not outlive a start that failed
+            raise
         return self
 
     def _start_thread(self) -> None:

@@ -238,8 +238,6 @@ class UpsertWriter:
             return counts
         try:
             counts.add(self._write_unique(unique))
-            if not self._statistics_checked and counts.inserted:
-                self._know_connection()
         except RECORD_ERRORS as exc:
             self.conn.rollback()
             if len(unique) == 1:
@@ -249,6 +247,8 @@ class UpsertWriter:
                 half = len(unique) // 2
                 counts.add(self.write(unique[:half]))
                 counts.add(self.write(unique[half:]))
+        if not self._statistics_checked and counts.inserted:
+            self._know_connection()
         return counts
 
     def _know_connection(self) -> None:

@@ -108,7 +108,7 @@ def test_migrations_are_idempotent(database_url, schema):
     from alembic.script import ScriptDirectory
 
     head = ScriptDirectory.from_config(db.alembic_config(database_url, schema)).get_current_head()
-    assert head == "0007"
+    assert head == "0008"
     assert db.upgrade(database_url, schema) == db.current_revision(database_url, schema) == head
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -129,6 +132,154 @@ def test_a_batch_copied_as_all_new_that_meets_a_stored_id_is_redone_exactly(data
     assert mirrored["ch_7"] == (Decimal("1.07"), Decimal("1.07"), "usd", "succeeded", True)
 
 
+def _copied_as_new_then_redone(caplog) -> int:
+    return sum("copied as all new met a stored id" in r.getMessage() for r in caplog.records)
+
+
+def test_changes_are_looked_up_while_a_listing_copies_straight_in(database_url, schema, stripe_connection, caplog):
+    """A batch from an events feed goes by lookup even after all-new batches, instead of being
+    copied, refused by the unique key and copied again."""
+    from nextcrm_pipelines.core.upsert import UpsertWriter
+    from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, charge_row
+
+    caplog.set_level(logging.DEBUG, logger="nextcrm_pipelines.core.upsert")
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    later = t0 + timedelta(hours=1)
+    refunded = [charge_row(_charge(n, t0, refunded=True, amount_refunded=100 + n), later) for n in (3, 4)]
+    with psycopg.connect(database_url) as conn:
+        writer = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema)
+        listed = writer.write([charge_row(_charge(n, t0), t0) for n in range(5)])
+        changed = writer.write([*refunded, charge_row(_charge(9, t0), later)], may_be_stored=True)
+        again = writer.write([charge_row(_charge(n, t0), t0) for n in range(10, 15)])
+        assert _copied_as_new_then_redone(caplog) == 0
+        # Unmarked, the same changes are first copied as new and refused by the key.
+        plain = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema)
+        plain.write([charge_row(_charge(n, t0), t0) for n in range(20, 25)])
+        plain.write([charge_row(_charge(n, t0, refunded=True, amount_refunded=100 + n), later) for n in (20, 26)])
+        assert _copied_as_new_then_redone(caplog) == 1
+    assert (listed.inserted, changed.updated, changed.inserted, again.inserted) == (5, 2, 1, 5)
+    mirrored = charges_by_id(database_url, schema)
+    assert mirrored["ch_00003"][4] and mirrored["ch_00004"][4] and not mirrored["ch_00002"][4]
+
+
+def test_a_backfill_writes_the_events_feed_apart_from_the_listings(database_url, schema, own_stripe, caplog):
+    """Recent days also read the events feed, whose refunds name charges stored days before."""
+    caplog.set_level(logging.DEBUG, logger="nextcrm_pipelines.core.upsert")
+    server, key, connection = own_stripe(seed=5, charges=1500, subscriptions=5, days=6)
+    client = sdk(server, key)
+    oldest = sorted(server.stripe_export(key, "charges"), key=lambda c: c["created"])[:40]
+    for charge in oldest:  # refunded today: today's events name charges of the first day
+        if charge["status"] == "succeeded" and not charge["refunded"]:
+            client.v1.refunds.create({"charge": charge["id"]})
+    days = days_back(sandbox_now(server).date(), 6)
+    results = backfill(database_url, schema, connection.id, days, workers=1, batch_size=100)
+    assert all(r.status == "success" for r in results)
+    assert charges_by_id(database_url, schema) == expected_charges(server, key)
+    assert _copied_as_new_then_redone(caplog) == 0
+
+
+def _charge(n: int, created: datetime, **extra) -> dict:
+    return {"id": f"ch_{n:05d}", "object": "charge", "amount": 100 + n, "currency": "usd", "status": "succeeded",
+            "created": int(created.timestamp()), "refunded": False, "amount_refunded": 0, **extra}  # fmt: skip
+
+
+def _write_in_thread(writer, rows, barrier: threading.Barrier | None = None) -> tuple[threading.Thread, dict]:
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            if barrier is not None:
+                barrier.wait(timeout=30)
+            outcome["counts"] = writer.write(rows)
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def _rollback_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "rolled back by the database" in r.getMessage()]
+
+
+def test_writers_inserting_the_same_ids_in_opposite_orders_queue_rather_than_deadlock(
+    database_url, schema, stripe_connection, caplog
+):
+    """Two sessions copying the same new ids (two backfill processes meeting on a day the events feed
+    shares) take them in one order, so one waits for the other instead of both being stuck."""
+    from nextcrm_pipelines.core.upsert import UpsertWriter
+    from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, charge_row
+
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    later = t0 + timedelta(hours=1)
+    count, rounds = 4000, 3  # each round new ids; one round meeting in the middle is enough to deadlock
+    outcomes = []
+    with psycopg.connect(database_url) as one, psycopg.connect(database_url) as two:
+        writers = [UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema) for conn in (one, two)]
+        for first in range(0, count * rounds, count):
+            ids = range(first, first + count)
+            ascending = [charge_row(_charge(n, t0), t0) for n in ids]
+            descending = [charge_row(_charge(n, t0, refunded=True, amount_refunded=100 + n), later) for n in ids]
+            descending.reverse()
+            together = threading.Barrier(2)
+            started = [
+                _write_in_thread(w, rows, together) for w, rows in zip(writers, (ascending, descending), strict=True)
+            ]
+            for thread, outcome in started:
+                thread.join(timeout=60)
+                outcomes.append(outcome)
+    assert [o.get("error") for o in outcomes] == [None] * 2 * rounds
+    assert _rollback_warnings(caplog) == []
+    assert sum(o["counts"].inserted for o in outcomes) == count * rounds
+    mirrored = charges_by_id(database_url, schema)
+    assert len(mirrored) == count * rounds
+    # Whichever wrote first, the newer version is what stays.
+    assert all(refunded for *_, refunded in mirrored.values())
+
+
+def test_a_batch_the_database_rolls_back_is_written_again(database_url, schema, stripe_connection, caplog):
+    """A deadlock the ordering cannot prevent (here with a session inserting in the other order by
+    hand) rolls one batch back; the writer writes it again and nothing is lost."""
+    from nextcrm_pipelines.core.upsert import UpsertWriter
+    from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, charge_row
+
+    connection = stripe_connection("sk_test_unused")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    later = t0 + timedelta(hours=1)
+    insert = sql.SQL(
+        "INSERT INTO {} (connection_id, id, amount, amount_refunded, currency, status, refunded,"
+        " source_updated_at, raw, raw_hash) VALUES (%s, %s, 1, 0, 'usd', 'succeeded', false, %s, '{{}}', '')"
+    ).format(table("stripe_payments", schema))
+    with psycopg.connect(database_url) as conn, psycopg.connect(database_url) as other:
+        # The writer's session finds the deadlock first and is the one rolled back.
+        conn.execute("SET deadlock_timeout = '1s'")
+        conn.commit()
+        other.execute("SET deadlock_timeout = '60s'")
+        other.execute(insert, (connection.id, "ch_00002", t0))  # uncommitted
+        writer = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema)
+        rows = [charge_row(_charge(n, t0, refunded=True, amount_refunded=100 + n), later) for n in (1, 2)]
+        thread, outcome = _write_in_thread(writer, rows)
+        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+        deadline = time.monotonic() + 30
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            while not watch.execute(waiting, (conn.info.backend_pid,)).fetchone()[0]:  # stored ch_00001, waits
+                assert time.monotonic() < deadline, "the writer never waited for ch_00002"
+                time.sleep(0.01)
+        other.execute(insert, (connection.id, "ch_00001", t0))  # closes the cycle; returns once the writer yields
+        other.commit()
+        thread.join(timeout=60)
+    assert "error" not in outcome, outcome.get("error")
+    assert (outcome["counts"].inserted, outcome["counts"].updated) == (0, 2)
+    assert len(_rollback_warnings(caplog)) == 1 and "deadlock" in _rollback_warnings(caplog)[0]
+    assert charges_by_id(database_url, schema) == {
+        "ch_00001": (Decimal("1.01"), Decimal("1.01"), "usd", "succeeded", True),
+        "ch_00002": (Decimal("1.02"), Decimal("1.02"), "usd", "succeeded", True),
+    }
+
+
 @pytest.mark.parametrize("others_first", [False, True], ids=["table-never-analysed", "new-connection"])
 def test_a_backfill_looks_ids_up_by_key_probes_not_by_reading_the_connection(
     database_url, schema, stripe_connection, others_first
@@ -249,6 +400,47 @@ def test_backfill_windows_split_between_processes_land_exactly_once_each(
     assert sum(inserted for *_, inserted in logs) == len(expected_charges(sandbox, key))
     again = backfill(database_url, schema, connection.id, days, workers=2)
     assert sum(r.synced for r in again) == 0 and charges_by_id(database_url, schema) == expected_charges(sandbox, key)
+
+
+def _claim_all(claims, number: int, out) -> None:
+    """In a spawned process: claim windows until none is left, at a pace of its own."""
+    claim, taken = claims.claimer(number), []
+    while (index := claim()) is not None:
+        taken.append(index)
+        time.sleep(0.001 * (number + 1))
+    out.put((number, taken))
+
+
+def test_processes_sharing_a_backfill_claim_every_window_exactly_once():
+    from nextcrm_pipelines.core.runner import WindowClaims
+
+    context = multiprocessing.get_context("spawn")
+    claims = WindowClaims(90, 3, context)
+    out = context.Queue()
+    processes = [context.Process(target=_claim_all, args=(claims, k, out)) for k in range(3)]
+    for process in processes:
+        process.start()
+    taken = dict(out.get(timeout=60) for _ in processes)
+    for process in processes:
+        process.join(timeout=10)
+    assert sorted(i for indexes in taken.values() for i in indexes) == list(range(90))
+    for number, indexes in taken.items():
+        own = [i for i in indexes if number * 30 <= i < (number + 1) * 30]
+        assert own == list(range(number * 30, number * 30 + len(own)))  # its own run, front to back
+        assert indexes[: len(own)] == own  # before it helps anyone
+
+
+def test_a_process_whose_run_is_done_takes_the_longest_run_left_from_the_back():
+    from nextcrm_pipelines.core.runner import WindowClaims
+
+    claims = WindowClaims(11, 3, multiprocessing.get_context("spawn"))  # runs 0-2, 3-6, 7-10
+    first, second, third = (claims.claimer(k) for k in range(3))
+    assert [first() for _ in range(3)] == [0, 1, 2]
+    assert third() == 7
+    # Run 1 (3-6) is the longest left: taken from its far end, away from where its owner writes.
+    assert [first() for _ in range(4)] == [6, 5, 4, 3]
+    assert [second() for _ in range(2)] == [10, 9]  # its own run is gone: it helps with run 2
+    assert [third(), third(), first(), second()] == [8, None, None, None]
 
 
 def _spawned_children(pid: int) -> list[int]:

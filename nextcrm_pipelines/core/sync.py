@@ -69,6 +69,13 @@ class Coverage:
     until: datetime
 
 
+class Changes(list):
+    """A page of objects changed in the window that may already be stored (an events feed), as
+    opposed to a listing of objects created in it. The engine writes such pages in batches of their
+    own, looked up by key: the batches of a backfill's creation listings keep copying straight in.
+    """
+
+
 @dataclass(frozen=True)
 class SyncWindow:
     start: datetime
@@ -94,6 +101,8 @@ class SyncResult:
     failures: list[FailedRecord] = field(default_factory=list)
     sync_log_id: int | None = None
     rows_in_window: int = 0
+    # The window's position in the list of windows the sync was given.
+    index: int = 0
     exception: BaseException | None = field(default=None, repr=False)
 
     @property
@@ -122,6 +131,14 @@ class _Stop(Exception):
 
 
 Fetch = Callable[[SyncWindow], Iterable[list[Record]]]
+Claim = Callable[[], "int | None"]
+"""The index of the next window to sync, or None when none is left (windows shared between processes)."""
+
+
+def in_order(count: int) -> Claim:
+    """Every window, first to last."""
+    indexes = iter(range(count))
+    return lambda: next(indexes, None)
 
 
 def _record_id(entity: EntitySpec, raw: Any) -> str:
@@ -136,6 +153,7 @@ def _record_id(entity: EntitySpec, raw: Any) -> str:
 
 def _produce(
     windows: list[SyncWindow],
+    claim: Claim,
     fetch: Fetch,
     entity: EntitySpec,
     stats: RequestStats,
@@ -144,9 +162,11 @@ def _produce(
     stop: threading.Event,
     fatal: tuple[type[BaseException], ...],
 ) -> None:
-    """Fetch each window's pages, map records to rows and hand over batches, window by window.
+    """Fetch the pages of each window `claim` hands out, map records to rows and hand over batches,
+    window by window.
 
-    Messages: ("rows", i, rows, failures), ("end", i, request counts, error or None), then None.
+    Messages: ("rows", i, rows, failures, from a `Changes` page), ("end", i, request counts, error or
+    None), then None.
     A window whose fetch fails ends with its error and the next window starts, unless the error is
     `fatal` (bad credentials: every later window would fail the same way).
     """
@@ -161,16 +181,23 @@ def _produce(
         raise _Stop
 
     try:
-        for index, window in enumerate(windows):
+        while not stop.is_set() and (index := claim()) is not None:
+            window = windows[index]
             before = stats.as_dict()
             error: BaseException | None = None
             batch: list[Row] = []
             failures: list[FailedRecord] = []
+            changes = False
             try:
                 for page in fetch(window):
                     if isinstance(page, Coverage):
                         put(("covered", index, page.until))
                         continue
+                    if isinstance(page, Changes) != changes:
+                        if batch or failures:
+                            put(("rows", index, batch, failures, changes))
+                            batch, failures = [], []
+                        changes = not changes
                     for raw, version in page:
                         try:
                             batch.append(entity.to_row(raw, version))
@@ -178,13 +205,13 @@ def _produce(
                             record_id = _record_id(entity, raw)
                             failures.append(FailedRecord(str(record_id), f"{type(exc).__name__}: {exc}"[:300]))
                     if len(batch) >= batch_size or failures:
-                        put(("rows", index, batch, failures))
+                        put(("rows", index, batch, failures, changes))
                         batch, failures = [], []
             except _Stop:
                 raise
             except Exception as exc:
                 error = exc
-            put(("rows", index, batch, failures))
+            put(("rows", index, batch, failures, changes))
             after = stats.as_dict()
             put(("end", index, {k: after[k] - before[k] for k in after}, error))
             if error is not None and isinstance(error, fatal):
@@ -294,8 +321,12 @@ def sync_windows(
     batch_size: int = BATCH_SIZE,
     queue_depth: int = QUEUE_DEPTH,
     fatal: tuple[type[BaseException], ...] = (),
+    claim: Claim | None = None,
 ) -> list[SyncResult]:
     """Sync each window of one connection's entity over `conn`, fetching the next while writing.
+
+    `claim` picks the windows (default: all, in order); processes that share a backfill each sync
+    the ones their shared claim hands them. Results come in the order of the windows' indexes.
 
     Each window gets its own sync log row and result; every committed batch stays if the process
     dies. A window whose fetch failed is logged `failed` with its error (in `result.error`) and
@@ -309,7 +340,7 @@ def sync_windows(
     stop = threading.Event()
     producer = threading.Thread(
         target=_produce,
-        args=(windows, fetch, entity, stats, batch_size, handoff, stop, fatal),
+        args=(windows, claim or in_order(len(windows)), fetch, entity, stats, batch_size, handoff, stop, fatal),
         name=f"fetch-{entity.name}",
         daemon=True,
     )
@@ -322,7 +353,7 @@ def sync_windows(
     def begin(index: int) -> SyncResult:
         nonlocal started
         started = time.monotonic()
-        result = SyncResult(entity=entity.name, connection_id=connection_id, window=windows[index])
+        result = SyncResult(entity=entity.name, connection_id=connection_id, window=windows[index], index=index)
         result.sync_log_id = start_log(
             conn, schema, provider, entity.name, connection_id, windows[index], run_id, partitions[index]
         )
@@ -361,14 +392,14 @@ def sync_windows(
                 start, end = current.window.start, current.window.end
                 current.window = SyncWindow(start, max(start, min(item[2], end)))
             elif kind == "rows":
-                _, _, rows, mapping_failures = item
+                _, _, rows, mapping_failures, changes = item
                 for failed in mapping_failures:
                     log.warning("%s: record %s skipped: %s", entity.name, failed.id, failed.error)
                 current.failures.extend(mapping_failures[: MAX_REMEMBERED_FAILURES - len(current.failures)])
                 current.counts.failed += len(mapping_failures)
                 current.total += len(rows) + len(mapping_failures)
                 if rows:
-                    current.counts.add(writer.write(rows))
+                    current.counts.add(writer.write(rows, may_be_stored=changes))
                 current.failures.extend(writer.failures[: MAX_REMEMBERED_FAILURES - len(current.failures)])
                 writer.failures.clear()
             else:
@@ -390,7 +421,7 @@ def sync_windows(
         producer.join(timeout=30)
     if raised is not None:
         raise raised
-    return results
+    return sorted(results, key=lambda result: result.index)
 
 
 def sync_entity(

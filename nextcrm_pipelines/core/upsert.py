@@ -12,6 +12,11 @@ redone through the staged upsert, so the fast path never trades away correctness
 the database refuses is split in halves until the bad records are isolated, so one malformed
 record is logged with its id and the rest still lands.
 
+Writers run side by side (the processes of one backfill, a webhook sensor beside a sync) and may
+hold the same ids: each batch takes its rows in id order, so two sessions inserting the same keys
+wait for each other rather than deadlock, and a batch the database still rolls back (a deadlock
+among other statements, a serialization failure) is written again from the start.
+
 A tombstone row says only "this id is gone upstream since `version`" (a QuickBooks CDC delete stub,
 an id missing from a MYOB id sweep): a stored row keeps its last known data and is flagged deleted
 (and given the table's deleted status) under the same never-regress guard; an id never stored is
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 import psycopg
@@ -43,6 +50,12 @@ JSONB_OID = 3802
 # What the database says of one bad record (a value it cannot store, a required field missing):
 # the batch is split until that record is alone, logged and skipped.
 RECORD_ERRORS = (psycopg.DataError, psycopg.errors.NotNullViolation, psycopg.errors.CheckViolation)
+# What the database says when it rolled a transaction back for its own reasons (SQLSTATE class 40:
+# deadlock, serialization failure); psycopg gives each its own class, none derived from another.
+ROLLED_BACK = (psycopg.errors.TransactionRollback, psycopg.errors.SerializationFailure,
+               psycopg.errors.DeadlockDetected)  # fmt: skip
+# Times a batch is written again after such a rollback before the error is raised.
+ROLLBACK_RETRIES = 5
 
 # Every entity table ends with these columns, in this order (see migrations).
 MIRROR_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -85,9 +98,8 @@ class TableSpec:
         return ["text", "text", *(t for _, t in self.columns), *(t for _, t in MIRROR_COLUMNS)]
 
 
-@dataclass(frozen=True)
-class Row:
-    """One mapped record, ready to write."""
+class Row(NamedTuple):
+    """One mapped record, ready to write (a named tuple: a backfill builds one per record)."""
 
     id: str
     values: tuple[Any, ...]
@@ -136,6 +148,10 @@ class BatchCounts:
 class FailedRecord:
     id: str
     error: str
+
+
+def _row_id(row: Row) -> str:
+    return row.id
 
 
 def dedupe_latest(rows: Sequence[Row]) -> list[Row]:
@@ -229,15 +245,21 @@ class UpsertWriter:
             row.created_at, row.version, row.deleted, row.raw, row.raw_hash,
         )  # fmt: skip
 
-    def write(self, rows: Sequence[Row]) -> BatchCounts:
-        """Upsert `rows` (any order, duplicates allowed) and commit; returns the counts."""
+    def write(self, rows: Sequence[Row], *, may_be_stored: bool = False) -> BatchCounts:
+        """Upsert `rows` (any order, duplicates allowed) and commit; returns the counts.
+
+        `may_be_stored`: the rows are changes to objects (an events feed), so the batch is looked up
+        by key even when the batches before it were all new.
+        """
         counts = BatchCounts()
         unique = dedupe_latest(rows)
         counts.unchanged += len(rows) - len(unique)
         if not unique:
             return counts
+        # Keys in one order in every session: concurrent inserts of the same ids queue, never cross.
+        unique.sort(key=_row_id)
         try:
-            counts.add(self._write_unique(unique))
+            counts.add(self._write_retrying(unique, may_be_stored))
         except RECORD_ERRORS as exc:
             self.conn.rollback()
             if len(unique) == 1:
@@ -245,8 +267,8 @@ class UpsertWriter:
                 counts.failed += 1
             else:
                 half = len(unique) // 2
-                counts.add(self.write(unique[:half]))
-                counts.add(self.write(unique[half:]))
+                counts.add(self.write(unique[:half], may_be_stored=may_be_stored))
+                counts.add(self.write(unique[half:], may_be_stored=may_be_stored))
         if not self._statistics_checked and counts.inserted:
             self._know_connection()
         return counts
@@ -275,18 +297,37 @@ class UpsertWriter:
         except psycopg.errors.LockNotAvailable:
             self.conn.rollback()
 
-    def _write_unique(self, rows: list[Row]) -> BatchCounts:
-        if self._all_new and not any(r.tombstone for r in rows):
+    def _write_retrying(self, rows: list[Row], may_be_stored: bool) -> BatchCounts:
+        """`_write_unique`, again from the start while the database rolls the batch back."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._write_unique(rows, may_be_stored)
+            except ROLLED_BACK as exc:
+                self.conn.rollback()
+                self._all_new = False
+                if attempt > ROLLBACK_RETRIES:
+                    raise
+                reason = str(exc).splitlines()[0][:200]
+                log.warning("%s: batch of %d rolled back by the database (%s); writing it again (attempt %d)",
+                            self.spec.name, len(rows), reason, attempt + 1)  # fmt: skip
+                time.sleep(random.uniform(0, 0.05 * attempt))
+
+    def _write_unique(self, rows: list[Row], may_be_stored: bool) -> BatchCounts:
+        if self._all_new and not may_be_stored and not any(r.tombstone for r in rows):
             try:
                 return self._insert_all(rows)
             except psycopg.errors.UniqueViolation:
                 self.conn.rollback()
                 self._all_new = False
+                log.debug("%s: a batch copied as all new met a stored id; writing it again with a lookup",
+                          self.spec.name)  # fmt: skip
         try:
-            return self._write_once(rows, direct_inserts=True)
+            return self._write_once(rows, direct_inserts=True, may_be_stored=may_be_stored)
         except psycopg.errors.UniqueViolation:
             self.conn.rollback()
-            return self._write_once(rows, direct_inserts=False)
+            return self._write_once(rows, direct_inserts=False, may_be_stored=may_be_stored)
 
     def _insert_all(self, rows: list[Row]) -> BatchCounts:
         """COPY every row straight into the table; the unique key refuses the batch if one is stored."""
@@ -319,7 +360,7 @@ class UpsertWriter:
             for row in rows:
                 copy.write_row(self._tuple(row))
 
-    def _write_once(self, rows: list[Row], *, direct_inserts: bool) -> BatchCounts:
+    def _write_once(self, rows: list[Row], *, direct_inserts: bool, may_be_stored: bool = False) -> BatchCounts:
         counts = BatchCounts()
         with self.conn.cursor() as cur:
             if not self.durable:
@@ -327,7 +368,8 @@ class UpsertWriter:
             if not self._stage_ready:
                 cur.execute(self._create_stage)
             stored = dict(cur.execute(self._existing, ([r.id for r in rows], self.connection_id)).fetchall())
-            self._all_new = not stored
+            if not may_be_stored:  # changes say nothing of whether the next listing's batch is new
+                self._all_new = not stored
             buried = [r for r in rows if r.tombstone and r.id in stored]
             if buried:
                 rows = [r for r in rows if not (r.tombstone and r.id in stored)]

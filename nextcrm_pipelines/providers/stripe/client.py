@@ -43,7 +43,7 @@ from nextcrm_pipelines.core.http import (
     backoff_delay,
     retry_after_seconds,
 )
-from nextcrm_pipelines.core.sync import Record, SyncWindow
+from nextcrm_pipelines.core.sync import Changes, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
 
 PROVIDER = "stripe"
@@ -259,7 +259,7 @@ class StripeApi:
                     continue
                 records.append((obj, datetime.fromtimestamp(event["created"], UTC)))
             if records:
-                yield records
+                yield Changes(records)
 
     def _created_then_changed(
         self, path: str, event_type: str, object_type: str, window: SyncWindow, extra: Mapping[str, Any] | None = None

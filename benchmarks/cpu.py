@@ -25,9 +25,10 @@ class CpuMeter:
         if self.postmaster is None:
             return None
         try:
+            children = self._settled_children()
             own = self.postmaster.cpu_times()
             total = own.user + own.system + own.children_user + own.children_system
-            for child in self.postmaster.children():
+            for child in children:
                 try:
                     times = child.cpu_times()
                     total += times.user + times.system
@@ -36,6 +37,25 @@ class CpuMeter:
             return total
         except (self._psutil.NoSuchProcess, self._psutil.AccessDenied):
             return None
+
+    def _settled_children(self) -> list[Any]:
+        """The postmaster's children once it has reaped those that ended (up to 2 s).
+
+        A backend that has just exited is a zombie until the postmaster reaps it: its CPU time is
+        then neither readable as a child's nor added to the postmaster's children's times yet.
+        """
+        deadline = time.monotonic() + 2
+        while True:
+            children = self.postmaster.children()
+            ended = []
+            for child in children:
+                try:
+                    ended.append(child.status() == self._psutil.STATUS_ZOMBIE)
+                except self._psutil.NoSuchProcess:
+                    ended.append(True)
+            if not any(ended) or time.monotonic() > deadline:
+                return children
+            time.sleep(0.01)
 
     def _process(self, process: Any) -> float | None:
         try:

@@ -17,6 +17,8 @@ Revises: 0007
 Create Date: 2026-12-05
 """
 
+import importlib
+
 from alembic import op
 
 revision = "0008"
@@ -24,10 +26,8 @@ down_revision = "0007"
 branch_labels = None
 depends_on = None
 
-ENTITY_TABLES = (
-    "stripe_payments", "stripe_subscriptions", "xero_invoices", "xero_contacts", "quickbooks_invoices",
-    "myob_invoices", "paypal_payments", "paypal_subscriptions", "billionmail_campaigns", "mautic_campaigns",
-)  # fmt: skip
+# The entity tables, as of this revision (the same ten that revision 0006 lists).
+ENTITY_TABLES = importlib.import_module("nextcrm_pipelines.migrations.versions.0006_raw_inline").ENTITY_TABLES
 
 
 def upgrade(schema: str) -> None:

@@ -184,7 +184,8 @@ def sync_partitions(
 
 @dataclass(frozen=True)
 class _Group:
-    """Windows of one connection's entity that one process syncs."""
+    """The windows of one connection's entity to sync, and how; processes that share them each
+    sync the windows their claim hands out."""
 
     database_url: str = field(repr=False)  # may hold a password
     schema: str

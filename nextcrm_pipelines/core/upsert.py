@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 import orjson
@@ -150,10 +151,6 @@ class FailedRecord:
     error: str
 
 
-def _row_id(row: Row) -> str:
-    return row.id
-
-
 def dedupe_latest(rows: Sequence[Row]) -> list[Row]:
     """One row per id: the newest version wins, and on a tie the one that came later."""
     latest: dict[str, Row] = {}
@@ -257,7 +254,7 @@ class UpsertWriter:
         if not unique:
             return counts
         # Keys in one order in every session: concurrent inserts of the same ids queue, never cross.
-        unique.sort(key=_row_id)
+        unique.sort(key=attrgetter("id"))
         try:
             counts.add(self._write_retrying(unique, may_be_stored))
         except RECORD_ERRORS as exc:

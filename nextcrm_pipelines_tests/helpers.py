@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -68,3 +69,13 @@ def expected_charges(sandbox: SandboxServer, api_key: str) -> dict[str, tuple[De
         )
         for c in sandbox.stripe_export(api_key, "charges")
     }
+
+
+def wait_until_blocked(database_url: str, session: psycopg.Connection, what: str, timeout: float = 30) -> None:
+    """Return once `session` waits for a lock another session holds; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as watch:
+        query = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
+        while not watch.execute(query, (session.info.backend_pid,)).fetchone()[0]:
+            assert time.monotonic() < deadline, f"{what} never waited for a lock"
+            time.sleep(0.01)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 
@@ -15,6 +14,7 @@ import pytest
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines_tests.helpers import wait_until_blocked
 
 ENTITY_TABLES = importlib.import_module(
     "nextcrm_pipelines.migrations.versions.0008_connection_check_per_statement"
@@ -127,12 +127,7 @@ def test_deleting_a_connection_waits_for_a_write_in_flight_and_is_then_refused(d
 
         thread = threading.Thread(target=delete)
         thread.start()
-        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
-        deadline = time.monotonic() + 30
-        with psycopg.connect(database_url, autocommit=True) as watch:
-            while not watch.execute(waiting, (deleter.info.backend_pid,)).fetchone()[0]:
-                assert time.monotonic() < deadline, "the delete did not wait for the write in flight"
-                time.sleep(0.01)
+        wait_until_blocked(database_url, deleter, "the delete")
         assert thread.is_alive()
         writer.commit()
         thread.join(timeout=30)

@@ -31,6 +31,7 @@ from nextcrm_pipelines_tests.helpers import (
     mirror_rows,
     sandbox_now,
     sync_days,
+    wait_until_blocked,
 )
 
 
@@ -262,12 +263,7 @@ def test_a_batch_the_database_rolls_back_is_written_again(database_url, schema, 
         writer = UpsertWriter(conn, PAYMENTS_TABLE, connection.id, schema)
         rows = [charge_row(_charge(n, t0, refunded=True, amount_refunded=100 + n), later) for n in (1, 2)]
         thread, outcome = _write_in_thread(writer, rows)
-        waiting = "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s"
-        deadline = time.monotonic() + 30
-        with psycopg.connect(database_url, autocommit=True) as watch:
-            while not watch.execute(waiting, (conn.info.backend_pid,)).fetchone()[0]:  # stored ch_00001, waits
-                assert time.monotonic() < deadline, "the writer never waited for ch_00002"
-                time.sleep(0.01)
+        wait_until_blocked(database_url, conn, "the writer")  # stored ch_00001, waits for ch_00002
         other.execute(insert, (connection.id, "ch_00001", t0))  # closes the cycle; returns once the writer yields
         other.commit()
         thread.join(timeout=60)

@@ -357,7 +357,7 @@ class UpsertWriter:
             for row in rows:
                 copy.write_row(self._tuple(row))
 
-    def _write_once(self, rows: list[Row], *, direct_inserts: bool, may_be_stored: bool = False) -> BatchCounts:
+    def _write_once(self, rows: list[Row], *, direct_inserts: bool, may_be_stored: bool) -> BatchCounts:
         counts = BatchCounts()
         with self.conn.cursor() as cur:
             if not self.durable:

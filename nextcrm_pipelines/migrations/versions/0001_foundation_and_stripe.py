@@ -26,7 +26,7 @@ def mirror_columns() -> list[sa.Column]:
         sa.Column("source_updated_at", TZ, nullable=False),
         sa.Column("deleted", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("raw", pg.JSONB, nullable=False),
-        # blake2b of the raw JSON: lets a re-sync skip unchanged records before they reach the table.
+        # A hash of the raw JSON (core/upsert.py): a re-sync skips unchanged records before they reach the table.
         sa.Column("raw_hash", sa.LargeBinary, nullable=False),
         sa.Column("synced_at", TZ, nullable=False, server_default=sa.func.now()),
     ]

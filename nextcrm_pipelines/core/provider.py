@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from nextcrm_pipelines.core.connect import Discover
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.http import RequestStats
 from nextcrm_pipelines.core.oauth import OAuthSpec, TokenManager
@@ -20,6 +19,9 @@ from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
 from nextcrm_pipelines.webhooks.verify import WebhookSpec
+
+if TYPE_CHECKING:  # the connect flow (an HTTP server, OAuth) is not needed to sync
+    from nextcrm_pipelines.core.connect import Discover
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ import psycopg
 import psycopg.errors
 import xxhash
 from psycopg import sql
+from psycopg.types.string import BytesBinaryDumper
 
 from nextcrm_pipelines.core import settings
 from nextcrm_pipelines.core.db import table
@@ -177,6 +178,9 @@ class UpsertWriter:
         self, conn: psycopg.Connection, spec: TableSpec, connection_id: str, schema: str, *, durable: bool = True
     ):
         self.conn = conn
+        # COPY picks a column's dumper by type, and for `bytea` psycopg's last registered one is the
+        # DB-API `Binary` wrapper's, a Python method per value; this puts the C bytes dumper back.
+        conn.adapters.register_dumper(bytes, BytesBinaryDumper)
         self.durable = durable
         self.spec = spec
         self.connection_id = connection_id

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import psycopg
+import pytest
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
@@ -206,3 +209,22 @@ def test_a_date_range_backfills_in_one_run(database_url, schema, sandbox, stripe
             )
         ).fetchall()
     assert len(partitions) == len(days) and len({run for _, run in partitions}) == 1
+
+
+def test_registry_names_each_provider_by_its_package_and_loads_only_the_one_asked_for():
+    from nextcrm_pipelines.providers import PROVIDER_NAMES, PROVIDERS, get_provider
+
+    assert sorted(PROVIDERS) == sorted(PROVIDER_NAMES)
+    assert all(get_provider(name).name == name for name in PROVIDER_NAMES)
+    with pytest.raises(KeyError, match="known: billionmail, mautic"):
+        get_provider("nosuch")
+    # A backfill's helper process asks for one provider; the others stay unimported.
+    probe = (
+        "import json, sys\n"
+        "from nextcrm_pipelines.providers import get_provider\n"
+        "get_provider('stripe')\n"
+        "prefix = 'nextcrm_pipelines.providers.'\n"
+        "print(json.dumps(sorted({m[len(prefix):].split('.')[0] for m in sys.modules if m.startswith(prefix)})))\n"
+    )
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert json.loads(loaded) == ["stripe"]

@@ -1,8 +1,8 @@
 """What a provider plugs into the generic machinery: its entities, secrets and fetch functions.
 
-Adding a provider is one folder under `providers/` exporting a `Provider`, plus one line in the
-registry (`nextcrm_pipelines.providers.PROVIDERS`); assets, schedules, CLI prompts and sync logs
-come from here.
+Adding a provider is one folder under `providers/` exporting a `Provider`, plus its name in the
+registry (`nextcrm_pipelines.providers.PROVIDER_NAMES`); assets, schedules, CLI prompts and sync
+logs come from here.
 """
 
 from __future__ import annotations

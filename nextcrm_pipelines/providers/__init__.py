@@ -1,4 +1,4 @@
-"""The provider registry: one line per provider.
+"""The provider registry: one name per provider, the name of its package.
 
 A provider's package is imported when it is first asked for, so a process that syncs one provider
 (a backfill's helper process) loads only that one; `PROVIDERS` imports them all.

@@ -12,6 +12,13 @@ redone through the staged upsert, so the fast path never trades away correctness
 the database refuses is split in halves until the bad records are isolated, so one malformed
 record is logged with its id and the rest still lands.
 
+NUL (U+0000), which providers' strings sometimes hold, is a character Postgres stores in neither
+`text` nor `jsonb`. A refused batch is first searched for it: every NUL is removed from the rows'
+text values and from every string (keys included) of their raw JSON, the raw hash is taken again
+over what is then stored, and the batch is written again. Records without NUL cost nothing for
+this (no per-record check on the way in: the database's refusal is the check), and a record that
+holds one lands without it instead of being refused; a re-read finds its stored copy unchanged.
+
 Writers run side by side (the processes of one backfill, a webhook sensor beside a sync) and may
 hold the same ids: each batch takes its rows in id order, so two sessions inserting the same keys
 wait for each other rather than deadlock, and a batch the database still rolls back (a deadlock
@@ -155,6 +162,40 @@ class FailedRecord:
     error: str
 
 
+# How orjson writes NUL inside a JSON string (it escapes every control character this way).
+NUL_ESCAPE = b"\\u0000"
+
+
+def _strip_nul(value: Any) -> Any:
+    """`value` with NUL removed from every string in it, dict keys included (JSON-shaped values)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_strip_nul(v) for v in value]
+    return value
+
+
+def without_nul(row: Row) -> Row:
+    """`row` with NUL removed from its text values and raw JSON, re-hashed; `row` itself if it holds none.
+
+    Postgres stores NUL in neither `text` nor `jsonb`, and the characters around it are what the
+    provider's user wrote, so dropping it loses nothing a reader of the mirror could use.
+    """
+    values = row.values
+    if any(isinstance(v, str) and "\x00" in v for v in values):
+        values = tuple(v.replace("\x00", "") if isinstance(v, str) else v for v in values)
+    raw_jsonb, raw_hash = row.raw_jsonb, row.raw_hash
+    if NUL_ESCAPE in raw_jsonb:  # may also be an escaped backslash followed by "u0000": then it stays as is
+        text = orjson.dumps(_strip_nul(orjson.loads(row.raw)))
+        if text != row.raw:
+            raw_jsonb, raw_hash = JSONB_BINARY_VERSION + text, xxhash.xxh3_128_digest(text)
+    if values is row.values and raw_jsonb is row.raw_jsonb:
+        return row
+    return row._replace(values=values, raw_jsonb=raw_jsonb, raw_hash=raw_hash)
+
+
 def dedupe_latest(rows: Sequence[Row]) -> list[Row]:
     """One row per id: the newest version wins, and on a tie the one that came later."""
     latest: dict[str, Row] = {}
@@ -265,7 +306,11 @@ class UpsertWriter:
             counts.add(self._write_retrying(unique, may_be_stored))
         except RECORD_ERRORS as exc:
             self.conn.rollback()
-            if len(unique) == 1:
+            cleaned = [without_nul(row) for row in unique]
+            if any(c is not r for c, r in zip(cleaned, unique, strict=True)):
+                # Rows without NUL never come back here: a batch refused again is split as below.
+                counts.add(self.write(cleaned, may_be_stored=may_be_stored))
+            elif len(unique) == 1:
                 self._record_failure(unique[0].id, exc)
                 counts.failed += 1
             else:

@@ -7,7 +7,8 @@ inside a transaction holding `SELECT ... FOR UPDATE` on the connection row (and 
 other tenants that share the same grant, as a Xero token reaching several organisations does), it
 re-reads the stored token; if another process already refreshed it, that token is used; otherwise it
 calls the token endpoint, commits the rotated refresh token, and only then returns the new access
-token. `invalid_grant` marks the connection `needs_reauth` with the command that fixes it.
+token. Whatever could undo that commit (decrypting the siblings) is done before the call. `invalid_grant`
+marks the connection `needs_reauth` with the command that fixes it.
 
 Protocol details (authorisation URL, PKCE challenge, token request bodies, client authentication,
 token expiry) come from authlib; the transport is httpx.
@@ -35,7 +36,7 @@ from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import DEFAULT_RETRY, AuthenticationFailed, ProviderError, backoff_delay
 from nextcrm_pipelines.core.settings import libpq_url
-from nextcrm_pipelines.core.vault import SecretBox, Secrets
+from nextcrm_pipelines.core.vault import SecretBox, Secrets, VaultError
 
 log = logging.getLogger(__name__)
 
@@ -251,12 +252,20 @@ class TokenManager:
             return self._refresh(stale=rejected)
 
     def _refresh(self, stale: str) -> str:
+        """Refresh under the group's row locks, deciding everything that could fail before the token call.
+
+        The provider revokes the old refresh token once it has answered, so nothing may roll the
+        transaction back after the call: every sibling of the token group is decrypted first. A sibling
+        whose secrets cannot be decrypted (sealed under a dropped key, or corrupt) is left out of the
+        update and marked `needs_reauth`: its own copy of the grant is unreadable already, and refusing
+        the refresh instead would stop every other organisation of the grant for its sake.
+        """
         t = table("integration_connections")
         group = self.connection.settings.get("token_group")
         with psycopg.connect(self._url) as conn:
             rows = conn.execute(
                 sql.SQL(
-                    "SELECT id, secrets_encrypted, status FROM {t} WHERE id = %s "
+                    "SELECT id, secrets_encrypted, display_name FROM {t} WHERE id = %s "
                     "OR (%s::text IS NOT NULL AND provider = %s AND settings->>'token_group' = %s) "
                     "ORDER BY id FOR UPDATE"
                 ).format(t=t),
@@ -274,6 +283,15 @@ class TokenManager:
                 log.info("%s connection %s: using the token another process refreshed",
                          self.spec.provider, self.connection.id)  # fmt: skip
                 return str(stored["access_token"])
+            readable: dict[str, dict[str, Any]] = {self.connection.id: stored}
+            unreadable: list[Connection] = []
+            for cid, ciphertext, name in rows:
+                if cid == self.connection.id:
+                    continue
+                try:
+                    readable[cid] = dict(self._box.decrypt(cid, ciphertext).reveal()) if ciphertext else {}
+                except VaultError:
+                    unreadable.append(Connection(id=cid, provider=self.connection.provider, display_name=name))
             refresh_token = stored.get("refresh_token")
             # Client-credentials connections (PayPal, Mautic machine-to-machine) ask for a new token.
             by_credentials = stored.get("grant_type") == "client_credentials"
@@ -297,8 +315,7 @@ class TokenManager:
             fresh = token_secrets(token, now=self._clock())
             if refresh_token:
                 fresh.setdefault("refresh_token", refresh_token)
-            for cid, row in by_id.items():
-                current = stored if cid == self.connection.id else dict(self._box.decrypt(cid, row[1]).reveal())
+            for cid, current in readable.items():
                 conn.execute(
                     sql.SQL(
                         "UPDATE {t} SET secrets_encrypted = %s, token_version = token_version + 1, "
@@ -306,6 +323,17 @@ class TokenManager:
                     ).format(t=t),
                     (self._box.encrypt(cid, {**current, **fresh}), fresh.get("expires_at"), cid),
                 )
+            for sibling in unreadable:
+                message = (f"its secrets cannot be decrypted with the configured keys, so the refresh of its token "
+                           f"group left it out; reconnect with `{reconnect_hint(sibling)}`")  # fmt: skip
+                conn.execute(
+                    sql.SQL(
+                        "UPDATE {t} SET status = 'needs_reauth', last_error = %s, updated_at = now() WHERE id = %s"
+                    ).format(t=t),
+                    (message, sibling.id),
+                )
+                log.warning("%s connection %s: left out of its token group's refresh (secrets cannot be decrypted)",
+                            self.spec.provider, sibling.id)  # fmt: skip
             # The rotated refresh token is durable before the new access token is used anywhere.
             conn.commit()
         self._secrets = {**stored, **fresh}

@@ -1,6 +1,7 @@
 """Schedules and sensors built from the registry.
 
-- `<provider>_hourly`: re-syncs today's partition of every active connection, every hour.
+- `<provider>_hourly`: re-syncs today's partition of every active connection, every hour, and the
+  recent days a sync has not yet covered whole (see `incompletely_covered_days`).
 - `<provider>_daily_sweep`: for providers that hard-delete without a trace (MYOB), compares id sets
   once a day and flags the rows whose record is gone.
 - `<provider>_webhooks_sensor` and `<provider>_apply_webhooks`: verified inbox events applied soon after
@@ -48,7 +49,8 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
         job_name=sync_job_name(provider.name),
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-sync today's partition of every active {provider.name} connection.",
+        description=f"Re-sync today's partition of every active {provider.name} connection, and recent days"
+        " not yet covered whole.",
     )
     def _hourly(context: dg.ScheduleEvaluationContext, mirror: MirrorDatabase):
         scheduled = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
@@ -70,16 +72,25 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
 
 
 def incompletely_covered_days(conn: psycopg.Connection, connection_id: str, today: date, back: int = 2) -> list[date]:
-    """Recent days whose syncs so far saw only part of the day (a provider's reporting lag, e.g. PayPal's
-    three hours): the hourly schedule re-reads them until a sync covers the whole day."""
+    """Recent days (of the `back` before `today`) that some entity does not yet hold whole, which the hourly
+    schedule re-reads until a sync covers them: the day's latest finished sync of the entity lost records
+    (`partial`) or failed, or its syncs so far saw only part of the day (a provider's reporting lag, e.g.
+    PayPal's three hours)."""
     rows = conn.execute(
         sql.SQL(
             """
-            SELECT window_start FROM {t}
-            WHERE connection_id = %s AND status IN ('success', 'partial') AND partition <> %s
-              AND window_start >= %s AND window_start < %s
-            GROUP BY asset, window_start
-            HAVING max(window_end) < window_start + interval '1 day'
+            SELECT window_start FROM (
+                SELECT window_start, status,
+                       row_number() OVER latest AS newest,
+                       max(window_end) FILTER (WHERE status IN ('success', 'partial')) OVER day AS covered_until
+                FROM {t}
+                WHERE connection_id = %s AND status <> 'running' AND partition <> %s
+                  AND window_start >= %s AND window_start < %s
+                WINDOW day AS (PARTITION BY asset, window_start),
+                       latest AS (day ORDER BY started_at DESC, id DESC)
+            ) AS syncs
+            WHERE newest = 1
+              AND (status IN ('partial', 'failed') OR covered_until < window_start + interval '1 day')
             """
         ).format(t=table("integration_sync_logs")),
         (connection_id, SWEEP_PARTITION, today - timedelta(days=back), today),

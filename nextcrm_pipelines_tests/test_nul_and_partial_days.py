@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
 
+import dagster as dg
 import psycopg
+import pytest
 import stripe
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import RequestStats
-from nextcrm_pipelines.core.sync import SyncWindow, sync_entity
+from nextcrm_pipelines.core.runner import day_window
+from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
+from nextcrm_pipelines.definitions import defs
+from nextcrm_pipelines.partitions import connections_partitions_name
 from nextcrm_pipelines.providers.stripe import PAYMENTS
 from nextcrm_pipelines_tests.helpers import mirror_rows, sandbox_now, sync_days
 
@@ -75,3 +81,65 @@ def test_nul_is_removed_from_keys_and_nested_strings_and_an_escaped_backslash_is
     # The literal text backslash-u0000 is no NUL: it is kept as it came.
     assert raw["metadata"] == {"note": ["x", {"deep": "y"}], "path": "C:\\u0000"}
     assert len(mirror_rows(database_url, schema, "stripe_payments", "id")) == 31
+
+
+def _charges(day: date, count: int) -> list[dict]:
+    start = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
+    return [{"id": f"ch_{day:%m%d}_{i}", "object": "charge", "amount": 100 + i, "currency": "eur",
+             "status": "succeeded", "created": start + 60 * i} for i in range(count)]  # fmt: skip
+
+
+def _sync_day(database_url: str, schema: str, connection_id: str, day: date, records: list[dict], *,
+              then_fail: bool = False) -> SyncResult:  # fmt: skip
+    """One real sync of the day's window of `stripe_payments`, logged under the day's partition; with
+    `then_fail` the provider drops the connection after the first page."""
+    window = day_window(day)
+
+    def pages() -> Iterator[list[tuple[dict, datetime]]]:
+        yield [(r, window.start) for r in records]
+        if then_fail:
+            raise ConnectionError("provider went away mid-listing")
+
+    with psycopg.connect(database_url) as conn:
+        return sync_entity(conn=conn, schema=schema, provider="stripe", entity=PAYMENTS, connection_id=connection_id,
+                           window=window, pages=pages(), stats=RequestStats(),
+                           partition=f"{connection_id}|{day}")  # fmt: skip
+
+
+def _hourly_dates(connection_id: str, when: datetime) -> list[str]:
+    schedule = defs.get_schedule_def("stripe_hourly")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection_id])
+        with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                       resources={"mirror": defs.resources["mirror"]},
+                                       repository_def=defs.get_repository_def()) as context:  # fmt: skip
+            requests = list(schedule.evaluate_tick(context).run_requests)
+    return [r.partition_key.keys_by_dimension["date"] for r in requests]
+
+
+def test_hourly_schedule_rereads_partial_and_failed_days_until_a_success_covers_them(database_url, schema,
+                                                                                     stripe_connection):  # fmt: skip
+    connection = stripe_connection("sk_test_unused")
+    when = datetime(2026, 11, 26, 1, 7, tzinfo=UTC)
+    today = when.date()
+    old, failed, partial = (today - timedelta(days=n) for n in (3, 2, 1))
+    refused = {"id": "ch_no_currency", "object": "charge", "amount": 5, "currency": None, "status": "succeeded",
+               "created": int(day_window(partial).start.timestamp())}  # fmt: skip
+    # Before the look-back: a partial day there is left alone.
+    assert _sync_day(database_url, schema, connection.id, old, [*_charges(old, 5), refused]).status == "partial"
+    # Whole, then a later sync of the same day lost a record: the latest log decides.
+    assert _sync_day(database_url, schema, connection.id, partial, _charges(partial, 5)).status == "success"
+    assert _sync_day(database_url, schema, connection.id, partial, [*_charges(partial, 5), refused]).status == "partial"
+    with pytest.raises(ConnectionError):
+        _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5), then_fail=True)
+    statuses = [s for s, _, _ in _sync_log(database_url, schema)]
+    assert statuses == ["partial", "success", "partial", "failed"]
+
+    assert _hourly_dates(connection.id, when) == [str(failed), str(partial), str(today)]
+    # Asked again an hour later, while nothing synced them, they still are.
+    assert _hourly_dates(connection.id, when + timedelta(hours=1)) == [str(failed), str(partial), str(today)]
+
+    assert _sync_day(database_url, schema, connection.id, partial, _charges(partial, 5)).status == "success"
+    assert _hourly_dates(connection.id, when) == [str(failed), str(today)]
+    assert _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5)).status == "success"
+    assert _hourly_dates(connection.id, when) == [str(today)]

@@ -49,6 +49,8 @@ from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnav
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
+# Event ids are unique in the inbox; a btree entry holds at most ~2.7 kB, so longer ids could not be stored.
+MAX_EVENT_ID_CHARS = 500
 ALWAYS_KEPT_HEADERS = ("content-type", "user-agent")
 CONNECTION_CACHE_SECONDS = 10.0
 WRITERS = 4
@@ -295,7 +297,9 @@ def build_app(
             if spec.handshake(payload):
                 return _reply(200)
             events = spec.events(payload)
-        except (orjson.JSONDecodeError, ValueError, TypeError, KeyError) as exc:
+            if any(len(event.event_id) > MAX_EVENT_ID_CHARS for event in events):
+                raise ValueError(f"an event id is longer than {MAX_EVENT_ID_CHARS} characters")
+        except Exception as exc:  # a signed body whose events cannot be read, however it fails: kept, 400
             return await refused(exc, body, text, kept, name, connection_id, delivery)
         rows = [(name, connection_id, event.event_id, event.event_type, event.occurred_at,
                  Jsonb(event.payload, dumps=_json_text), text, kept, "pending", None, delivery)
@@ -310,10 +314,10 @@ def build_app(
                       delivery: str | None) -> Response:  # fmt: skip
         """Keep a signed body that holds no storable event as `dead`, for audit, and answer 400."""
         digest = "body:" + hashlib.sha256(body).hexdigest()
-        error = f"unreadable event: {type(exc).__name__}: {exc}"[:500]
-        rows = [(name, connection_id, digest, None, None, None, text.replace("\x00", ""), kept, "dead", error,
-                 delivery)]  # fmt: skip
-        status = await store(rows, name, connection_id, delivery, text)
+        error = f"unreadable event: {type(exc).__name__}: {exc}"[:500].replace("\x00", "")
+        audit = text.replace("\x00", "")  # text columns cannot hold NUL; the digest names the exact bytes
+        rows = [(name, connection_id, digest, None, None, None, audit, kept, "dead", error, delivery)]
+        status = await store(rows, name, connection_id, delivery, audit)
         return status if status is not None else _reply(400, "body is not a readable event")
 
     async def store(rows: list[tuple[Any, ...]], name: str, connection_id: str, delivery: str | None,

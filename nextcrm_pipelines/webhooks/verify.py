@@ -85,17 +85,29 @@ def hmac_sha256(secret: str, message: bytes) -> bytes:
     return hmac.new(secret.encode(), message, hashlib.sha256).digest()
 
 
+def signature_matches(expected: str, given: str) -> bool:
+    """Constant-time equality of a computed signature and a header's; a header that is not ASCII (sent as
+    Latin-1 bytes, which `hmac.compare_digest` refuses for text) never matches."""
+    return given.isascii() and hmac.compare_digest(expected, given)
+
+
 def hash_of(value: Any) -> str:
     """A stable id for an event the provider gives no id (canonical JSON, SHA-256)."""
     return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def parse_time(value: Any) -> datetime | None:
-    """Unix seconds or ISO 8601 (offset optional, UTC assumed) as aware UTC; anything else None."""
+    """Unix seconds or ISO 8601 (offset optional, UTC assumed) as aware UTC; anything else None.
+
+    Seconds no calendar date holds (`1e30`) raise ValueError: the event that carries them cannot be read.
+    """
     if value is None:
         return None
     if isinstance(value, int | float):
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise ValueError("a Unix time out of the calendar's range") from None
     try:
         parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
     except ValueError:
@@ -109,7 +121,7 @@ def base64_hmac_verifier(header: str) -> Callable[[Mapping[str, str], bytes, str
     def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> None:
         given = headers.get(header, "")
         expected = base64.b64encode(hmac_sha256(secret, body)).decode()
-        if not given or not hmac.compare_digest(expected, given.strip()):
+        if not given or not signature_matches(expected, given.strip()):
             raise InvalidSignature(f"{header} does not match")
 
     return verify

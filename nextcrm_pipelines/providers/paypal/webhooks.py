@@ -131,7 +131,7 @@ def transmission(headers: Mapping[str, str]) -> Transmission:
         raise InvalidSignature("PAYPAL-TRANSMISSION-ID is malformed")
     try:
         parse_time(at)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: a time that leaves the calendar once in UTC
         raise InvalidSignature("PAYPAL-TRANSMISSION-TIME is not an RFC 3339 time") from None
     text = found["paypal-transmission-sig"].strip()
     try:

@@ -85,7 +85,11 @@ def events(payload: Any) -> list[InboxEvent]:
     elif isinstance(payload, dict) and isinstance(payload.get("eventNotifications"), list):
         found = []
         for note in payload["eventNotifications"]:
-            for entity in (note.get("dataChangeEvent") or {}).get("entities") or []:
+            change = note.get("dataChangeEvent") if isinstance(note, dict) else None
+            entities = change.get("entities") if isinstance(change, dict) else None
+            if not isinstance(entities, list) or not all(isinstance(entity, dict) for entity in entities):
+                raise ValueError("an eventNotifications item is not {realmId, dataChangeEvent: {entities: [...]}}")
+            for entity in entities:
                 event = {"realmId": note.get("realmId"), **entity}
                 kind = f"{entity.get('name')}.{entity.get('operation')}"
                 found.append(InboxEvent(hash_of(event), kind, parse_time(entity.get("lastUpdated")), event))

@@ -3,7 +3,6 @@ carry the object, which is upserted as of the event's time."""
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -11,7 +10,14 @@ from typing import Any
 from nextcrm_pipelines.core.upsert import BatchCounts
 from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
-from nextcrm_pipelines.webhooks.verify import InboxEvent, InvalidSignature, WebhookSpec, hmac_sha256, parse_time
+from nextcrm_pipelines.webhooks.verify import (
+    InboxEvent,
+    InvalidSignature,
+    WebhookSpec,
+    hmac_sha256,
+    parse_time,
+    signature_matches,
+)
 
 TOLERANCE_SECONDS = 300
 
@@ -25,10 +31,11 @@ def verify(headers: Mapping[str, str], body: bytes, secret: str, now: float) -> 
             timestamp = value
         elif key == "v1":
             signatures.append(value)
-    if not timestamp or not timestamp.isdigit() or not signatures:
+    # ASCII digits only (`isdigit` passes "²"), and few enough that `int` takes them.
+    if not timestamp or not (timestamp.isascii() and timestamp.isdigit()) or len(timestamp) > 12 or not signatures:
         raise InvalidSignature("Stripe-Signature lacks a timestamp or a v1 signature")
     expected = hmac_sha256(secret, timestamp.encode() + b"." + body).hex()
-    if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
+    if not any(signature_matches(expected, candidate) for candidate in signatures):
         raise InvalidSignature("no v1 signature matches")
     if int(timestamp) < now - TOLERANCE_SECONDS:
         raise InvalidSignature("timestamp outside the 300 s tolerance (a replay?)")

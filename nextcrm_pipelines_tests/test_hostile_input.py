@@ -1,0 +1,178 @@
+"""The webhook receiver and the OAuth callback under hostile input: refused cleanly, never a 500 or a hang.
+
+Over real HTTP and a real Postgres: signature headers that are not ASCII are refused as forged; signed
+bodies whose events cannot be read (a time beyond any calendar, a QuickBooks notification that is not
+an object, a NUL byte) are kept `dead` and answered 400; slow clients meet deadlines while genuine
+deliveries pass; a writer task that dies turns the receiver to 503 instead of leaving requests
+waiting; an unknown connection is answered like a bad signature and looked up at most once per
+moment; a PayPal delivery older than PayPal's retry horizon (or from the future) is refused; the
+OAuth callback server answers only the callback that carries its `state`.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import psycopg
+import pytest
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.sandbox.paypal import PayPalControl
+from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
+from nextcrm_pipelines_tests.webhook_helpers import receiver
+
+NON_ASCII = "t=1,v1=\u00e9\u00e8\u00ff".encode("latin-1")
+
+
+class Captured(logging.Handler):
+    """Every log record of the process (the root logger and uvicorn's, which does not propagate)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def text(self) -> str:
+        return "\n".join(self.format(r) for r in self.records)
+
+
+@pytest.fixture
+def logged() -> Iterator[Captured]:
+    handler = Captured()
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn.error"), logging.getLogger("uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def paypal_connection(database_url: str, box, server: SandboxServer) -> tuple[PayPalControl, str, str]:
+    """A sandbox PayPal merchant whose webhooks a vault connection receives: (control, connection id, webhook id)."""
+    control = PayPalControl(server)
+    client_id, secret = f"pp-{uuid.uuid4().hex[:10]}", f"secret-{uuid.uuid4().hex}"
+    control.add_account(client_id, secret, seed=5, transactions=5, subscriptions=0, days=1, requests_per_minute=0)
+    webhook_id = "WH" + uuid.uuid4().hex[:15].upper()
+    with psycopg.connect(database_url) as conn:
+        made = vault.add_connection(
+            conn, provider="paypal", display_name=f"PayPal {uuid.uuid4().hex[:8]}", box=box,
+            secrets={"client_id": client_id, "client_secret": secret, "grant_type": "client_credentials",
+                     "webhook_id": webhook_id},
+            base_url=f"{server.url}/paypal",
+            settings={"requests_per_second": 0, "mode": "sandbox", "webhook_ca_pem": control.webhook_ca()},
+        )  # fmt: skip
+    return control, made.id, webhook_id
+
+
+def paypal_event(event_id: str | None = None, **extra: object) -> bytes:
+    return orjson.dumps({"id": event_id or f"WH-{uuid.uuid4().hex[:20].upper()}", "event_version": "1.0",
+                         "create_time": "2026-11-26T10:00:00Z", "resource_type": "capture",
+                         "event_type": "PAYMENT.CAPTURE.COMPLETED", "resource": {"id": "0VF528", **extra}})  # fmt: skip
+
+
+# --- signature headers that are not ASCII ------------------------------------------------------------------
+
+
+def test_signature_headers_that_are_not_ascii_are_refused_as_forged(database_url, schema, box, sandbox, logged):
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    xero = connection(database_url, box, "xero", {"webhook_key": "xero-key"})
+    quickbooks = connection(database_url, box, "quickbooks", {"webhook_verifier_token": "qbo-token"})
+    mautic = connection(database_url, box, "mautic", {"webhook_secret": "mautic-secret"})
+    control, paypal, webhook_id = paypal_connection(database_url, box, sandbox)
+    body = stripe_event()
+    good_paypal = paypal_event()
+    signed = control.sign_webhook(good_paypal, webhook_id)
+    cases = [
+        ("stripe", stripe, body, {"Stripe-Signature": NON_ASCII}),
+        ("stripe", stripe, body, {"Stripe-Signature": f"t={int(time.time())},v1=".encode() + "\u00e9".encode()}),
+        ("stripe", stripe, body, {"Stripe-Signature": "t=\u00b2\u00b3,v1=ab".encode()}),  # digits, but not ASCII
+        ("stripe", stripe, body, {"Stripe-Signature": ("t=" + "9" * 5000 + ",v1=ab").encode()}),
+        ("xero", xero, body, {"x-xero-signature": b64("xero-key", body)[:-2].encode() + "\u00e9".encode()}),
+        ("quickbooks", quickbooks, body, {"intuit-signature": NON_ASCII}),
+        ("mautic", mautic, body, {"Webhook-Signature": NON_ASCII}),
+    ]
+    for header in ("PAYPAL-TRANSMISSION-ID", "PAYPAL-TRANSMISSION-TIME", "PAYPAL-TRANSMISSION-SIG",
+                   "PAYPAL-CERT-URL", "PAYPAL-AUTH-ALGO"):  # fmt: skip
+        cases.append(("paypal", paypal, good_paypal, {**signed, header: signed[header].encode() + "\u00e9".encode()}))
+    # A time the calendar holds, but not once converted to UTC.
+    cases.append(("paypal", paypal, good_paypal, {**signed, "PAYPAL-TRANSMISSION-TIME": "0001-01-01T00:00:00+01:00"}))
+    with receiver(database_url, schema, box) as url:
+        for provider, connection_id, content, headers in cases:
+            response = httpx.post(f"{url}/webhooks/{provider}/{connection_id}", content=content, headers=headers)
+            assert (response.status_code, response.json()) == (401, {"error": "invalid signature"}), (provider, headers)
+        genuine = httpx.post(f"{url}/webhooks/paypal/{paypal}", content=good_paypal, headers=signed)
+        assert genuine.status_code == 200  # the same delivery with its genuine headers passes
+    assert [row[0] for row in inbox(database_url, schema)] == [paypal]
+    assert not [r for r in logged.records if r.exc_info], logged.text()
+    assert "\u00e9" not in logged.text()
+
+
+# --- signed bodies whose events cannot be read --------------------------------------------------------------
+
+
+def test_signed_bodies_whose_events_cannot_be_read_are_kept_dead_and_refused(database_url, schema, box, sandbox,
+                                                                            logged):  # fmt: skip
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    quickbooks = connection(database_url, box, "quickbooks", {"webhook_verifier_token": "qbo-token"})
+    xero = connection(database_url, box, "xero", {"webhook_key": "xero-key"})
+    mautic = connection(database_url, box, "mautic", {"webhook_secret": "mautic-secret"})
+    control, paypal, webhook_id = paypal_connection(database_url, box, sandbox)
+    now = int(time.time())
+    stripe_bodies = [
+        b'{"id": "evt_far", "object": "event", "type": "charge.updated", "created": 1e30, "data": {}}',
+        b'{"id": "evt_big", "object": "event", "type": "charge.updated", "created": 1000000000000000000000000000000}',
+        b'{"id": "evt_neg", "object": "event", "type": "charge.updated", "created": -1e18}',
+        b'{"id": "evt_y10k", "object": "event", "type": "charge.updated", "created": 253402300800}',
+    ]
+    # An id longer than the inbox's unique index can hold.
+    long_id = {"id": secrets.token_urlsafe(3000), "type": "qbo.invoice.updated.v1", "intuitentityid": "1",
+               "intuitaccountid": "1"}  # fmt: skip
+    quickbooks_bodies = [
+        b'{"eventNotifications": [1]}',
+        b'{"eventNotifications": [{"realmId": "1", "dataChangeEvent": []}]}',
+        b'{"eventNotifications": [{"realmId": "1", "dataChangeEvent": {"entities": [7]}}]}',
+        b'{"eventNotifications": [{"realmId": "1", "dataChangeEvent": {"entities": {"name": "Invoice"}}}]}',
+        b'[{"id": "x", "type": "qbo.invoice.updated.v1", "time": 1e30, "intuitentityid": "1", "intuitaccountid": "1"}]',
+        orjson.dumps([long_id]),
+    ]
+    xero_body = orjson.dumps({"events": [{"eventDateUtc": 1e30, "eventCategory": "INVOICE", "eventType": "UPDATE"}]})
+    mautic_body = b'{"mautic.lead_post_save_update": [{"contact": {"id": 7}, "timestamp": 1e300}]}'
+    paypal_bodies = [
+        paypal_event(description="a\u0000b"),  # the \u0000 escape, which jsonb cannot hold
+        paypal_event().replace(b'"0VF528"', b'"0VF\x00528"'),  # a raw NUL byte: not JSON at all
+        orjson.dumps({**orjson.loads(paypal_event()), "create_time": "0001-01-01T00:00:00+01:00"}),
+    ]
+    with receiver(database_url, schema, box) as url:
+        answers = []
+        for body in stripe_bodies:
+            answers.append(httpx.post(f"{url}/webhooks/stripe/{stripe}", content=body,
+                                      headers={"Stripe-Signature": stripe_header(body, at=now)}))  # fmt: skip
+        for body in quickbooks_bodies:
+            answers.append(httpx.post(f"{url}/webhooks/quickbooks/{quickbooks}", content=body,
+                                      headers={"intuit-signature": b64("qbo-token", body)}))  # fmt: skip
+        answers.append(httpx.post(f"{url}/webhooks/xero/{xero}", content=xero_body,
+                                  headers={"x-xero-signature": b64("xero-key", xero_body)}))  # fmt: skip
+        answers.append(httpx.post(f"{url}/webhooks/mautic/{mautic}", content=mautic_body,
+                                  headers={"Webhook-Signature": b64("mautic-secret", mautic_body)}))  # fmt: skip
+        for body in paypal_bodies:
+            answers.append(httpx.post(f"{url}/webhooks/paypal/{paypal}", content=body,
+                                      headers=control.sign_webhook(body, webhook_id)))  # fmt: skip
+    assert [a.status_code for a in answers] == [400] * len(answers), [a.text for a in answers]
+    assert {a.json()["error"] for a in answers} == {"body is not a readable event"}
+    rows = inbox(database_url, schema)
+    assert len(rows) == len(answers)
+    assert {(status, event_id[:5]) for _, event_id, _, status, _ in rows} == {("dead", "body:")}
+    assert sorted(r[0] for r in rows) == sorted([stripe] * 4 + [quickbooks] * 6 + [xero, mautic] + [paypal] * 3)
+    assert "\x00" not in "".join(r[4] for r in rows)  # kept for audit without the byte text cannot hold
+    assert not [r for r in logged.records if r.exc_info], logged.text()

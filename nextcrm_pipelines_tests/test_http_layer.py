@@ -140,3 +140,47 @@ def test_errors_and_counters_cross_to_the_process_that_started_a_sync_helper():
     copied = pickle.loads(pickle.dumps(stats))
     copied.add(requests=1)
     assert copied.as_dict() == {"requests": 4, "retries": 1, "rate_limit_waits": 0, "throttle_seconds": 0.5}
+
+
+def test_a_paced_sync_longer_than_the_budget_completes(server_url):
+    """The budget bounds one request's retries, not the client's life: a healthy paced sync runs past it,
+    and a 503 met after that is still retried."""
+    retry = RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, budget_seconds=0.5)
+    with client(server_url, retry=retry, requests_per_second=20) as http:
+        started = time.monotonic()
+        answers = [http.get_json("/thing") for _ in range(50)]  # 20 at once, then 30 at 20/s: ~1.5 s
+        assert time.monotonic() - started >= 2 * retry.budget_seconds
+        SCRIPT.queue += [(503, {})]
+        answers.append(http.get_json("/thing"))
+    assert [a["ok"] for a in answers] == [True] * 51
+    assert SCRIPT.hits == 52 and http.stats.retries == 1
+
+
+def test_pacing_waits_do_not_count_against_a_requests_budget(server_url):
+    """A request that first waits its turn at the limiter for longer than the budget still gets its retries."""
+    retry = RetryPolicy(max_attempts=5, base_delay=0.01, max_delay=0.05, budget_seconds=0.3)
+    with client(server_url, retry=retry, requests_per_second=2) as http:
+        http.get_json("/thing")
+        http.get_json("/thing")
+        SCRIPT.queue += [(503, {}), (502, {})]
+        started = time.monotonic()
+        assert http.get_json("/thing")["ok"] is True
+        assert time.monotonic() - started >= 0.45  # the limiter held it back ~0.5 s
+    assert http.stats.retries == 2 and http.stats.throttle_seconds >= 0.45
+
+
+def test_a_provider_that_keeps_answering_503_gives_up_within_the_budget(server_url):
+    SCRIPT.queue += [(503, {})] * 500
+    retry = RetryPolicy(max_attempts=1000, base_delay=0.05, max_delay=0.1, budget_seconds=0.8)
+    with client(server_url, retry=retry) as http, pytest.raises(BudgetExhausted) as failure:
+        started = time.monotonic()
+        try:
+            http.get_json("/thing")
+        finally:
+            elapsed = time.monotonic() - started
+    # It kept trying until the next wait no longer fitted (waits are at most 0.1 s), then stopped in time.
+    assert retry.budget_seconds - 0.15 <= elapsed <= retry.budget_seconds + 0.25
+    message = str(failure.value)
+    assert message.startswith("acme connection 'acme-main' GET /thing -> HTTP 503: ")
+    assert "0.8s budget" in message and f"after {SCRIPT.hits} attempts" in message
+    assert failure.value.endpoint == "GET /thing" and failure.value.status == 503

@@ -2,9 +2,10 @@
 
 One pooled `httpx.Client` per provider client; a client-side token bucket at the provider's
 published rate; retries with exponential backoff and full jitter on connection errors, 5xx and
-429, honouring `Retry-After` and provider hints; a hard time budget so a broken provider fails the
-run instead of hanging; errors that name provider, connection, endpoint and status (never a
-credential). Counters feed the sync log and Dagster metadata.
+429, honouring `Retry-After` and provider hints; a time budget per logical request, so a provider
+that keeps failing fails that request instead of hanging while a long, healthy sync is never cut
+short; errors that name provider, connection, endpoint and status (never a credential). Counters
+feed the sync log and Dagster metadata.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class DailyLimitExhausted(ProviderError):
 
 
 class BudgetExhausted(ProviderError):
-    """The call chain exceeded its time budget (a provider that keeps failing or throttling)."""
+    """One request's retries ran out of time (a provider that keeps failing or throttling)."""
 
 
 @dataclass
@@ -130,7 +131,11 @@ class RateLimiter:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How hard to try: attempts per request, backoff shape and the total time budget."""
+    """How hard to try one logical request: attempts, backoff shape and a time budget.
+
+    `budget_seconds` bounds one request's attempts and the waits between them (client-side pacing
+    waits excluded); it never limits how long a sync of many requests may run.
+    """
 
     max_attempts: int = 6
     base_delay: float = 0.5
@@ -170,18 +175,36 @@ def daily_limit_message(headers: Mapping[str, str]) -> str:
 
 
 class Budget:
-    """A deadline shared by every request of one sync."""
+    """The time one logical request may spend on its attempts and retry waits, started when the
+    request is; waits for the client-side rate limiter are excluded, being pacing, not failure."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, clock: Callable[[], float] = time.monotonic):
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self._clock = clock
+        self._started = clock()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (a pacing wait) out of the time spent."""
+        self._excluded += seconds
+
+    def spent(self) -> float:
+        """Seconds spent on the request so far, pacing waits excluded."""
+        return self._clock() - self._started - self._excluded
 
     def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.seconds - self.spent()
+
+    def exhausted(self, attempts: int, next_wait: float) -> str:
+        """Why a request gives up: attempts made, time spent, the wait that no longer fits and the budget."""
+        return (
+            f"gave up after {attempts} attempt{'s' if attempts != 1 else ''} over {self.spent():.1f}s: the next "
+            f"retry would wait {next_wait:.1f}s, past the {self.seconds:g}s budget for one request"
+        )
 
 
 class HttpClient:
-    """A provider's pooled HTTP client with pacing, retries and a time budget."""
+    """A provider's pooled HTTP client with pacing, retries and a time budget per request."""
 
     def __init__(
         self,
@@ -193,17 +216,16 @@ class HttpClient:
         auth: httpx.Auth | None = None,
         requests_per_second: float = 0,
         timeout: float = 30.0,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: RetryPolicy | None = None,
         stats: RequestStats | None = None,
         classify: Callable[[httpx.Response], str | None] | None = None,
         retry_hint: Callable[[httpx.Response], float | None] | None = None,
     ):
         self.provider = provider
         self.connection_id = connection_id
-        self.retry = retry
+        self.retry = retry or DEFAULT_RETRY
         self.stats = stats or RequestStats()
         self.limiter = RateLimiter(requests_per_second)
-        self.budget = Budget(retry.budget_seconds)
         # classify(response) names what a provider's answer means beyond its status: "daily_limit"
         # (final until the reset), "rate_limited" (wait and retry, counted), "retry", "fatal" or None.
         self._classify = classify
@@ -229,33 +251,27 @@ class HttpClient:
     def _error(self, message: str, endpoint: str, status: int | None, cls: type[ProviderError] = ProviderError):
         return cls(message, provider=self.provider, connection_id=self.connection_id, endpoint=endpoint, status=status)
 
-    def _sleep(self, seconds: float, endpoint: str, status: int | None) -> None:
-        if seconds > self.budget.remaining():
-            raise self._error(
-                f"gave up: the {self.budget.seconds:.0f}s budget for this sync is spent "
-                f"(next retry would wait {seconds:.1f}s)",
-                endpoint,
-                status,
-                BudgetExhausted,
-            )
+    def _sleep(self, seconds: float, budget: Budget, attempt: int, endpoint: str, status: int | None) -> None:
+        if seconds > budget.remaining():
+            raise self._error(budget.exhausted(attempt, seconds), endpoint, status, BudgetExhausted)
         time.sleep(seconds)
 
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send one logical request; retry what is retryable; raise `ProviderError` on failure."""
+        """Send one logical request; retry what is retryable within its budget; raise `ProviderError` on failure."""
         endpoint = f"{method.upper()} {path}"
+        budget = Budget(self.retry.budget_seconds)
         attempt = 0
         while True:
             attempt += 1
-            if self.budget.remaining() <= 0:
-                raise self._error("the time budget for this sync is spent", endpoint, None, BudgetExhausted)
             waited = self.limiter.acquire()
+            budget.exclude(waited)
             self.stats.add(requests=1, throttle_seconds=waited, retries=1 if attempt > 1 else 0)
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if attempt >= self.retry.max_attempts:
                     raise self._error(f"{type(exc).__name__} after {attempt} attempts", endpoint, None) from exc
-                self._sleep(backoff_delay(attempt, self.retry), endpoint, None)
+                self._sleep(backoff_delay(attempt, self.retry), budget, attempt, endpoint, None)
                 continue
             verdict = self._classify(response) if self._classify else None
             if verdict == "daily_limit":
@@ -278,7 +294,7 @@ class HttpClient:
             if hinted is None and self._retry_hint is not None:
                 hinted = self._retry_hint(response)
             delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
-            self._sleep(delay, endpoint, response.status_code)
+            self._sleep(delay, budget, attempt, endpoint, response.status_code)
 
     def get_json(self, path: str, **kwargs: Any) -> Any:
         import orjson

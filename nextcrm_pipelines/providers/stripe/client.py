@@ -2,8 +2,8 @@
 
 Stripe objects have no updated time (only `created`), so a day's sync lists the objects *created*
 that day and, while the day is inside the 30-day retention of `/v1/events`, the objects *changed*
-that day from the events feed (newest event per object wins) — see ../shared/providers/stripe.md
-§3-§4. Canceled subscriptions are only listed with `status=all`.
+that day from the events feed (newest event per object wins). Canceled subscriptions are only
+listed with `status=all`.
 
 Requests go through `StripeClient` (with `base_addresses` for a sandbox and `max_network_retries`
 set, since a `StripeClient` retries nothing by default) over a transport that applies our
@@ -36,6 +36,7 @@ from nextcrm_pipelines.core.http import (
     DEFAULT_RETRY,
     AuthenticationFailed,
     Budget,
+    BudgetExhausted,
     ProviderError,
     RateLimiter,
     RequestStats,
@@ -79,6 +80,8 @@ class _PacedTransport(stripe.HTTPClient):
         super().__init__()
         self._limiter = limiter
         self._stats = stats
+        # Seconds spent waiting for the limiter, so a request's time budget can leave pacing out.
+        self.paced_seconds = 0.0
         self._pool = urllib3.PoolManager(
             num_pools=2,
             maxsize=4,
@@ -89,6 +92,7 @@ class _PacedTransport(stripe.HTTPClient):
 
     def request(self, method, url, headers, post_data=None, *, _usage=None):  # type: ignore[override]
         waited = self._limiter.acquire()
+        self.paced_seconds += waited
         self._stats.add(requests=1, throttle_seconds=waited)
         try:
             response = self._pool.request(method.upper(), url, headers=dict(headers), body=post_data or None)
@@ -128,7 +132,6 @@ class StripeApi:
         self.connection = connection
         self.stats = stats or RequestStats()
         self.retry = retry
-        self.budget = Budget(retry.budget_seconds)
         livemode = api_key.startswith(("sk_live_", "rk_live_"))
         rate = float(connection.settings.get("requests_per_second", DEFAULT_RATE[livemode])) * rate_share
         self._transport = _PacedTransport(RateLimiter(rate), self.stats, timeout)
@@ -162,7 +165,7 @@ class StripeApi:
                    status=getattr(exc, "http_status", None))  # fmt: skip
 
     def get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
-        """GET `path`; 429s beyond the SDK's own retries are backed off here within the budget."""
+        """GET `path`; 429s beyond the SDK's own retries are backed off here within the request's budget."""
         first = self.stats.requests
         try:
             return self._get(path, params)
@@ -171,6 +174,8 @@ class StripeApi:
 
     def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
         requestor = self._client._requestor
+        budget = Budget(self.retry.budget_seconds)
+        paced, sent = self._transport.paced_seconds, self.stats.requests
         attempt = 0
         while True:
             attempt += 1
@@ -187,8 +192,14 @@ class StripeApi:
             except stripe.RateLimitError as exc:
                 hinted = retry_after_seconds(exc.headers) if exc.headers else None
                 delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
-                if attempt >= self.retry.max_attempts or delay > self.budget.remaining():
+                if attempt >= self.retry.max_attempts:
                     raise self._error(exc, path) from None
+                budget.exclude(self._transport.paced_seconds - paced)
+                paced = self._transport.paced_seconds
+                if delay > budget.remaining():
+                    raise BudgetExhausted(budget.exhausted(self.stats.requests - sent, delay), provider=PROVIDER,
+                                          connection_id=self.connection.id, endpoint=f"GET {path}",
+                                          status=exc.http_status) from None  # fmt: skip
                 time.sleep(delay)
             except stripe.StripeError as exc:
                 raise self._error(exc, path) from None

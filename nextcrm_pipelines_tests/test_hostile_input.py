@@ -25,6 +25,7 @@ import pytest
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_pipelines.webhooks.app import _GroupCommit
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
 from nextcrm_pipelines_tests.webhook_helpers import receiver
 
@@ -176,3 +177,34 @@ def test_signed_bodies_whose_events_cannot_be_read_are_kept_dead_and_refused(dat
     assert sorted(r[0] for r in rows) == sorted([stripe] * 4 + [quickbooks] * 6 + [xero, mautic] + [paypal] * 3)
     assert "\x00" not in "".join(r[4] for r in rows)  # kept for audit without the byte text cannot hold
     assert not [r for r in logged.records if r.exc_info], logged.text()
+
+
+# --- a writer task that dies --------------------------------------------------------------------------------
+
+
+def test_a_writer_task_that_dies_turns_the_receiver_to_503_instead_of_leaving_requests_waiting(
+    database_url, schema, box, monkeypatch, logged
+):
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+
+    async def broken(self, rows):
+        raise RuntimeError("a bug in the writer")
+
+    with receiver(database_url, schema, box) as url:
+        target = f"{url}/webhooks/stripe/{stripe}"
+        first = stripe_event("evt_before")
+        assert httpx.post(target, content=first, headers={"Stripe-Signature": stripe_header(first)}).status_code == 200
+        assert httpx.get(f"{url}/healthz").status_code == 200
+        monkeypatch.setattr(_GroupCommit, "_commit", broken)  # the next group kills the writer that takes it
+        started = time.monotonic()
+        answers = []
+        for n in range(3):
+            body = stripe_event(f"evt_after_{n}")
+            answers.append(httpx.post(target, content=body, headers={"Stripe-Signature": stripe_header(body)},
+                                      timeout=10))  # fmt: skip
+        health = httpx.get(f"{url}/healthz", timeout=10)
+        assert time.monotonic() - started < 5
+    assert [a.status_code for a in answers] == [503, 503, 503]
+    assert health.status_code == 503
+    assert [row[1] for row in inbox(database_url, schema)] == ["evt_before"]
+    assert "a bug in the writer" not in logged.text() and "RuntimeError" in logged.text()

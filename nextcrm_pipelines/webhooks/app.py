@@ -94,33 +94,57 @@ class _Known:
     until: float
 
 
+class WriterStopped(Exception):
+    """A writer task ended unexpectedly: nothing more is stored until the receiver is restarted (503)."""
+
+
 class _GroupCommit:
     """Writer tasks that insert queued rows of many requests in one transaction, then wake them.
 
     A request's rows are inserted together; when a group fails on a row the database refuses, each
     request of the group is retried alone so only its own rows fail. A request learns its outcome
-    (committed, or the error) only after the transaction ended.
+    (committed, or the error) only after the transaction ended. A writer that dies of an unexpected
+    error fails the requests it holds and every queued one, and marks the writers `broken`, so later
+    writes fail at once (the receiver answers 503 and reports itself unhealthy) instead of waiting.
     """
 
     def __init__(self, pool: AsyncConnectionPool, insert: str, writers: int = WRITERS, limit: int = GROUP_ROWS):
         self.pool, self.insert, self.writers, self.limit = pool, insert, writers, limit
         self.queue: asyncio.Queue[tuple[list[tuple[Any, ...]], asyncio.Future[None]]] = asyncio.Queue()
         self.tasks: list[asyncio.Task[None]] = []
+        self.broken = False
 
     def start(self) -> None:
         self.tasks = [asyncio.create_task(self._run(), name=f"webhook-writer-{n}") for n in range(self.writers)]
+        for task in self.tasks:
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved here, so asyncio does not log it with its message
+        self.broken = True
+        log.error("webhook writer %s stopped (%s); the receiver answers 503 until it is restarted", task.get_name(),
+                  type(exc).__name__)  # fmt: skip
+        self._fail_queued(WriterStopped("a webhook writer stopped"))
+
+    def _fail_queued(self, error: Exception) -> None:
+        while not self.queue.empty():
+            _, waiter = self.queue.get_nowait()
+            if not waiter.done():
+                waiter.set_exception(error)
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        while not self.queue.empty():
-            _, waiter = self.queue.get_nowait()
-            if not waiter.done():
-                waiter.set_exception(psycopg.OperationalError("the receiver is shutting down"))
+        self._fail_queued(psycopg.OperationalError("the receiver is shutting down"))
 
     async def write(self, rows: list[tuple[Any, ...]]) -> None:
-        """Insert `rows` (one request's) and return once they are committed; raises what the database raised."""
+        """Insert `rows` (one request's) and return once they are committed; raises what the database raised,
+        or `WriterStopped`."""
+        if self.broken:
+            raise WriterStopped("a webhook writer stopped")
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         await self.queue.put((rows, waiter))
         await waiter
@@ -133,16 +157,16 @@ class _GroupCommit:
                 group.append(self.queue.get_nowait())
                 size += len(group[-1][0])
             try:
-                await self._commit([row for rows, _ in group for row in rows])
-                outcomes: list[BaseException | None] = [None] * len(group)
-            except (psycopg.OperationalError, PoolTimeout) as exc:
-                outcomes = [exc] * len(group)
-            except psycopg.Error:
-                outcomes = [await self._alone(rows) for rows, _ in group]
-            except asyncio.CancelledError:  # stopping: whatever was taken is answered as not stored
+                outcomes = await self._outcomes([rows for rows, _ in group])
+            except BaseException as exc:  # stopping, or a bug: whatever was taken is answered as not stored
+                error: Exception = (
+                    psycopg.OperationalError("the receiver is shutting down")
+                    if isinstance(exc, asyncio.CancelledError)
+                    else WriterStopped("a webhook writer stopped")
+                )
                 for _, waiter in group:
                     if not waiter.done():
-                        waiter.set_exception(psycopg.OperationalError("the receiver is shutting down"))
+                        waiter.set_exception(error)
                 raise
             for (_, waiter), outcome in zip(group, outcomes, strict=True):
                 if waiter.done():
@@ -151,6 +175,16 @@ class _GroupCommit:
                     waiter.set_result(None)
                 else:
                     waiter.set_exception(outcome)
+
+    async def _outcomes(self, group: list[list[tuple[Any, ...]]]) -> list[BaseException | None]:
+        """Commit the group's rows in one transaction; per request, None once committed or its error."""
+        try:
+            await self._commit([row for rows in group for row in rows])
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            return [exc] * len(group)
+        except psycopg.Error:
+            return [await self._alone(rows) for rows in group]
+        return [None] * len(group)
 
     async def _alone(self, rows: list[tuple[Any, ...]]) -> BaseException | None:
         try:
@@ -324,6 +358,8 @@ def build_app(
                     text: str) -> Response | None:  # fmt: skip
         """Commit the rows; None once committed, else the answer to give (401 or 503)."""
         try:
+            if writer.broken:  # the receiver is unhealthy as a whole: it stores nothing until restarted
+                raise WriterStopped("a webhook writer stopped")
             if not delivery:
                 await writer.write(rows)
                 return None
@@ -340,9 +376,12 @@ def build_app(
         except (psycopg.OperationalError, PoolTimeout) as exc:
             log.error("webhook for %s not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
             return _reply(503, "database unavailable; retry later")
+        except WriterStopped:
+            return _reply(503, "the receiver cannot store events now; retry later")
 
     async def health(request: Request) -> Response:
-        return _reply(200)
+        """200 while the receiver can store events; 503 once a writer task died (restart it)."""
+        return _reply(503, "a webhook writer stopped") if writer.broken else _reply(200)
 
     routes = [
         Route("/webhooks/{provider}/{connection_id}", receive, methods=["POST"]),

@@ -184,3 +184,16 @@ def test_a_provider_that_keeps_answering_503_gives_up_within_the_budget(server_u
     assert message.startswith("acme connection 'acme-main' GET /thing -> HTTP 503: ")
     assert "0.8s budget" in message and f"after {SCRIPT.hits} attempts" in message
     assert failure.value.endpoint == "GET /thing" and failure.value.status == 503
+
+
+@pytest.mark.parametrize(
+    "value", ["soon", "Mon, 99 Foo 2026 25:61:00 GMT", "Thu, 01 Jan 1970", "inf", "nan", "", " 1 2"]
+)
+def test_an_unreadable_retry_after_is_treated_as_absent(server_url, value):
+    """A malformed `Retry-After` falls back to the backoff: the request is retried promptly and succeeds."""
+    SCRIPT.queue += [(429, {"Retry-After": value}), (503, {"Retry-After": value})]
+    with client(server_url) as http:
+        started = time.monotonic()
+        assert http.get_json("/thing")["ok"] is True
+        assert time.monotonic() - started < 1.0  # the backoff (at most 0.05 s here), not a parsed wait
+    assert SCRIPT.hits == 3 and http.stats.retries == 2 and http.stats.rate_limit_waits == 1

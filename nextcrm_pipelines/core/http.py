@@ -11,6 +11,7 @@ feed the sync log and Dagster metadata.
 from __future__ import annotations
 
 import email.utils
+import math
 import random
 import threading
 import time
@@ -154,15 +155,22 @@ def backoff_delay(attempt: int, policy: RetryPolicy) -> float:
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """`Retry-After` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable."""
-    value = headers.get("retry-after")
+    """`Retry-After` as seconds (delta-seconds or an HTTP date), or None when absent or unreadable,
+    so a malformed header falls back to the backoff instead of failing the request."""
+    value = (headers.get("retry-after") or "").strip()
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value)
-        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if parsed.tzinfo is None:  # "-0000": a time in UTC from a source that does not say its zone
+            parsed = parsed.replace(tzinfo=UTC)
+        seconds = parsed.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def daily_limit_message(headers: Mapping[str, str]) -> str:

@@ -255,11 +255,17 @@ def secrets_generate_key() -> None:
 
 @secrets_group.command("rotate")
 def secrets_rotate() -> None:
-    """Re-encrypt every stored secret under the current key.
+    """Re-encrypt every stored secret under the current key, and record it as the vault's key.
 
     With env keys: set NEXTCRM_SECRET_KEY to the new key and NEXTCRM_SECRET_KEY_PREVIOUS to the
     old one(s), run this, then drop the old keys. With the local key file (demo): a new key is
     generated, everything is re-encrypted, and the file then holds only the new key.
+
+    Safe while receivers and syncs run: secrets being written when it starts are written first and
+    then re-encrypted. Afterwards every write of secrets uses the recorded key, and a process that
+    was started without it (the old key only) refuses to write, before it calls any token endpoint,
+    saying to restart it with the new key. No row is left under the old key once this has finished,
+    so the old key can be dropped then; restart the processes that ran with it alone.
     """
     from cryptography.fernet import Fernet
 
@@ -281,7 +287,8 @@ def secrets_rotate() -> None:
         rotated, current = vault.rotate_secrets(conn, box)
     if uses_file:
         keys.key_file().write_text(new + "\n")
-    click.echo(f"re-encrypted {rotated} connection secret(s); {current} already used the current key")
+    click.echo(f"re-encrypted {rotated} connection secret(s); {current} already used the current key "
+               f"(fingerprint {box.fingerprint}, now recorded as the vault's key)")  # fmt: skip
 
 
 # --- sandbox ----------------------------------------------------------------------------------

@@ -2,6 +2,10 @@
 
 `Connection` carries no secret material; `load_secrets` decrypts on demand and returns a
 `Secrets` whose repr is redacted, so neither can leak into logs or Dagster metadata by accident.
+
+Every write of secrets first takes `lock_current_key` (a shared lock on the `vault_keys` row, which
+`rotate_secrets` takes exclusively) and seals them under the key recorded there, so no row is left
+encrypted under a key that a finished rotation lets the operator drop.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.vault import SecretBox, Secrets
+from nextcrm_pipelines.core.vault import SecretBox, Secrets, StaleKey, stale_key_message
 
 STATUSES = ("active", "needs_reauth", "disabled")
 _COLUMNS = (
@@ -59,6 +62,20 @@ def connection_id_for(provider: str, display_name: str) -> str:
     return f"{provider}-{slugify(display_name)}"[:120]
 
 
+def lock_current_key(conn: psycopg.Connection, box: SecretBox) -> str | None:
+    """Lock the vault's current-key record (shared) until the transaction ends; the fingerprint of the key
+    secrets must be sealed under, or None before the first rotation (then the box's current key is used).
+
+    Take it before locking any connection row (the order `rotate_secrets` uses). Raises `StaleKey`
+    when `box` lacks the recorded key: a process started before the latest rotation must not write.
+    """
+    row = conn.execute(sql.SQL("SELECT fingerprint FROM {t} FOR SHARE").format(t=table("vault_keys"))).fetchone()
+    current = row[0] if row else None
+    if current is not None and not box.holds(current):
+        raise StaleKey(stale_key_message(current))
+    return current
+
+
 def add_connection(
     conn: psycopg.Connection,
     *,
@@ -74,6 +91,7 @@ def add_connection(
 ) -> Connection:
     """Insert a connection, or update the one with the same id (re-connecting the same account)."""
     cid = connection_id or connection_id_for(provider, display_name)
+    under = lock_current_key(conn, box)
     conn.execute(
         sql.SQL(
             """
@@ -97,7 +115,7 @@ def add_connection(
             "tenant": external_tenant,
             "base_url": base_url,
             "settings": Jsonb(settings or {}),
-            "secret": box.encrypt(cid, secrets),
+            "secret": box.encrypt(cid, secrets, under),
             "expires": token_expires_at,
         },
     )
@@ -154,6 +172,7 @@ def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[s
     """Merge `updates` into a connection's stored secrets under the row lock token refreshes take,
     so a refresh running at the same time is neither lost nor overwritten; commits."""
     t = table("integration_connections")
+    under = lock_current_key(conn, box)
     row = conn.execute(sql.SQL("SELECT secrets_encrypted FROM {t} WHERE id = %s FOR UPDATE").format(t=t),
                        (connection_id,)).fetchone()  # fmt: skip
     if row is None:
@@ -161,7 +180,7 @@ def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[s
         raise ConnectionNotFound(f"no connection {connection_id!r}")
     current = dict(box.decrypt(connection_id, row[0]).reveal()) if row[0] else {}
     conn.execute(sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(t=t),
-                 (box.encrypt(connection_id, {**current, **updates}), connection_id))  # fmt: skip
+                 (box.encrypt(connection_id, {**current, **updates}, under), connection_id))  # fmt: skip
     conn.commit()
 
 
@@ -201,23 +220,28 @@ def record_sync_outcome(conn: psycopg.Connection, connection_id: str, sync_statu
 
 
 def rotate_secrets(conn: psycopg.Connection, box: SecretBox) -> tuple[int, int]:
-    """Re-encrypt every stored secret under the current key; returns (rotated, already current)."""
+    """Re-encrypt every stored secret under the box's current key and record that key as the vault's
+    current one; returns (rotated, already current). The caller commits.
+
+    The `vault_keys` row is locked exclusively first: writes of secrets in flight (which hold it
+    shared) finish before, so their rows are re-encrypted here, and writes after the commit find the
+    new fingerprint, which a process started with the old key lacks, so it refuses to write.
+    """
+    t = table("integration_connections")
+    keys = table("vault_keys")
+    conn.execute(sql.SQL("SELECT fingerprint FROM {k} FOR UPDATE").format(k=keys))
     rotated = current = 0
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(
-            sql.SQL("SELECT id, secrets_encrypted FROM {t} WHERE secrets_encrypted IS NOT NULL FOR UPDATE").format(
-                t=table("integration_connections")
-            )
-        ).fetchall()
-        for row in rows:
-            if box.is_current(row["secrets_encrypted"]):
-                current += 1
-                continue
-            cur.execute(
-                sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(
-                    t=table("integration_connections")
-                ),
-                (box.rotate(row["secrets_encrypted"]), row["id"]),
-            )
-            rotated += 1
+    rows = conn.execute(
+        sql.SQL("SELECT id, secrets_encrypted FROM {t} WHERE secrets_encrypted IS NOT NULL FOR NO KEY UPDATE").format(
+            t=t
+        )
+    ).fetchall()
+    for cid, ciphertext in rows:
+        if box.is_current(ciphertext):
+            current += 1
+            continue
+        conn.execute(sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(t=t),
+                     (box.rotate(ciphertext), cid))  # fmt: skip
+        rotated += 1
+    conn.execute(sql.SQL("UPDATE {k} SET fingerprint = %s, rotated_at = now()").format(k=keys), (box.fingerprint,))
     return rotated, current

@@ -32,7 +32,7 @@ from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.connections import Connection, lock_current_key
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import DEFAULT_RETRY, AuthenticationFailed, ProviderError, backoff_delay
 from nextcrm_pipelines.core.settings import libpq_url
@@ -258,11 +258,14 @@ class TokenManager:
         transaction back after the call: every sibling of the token group is decrypted first. A sibling
         whose secrets cannot be decrypted (sealed under a dropped key, or corrupt) is left out of the
         update and marked `needs_reauth`: its own copy of the grant is unreadable already, and refusing
-        the refresh instead would stop every other organisation of the grant for its sake.
+        the refresh instead would stop every other organisation of the grant for its sake. The tokens
+        are sealed under the key the vault records as current (see `connections.lock_current_key`).
         """
         t = table("integration_connections")
         group = self.connection.settings.get("token_group")
         with psycopg.connect(self._url) as conn:
+            # A process without the key recorded by the latest rotation stops here, before the token call.
+            under = lock_current_key(conn, self._box)
             rows = conn.execute(
                 sql.SQL(
                     "SELECT id, secrets_encrypted, display_name FROM {t} WHERE id = %s "
@@ -321,7 +324,7 @@ class TokenManager:
                         "UPDATE {t} SET secrets_encrypted = %s, token_version = token_version + 1, "
                         "token_expires_at = to_timestamp(%s), updated_at = now() WHERE id = %s"
                     ).format(t=t),
-                    (self._box.encrypt(cid, {**current, **fresh}), fresh.get("expires_at"), cid),
+                    (self._box.encrypt(cid, {**current, **fresh}, under), fresh.get("expires_at"), cid),
                 )
             for sibling in unreadable:
                 message = (f"its secrets cannot be decrypted with the configured keys, so the refresh of its token "

@@ -5,10 +5,18 @@ in `integration_connections.secrets_encrypted`. The plaintext binds the connecti
 copied onto another row does not decrypt there. Keys come from `NEXTCRM_SECRET_KEY` (current) and
 `NEXTCRM_SECRET_KEY_PREVIOUS` (comma-separated keys still accepted for reading while rotating); with
 neither set, a local key file in the data folder is used (the demo creates one and says so).
+
+Each key has a public fingerprint (an HMAC of a fixed label under the key: it names the key without
+revealing it). `secrets rotate` records the fingerprint of the key it re-encrypted under in the
+database, and every write of secrets seals them under that recorded key (see
+`connections.lock_current_key`), so a process that still runs with a superseded key cannot leave a
+row that only the dropped key opens.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +32,15 @@ KEY_FILE_NAME = "secret.key"
 
 class VaultError(RuntimeError):
     """A secret could not be encrypted or decrypted; the message never contains secret material."""
+
+
+class StaleKey(VaultError):
+    """This process lacks the key the vault records as current: it must not write secrets."""
+
+
+def key_fingerprint(key: str) -> str:
+    """The public name of a key: it identifies the key and reveals nothing of it."""
+    return hmac.new(key.encode(), b"nextcrm vault key fingerprint", hashlib.sha256).hexdigest()[:16]
 
 
 class Secrets(Mapping[str, str]):
@@ -49,6 +66,16 @@ class Secrets(Mapping[str, str]):
     def reveal(self) -> dict[str, str]:
         """A plain dict of the values, for encrypting them again."""
         return dict(self._values)
+
+
+def stale_key_message(current: str) -> str:
+    """What a process told to write under a key it lacks must say: restart it with the current key."""
+    return (
+        f"the vault's secrets are now encrypted under the key with fingerprint {current} (recorded by "
+        "`nextcrm-pipelines secrets rotate`), which this process was not started with; it writes no secrets "
+        "and calls no token endpoint until you restart it with the current NEXTCRM_SECRET_KEY (or the rewritten local "
+        "key file)"
+    )
 
 
 def key_file() -> Path:
@@ -97,6 +124,18 @@ class SecretBox:
         except (ValueError, TypeError) as exc:
             raise VaultError("NEXTCRM_SECRET_KEY is not a valid Fernet key (32 url-safe base64 bytes)") from exc
         self._multi = MultiFernet(self._fernets)
+        self._by_fingerprint = {
+            key_fingerprint(k): f for k, f in zip(reversed(keys), reversed(self._fernets), strict=True)
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """The fingerprint of the current (first) key."""
+        return key_fingerprint(self._keys[0])
+
+    def holds(self, fingerprint: str) -> bool:
+        """Whether one of this box's keys has `fingerprint`."""
+        return fingerprint in self._by_fingerprint
 
     @classmethod
     def from_environment(cls) -> SecretBox:
@@ -106,9 +145,15 @@ class SecretBox:
         """Handed to a helper process of the same sync through its pipe (never logged or stored)."""
         return SecretBox, (self._keys,)
 
-    def encrypt(self, connection_id: str, secrets: Mapping[str, str]) -> str:
+    def encrypt(self, connection_id: str, secrets: Mapping[str, str], under: str | None = None) -> str:
+        """Seal a connection's secrets under the key whose fingerprint is `under` (default: the current key)."""
         payload = orjson.dumps({"connection_id": connection_id, "secrets": dict(secrets)})
-        return self._multi.encrypt(payload).decode()
+        if under is None:
+            return self._multi.encrypt(payload).decode()
+        fernet = self._by_fingerprint.get(under)
+        if fernet is None:
+            raise StaleKey(stale_key_message(under))
+        return fernet.encrypt(payload).decode()
 
     def decrypt(self, connection_id: str, token: str) -> Secrets:
         try:

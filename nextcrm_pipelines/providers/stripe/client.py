@@ -44,6 +44,7 @@ from nextcrm_pipelines.core.http import (
     backoff_delay,
     retry_after_seconds,
 )
+from nextcrm_pipelines.core.paging import PageCursors
 from nextcrm_pipelines.core.sync import Changes, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
 
@@ -95,7 +96,9 @@ class _PacedTransport(stripe.HTTPClient):
         self.paced_seconds += waited
         self._stats.add(requests=1, throttle_seconds=waited)
         try:
-            response = self._pool.request(method.upper(), url, headers=dict(headers), body=post_data or None)
+            # A redirect is never followed: it would carry the secret key to wherever the answer points.
+            response = self._pool.request(method.upper(), url, headers=dict(headers), body=post_data or None,
+                                          redirect=False)  # fmt: skip
         except urllib3.exceptions.HTTPError as exc:
             raise stripe.APIConnectionError(f"could not reach Stripe: {type(exc).__name__}", should_retry=True) from exc
         if response.status == 429:
@@ -205,20 +208,24 @@ class StripeApi:
                 raise self._error(exc, path) from None
 
     def list_pages(self, path: str, params: Mapping[str, Any]) -> Iterator[tuple[list[dict[str, Any]], datetime]]:
-        """Every page of a list endpoint, newest first, each with the time it was requested.
+        """Every page of a list endpoint, newest first, each with the time it was requested; a page
+        that repeats an earlier one raises `ProviderError` instead of being read again.
 
         The time is cut to whole seconds, Stripe's event resolution: a change in the same second as a
         listing then ties with it, and the upsert (which replaces on a version not older) lets the event win.
         """
         query = {**params, "limit": PAGE_SIZE}
+        cursors = PageCursors(PROVIDER, name="Stripe", connection_id=self.connection.id, endpoint=f"GET {path}")
         while True:
             requested_at = datetime.now(UTC).replace(microsecond=0)
             page = self.get(path, query)
             data = page.get("data") or []
-            yield data, requested_at
-            if not page.get("has_more") or not data:
+            if not page.get("has_more"):
+                yield data, requested_at
                 return
-            query["starting_after"] = data[-1]["id"]
+            # A page Stripe already gave (or an empty one that says more follow) stops the listing.
+            query["starting_after"] = cursors.advance(data[-1]["id"] if data else None)
+            yield data, requested_at
 
     def created_in(
         self, path: str, window: SyncWindow, extra: Mapping[str, Any] | None = None, listed: set[str] | None = None

@@ -186,6 +186,14 @@ def webhook_job_name(provider: str) -> str:
 
 
 WEBHOOK_RUN_LIMIT = 5000
+# One apply run per provider at a time (a tag concurrency limit in dagster.yaml): runs queue rather than
+# compete for the same inbox and the provider's request budget.
+WEBHOOK_APPLY_TAG = "nextcrm/webhook_apply"
+
+
+def webhook_job_tags(provider: str) -> dict[str, str]:
+    """The apply job's tags: its provider, and the key that limits its runs to one at a time."""
+    return {"nextcrm/provider": provider, WEBHOOK_APPLY_TAG: provider}
 
 
 def build_webhook_job(provider: Provider) -> dg.JobDefinition:
@@ -201,6 +209,9 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
     @dg.op(
         name=f"{provider.name}_apply_inbox",
         description=f"Apply the due {provider.name} webhook events.",
+        # An unexpected error (the database went away) is tried again; events it held are released or
+        # their lease lapses, so the retry takes them. Failed events are not: they have their own backoff.
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL),
         config_schema={
             "max_events": dg.Field(
                 int, default_value=WEBHOOK_RUN_LIMIT, description="Events claimed at most by this run."
@@ -215,8 +226,9 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
             context.log.info(f"{result.entity} {result.connection_id}: {result.summary()}")
         counts = outcome.counts
         metadata = {"processed": outcome.processed, "failed": outcome.failed, "dead": outcome.dead,
-                    "skipped_types": outcome.skipped, "inserted": counts.inserted, "updated": counts.updated,
-                    "unchanged": counts.unchanged, "connections": len(outcome.connections)}  # fmt: skip
+                    "held": outcome.held, "skipped_types": outcome.skipped, "inserted": counts.inserted,
+                    "updated": counts.updated, "unchanged": counts.unchanged,
+                    "connections": len(outcome.connections)}  # fmt: skip
         for table_name, written in sorted(outcome.by_table.items()):
             if table_name not in tables:
                 continue
@@ -236,10 +248,10 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
             )
         if outcome.failed:
             message = f"{outcome.failed} event(s) failed, retried with backoff ({outcome.dead} now dead)"
-            raise dg.Failure(f"{message}; see webhook_events.last_error", metadata=metadata)
+            raise dg.Failure(f"{message}; see webhook_events.last_error", metadata=metadata, allow_retries=False)
         return dg.Output(outcome.processed, metadata=metadata)
 
-    @dg.job(name=webhook_job_name(provider.name), tags={"nextcrm/provider": provider.name},
+    @dg.job(name=webhook_job_name(provider.name), tags=webhook_job_tags(provider.name),
             description=f"Apply verified {provider.name} webhook events from the inbox.")  # fmt: skip
     def _job() -> None:
         _apply()
@@ -255,9 +267,9 @@ def webhook_sensor_interval() -> int:
 def build_webhook_sensor(provider: Provider, job: dg.JobDefinition) -> dg.SensorDefinition:
     """Requests one apply run per bounded batch of due inbox events; writes nothing itself.
 
-    The run key names the batch (its id range, size and attempts so far), so re-evaluating the same
-    due set requests nothing new, while new events, a late-committing lower id or a retry after
-    backoff make a new key.
+    The run key names the batch (its id range, size and the newest generation among its events), so
+    re-evaluating the same due set requests nothing new, while new events, a late-committing lower
+    id, a retry after backoff, a replay or a claim that lapsed with its run make a new key.
     """
 
     @dg.sensor(

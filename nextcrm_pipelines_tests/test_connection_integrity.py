@@ -149,7 +149,7 @@ def test_upgrading_a_database_that_holds_rows_keeps_them_and_their_check(databas
         with psycopg.connect(database_url) as conn:
             _connection(conn, schema, "acme")
             _insert(conn, schema, "stripe_payments", "acme", "ch_1")
-        assert db.upgrade(database_url, schema) == "0008"
+        assert db.upgrade(database_url, schema, "0008") == "0008"
         with psycopg.connect(database_url) as conn:
             assert _count(conn, schema, "stripe_payments") == 1
             with pytest.raises(psycopg.errors.ForeignKeyViolation):

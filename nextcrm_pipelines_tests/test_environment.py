@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from nextcrm_pipelines.automation import WEBHOOK_APPLY_TAG
 from nextcrm_pipelines.core import settings
 from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, shared_buffers_mb, stop_embedded_postgres
 from nextcrm_pipelines.core.runner import connection_lock
@@ -65,6 +66,11 @@ def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(pro
     limits = instance.get_concurrency_config().run_queue_config.tag_concurrency_limits
     for key in ("dagster/partition/connection", "dagster/partition"):  # connection x day, and connection-only
         assert {"key": key, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+    # One webhook apply run per provider at a time: the job carries the tag the limit counts.
+    assert {"key": WEBHOOK_APPLY_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+    from nextcrm_pipelines.definitions import defs
+
+    assert defs.get_job_def("stripe_apply_webhooks").tags[WEBHOOK_APPLY_TAG] == "stripe"
     instance.add_dynamic_partitions("stripe_connections", ["stripe-acme"])
     run = instance.create_run_for_job(dg.GraphDefinition(name="noop", node_defs=[]).to_job(), run_id=None)
     instance.report_engine_event("stored in Postgres", run)

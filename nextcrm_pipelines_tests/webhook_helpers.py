@@ -17,6 +17,10 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.definitions import defs
 from nextcrm_pipelines.webhooks.app import build_app
 
+# The tags the daemon puts on a run a sensor requested, by which it skips a run key seen before.
+RUN_KEY_TAG = "dagster/run_key"
+SENSOR_TAG = "dagster/sensor_name"
+
 
 @contextmanager
 def receiver(database_url: str, schema: str, box, **options) -> Iterator[str]:
@@ -38,15 +42,23 @@ def receiver(database_url: str, schema: str, box, **options) -> Iterator[str]:
 
 
 def tick_and_apply(instance: dg.DagsterInstance, provider: str) -> list[dg.RunRequest]:
-    """Evaluate `<provider>_webhooks_sensor` once and execute each run it requests, as the daemon would."""
+    """Evaluate `<provider>_webhooks_sensor` once and execute each run it requests, as the daemon would:
+    a request whose run key an earlier run of this sensor already carries is skipped, not run again.
+    Returns the requests that started a run."""
     sensor = defs.get_sensor_def(f"{provider}_webhooks_sensor")
     context = dg.build_sensor_context(instance=instance, resources={"mirror": defs.resources["mirror"]})
     requests = list(sensor.evaluate_tick(context).run_requests or [])
     job = defs.get_job_def(f"{provider}_apply_webhooks")
+    started = []
     for request in requests:
+        tags = {**(request.tags or {}), RUN_KEY_TAG: request.run_key, SENSOR_TAG: sensor.name}
+        if request.run_key and instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: request.run_key,
+                                                                              SENSOR_TAG: sensor.name})):  # fmt: skip
+            continue
         job.execute_in_process(instance=instance, raise_on_error=False, run_config=request.run_config or None,
-                               tags=request.tags)  # fmt: skip
-    return requests
+                               tags=tags)  # fmt: skip
+        started.append(request)
+    return started
 
 
 def inbox_rows(database_url: str, schema: str, provider: str | None = None) -> list[tuple]:

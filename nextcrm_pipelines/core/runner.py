@@ -48,6 +48,10 @@ class ConnectionUnavailable(RuntimeError):
     """The connection exists but may not sync now (disabled, or waiting for re-authorisation)."""
 
 
+class ConnectionBusy(ConnectionUnavailable):
+    """Another process holds the connection's lock (a sync) and the caller chose not to wait for it."""
+
+
 def day_window(day: date) -> SyncWindow:
     start = datetime(day.year, day.month, day.day, tzinfo=UTC)
     return SyncWindow(start, start + timedelta(days=1))
@@ -70,10 +74,18 @@ def reauth_hint(provider: Provider, connection: Connection) -> str:
 
 
 @contextmanager
-def connection_lock(conn: psycopg.Connection, connection_id: str) -> Iterator[None]:
-    """Hold a session-level Postgres advisory lock for `connection_id` on `conn` for the block."""
+def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = True) -> Iterator[None]:
+    """Hold a session-level Postgres advisory lock for `connection_id` on `conn` for the block.
+
+    `wait=False` raises `ConnectionBusy` at once when another session holds it, for callers that have
+    other work to do rather than wait for a sync to end (webhook apply runs).
+    """
     key = zlib.crc32(f"nextcrm-sync:{connection_id}".encode())
-    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    if wait:
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
+        conn.rollback()
+        raise ConnectionBusy(f"connection {connection_id!r} is being synced by another run")
     conn.commit()
     try:
         yield
@@ -92,12 +104,14 @@ def open_connection(
     box: SecretBox | None = None,
     lock: bool = True,
     rate_share: float = 1.0,
+    wait: bool = True,
 ) -> Iterator[tuple[psycopg.Connection, Connection, Any, RequestStats]]:
     """Check and lock one connection, open its client; yields (session, connection, client, stats).
 
     Bad credentials met inside the block mark the connection `needs_reauth` with the command that
     fixes it, then propagate as `AuthenticationFailed`. `lock=False` is for a helper process of a
-    sync that already holds the connection's lock.
+    sync that already holds the connection's lock; `wait=False` raises `ConnectionBusy` instead of
+    waiting for a lock another run holds.
     """
     box = box or SecretBox.from_environment()
     stats = RequestStats()
@@ -122,7 +136,7 @@ def open_connection(
                                 rate_share=rate_share)  # fmt: skip
         try:
             with (
-                connection_lock(conn, connection_id) if lock else nullcontext(),
+                connection_lock(conn, connection_id, wait) if lock else nullcontext(),
                 provider.open_client(context) as client,
             ):
                 yield conn, connection, client, stats

@@ -1,12 +1,19 @@
 """Applying the webhook inbox: claim due events, apply them per connection, record the outcome.
 
-An apply run claims due rows of one provider (`pending`, or `failed` whose backoff has passed) with
-`FOR UPDATE SKIP LOCKED`, in id order and bounded batches, hands each connection's events to the
-provider's `apply`, and marks them `processed`. When a batch fails, its events are applied one by one
-so only the bad ones fail: those are retried with exponential backoff and end `dead` after the last
-attempt, their error kept (`requeue` puts them back). Events of types no table uses are processed and
-counted as skipped. Applying is idempotent (the upserts never regress), so an event seen twice
-changes nothing. Each batch writes a sync log row (partition `webhooks`).
+An apply run claims due rows of one provider (`pending`, `failed` whose backoff has passed, or
+`applying` under a lapsed lease) in id order and bounded batches. The claim is durable: the rows are
+set `applying` under a new claim number with a lease and committed before anything is applied, so
+two runs never take the same event, and every later status change is guarded by that claim. Each
+connection's events go to the provider's `apply` and are marked `processed`. When a batch fails, its
+events are applied one by one so only the bad ones fail: those are retried with exponential backoff
+and end `dead` after the last attempt, their error kept (`requeue` puts them back).
+
+Only events of `active` connections are due: a disabled connection's events are held and those of
+one that needs re-authorisation wait, spending no attempts, until it is active again. An event whose
+connection is being synced is given back for a little while instead of waiting for the sync's lock.
+Events of types no table uses are processed and counted as skipped. Applying is idempotent (the
+upserts never regress), so an event seen twice changes nothing. Each batch writes a sync log row
+(partition `webhooks`).
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import get_connection
+from nextcrm_pipelines.core.connections import Connection, get_connection, load_secrets
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.runner import ConnectionBusy, ConnectionUnavailable
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, finish_log, start_log
 from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec, UpsertWriter
@@ -61,11 +69,15 @@ class ApplyContext:
     database_url: str
     provider: str
     box: SecretBox | None = None
+    # The claim this run holds the events by (status changes are guarded by it).
+    claim: int = 0
     written: dict[str, BatchCounts] = field(default_factory=dict)
     skipped: int = 0
     stats: RequestStats = field(default_factory=RequestStats)
     _stack: ExitStack = field(default_factory=ExitStack)
     _client: Any = None
+    _connection: Connection | None = None
+    _own_secret: bool | None = None
     _writers: dict[str, UpsertWriter] = field(default_factory=dict)
 
     def client(self) -> Any:
@@ -74,14 +86,30 @@ class ApplyContext:
             from nextcrm_pipelines.core.runner import open_connection
             from nextcrm_pipelines.providers import PROVIDERS
 
+            # Never wait for a sync of the connection: raise `ConnectionBusy`, and the events wait instead.
             opened = open_connection(database_url=self.database_url, provider=PROVIDERS[self.provider],
-                                     connection_id=self.connection_id, box=self.box)  # fmt: skip
+                                     connection_id=self.connection_id, box=self.box, wait=False)  # fmt: skip
             _, _, self._client, self.stats = self._stack.enter_context(opened)
         return self._client
 
+    def connection(self) -> Connection:
+        """The connection's row (read once per batch)."""
+        if self._connection is None:
+            self._connection = get_connection(self.conn, self.connection_id)
+        return self._connection
+
+    def signed_with_app_secret(self, secret_name: str) -> bool:
+        """True when the connection has no webhook secret of its own, so the receiver checked its deliveries
+        against the app-wide one from the environment: any connection's delivery would pass that check, so
+        `apply` must itself make sure each event is this connection's account's."""
+        if self._own_secret is None:
+            box = self.box or SecretBox.from_environment()
+            self._own_secret = bool(load_secrets(self.conn, self.connection_id, box).get(secret_name))
+        return not self._own_secret
+
     def tenant(self) -> str:
         """The connection's external tenant (Xero tenant id, QuickBooks realm id): events name theirs."""
-        tenant = get_connection(self.conn, self.connection_id).external_tenant
+        tenant = self.connection().external_tenant
         if not tenant:
             raise ValueError(f"{self.provider} connection {self.connection_id!r} has no tenant id; reconnect it")
         return tenant
@@ -135,9 +163,23 @@ class ApplyOutcome:
     by_table: dict[str, BatchCounts] = field(default_factory=dict)
     connections: set[str] = field(default_factory=set)
     results: list[SyncResult] = field(default_factory=list)
+    # Events given back unspent: their connection was busy, disabled or waiting for re-authorisation.
+    held: int = 0
 
 
-_DUE = "status IN ('pending', 'failed') AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+# Due: waiting (pending, or failed whose backoff has passed), or claimed by a run whose lease lapsed
+# (it died); and the connection is active: a disabled connection's events are held, and those of one
+# that needs re-authorisation wait, spending no attempts, until it is active again.
+_DUE = (
+    "((e.status IN ('pending', 'failed') AND (e.next_attempt_at IS NULL OR e.next_attempt_at <= now())) "
+    "OR (e.status = 'applying' AND e.lease_until < now())) "
+    "AND EXISTS (SELECT 1 FROM {connections} c WHERE c.id = e.connection_id AND c.status = 'active')"
+)
+# How long a claim holds its events without being renewed; renewed before each connection's batch.
+LEASE_SECONDS = 600
+# How long events wait when their connection is being synced (an apply run does not wait for it).
+BUSY_DEFER_SECONDS = 30
+LAPSED = "the run applying it ended before finishing (its claim lapsed)"
 
 
 @dataclass(frozen=True)
@@ -147,11 +189,21 @@ class DueBatch:
     count: int
     first_id: int
     last_id: int
-    attempts: int
+    id_sum: int
+    generation: int
 
     @property
     def run_key(self) -> str:
-        return f"{self.first_id}-{self.last_id}:{self.count}:{self.attempts}"
+        """Names the work, not just the ids: every claim, release and replay moves an event's generation
+        past all earlier ones, so a batch Dagster already ran never comes back under the same key."""
+        return f"{self.first_id}-{self.last_id}:{self.count}:{self.id_sum}:g{self.generation}"
+
+
+def _due_sql(schema: str, head: str, tail: str = "") -> sql.Composed:
+    """`head` over the due events of the provider `%(provider)s`, then `tail` (ordering, limits)."""
+    return sql.SQL(head + " FROM {inbox} e WHERE e.provider = %(provider)s AND " + _DUE + tail).format(
+        inbox=table("webhook_events", schema), connections=table("integration_connections", schema)
+    )
 
 
 def due_batch(conn: psycopg.Connection, schema: str, provider: str, limit: int) -> DueBatch | None:
@@ -160,78 +212,171 @@ def due_batch(conn: psycopg.Connection, schema: str, provider: str, limit: int) 
     Read from the inbox's status rather than from an id high-water mark, so an id that commits after
     a higher one (ids are taken at insert, rows appear at commit) is still found on a later tick.
     """
+    inner = _due_sql(schema, "SELECT e.id, e.generation", " ORDER BY e.id LIMIT %(limit)s")
     row = conn.execute(
+        sql.SQL("SELECT count(*), min(id), max(id), coalesce(sum(id), 0), coalesce(max(generation), 0) "
+                "FROM ({}) AS due").format(inner),
+        {"provider": provider, "limit": limit},
+    ).fetchone()  # fmt: skip
+    return DueBatch(*(int(value) for value in row)) if row[0] else None
+
+
+def _claim(conn: psycopg.Connection, schema: str, provider: str, size: int, lease: float) -> tuple[int, list[InboxRow]]:
+    """Take up to `size` due events durably: `applying` under a new claim number with a lease, committed.
+
+    A lapsed claim counts as an attempt (a run died holding it); one that was the last attempt ends
+    `dead` instead of being taken again, so an event that kills every run cannot stall the inbox.
+    """
+    inbox = table("webhook_events", schema)
+    claim = int(conn.execute("SELECT nextval(%s::regclass)", (f'"{schema}".webhook_claims',)).fetchone()[0])
+    taken = _due_sql(schema, "SELECT e.id", " ORDER BY e.id LIMIT %(size)s FOR UPDATE OF e SKIP LOCKED")
+    rows = conn.execute(
         sql.SQL(
-            "SELECT count(*), min(id), max(id), coalesce(sum(attempts), 0) FROM "
-            "(SELECT id, attempts FROM {} WHERE provider = %s AND " + _DUE + " ORDER BY id LIMIT %s) AS due"
+            "UPDATE {inbox} AS w SET "
+            "status = CASE WHEN w.status = 'applying' AND w.attempts + 1 >= %(max)s THEN 'dead' ELSE 'applying' END, "
+            "attempts = w.attempts + CASE WHEN w.status = 'applying' THEN 1 ELSE 0 END, "
+            "last_error = CASE WHEN w.status = 'applying' THEN %(lapsed)s ELSE w.last_error END, "
+            "claim = %(claim)s, generation = %(claim)s, lease_until = now() + make_interval(secs => %(lease)s), "
+            "next_attempt_at = NULL "
+            "FROM ({taken}) AS t WHERE w.id = t.id "
+            "RETURNING w.id, w.connection_id, w.event_type, w.occurred_at, w.payload, w.status"
+        ).format(inbox=inbox, taken=taken),
+        {"max": MAX_ATTEMPTS, "lapsed": LAPSED, "claim": claim, "lease": lease, "provider": provider, "size": size},
+    ).fetchall()
+    conn.commit()
+    events = sorted((InboxRow(*row[:5]) for row in rows if row[5] == "applying"), key=lambda e: e.id)
+    buried = len(rows) - len(events)
+    if buried:
+        log.error("%s webhooks: %d event(s) ended dead after their last claim lapsed", provider, buried)
+    return claim, events
+
+
+def _renew(conn: psycopg.Connection, schema: str, claim: int, lease: float) -> None:
+    """Push the claim's lease on, so a long run keeps what it has not applied yet."""
+    conn.execute(
+        sql.SQL("UPDATE {} SET lease_until = now() + make_interval(secs => %s) "
+                "WHERE claim = %s AND status = 'applying'").format(table("webhook_events", schema)),
+        (lease, claim),
+    )  # fmt: skip
+    conn.commit()
+
+
+def release(conn: psycopg.Connection, schema: str, claim: int, ids: Sequence[int] | None = None,
+            delay: float = 0.0) -> int:  # fmt: skip
+    """Give events of `claim` back without spending an attempt (due again after `delay` seconds).
+
+    For events their run could not apply now through no fault of theirs: the connection is being
+    synced, was disabled or needs re-authorisation, or the run is ending early.
+    """
+    done = conn.execute(
+        sql.SQL(
+            "UPDATE {} SET status = CASE WHEN last_error IS NULL THEN 'pending' ELSE 'failed' END, claim = NULL, "
+            "lease_until = NULL, generation = nextval(%s::regclass), "
+            "next_attempt_at = CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END "
+            "WHERE claim = %s AND status = 'applying' AND (%s::bigint[] IS NULL OR id = ANY(%s))"
         ).format(table("webhook_events", schema)),
-        (provider, limit),
-    ).fetchone()
-    return DueBatch(int(row[0]), int(row[1]), int(row[2]), int(row[3])) if row[0] else None
+        (f'"{schema}".webhook_claims', delay, delay, claim, ids, ids),
+    ).rowcount
+    conn.commit()
+    return done
 
 
 def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply, run_id: str | None = None,
-                  batch: int = BATCH, limit: int | None = None,
-                  box: SecretBox | None = None) -> ApplyOutcome:  # fmt: skip
-    """Apply due events of `provider` in id order, batch by batch, until none is left (or `limit` were claimed)."""
-    inbox = table("webhook_events", schema)
+                  batch: int = BATCH, limit: int | None = None, box: SecretBox | None = None,
+                  lease: float = LEASE_SECONDS) -> ApplyOutcome:  # fmt: skip
+    """Apply due events of `provider` in id order, batch by batch, until none is left (or `limit` were claimed).
+
+    Each batch is claimed durably before anything is applied, so runs that overlap never take the
+    same event; every status change afterwards is guarded by the claim, so a run whose claim lapsed
+    and was taken over cannot overwrite what the other run recorded. Whatever this run still holds
+    when it stops early (an error, a kill the process survives) is released for the next run.
+    """
     outcome = ApplyOutcome()
     claimed_so_far = 0
+    claims: list[int] = []
     with psycopg.connect(libpq_url(database_url)) as conn:
-        while limit is None or claimed_so_far < limit:
-            size = batch if limit is None else min(batch, limit - claimed_so_far)
-            claimed = conn.execute(
-                sql.SQL(
-                    "SELECT id, connection_id, event_type, occurred_at, payload FROM {} WHERE provider = %s AND "
-                    + _DUE
-                    + " ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
-                ).format(inbox),
-                (provider, size),
-            ).fetchall()
-            if not claimed:
-                break
-            claimed_so_far += len(claimed)
-            by_connection: dict[str, list[InboxRow]] = defaultdict(list)
-            for row in claimed:
-                by_connection[row[1]].append(InboxRow(*row))
-            for connection_id, events in by_connection.items():
-                context = ApplyContext(conn, schema, connection_id, database_url, provider, box)
-                try:
-                    _apply_one(context, events, apply, run_id, outcome)
-                finally:
-                    context.close()
-            conn.commit()  # releases the claim on rows of connections whose apply raised before marking
-        conn.commit()
+        try:
+            while limit is None or claimed_so_far < limit:
+                size = batch if limit is None else min(batch, limit - claimed_so_far)
+                claim, claimed = _claim(conn, schema, provider, size, lease)
+                claims.append(claim)
+                if not claimed:
+                    break
+                claimed_so_far += len(claimed)
+                by_connection: dict[str, list[InboxRow]] = defaultdict(list)
+                for row in claimed:
+                    by_connection[row.connection_id].append(row)
+                for connection_id, events in by_connection.items():
+                    _renew(conn, schema, claim, lease)
+                    context = ApplyContext(conn, schema, connection_id, database_url, provider, box, claim=claim)
+                    try:
+                        _apply_one(context, events, apply, run_id, outcome)
+                    finally:
+                        context.close()
+        finally:
+            _release_all(conn, schema, provider, claims)
     return outcome
 
 
-def _mark_processed(context: ApplyContext, ids: list[int]) -> None:
-    context.conn.execute(
-        sql.SQL("UPDATE {} SET status = 'processed', processed_at = now(), attempts = attempts + 1, "
-                "last_error = NULL, next_attempt_at = NULL WHERE id = ANY(%s)").format(
+def _release_all(conn: psycopg.Connection, schema: str, provider: str, claims: list[int]) -> None:
+    """Give back whatever the run's claims still hold (none after a normal end); on a broken session
+    the leases lapse instead."""
+    try:
+        conn.rollback()
+        for claim in claims:
+            left = release(conn, schema, claim)
+            if left:
+                log.warning("%s webhooks: %d claimed event(s) released unapplied", provider, left)
+    except psycopg.Error as exc:
+        log.warning("%s webhooks: claims not released (%s); they lapse with their lease", provider,
+                    type(exc).__name__)  # fmt: skip
+
+
+def _guarded(context: ApplyContext, assignments: str, ids: list[int], params: tuple[Any, ...]) -> list[tuple]:
+    """Update `ids` only while this run's claim still holds them; warn about any taken over meanwhile."""
+    rows = context.conn.execute(
+        sql.SQL("UPDATE {} SET " + assignments + ", claim = NULL, lease_until = NULL "
+                "WHERE id = ANY(%s) AND claim = %s AND status = 'applying' RETURNING status").format(
             table("webhook_events", context.schema)),
-        (ids,),
-    )  # fmt: skip
+        (*params, ids, context.claim),
+    ).fetchall()  # fmt: skip
     context.conn.commit()
+    if len(rows) < len(ids):
+        log.warning("%s webhooks of %s: %d event(s) were no longer this run's (claim lapsed); left to their new run",
+                    context.provider, context.connection_id, len(ids) - len(rows))  # fmt: skip
+    return rows
+
+
+def _mark_processed(context: ApplyContext, ids: list[int]) -> None:
+    _guarded(context, "status = 'processed', processed_at = now(), attempts = attempts + 1, last_error = NULL, "
+             "next_attempt_at = NULL", ids, ())  # fmt: skip
 
 
 def _mark_failed(context: ApplyContext, ids: list[int], error: str) -> int:
     """Record a failed attempt (backoff 30 s x 2^attempts); returns how many of `ids` are now dead."""
-    statuses = context.conn.execute(
-        sql.SQL(
-            "UPDATE {} SET attempts = attempts + 1, last_error = %s, "
-            "status = CASE WHEN attempts + 1 >= %s THEN 'dead' ELSE 'failed' END, "
-            "next_attempt_at = now() + make_interval(secs => 30 * power(2, attempts)) "
-            "WHERE id = ANY(%s) RETURNING status"
-        ).format(table("webhook_events", context.schema)),
-        (error, MAX_ATTEMPTS, ids),
-    ).fetchall()
-    context.conn.commit()
+    statuses = _guarded(
+        context,
+        "attempts = attempts + 1, last_error = %s, status = CASE WHEN attempts + 1 >= %s THEN 'dead' ELSE 'failed' "
+        "END, next_attempt_at = now() + make_interval(secs => 30 * power(2, attempts))",
+        ids,
+        (error, MAX_ATTEMPTS),
+    )
     return sum(1 for (status,) in statuses if status == "dead")
 
 
 def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _hold(context: ApplyContext, events: list[InboxRow], exc: ConnectionUnavailable, sync_log_id: int) -> None:
+    """The connection cannot be used now: give its events back unspent, and drop the empty sync log."""
+    context.conn.rollback()
+    delay = BUSY_DEFER_SECONDS if isinstance(exc, ConnectionBusy) else 0.0
+    release(context.conn, context.schema, context.claim, [e.id for e in events], delay)
+    context.conn.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(
+        table("integration_sync_logs", context.schema)), (sync_log_id,))  # fmt: skip
+    context.conn.commit()
+    log.info("%s webhooks of %s: %d event(s) wait: %s", context.provider, context.connection_id, len(events), exc)
 
 
 def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_id: str | None,
@@ -247,6 +392,10 @@ def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_
         result.counts.add(apply(context, events))
         _mark_processed(context, [e.id for e in events])
         outcome.processed += len(events)
+    except ConnectionUnavailable as exc:
+        _hold(context, events, exc, result.sync_log_id)
+        outcome.held += len(events)
+        return
     except Exception as exc:
         conn.rollback()
         if len(events) == 1:
@@ -257,11 +406,18 @@ def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_
             # One bad event must not hold back the others: apply them one at a time.
             log.warning("%s webhooks of %s: batch failed (%s); applying event by event", provider, connection_id,
                         _error_text(exc))  # fmt: skip
-            for event in events:
+            for number, event in enumerate(events):
                 try:
                     result.counts.add(apply(context, [event]))
                     _mark_processed(context, [event.id])
                     outcome.processed += 1
+                except ConnectionUnavailable as single:
+                    conn.rollback()
+                    release(conn, schema, context.claim, [e.id for e in events[number:]],
+                            BUSY_DEFER_SECONDS if isinstance(single, ConnectionBusy) else 0.0)  # fmt: skip
+                    outcome.held += len(events) - number
+                    result.total = number
+                    break
                 except Exception as single:
                     conn.rollback()
                     errors.append(f"event {event.id}: {_error_text(single)}")
@@ -269,7 +425,7 @@ def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_
                     outcome.failed += 1
     for message in errors:
         log.error("%s webhooks of %s failed: %s", provider, connection_id, message)
-    result.status = "success" if not errors else ("failed" if len(errors) == len(events) else "partial")
+    result.status = "success" if not errors else ("failed" if len(errors) == result.total else "partial")
     result.error = "; ".join(errors)[:1000] or None
     result.duration = (datetime.now(UTC) - now).total_seconds()
     result.stats = context.stats
@@ -301,9 +457,10 @@ def requeue(conn: psycopg.Connection, schema: str, *, provider: str | None = Non
     inbox = table("webhook_events", schema)
     requeued = conn.execute(
         sql.SQL(
-            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = NULL, processed_at = NULL "
+            "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = NULL, processed_at = NULL, "
+            "claim = NULL, lease_until = NULL, generation = nextval({}::regclass) "
             "WHERE {} AND payload IS NOT NULL RETURNING id"
-        ).format(inbox, where),
+        ).format(inbox, sql.Literal(f'"{schema}".webhook_claims'), where),
         params,
     ).rowcount
     unreadable = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} AND payload IS NULL").format(inbox, where),

@@ -1,12 +1,22 @@
 """Stripe webhooks: `Stripe-Signature` (`t=`, one or more `v1=`) over `t.body`, 300 s tolerance; events
-carry the object, which is upserted as of the event's time."""
+carry the object, which is upserted as of the event's time.
+
+Events reach only their own account. A Connect endpoint receives the events of every connected
+account, each naming it in `account`: an event is applied only to the connection whose tenant is that
+account. An event without `account` is the endpoint's own account's; when the receiver checked it
+against the app-wide secret from the environment (the connection has none of its own), any
+connection's URL would have accepted it, so it is first read back from Stripe with this connection's
+key (`GET /v1/events/{id}`): an event Stripe does not know for this account changes nothing.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from nextcrm_pipelines.core.http import ProviderError
 from nextcrm_pipelines.core.upsert import BatchCounts
 from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
@@ -18,6 +28,8 @@ from nextcrm_pipelines.webhooks.verify import (
     parse_time,
     signature_matches,
 )
+
+log = logging.getLogger(__name__)
 
 TOLERANCE_SECONDS = 300
 
@@ -48,14 +60,36 @@ def events(payload: Any) -> list[InboxEvent]:
     return [InboxEvent(payload["id"], payload.get("type"), parse_time(payload.get("created")), payload)]
 
 
+def _is_ours(context: ApplyContext, event: dict[str, Any]) -> bool:
+    """Whether the event belongs to the connection's Stripe account (see the module doc)."""
+    account = event.get("account")
+    if account:
+        return account == context.connection().external_tenant
+    if not context.signed_with_app_secret(WEBHOOKS.secret_name):
+        return True
+    try:
+        context.client().get(f"/v1/events/{event.get('id')}", {})
+    except ProviderError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     """Upsert the charge or subscription an event carries, as of the event's time (never regressing).
 
     Events carrying other objects (`invoice.payment_*` carries an invoice, which no table here holds;
-    its charge and subscription changes arrive as their own events) are counted as skipped.
+    its charge and subscription changes arrive as their own events) are counted as skipped, and so are
+    events of another account.
     """
     payments, subscriptions = [], []
+    foreign = 0
     for row in rows:
+        if not _is_ours(context, row.payload or {}):
+            foreign += 1
+            context.skip()
+            continue
         obj = ((row.payload or {}).get("data") or {}).get("object") or {}
         version = row.occurred_at or datetime.now(UTC)
         if obj.get("object") == "charge":
@@ -64,6 +98,8 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             subscriptions.append(subscription_row(obj, version))
         else:
             context.skip()
+    if foreign:
+        log.warning("stripe webhooks of %s: %d event(s) of another account skipped", context.connection_id, foreign)
     counts = BatchCounts()
     for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions)):
         if found:

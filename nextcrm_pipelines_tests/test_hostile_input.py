@@ -208,3 +208,56 @@ def test_a_writer_task_that_dies_turns_the_receiver_to_503_instead_of_leaving_re
     assert health.status_code == 503
     assert [row[1] for row in inbox(database_url, schema)] == ["evt_before"]
     assert "a bug in the writer" not in logged.text() and "RuntimeError" in logged.text()
+
+
+# --- unknown connections ------------------------------------------------------------------------------------
+
+
+def test_unknown_connections_are_answered_like_bad_signatures_and_a_flood_of_them_reads_no_row(
+    database_url, schema, box, logged
+):
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    body = stripe_event()
+    signed = {"Stripe-Signature": stripe_header(body)}
+    forged = {"Stripe-Signature": stripe_header(body, "whsec_someone_else")}
+    hostile = "evil\r\nINFO forged log line"
+    with receiver(database_url, schema, box, unknown_seconds=60) as url, httpx.Client(base_url=url) as client:
+        bad_signature = client.post(f"/webhooks/stripe/{stripe}", content=body, headers=forged)
+        unknown = client.post(f"/webhooks/stripe/{uuid.uuid4().hex}", content=body, headers=signed)
+        injected = client.post(f"/webhooks/stripe/{hostile.replace(chr(13), '%0D').replace(chr(10), '%0A')}",
+                               content=body, headers=signed)  # fmt: skip
+        foreign = client.post(f"/webhooks/xero/{stripe}", content=body, headers=signed)  # not a Xero connection
+        for answer in (unknown, injected, foreign):
+            assert (answer.status_code, answer.content, answer.headers["content-type"]) == (
+                bad_signature.status_code, bad_signature.content, bad_signature.headers["content-type"])  # fmt: skip
+        assert bad_signature.status_code == 401 and b"evil" not in injected.content
+        assert client.post(f"/webhooks/nope/{stripe}", content=body, headers=signed).status_code == 404
+
+        # While the connections table is locked, unknown ids are still answered at once: none is looked up.
+        with psycopg.connect(database_url) as locker:
+            locker.execute(f'LOCK TABLE "{schema}".integration_connections IN ACCESS EXCLUSIVE MODE')
+            started = time.monotonic()
+            for _ in range(200):
+                answer = client.post(f"/webhooks/stripe/{uuid.uuid4().hex}", content=body, headers=signed, timeout=3)
+                assert answer.status_code == 401
+            assert time.monotonic() - started < 3
+            locker.rollback()
+        assert client.post(f"/webhooks/stripe/{stripe}", content=body, headers=signed).status_code == 200
+    assert [row[1] for row in inbox(database_url, schema)] == ["evt_1"]
+    assert "\nINFO forged log line" not in logged.text() and "forged log line" in logged.text()
+
+
+def test_a_connection_made_after_its_id_was_refused_is_found_shortly(database_url, schema, box):
+    body = stripe_event()
+    name = f"late {uuid.uuid4().hex[:8]}"
+    late = vault.connection_id_for("stripe", name)
+    with receiver(database_url, schema, box, unknown_seconds=0.3) as url:
+        target = f"{url}/webhooks/stripe/{late}"
+        assert httpx.post(target, content=body, headers={"Stripe-Signature": stripe_header(body)}).status_code == 401
+        with psycopg.connect(database_url) as conn:
+            vault.add_connection(conn, provider="stripe", display_name=name, secrets={"webhook_secret": SECRET},
+                                 box=box)  # fmt: skip
+        deadline, status = time.monotonic() + 3, 401
+        while status == 401 and time.monotonic() < deadline:
+            status = httpx.post(target, content=body, headers={"Stripe-Signature": stripe_header(body)}).status_code
+        assert status == 200

@@ -99,9 +99,9 @@ def test_forged_replayed_oversized_and_foreign_deliveries_store_nothing(database
         big = orjson.dumps({"id": "evt_big", "type": "x", "pad": "x" * 5000})
         assert httpx.post(target, content=big, headers={"Stripe-Signature": stripe_header(big)}).status_code == 413
         assert httpx.post(f"{url}/webhooks/stripe/nope", content=body,
-                          headers={"Stripe-Signature": stripe_header(body)}).status_code == 404  # fmt: skip
+                          headers={"Stripe-Signature": stripe_header(body)}).status_code == 401  # fmt: skip
         assert httpx.post(f"{url}/webhooks/unknown/{cid}", content=body).status_code == 404
-        assert httpx.post(f"{url}/webhooks/xero/{cid}", content=body).status_code == 404  # not a Xero connection
+        assert httpx.post(f"{url}/webhooks/xero/{cid}", content=body).status_code == 401  # not a Xero connection
     assert [(r[0], r[1]) for r in inbox(database_url, schema)] == [(other, "evt_1")]
 
 

@@ -316,7 +316,7 @@ def test_a_refused_delivery_is_retried_until_the_receiver_takes_it(database_url,
     late_name, late_webhook = f"Late {uuid.uuid4().hex[:8]}", "WH" + uuid.uuid4().hex[:15].upper()
     late_id = vault.connection_id_for("paypal", late_name)
     with receiver(database_url, schema, box) as base:
-        # Deliveries for a connection that does not exist yet are refused (404) and retried.
+        # Deliveries for a connection that does not exist yet are refused (as forged: 401) and retried.
         sub = shop.control.subscribe_webhooks(shop.account_id, receiver_url(base, "paypal", late_id), late_webhook,
                                               retry_delays=[0.5] * 20)  # fmt: skip
         txn = shop.control.add_record(shop.account_id, "transaction", {"transaction_event_code": "T0006"})
@@ -327,7 +327,7 @@ def test_a_refused_delivery_is_retried_until_the_receiver_takes_it(database_url,
         assert late.connection.id == late_id
         assert shop.control.flush_webhooks()
     tries = [(a["number"], a["status"]) for a in shop.control.webhook_attempts(sub["id"])]
-    assert tries[:2] == [(1, 404), (2, 404)] and tries[-1][1] == 200
+    assert tries[:2] == [(1, 401), (2, 401)] and tries[-1][1] == 200
     ((event_id, kind, status, _, _),) = inbox_rows(database_url, schema, "paypal")
     assert (kind, status) == ("PAYMENT.CAPTURE.COMPLETED", "pending") and event_id.startswith("WH-")
     assert txn["transaction_info"]["transaction_event_code"] == "T0006"

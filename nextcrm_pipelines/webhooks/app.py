@@ -98,6 +98,15 @@ class WriterStopped(Exception):
     """A writer task ended unexpectedly: nothing more is stored until the receiver is restarted (503)."""
 
 
+@dataclass
+class _ExistingIds:
+    """The ids of all stored connections as last read, and until when they are trusted."""
+
+    ids: frozenset[str] = frozenset()
+    until: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
 class _GroupCommit:
     """Writer tasks that insert queued rows of many requests in one transaction, then wake them.
 
@@ -209,6 +218,7 @@ def build_app(
     clock: Callable[[], float] = time.time,
     pool_size: int = 8,
     cache_seconds: float = CONNECTION_CACHE_SECONDS,
+    unknown_seconds: float = 2.0,
 ) -> Starlette:
     """The receiver ASGI app over a connection pool to the mirror database."""
     box = box or SecretBox.from_environment()
@@ -239,8 +249,10 @@ def build_app(
         .format(t=inbox)
         .as_string()
     )
+    all_ids = sql.SQL("SELECT id FROM {}").format(connections).as_string()
     writer = _GroupCommit(pool, insert)
     known: dict[str, _Known] = {}
+    existing = _ExistingIds()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -267,6 +279,20 @@ def build_app(
             known[connection_id] = found
         return found
 
+    async def exists(connection_id: str) -> bool:
+        """Whether the id is a stored connection, by the list of ids read at most once per `unknown_seconds`:
+        a flood of made-up ids costs no query each."""
+        if unknown_seconds <= 0:
+            return True  # no list kept: `load` looks each id up
+        if existing.until <= time.monotonic():
+            async with existing.lock:
+                if existing.until <= time.monotonic():
+                    async with pool.connection() as conn:
+                        rows = await (await conn.execute(all_ids)).fetchall()
+                    existing.ids = frozenset(row[0] for row in rows)
+                    existing.until = time.monotonic() + unknown_seconds
+        return connection_id in existing.ids
+
     async def verify(spec: Any, entry: _Known, headers: dict[str, str], body: bytes) -> None:
         secret = entry.secrets.get(spec.secret_name) or os.environ.get(spec.env_var)
         if not secret:
@@ -282,7 +308,7 @@ def build_app(
         provider = PROVIDERS.get(name)
         spec = provider.webhooks if provider else None
         if spec is None:
-            return _reply(404, f"no webhooks for provider {name!r}")
+            return _reply(404, "no webhooks for this provider")
         try:
             body = await _read_body(request, max_body_bytes)
         except _TooLarge:
@@ -292,9 +318,10 @@ def build_app(
             entry = known.get(connection_id)
             cached = entry is not None and entry.until > time.monotonic()
             if not cached:
-                entry = await load(connection_id)
+                # An id seen before is read again at once; any other must be in the list of ids first.
+                entry = await load(connection_id) if entry is not None or await exists(connection_id) else None
             if entry is None or entry.provider != name:
-                return _reply(404, f"no {name} connection {connection_id!r}")
+                raise InvalidSignature("no such connection of this provider")  # answered as a bad signature
             try:
                 await verify(spec, entry, headers, body)
             except InvalidSignature:
@@ -303,7 +330,7 @@ def build_app(
                 # Checked against a kept secret: the stored one may have just been rotated.
                 fresh = await load(connection_id)
                 if fresh is None or fresh.provider != name:
-                    return _reply(404, f"no {name} connection {connection_id!r}")
+                    raise
                 if (fresh.secrets.get(spec.secret_name), fresh.connection) == (
                     entry.secrets.get(spec.secret_name),
                     entry.connection,
@@ -311,16 +338,16 @@ def build_app(
                     raise
                 await verify(spec, fresh, headers, body)
         except InvalidSignature as exc:
-            log.warning("webhook for %s refused: %s", connection_id, exc)
+            log.warning("webhook for %r refused: %s", connection_id, exc)
             return _reply(401, "invalid signature")
         except VerificationUnavailable as exc:
-            log.warning("webhook for %s not verified yet: %s", connection_id, exc)
+            log.warning("webhook for %r not verified yet: %s", connection_id, exc)
             return _reply(503, "signature cannot be checked now; retry later")
         except VaultError:
-            log.error("webhook for %s: its secrets cannot be decrypted with the current keys", connection_id)
+            log.error("webhook for %r: its secrets cannot be decrypted with the current keys", connection_id)
             return _reply(503, "secrets unavailable")
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.error("webhook for %s not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
+            log.error("webhook for %r not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
             return _reply(503, "database unavailable; retry later")
         kept = Jsonb({k: v for k, v in headers.items() if k in spec.audit_headers or k in ALWAYS_KEPT_HEADERS},
                      dumps=_json_text)  # fmt: skip
@@ -367,14 +394,14 @@ def build_app(
                 await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
                                    (f"webhook|{name}|{connection_id}|{delivery}",))  # fmt: skip
                 if await (await conn.execute(other_body, (name, connection_id, delivery, text))).fetchone():
-                    log.warning("webhook for %s refused: delivery %s was already received with another body",
+                    log.warning("webhook for %r refused: delivery %r was already received with another body",
                                 connection_id, delivery)  # fmt: skip
                     return _reply(401, "invalid signature")
                 async with conn.cursor() as cur:
                     await cur.executemany(insert, rows)
             return None
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.error("webhook for %s not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
+            log.error("webhook for %r not stored, the database is unavailable: %s", connection_id, type(exc).__name__)
             return _reply(503, "database unavailable; retry later")
         except WriterStopped:
             return _reply(503, "the receiver cannot store events now; retry later")

@@ -179,7 +179,7 @@ def test_a_provider_that_keeps_answering_503_gives_up_within_the_budget(server_u
         finally:
             elapsed = time.monotonic() - started
     # It kept trying until the next wait no longer fitted (waits are at most 0.1 s), then stopped in time.
-    assert retry.budget_seconds - 0.15 <= elapsed <= retry.budget_seconds + 0.25
+    assert retry.budget_seconds - 0.15 <= elapsed <= retry.budget_seconds + 0.4
     message = str(failure.value)
     assert message.startswith("acme connection 'acme-main' GET /thing -> HTTP 503: ")
     assert "0.8s budget" in message and f"after {SCRIPT.hits} attempts" in message

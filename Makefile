@@ -4,11 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install demo dev test lint bench clean
+.PHONY: install demo dev test lint bench audit clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $@
@@ -34,6 +34,16 @@ bench: install
 	$(BIN)/python benchmarks/stripe_sync.py
 	$(BIN)/python benchmarks/xero_backfill.py
 	$(BIN)/python benchmarks/webhooks.py
+
+# Known advisories in every installed distribution but this project, by pip-audit (PyPI's advisory
+# data, per release). --strict: a distribution it could not check (no network, an index without
+# per-release data) fails the target, so an audit that checked nothing never passes.
+audit: install
+	$(BIN)/python -m pip install --quiet -e '.[dev,audit]'
+	$(BIN)/python -m pip freeze --all --exclude-editable > $(VENV)/audited-requirements.txt
+	$(BIN)/python -m pip_audit --strict --progress-spinner off --disable-pip --no-deps \
+		-r $(VENV)/audited-requirements.txt \
+		|| { echo "make audit: FAILED: a known vulnerability, or a package pip-audit could not check (above)" >&2; exit 1; }
 
 clean:
 	-test -x $(BIN)/nextcrm-pipelines && $(BIN)/nextcrm-pipelines db stop

@@ -1,7 +1,10 @@
-"""Provider strings holding NUL land with it removed, and the hourly schedule re-reads days left partial."""
+"""Provider strings holding NUL land with it removed, the hourly schedule re-reads days left partial, and the
+Stripe transport follows no redirect."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 
@@ -9,15 +12,23 @@ import dagster as dg
 import psycopg
 import pytest
 import stripe
+import uvicorn
 from psycopg import sql
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
+from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.http import ProviderError, RequestStats, RetryPolicy
 from nextcrm_pipelines.core.runner import day_window
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
+from nextcrm_pipelines.core.vault import Secrets
 from nextcrm_pipelines.definitions import defs
 from nextcrm_pipelines.partitions import connections_partitions_name
 from nextcrm_pipelines.providers.stripe import PAYMENTS
+from nextcrm_pipelines.providers.stripe.client import StripeApi
 from nextcrm_pipelines_tests.helpers import mirror_rows, sandbox_now, sync_days
 
 
@@ -143,3 +154,41 @@ def test_hourly_schedule_rereads_partial_and_failed_days_until_a_success_covers_
     assert _hourly_dates(connection.id, when) == [str(failed), str(today)]
     assert _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5)).status == "success"
     assert _hourly_dates(connection.id, when) == [str(today)]
+
+
+@pytest.fixture
+def redirecting_stripe() -> Iterator[tuple[str, list[str]]]:
+    """A server whose Stripe list answers a redirect to another path; yields its URL and the paths requested."""
+    seen: list[str] = []
+
+    async def charges(request: Request) -> Response:
+        seen.append(request.url.path)
+        return Response(status_code=307, headers={"Location": "/collect"})
+
+    async def collect(request: Request) -> Response:
+        seen.append(request.url.path)
+        return Response(b'{"object": "list", "data": [], "has_more": false}', media_type="application/json")
+
+    app = Starlette(routes=[Route("/v1/charges", charges), Route("/collect", collect)])
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    ready = time.monotonic() + 10
+    while not server.started and time.monotonic() < ready:
+        time.sleep(0.01)  # uvicorn offers no event to await
+    yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", seen
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_the_stripe_transport_does_not_follow_a_redirect(redirecting_stripe):
+    url, seen = redirecting_stripe
+    connection = Connection(id="stripe-redirect", provider="stripe", display_name="Redirect", base_url=url,
+                            settings={"requests_per_second": 0})  # fmt: skip
+    retry = RetryPolicy(max_attempts=1, base_delay=0.01, max_delay=0.05, budget_seconds=5)
+    api = StripeApi(connection, Secrets({"api_key": "sk_test_redirected_key"}), retry=retry)
+    with api, pytest.raises(ProviderError) as failure:
+        api.get("/v1/charges", {"limit": 1})
+    # The key went to the address it was meant for, and nowhere the answer pointed.
+    assert seen == ["/v1/charges"]
+    assert "sk_test_redirected_key" not in str(failure.value)

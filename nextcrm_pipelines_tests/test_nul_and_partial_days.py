@@ -117,14 +117,12 @@ def _sync_day(database_url: str, schema: str, connection_id: str, day: date, rec
                            partition=f"{connection_id}|{day}")  # fmt: skip
 
 
-def _hourly_dates(connection_id: str, when: datetime) -> list[str]:
-    schedule = defs.get_schedule_def("stripe_hourly")
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection_id])
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
-                                       resources={"mirror": defs.resources["mirror"]},
-                                       repository_def=defs.get_repository_def()) as context:  # fmt: skip
-            requests = list(schedule.evaluate_tick(context).run_requests)
+def _hourly_dates(instance: dg.DagsterInstance, when: datetime) -> list[str]:
+    """The days the Stripe hourly schedule asks to sync at `when`, evaluated against the real database."""
+    with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
+                                   resources={"mirror": defs.resources["mirror"]},
+                                   repository_def=defs.get_repository_def()) as context:  # fmt: skip
+        requests = list(defs.get_schedule_def("stripe_hourly").evaluate_tick(context).run_requests)
     return [r.partition_key.keys_by_dimension["date"] for r in requests]
 
 
@@ -146,14 +144,16 @@ def test_hourly_schedule_rereads_partial_and_failed_days_until_a_success_covers_
     statuses = [s for s, _, _ in _sync_log(database_url, schema)]
     assert statuses == ["partial", "success", "partial", "failed"]
 
-    assert _hourly_dates(connection.id, when) == [str(failed), str(partial), str(today)]
-    # Asked again an hour later, while nothing synced them, they still are.
-    assert _hourly_dates(connection.id, when + timedelta(hours=1)) == [str(failed), str(partial), str(today)]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
+        assert _hourly_dates(instance, when) == [str(failed), str(partial), str(today)]
+        # Asked again an hour later, while nothing synced them, they still are.
+        assert _hourly_dates(instance, when + timedelta(hours=1)) == [str(failed), str(partial), str(today)]
 
-    assert _sync_day(database_url, schema, connection.id, partial, _charges(partial, 5)).status == "success"
-    assert _hourly_dates(connection.id, when) == [str(failed), str(today)]
-    assert _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5)).status == "success"
-    assert _hourly_dates(connection.id, when) == [str(today)]
+        assert _sync_day(database_url, schema, connection.id, partial, _charges(partial, 5)).status == "success"
+        assert _hourly_dates(instance, when) == [str(failed), str(today)]
+        assert _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5)).status == "success"
+        assert _hourly_dates(instance, when) == [str(today)]
 
 
 @pytest.fixture

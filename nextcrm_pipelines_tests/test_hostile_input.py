@@ -27,6 +27,7 @@ from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.app import _GroupCommit
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
+from nextcrm_pipelines_tests.test_webhooks_paypal import forge_same_crc
 from nextcrm_pipelines_tests.webhook_helpers import receiver
 
 NON_ASCII = "t=1,v1=\u00e9\u00e8\u00ff".encode("latin-1")
@@ -261,3 +262,30 @@ def test_a_connection_made_after_its_id_was_refused_is_found_shortly(database_ur
         while status == 401 and time.monotonic() < deadline:
             status = httpx.post(target, content=body, headers={"Stripe-Signature": stripe_header(body)}).status_code
         assert status == 200
+
+
+# --- PayPal's transmission time -----------------------------------------------------------------------------
+
+
+def test_paypal_deliveries_older_than_the_retry_horizon_or_from_the_future_are_refused(database_url, schema, box,
+                                                                                      sandbox):  # fmt: skip
+    control, paypal, webhook_id = paypal_connection(database_url, box, sandbox)
+    now = sandbox.clock()
+    genuine = paypal_event("WH-GENUINE")
+    forged = forge_same_crc(
+        genuine, {**orjson.loads(genuine), "id": "WH-FORGED", "resource": {"id": "0VF528", "status": "VOIDED"}}
+    )
+    with receiver(database_url, schema, box, clock=sandbox.clock) as url:
+        target = f"{url}/webhooks/paypal/{paypal}"
+
+        def status(body: bytes, at: int) -> int:
+            return httpx.post(target, content=body, headers=control.sign_webhook(body, webhook_id, at=at)).status_code
+
+        # Headers captured from a delivery that never arrived, replayed after PayPal stopped retrying it.
+        captured = control.sign_webhook(genuine, webhook_id, at=now - 3 * 86_400 - 3600)
+        assert httpx.post(target, content=forged, headers=captured).status_code == 401
+        assert httpx.post(target, content=genuine, headers=captured).status_code == 401
+        assert status(paypal_event("WH-FUTURE"), now + 600) == 401  # ten minutes ahead: not PayPal's clock
+        assert status(paypal_event("WH-LAST-RETRY"), now - 3 * 86_400 + 60) == 200  # within the 3 days of retries
+        assert status(paypal_event("WH-SKEWED"), now + 120) == 200  # a clock two minutes fast is tolerated
+    assert [row[1] for row in inbox(database_url, schema)] == ["WH-LAST-RETRY", "WH-SKEWED"]

@@ -167,7 +167,8 @@ def cert_fetches(control: PayPalControl) -> int:
 def test_sandbox_changes_reach_the_tables_through_signed_webhooks(database_url, schema, box, own_sandbox, hooked):
     shop = hooked(own_sandbox)
     api = shop.api()
-    with receiver(database_url, schema, box) as base, dg.instance_for_test() as instance:
+    # The receiver keeps the sandbox's time, which the test moves: PayPal's transmission times follow it.
+    with receiver(database_url, schema, box, clock=own_sandbox.clock) as base, dg.instance_for_test() as instance:
         shop.subscribe(base)
         capture = shop.control.add_record(shop.account_id, "transaction", {
             "transaction_event_code": "T0006", "transaction_status": "S",
@@ -221,7 +222,8 @@ def test_webhook_rows_are_the_rows_the_sync_writes(database_url, schema, box, ow
     api = shop.api()
     fields = {"transaction_event_code": "T0006", "transaction_status": "S",
               "transaction_amount": {"currency_code": "USD", "value": "100.00"}}  # fmt: skip
-    with receiver(database_url, schema, box) as base, dg.instance_for_test() as instance:
+    # The receiver keeps the sandbox's time, which the test moves: PayPal's transmission times follow it.
+    with receiver(database_url, schema, box, clock=own_sandbox.clock) as base, dg.instance_for_test() as instance:
         shop.subscribe(base)
         txn = shop.control.add_record(shop.account_id, "transaction", fields)["transaction_info"]["transaction_id"]
         own_sandbox.advance_clock(120)
@@ -266,7 +268,8 @@ def test_duplicates_and_newest_first_delivery_end_like_one_in_order_delivery(dat
     # An active subscription of the test's own: whether the generated ones include one depends on the
     # clock (their histories draw on the same random stream). Made before either connection listens.
     sale_for = in_order.control.add_record(in_order.account_id, "subscription", {"status": "ACTIVE"})["id"]
-    with receiver(database_url, schema, box) as base, dg.instance_for_test() as instance:
+    # The receiver keeps the sandbox's time, which the test moves: PayPal's transmission times follow it.
+    with receiver(database_url, schema, box, clock=own_sandbox.clock) as base, dg.instance_for_test() as instance:
         in_order.subscribe(base)
         held = reordered.subscribe(base, hold=True)
 

@@ -13,11 +13,13 @@ certificates are cached by URL and trust root until they expire (at most a day).
 signature` with the connection's token) and accepts only `SUCCESS`; the raw body is passed through as
 `webhook_event` unchanged, since PayPal checks its CRC over what it parses and serialises again.
 
-No timestamp tolerance is applied (PayPal publishes none); a replayed delivery is a no-op in the inbox.
-The CRC-32 the signature covers is not collision resistant: a body forged to the same CRC passes the
-signature check, so the receiver accepts one body per transmission id (`delivery_header`): a forged
-body replayed under a genuine delivery's headers is refused once that delivery is stored. Deliveries
-should still reach the receiver over TLS only, so the genuine ones cannot be withheld and replaced.
+The signed transmission time must lie within PayPal's retry horizon (it retries a delivery for up to
+three days) and not more than five minutes ahead of our clock; a replayed delivery is a no-op in the
+inbox. The CRC-32 the signature covers is not collision resistant: a body forged to the same CRC passes
+the signature check, so the receiver accepts one body per transmission id (`delivery_header`): a forged
+body replayed under a genuine delivery's headers is refused once that delivery is stored, and headers
+of a delivery that never arrived stop being usable when the horizon passes. Deliveries should still
+reach the receiver over TLS only, so the genuine ones cannot be withheld and replaced.
 
 Apply. `PAYMENT.CAPTURE.*` and `PAYMENT.SALE.*` carry a capture (Payments v2) or a sale (v1) whose id
 is the Transaction Search `transaction_id`; the event becomes the same `paypal_payments` row the sync
@@ -93,6 +95,9 @@ CERT_PATH = "/v1/notifications/certs/"
 MAX_CERT_BYTES = 65_536
 CERT_FETCH_SECONDS = 10.0
 CERT_CACHE_SECONDS = 86_400.0
+# PayPal retries a delivery for up to three days; a transmission older than that is not PayPal's.
+RETRY_HORIZON_SECONDS = 3 * 86_400.0
+CLOCK_SKEW_SECONDS = 300.0
 ONLINE_RETRY = RetryPolicy(max_attempts=3, base_delay=0.5, max_delay=2.0, budget_seconds=20.0)
 HEADERS = ("paypal-transmission-id", "paypal-transmission-time", "paypal-transmission-sig", "paypal-cert-url",
            "paypal-auth-algo")  # fmt: skip
@@ -335,10 +340,23 @@ CERTIFICATES = CertificateCache()
 # --- the receiver's check ------------------------------------------------------------------------------------
 
 
+def check_transmission_time(transmission_time: str, now: float) -> None:
+    """Refuse a transmission time before PayPal's retry horizon or ahead of `now` beyond the clock skew."""
+    parsed = parse_time(transmission_time)
+    if parsed is None:
+        raise InvalidSignature("PAYPAL-TRANSMISSION-TIME is missing")
+    sent_at = parsed.timestamp()
+    if sent_at < now - RETRY_HORIZON_SECONDS - CLOCK_SKEW_SECONDS:
+        raise InvalidSignature("PAYPAL-TRANSMISSION-TIME is older than PayPal's three days of retries")
+    if sent_at > now + CLOCK_SKEW_SECONDS:
+        raise InvalidSignature("PAYPAL-TRANSMISSION-TIME is ahead of our clock by more than five minutes")
+
+
 async def verify_delivery(ctx: VerifyContext) -> None:
     """Check one delivery for the connection: headers, the certificate URL (before any request), then the
     signature offline, or by PayPal when the connection's `webhook_verification` setting is `online`."""
     sent = transmission(ctx.headers)
+    check_transmission_time(sent.time, ctx.now)
     source = cert_source(sent.cert_url, ctx.connection)
     mode = str((ctx.connection.settings or {}).get("webhook_verification", "offline")).lower()
     if mode == "online":

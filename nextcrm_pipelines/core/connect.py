@@ -89,10 +89,20 @@ def authorization_request(
     return AuthorizationRequest(url=url, state=state, code_verifier=verifier)
 
 
-class CallbackServer:
-    """Serves the redirect URI on loopback and hands over the query of the first callback."""
+def _printable(text: str, limit: int = 200) -> str:
+    """Provider text made safe for a terminal: printable characters only, at most `limit` of them."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
-    def __init__(self, redirect_uri: str) -> None:
+
+class CallbackServer:
+    """Serves the redirect URI on loopback and hands over the query of the first callback carrying `state`.
+
+    Any page the user visits can send the browser to this port, so `state` is checked before anything
+    else: a request without this flow's `state` (an error, a guessed or missing state) gets a 400, its
+    text is neither shown nor kept, and the server keeps waiting for the genuine callback.
+    """
+
+    def __init__(self, redirect_uri: str, state: str) -> None:
         parts = urlsplit(redirect_uri)
         if parts.scheme != "http" or parts.hostname not in LOOPBACK_HOSTS or not parts.port:
             raise OAuthConfigError(
@@ -100,6 +110,7 @@ class CallbackServer:
                 "so this command can receive the callback; register that URI with the provider's app"
             )
         self.path = parts.path or "/"
+        self.state = state.encode()
         self.received: queue.Queue[dict[str, str]] = queue.Queue(maxsize=1)
         server = self
 
@@ -110,15 +121,19 @@ class CallbackServer:
                     self.send_error(404)
                     return
                 params = dict(parse_qsl(target.query, keep_blank_values=True))
-                try:
-                    server.received.put_nowait(params)
-                    text = "Authorisation received. You can close this window and return to the terminal."
-                except queue.Full:
-                    text = "This authorisation was already received."
-                if "error" in params:
-                    text = f"The provider answered {html.escape(params['error'])}. See the terminal."
+                status = 200
+                if not secrets.compare_digest(params.get("state", "").encode(), server.state):
+                    status, text = 400, "This is not the callback of the authorisation the terminal is waiting for."
+                else:
+                    try:
+                        server.received.put_nowait(params)
+                        text = "Authorisation received. You can close this window and return to the terminal."
+                    except queue.Full:
+                        text = "This authorisation was already received."
+                    if "error" in params:
+                        text = f"The provider answered {html.escape(_printable(params['error']))}. See the terminal."
                 body = f"<!doctype html><title>NextCRM</title><p>{text}</p>".encode()
-                self.send_response(200)
+                self.send_response(status)
                 self.send_header("Content-Type", "text/html; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -165,12 +180,12 @@ def connect(
 ) -> list[Connection]:
     """Run the whole flow and return the stored connections (one per tenant the grant reaches)."""
     request = authorization_request(spec, app, base_url, extra_authorize_params)
-    with CallbackServer(app.redirect_uri) as callback:
+    with CallbackServer(app.redirect_uri, request.state) as callback:
         on_url(request.url)
         params = callback.wait(timeout)
     if "error" in params:
         detail = params.get("error_description") or params["error"]
-        raise ConnectError(f"{spec.provider} refused the authorisation: {detail}")
+        raise ConnectError(f"{spec.provider} refused the authorisation: {_printable(detail)}")
     if not secrets.compare_digest(params.get("state", ""), request.state):
         raise ConnectError("the callback's state does not match this request (a stale or forged callback); try again")
     code = params.get("code")

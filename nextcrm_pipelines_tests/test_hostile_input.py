@@ -11,16 +11,22 @@ OAuth callback server answers only the callback that carries its `state`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import httpx
 import orjson
 import psycopg
 import pytest
+import uvicorn
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connect import CallbackServer, connect
@@ -29,7 +35,7 @@ from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines.sandbox.mautic import MauticControl
 from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.sandbox.server import SandboxServer
-from nextcrm_pipelines.webhooks.app import _GroupCommit
+from nextcrm_pipelines.webhooks.app import _GroupCommit, build_app, server_config
 from nextcrm_pipelines_tests.accounting import consent, free_port
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
 from nextcrm_pipelines_tests.test_webhooks_paypal import forge_same_crc
@@ -346,3 +352,113 @@ def test_stray_callbacks_do_not_abort_the_connect_flow(database_url, schema, box
     assert made.provider == "mautic" and made.display_name == f"Mautic {account['id']}"
     out, err = capsys.readouterr()
     assert "pwned" not in out + err and "\x1b" not in out + err
+
+
+# --- slow clients -------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def served(app: Any, **options: Any) -> Iterator[int]:
+    """The app served as `webhooks serve` serves it (`server_config`) on a free loopback port; yields the port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(server_config(app, host="127.0.0.1", port=0, log_level="warning", **options))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+def status_line(sock: socket.socket, timeout: float) -> bytes:
+    """The first line the server sends on `sock` (b"" when it closes without answering)."""
+    sock.settimeout(timeout)
+    received = b""
+    while b"\r\n" not in received:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        received += chunk
+    return received.split(b"\r\n", 1)[0]
+
+
+class Trickle:
+    """Sends one byte on each socket every `every` seconds, from a thread, until stopped."""
+
+    def __init__(self, sockets: list[socket.socket], byte: bytes, every: float = 0.2) -> None:
+        self.sockets, self.byte, self.every = sockets, byte, every
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.every):
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.send(self.byte)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+
+
+def test_bodies_trickled_by_hundreds_of_clients_get_408_while_a_genuine_delivery_passes(database_url, schema,
+                                                                                       box):  # fmt: skip
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    body = stripe_event()
+    app = build_app(database_url=database_url, schema=schema, box=box, body_seconds=1.5)
+    slow: list[socket.socket] = []
+    with served(app) as port:
+        try:
+            head = (f"POST /webhooks/stripe/{stripe} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 4000\r\n"
+                    f"Stripe-Signature: {stripe_header(body)}\r\n\r\n{{").encode()  # fmt: skip
+            for _ in range(200):
+                slow.append(socket.create_connection(("127.0.0.1", port)))
+                slow[-1].sendall(head)
+            trickle = Trickle(slow, b" ")
+            started = time.monotonic()
+            genuine = httpx.post(f"http://127.0.0.1:{port}/webhooks/stripe/{stripe}", content=body,
+                                 headers={"Stripe-Signature": stripe_header(body)}, timeout=5)  # fmt: skip
+            assert genuine.status_code == 200 and time.monotonic() - started < 2
+            answers = {status_line(sock, timeout=5) for sock in slow}  # each when its 1.5 s have passed
+            trickle.stop()
+            assert answers == {b"HTTP/1.1 408 Request Timeout"}
+            assert time.monotonic() - started < 5
+        finally:
+            for sock in slow:
+                sock.close()
+    assert [row[1] for row in inbox(database_url, schema)] == ["evt_1"]
+
+
+@pytest.mark.parametrize("http", ["httptools", "h11"])
+def test_slow_or_oversized_headers_are_cut_off_while_a_genuine_delivery_passes(database_url, schema, box, http):
+    stripe = connection(database_url, box, "stripe", {"webhook_secret": SECRET})
+    body = stripe_event()
+    app = build_app(database_url=database_url, schema=schema, box=box)
+    with served(app, http=http, header_seconds=1.0, max_header_bytes=8192) as port:
+        silent = socket.create_connection(("127.0.0.1", port))  # connects and sends nothing
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /webhooks/stripe/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
+        huge = socket.create_connection(("127.0.0.1", port))
+        huge.sendall(b"POST /webhooks/stripe/x HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"a" * 20_000)
+        trickle = Trickle([slow], b"a", every=0.05)
+        try:
+            started = time.monotonic()
+            genuine = httpx.post(f"http://127.0.0.1:{port}/webhooks/stripe/{stripe}", content=body,
+                                 headers={"Stripe-Signature": stripe_header(body)}, timeout=5)  # fmt: skip
+            assert genuine.status_code == 200 and time.monotonic() - started < 2
+            assert status_line(huge, timeout=3).startswith(b"HTTP/1.1 4")  # refused at once (400 or 431)
+            assert status_line(silent, timeout=3) == b"HTTP/1.1 408 Request Timeout"
+            assert status_line(slow, timeout=3) == b"HTTP/1.1 408 Request Timeout"
+            assert silent.recv(1) == b""  # and closed
+            assert time.monotonic() - started < 3
+        finally:
+            trickle.stop()
+            for sock in (silent, slow, huge):
+                sock.close()
+    assert [row[1] for row in inbox(database_url, schema)] == ["evt_1"]

@@ -1,9 +1,11 @@
 """The webhook receiver: `POST /webhooks/{provider}/{connection_id}` → verify → inbox → 2xx.
 
 It does nothing else (processing is Dagster's job). The body is read up to a size limit (413
-beyond); an unknown provider or connection is 404; a missing or wrong signature is 401 and nothing
-is stored; a body that is signed but not a readable event is recorded as `dead` for audit and
-answered 400; when the database cannot be reached the answer is 503, so the provider retries. A
+beyond) and within a deadline (408 beyond; `server_config` gives the headers one too); an unknown
+provider is 404; a missing or wrong signature is 401 and nothing is stored, and so is an unknown
+connection (the same answer, so ids cannot be probed); a body that is signed but whose events cannot
+be read is recorded as `dead` for audit and answered 400; when the database cannot be reached, or a
+writer task died, the answer is 503, so the provider retries. A
 2xx goes out only after the row is committed, and a redelivered event is a no-op (unique on
 provider, connection and event id). Xero's intent-to-receive deliveries get their 200 or 401 and
 store nothing. A provider check that needs the connection or the network (`verify_connection`) runs
@@ -49,6 +51,13 @@ from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnav
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1_048_576
+# Deadlines for slow clients: the request line and headers, then the whole body (408 when missed).
+HEADER_SECONDS = 10.0
+BODY_SECONDS = 10.0
+MAX_HEADER_BYTES = 16_384
+KEEP_ALIVE_SECONDS = 5
+# Connections served at once; beyond, uvicorn answers 503 (providers retry) rather than running out of descriptors.
+MAX_CONNECTIONS = 1000
 # Event ids are unique in the inbox; a btree entry holds at most ~2.7 kB, so longer ids could not be stored.
 MAX_EVENT_ID_CHARS = 500
 ALWAYS_KEPT_HEADERS = ("content-type", "user-agent")
@@ -61,22 +70,31 @@ class _TooLarge(Exception):
     pass
 
 
+class _TooSlow(Exception):
+    pass
+
+
 def _reply(status: int, message: str | None = None) -> Response:
     if message is None:
         return Response(status_code=status)
     return Response(orjson.dumps({"error": message}), status_code=status, media_type="application/json")
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, seconds: float) -> bytes:
+    """The body, at most `limit` bytes (`_TooLarge`) and read whole within `seconds` (`_TooSlow`)."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and declared.isascii() and declared.isdigit() and len(declared) < 20 and int(declared) > limit:
         raise _TooLarge
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise _TooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise _TooSlow from None
     return b"".join(chunks)
 
 
@@ -219,8 +237,13 @@ def build_app(
     pool_size: int = 8,
     cache_seconds: float = CONNECTION_CACHE_SECONDS,
     unknown_seconds: float = 2.0,
+    body_seconds: float = BODY_SECONDS,
 ) -> Starlette:
-    """The receiver ASGI app over a connection pool to the mirror database."""
+    """The receiver ASGI app over a connection pool to the mirror database.
+
+    `unknown_seconds`: how long the list of connection ids is trusted to refuse an unknown id without a
+    query (0: look each id up); `body_seconds`: the deadline for reading a whole body (408 beyond).
+    """
     box = box or SecretBox.from_environment()
     pool = AsyncConnectionPool(libpq_url(database_url), min_size=1, max_size=pool_size, open=False, timeout=5,
                                kwargs={"autocommit": True})  # fmt: skip
@@ -310,9 +333,13 @@ def build_app(
         if spec is None:
             return _reply(404, "no webhooks for this provider")
         try:
-            body = await _read_body(request, max_body_bytes)
+            body = await _read_body(request, max_body_bytes, body_seconds)
         except _TooLarge:
             return _reply(413, f"body larger than {max_body_bytes} bytes")
+        except _TooSlow:
+            response = _reply(408, f"body not received within {body_seconds:g} s")
+            response.headers["connection"] = "close"
+            return response
         headers = {k.lower(): v for k, v in request.headers.items()}
         try:
             entry = known.get(connection_id)
@@ -422,9 +449,109 @@ def receiver_url(base: str, provider: str, connection_id: str) -> str:
     return f"{base.rstrip('/')}/webhooks/{provider}/{connection_id}"
 
 
+def _with_header_deadline(base: type[Any], seconds: float, max_bytes: int) -> type[asyncio.Protocol]:
+    """`base` (uvicorn's httptools or h11 protocol) with a deadline for each request's line and headers:
+    a connection that has not sent them whole within `seconds` of its first byte (or of connecting) is
+    answered 408 and closed. With httptools the headers are also limited to `max_bytes` (400 beyond;
+    h11 has its own limit, `h11_max_incomplete_event_size`)."""
+    h11_based = base.__module__.endswith("h11_impl")
+    if h11_based:
+        import h11
+
+    class Protocol(base):  # type: ignore[misc, valid-type]
+        _deadline: asyncio.TimerHandle | None = None
+        _header_bytes = 0
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(seconds, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        if h11_based:
+
+            def data_received(self, data: bytes) -> None:
+                if self.conn.their_state is h11.IDLE:
+                    self._arm()
+                super().data_received(data)
+                if self.conn.their_state is not h11.IDLE:
+                    self._disarm()
+
+        else:
+
+            def on_message_begin(self) -> None:
+                self._header_bytes = 0
+                self._arm()
+                super().on_message_begin()
+
+            def on_url(self, url: bytes) -> None:
+                self._count(len(url))
+                super().on_url(url)
+
+            def on_header(self, name: bytes, value: bytes) -> None:
+                self._count(len(name) + len(value))
+                super().on_header(name, value)
+
+            def _count(self, size: int) -> None:
+                self._header_bytes += size
+                if self._header_bytes > max_bytes:
+                    raise ValueError("request headers too large")  # the parser answers 400 and closes
+
+            def on_headers_complete(self) -> None:
+                self._disarm()
+                super().on_headers_complete()
+
+    Protocol.__name__ = f"Deadline{base.__name__}"
+    return Protocol
+
+
+def server_config(app: Any, *, host: str, port: int, http: str = "auto", header_seconds: float = HEADER_SECONDS,
+                  max_header_bytes: int = MAX_HEADER_BYTES, **options: Any) -> Any:  # fmt: skip
+    """The uvicorn config the receiver is served with: deadlines for slow clients (headers here, the body
+    in the app), a header size limit, a short keep-alive and a bound on connections served at once.
+
+    `http`: "auto" (httptools when installed, as uvicorn chooses), "httptools" or "h11".
+    """
+    import uvicorn
+
+    if http == "auto":
+        try:
+            import httptools  # noqa: F401
+        except ImportError:
+            http = "h11"
+        else:
+            http = "httptools"
+    if http == "httptools":
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    else:
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    protocol = _with_header_deadline(base, header_seconds, max_header_bytes)
+    settings: dict[str, Any] = {"timeout_keep_alive": KEEP_ALIVE_SECONDS, "limit_concurrency": MAX_CONNECTIONS,
+                                "h11_max_incomplete_event_size": max_header_bytes, "access_log": False,
+                                **options}  # fmt: skip
+    return uvicorn.Config(app, host=host, port=port, http=protocol, **settings)
+
+
 def serve(*, database_url: str, schema: str, host: str, port: int) -> None:
     """Run the receiver with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(build_app(database_url=database_url, schema=schema), host=host, port=port, log_level="info",
-                access_log=False)  # fmt: skip
+    app = build_app(database_url=database_url, schema=schema)
+    uvicorn.Server(server_config(app, host=host, port=port, log_level="info")).run()

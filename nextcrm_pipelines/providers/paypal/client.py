@@ -8,7 +8,8 @@ refused with `RESULTSET_TOO_LARGE` is split in halves until each half fits. The 
 there (`Coverage`), and the hourly schedule reads it again until it is complete; a window that
 starts after it ("Data for the given start date is not available") reads nothing yet. Subscriptions
 are found through the window's transactions (`paypal_reference_id` of type SUB) and fetched by id
-with their plan. Webhook events re-read a capture, a sale or a plan by id (`capture`, `sale`, `plan`).
+with their plan. Webhook events re-read a capture, a sale or a plan by id (`capture`, `sale`, `plan`), and
+an event itself (`webhook_event`) to learn whether it is this app's.
 """
 
 from __future__ import annotations
@@ -184,6 +185,11 @@ class PayPalApi:
     def sale(self, sale_id: str) -> dict[str, Any]:
         """A v1 sale (subscription payments) as it is now (`GET /v1/payments/sale/{id}`)."""
         return self.http.get_json(f"/v1/payments/sale/{quote(sale_id, safe='')}")
+
+    def webhook_event(self, event_id: str) -> dict[str, Any]:
+        """A webhook event notification of this app (`GET /v1/notifications/webhooks-events/{id}`); events are
+        scoped to the app, so another app's event is a `ProviderError` with status 404."""
+        return self.http.get_json(f"/v1/notifications/webhooks-events/{quote(event_id, safe='')}")
 
     def subscriptions(self, window: SyncWindow) -> Iterator[list[Record] | Coverage]:
         """The subscriptions the window's transactions belong to, fetched now with their plan."""

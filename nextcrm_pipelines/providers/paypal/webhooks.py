@@ -30,6 +30,13 @@ the sync stay), as of the resource's `update_time`, never regressing. A refund e
 refund row and re-reads the refunded capture or sale, as the sync would show it refunded (status `V`,
 or `F` when partly). `BILLING.SUBSCRIPTION.*` carry the subscription, written with its plan like the
 sync. Other event types are processed and counted as skipped.
+
+A connection without a `webhook_id` of its own is checked with the app-wide `PAYPAL_WEBHOOK_ID`, which
+verifies a delivery posted to any connection's URL, so `apply` first makes sure each event is the
+connection's merchant's: a capture names its merchant (`payee.merchant_id`, a refund's `payer`), which
+decides when the connection has an `external_tenant`; otherwise the event is read back with the
+connection's app (`GET /v1/notifications/webhooks-events/{id}`; PayPal scopes events to the app), and
+one it does not know (404) is another merchant's: processed and counted as skipped, not applied.
 """
 
 from __future__ import annotations
@@ -554,14 +561,54 @@ class _Payments:
             self.latest[row.id] = row
 
 
+_APPLIED = ("PAYMENT.CAPTURE.", "PAYMENT.SALE.", "BILLING.SUBSCRIPTION.")
+
+
+def _merchant_named(event: Mapping[str, Any]) -> str | None:
+    """The merchant a Payments v2 resource names: a capture's `payee`, a refund's `payer` (the merchant
+    refunding); None for sales and subscriptions, which name none."""
+    kind, resource = str(event.get("event_type") or ""), event.get("resource")
+    if not kind.startswith("PAYMENT.CAPTURE.") or not isinstance(resource, dict):
+        return None
+    refund = event.get("resource_type") == "refund" or kind.endswith((".REFUNDED", ".REVERSED"))
+    party = resource.get("payer" if refund else "payee")
+    merchant = party.get("merchant_id") if isinstance(party, dict) else None
+    return merchant if isinstance(merchant, str) and merchant else None
+
+
+def _is_ours(context: ApplyContext, event: Mapping[str, Any]) -> bool:
+    """Whether the event belongs to the connection's merchant. Checked only when the delivery was verified
+    with the app-wide webhook id (any connection's URL accepts those): the merchant the resource names
+    decides when the connection names its own (`external_tenant`); otherwise the event is read back with the
+    connection's app, to which PayPal scopes events, and a 404 means it is another app's."""
+    if not context.signed_with_app_secret(WEBHOOKS.secret_name):
+        return True
+    tenant, named = context.connection().external_tenant, _merchant_named(event)
+    if tenant and named:
+        return named == tenant
+    try:
+        context.client().webhook_event(str(event.get("id")))
+    except ProviderError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
-    """Write the capture, sale, refund or subscription each event carries (see the module doc)."""
+    """Write the capture, sale, refund or subscription each event carries (see the module doc); events of
+    another merchant are counted as skipped."""
     payments = _Payments(context)
     subscriptions: list[Row] = []
+    foreign = 0
     for row in rows:
         event = row.payload if isinstance(row.payload, dict) else {}
         kind, resource = str(event.get("event_type") or ""), event.get("resource")
-        if not isinstance(resource, dict) or not resource.get("id"):
+        if not isinstance(resource, dict) or not resource.get("id") or not kind.startswith(_APPLIED):
+            context.skip()
+            continue
+        if not _is_ours(context, event):
+            foreign += 1
             context.skip()
             continue
         if kind.startswith(("PAYMENT.CAPTURE.", "PAYMENT.SALE.")):
@@ -571,12 +618,12 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             else:
                 code = "T0002" if sale and resource.get("billing_agreement_id") else "T0006"
                 payments.add(payment_info(resource, sale), code, _version(resource, row.occurred_at))
-        elif kind.startswith("BILLING.SUBSCRIPTION."):
+        else:
             plan_id = resource.get("plan_id")
             raw = {**resource, "plan": context.client().plan(str(plan_id))} if plan_id else dict(resource)
             subscriptions.append(subscription_row(raw, _version(resource, row.occurred_at)))
-        else:
-            context.skip()
+    if foreign:
+        log.warning("paypal webhooks of %s: %d event(s) of another merchant skipped", context.connection_id, foreign)
     counts = BatchCounts()
     if payments.rows:
         counts.add(context.upsert(PAYMENTS_TABLE, payments.rows))

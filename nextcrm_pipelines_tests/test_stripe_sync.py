@@ -22,6 +22,7 @@ from psycopg import sql
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed
 from nextcrm_pipelines.core.runner import day_window, sync_partitions, sync_workers
+from nextcrm_pipelines.core.sync import ABANDONED
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines_tests.helpers import (
@@ -351,11 +352,26 @@ def test_sync_killed_midway_and_rerun_ends_with_exactly_the_sandbox_data(
     partial = len(mirror_rows(database_url, schema, "stripe_payments", "id"))
     expected = expected_charges(sandbox, key)
     assert 0 < partial < len(expected)
+    left = logs_by_id(database_url, schema)
+    stranded = [log_id for log_id, (status, _) in left.items() if status == "running"]
+    assert len(stranded) == 1  # as the killed run left it
     sandbox.clear_stripe_faults(api_key=key)
     sync_days(database_url, schema, connection.id, "stripe_payments", days)
     mirrored = mirror_rows(database_url, schema, "stripe_payments", "id")
     assert len(mirrored) == len({r[0] for r in mirrored})  # no duplicates
     assert charges_by_id(database_url, schema) == expected  # no gaps, same amounts
+    # The re-run holds the connection's lock, so the log the killed run left `running` is closed as failed.
+    logs = logs_by_id(database_url, schema)
+    assert logs[stranded[0]] == ("failed", ABANDONED)
+    assert [status for status, _ in logs.values()].count("running") == 0
+
+
+def logs_by_id(database_url: str, schema: str) -> dict[int, tuple]:
+    """(status, error) of each sync log row by id."""
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(sql.SQL("SELECT id, status, error FROM {}").format(
+            table("integration_sync_logs", schema))).fetchall()  # fmt: skip
+    return {row[0]: row[1:] for row in rows}
 
 
 def backfill(database_url: str, schema: str, connection_id: str, days: list, **kwargs) -> list:

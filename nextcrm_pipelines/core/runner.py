@@ -32,7 +32,7 @@ from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
 from nextcrm_pipelines.core.provider import ClientContext, Provider
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.sweep import sweep_deletions
-from nextcrm_pipelines.core.sync import BATCH_SIZE, Claim, SyncResult, SyncWindow, sync_windows
+from nextcrm_pipelines.core.sync import BATCH_SIZE, Claim, SyncResult, SyncWindow, close_abandoned_logs, sync_windows
 from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
@@ -229,6 +229,8 @@ def _sync_group(
                         box=job.box, lock=job.lock, rate_share=job.rate_share) as (conn, _, client, stats),
         alongside(),
     ):  # fmt: skip
+        if job.lock and close_abandoned_logs(conn, job.schema, job.connection_id):
+            log.warning("%s: sync logs left running by a stopped sync are marked failed", job.connection_id)
         return sync_windows(
             conn=conn,
             schema=job.schema,

@@ -239,6 +239,24 @@ def start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str,
     return int(row[0])
 
 
+ABANDONED = "the sync ended without finishing (its process was stopped); a later sync re-reads the window"
+
+
+def close_abandoned_logs(conn: psycopg.Connection, schema: str, connection_id: str) -> int:
+    """Mark the connection's sync logs still `running` as `failed`: called by a sync that holds the
+    connection's lock, no other sync of it can be running, so those were left by a killed process
+    (webhook apply batches, which do not take the lock, are left alone). Returns how many."""
+    closed = conn.execute(
+        sql.SQL(
+            "UPDATE {t} SET status = 'failed', error = %s, completed_at = now() "
+            "WHERE connection_id = %s AND status = 'running' AND partition IS DISTINCT FROM 'webhooks'"
+        ).format(t=table("integration_sync_logs", schema)),
+        (ABANDONED, connection_id),
+    ).rowcount
+    conn.commit()
+    return closed
+
+
 def _rows_created_in(conn: psycopg.Connection, schema: str, entity: EntitySpec, connection_id: str,
                     window: SyncWindow) -> int:  # fmt: skip
     """Rows of the connection that belong to the window: the partition's row count."""

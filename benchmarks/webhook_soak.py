@@ -44,6 +44,7 @@ from benchmarks.webhooks import (  # noqa: E402
     charge_blobs,
     event_body,
     free_port,
+    fresh_stripe_connection,
     start_receiver,
     stop_process,
     stripe_signature,
@@ -57,25 +58,10 @@ QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
 def prepare(database_url: str, sandbox_url: str, api_key: str) -> str:
     """A fresh schema with one Stripe connection (sandbox key and webhook secret)."""
-    import psycopg
-
-    from nextcrm_pipelines.core import connections as vault
-    from nextcrm_pipelines.core import db
     from nextcrm_pipelines.core.vault import SecretBox
 
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
-    db.upgrade(database_url, SCHEMA)
-    with psycopg.connect(database_url) as conn:
-        connection = vault.add_connection(
-            conn,
-            provider="stripe",
-            display_name="Soak",
-            box=SecretBox.from_environment(),
-            secrets={"api_key": api_key, "webhook_secret": SECRET},
-            base_url=sandbox_url,
-        )
-    return connection.id
+    return fresh_stripe_connection(database_url, SCHEMA, SecretBox.from_environment(), "Soak",
+                                   {"api_key": api_key, "webhook_secret": SECRET}, sandbox_url)  # fmt: skip
 
 
 # --- senders ----------------------------------------------------------------------------------------

@@ -475,30 +475,36 @@ def fresh_process_load_seconds() -> float:
 # --- main -------------------------------------------------------------------------------------------
 
 
-def prepare_database(database_url: str, box: Any) -> str:
-    """A fresh schema with one Stripe connection holding the webhook secret, and the baseline table."""
+def fresh_stripe_connection(database_url: str, schema: str, box: Any, name: str, secrets: dict[str, str],
+                            base_url: str | None = None) -> str:  # fmt: skip
+    """Drop and migrate `schema`, then add one Stripe connection with `secrets`; returns its id."""
     import psycopg
 
     from nextcrm_pipelines.core import connections as vault
     from nextcrm_pipelines.core import db
 
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE')
-    db.upgrade(database_url, SCHEMA)
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    db.upgrade(database_url, schema)
     with psycopg.connect(database_url) as conn:
-        connection = vault.add_connection(
-            conn,
-            provider="stripe",
-            display_name="Bench hooks",
-            box=box,
-            secrets={"api_key": "sk_test_bench", "webhook_secret": SECRET},
-        )
+        connection = vault.add_connection(conn, provider="stripe", display_name=name, box=box, secrets=secrets,
+                                          base_url=base_url)  # fmt: skip
+    return connection.id
+
+
+def prepare_database(database_url: str, box: Any) -> str:
+    """A fresh schema with one Stripe connection holding the webhook secret, and the baseline table."""
+    import psycopg
+
+    connection_id = fresh_stripe_connection(database_url, SCHEMA, box, "Bench hooks",
+                                            {"api_key": "sk_test_bench", "webhook_secret": SECRET})  # fmt: skip
+    with psycopg.connect(database_url) as conn:
         conn.execute(f'CREATE TABLE "{SCHEMA}".baseline_events (LIKE "{SCHEMA}".webhook_events INCLUDING ALL)')
         conn.execute(
             f'ALTER TABLE "{SCHEMA}".baseline_events ADD FOREIGN KEY (connection_id) '
             f'REFERENCES "{SCHEMA}".integration_connections (id)'
         )
-    return connection.id
+    return connection_id
 
 
 def run(args: argparse.Namespace, database_url: str, work: Path) -> dict[str, Any]:

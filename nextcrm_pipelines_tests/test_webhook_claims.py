@@ -37,10 +37,12 @@ from nextcrm_pipelines_tests.webhook_helpers import inbox_rows, receiver, tick_a
 
 def _connection(database_url: str, box, key: str, url: str | None = None, tenant: str | None = None,
                 webhook_secret: str | None = None) -> str:  # fmt: skip
+    """A Stripe connection; unpaced (the sandbox does not limit), so reading events back is quick."""
     secrets = {"api_key": key, **({"webhook_secret": webhook_secret} if webhook_secret else {})}
     with psycopg.connect(database_url) as conn:
         return vault.add_connection(conn, provider="stripe", display_name=f"Claims {key[-6:]}", box=box,
-                                    secrets=secrets, base_url=url, external_tenant=tenant).id  # fmt: skip
+                                    secrets=secrets, base_url=url, external_tenant=tenant,
+                                    settings={"requests_per_second": 0}).id  # fmt: skip
 
 
 def _sandbox_events(sandbox, key: str, count: int) -> list[dict]:

@@ -180,7 +180,7 @@ def test_a_connection_stored_while_the_key_rotates_is_re_encrypted(database_url,
 
 
 def test_processes_started_with_the_old_key_refuse_to_write_once_it_is_rotated(
-    database_url, schema, secret_key, own_sandbox, monkeypatch
+    database_url, schema, secret_key, own_sandbox, monkeypatch, caplog
 ):
     old, new = secret_key, Fernet.generate_key().decode()
     old_box = SecretBox([old])
@@ -226,6 +226,7 @@ def test_processes_started_with_the_old_key_refuse_to_write_once_it_is_rotated(
         asked = paypal_tokens()
         assert deliver(base) == 503
         assert paypal_tokens() == asked
+        assert "restart it with the current NEXTCRM_SECRET_KEY" in caplog.text  # the operator is told why
     # The sync needs a refresh: it refuses before calling Xero's token endpoint, telling the operator why.
     account.expire_access()
     stored = stored_secrets(database_url, SecretBox([new]), account.connection.id)

@@ -44,7 +44,7 @@ from starlette.routing import Route
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.settings import libpq_url
-from nextcrm_pipelines.core.vault import SecretBox, VaultError
+from nextcrm_pipelines.core.vault import SecretBox, StaleKey, VaultError
 from nextcrm_pipelines.providers import PROVIDERS
 from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnavailable, VerifyContext
 
@@ -370,6 +370,9 @@ def build_app(
         except VerificationUnavailable as exc:
             log.warning("webhook for %r not verified yet: %s", connection_id, exc)
             return _reply(503, "signature cannot be checked now; retry later")
+        except StaleKey as exc:
+            log.error("webhook for %r not verified: %s", connection_id, exc)
+            return _reply(503, "secrets unavailable")
         except VaultError:
             log.error("webhook for %r: its secrets cannot be decrypted with the current keys", connection_id)
             return _reply(503, "secrets unavailable")

@@ -19,6 +19,7 @@ upserts never regress), so an event seen twice changes nothing. Each batch write
 from __future__ import annotations
 
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
@@ -175,7 +176,7 @@ _DUE = (
     "OR (e.status = 'applying' AND e.lease_until < now())) "
     "AND EXISTS (SELECT 1 FROM {connections} c WHERE c.id = e.connection_id AND c.status = 'active')"
 )
-# How long a claim holds its events without being renewed; renewed before each connection's batch.
+# How long a claim holds its events without being renewed; renewed between connections once half is gone.
 LEASE_SECONDS = 600
 # How long events wait when their connection is being synced (an apply run does not wait for it).
 BUSY_DEFER_SECONDS = 30
@@ -303,11 +304,14 @@ def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply
                 if not claimed:
                     break
                 claimed_so_far += len(claimed)
+                renewed = time.monotonic()
                 by_connection: dict[str, list[InboxRow]] = defaultdict(list)
                 for row in claimed:
                     by_connection[row.connection_id].append(row)
                 for connection_id, events in by_connection.items():
-                    _renew(conn, schema, claim, lease)
+                    if time.monotonic() - renewed > lease / 2:  # half the lease gone: push it on
+                        _renew(conn, schema, claim, lease)
+                        renewed = time.monotonic()
                     context = ApplyContext(conn, schema, connection_id, database_url, provider, box, claim=claim)
                     try:
                         _apply_one(context, events, apply, run_id, outcome)

@@ -39,10 +39,14 @@ def upgrade(schema: str) -> None:
     op.drop_index("webhook_events_pending", "webhook_events", schema=schema)
     op.create_index("webhook_events_pending", "webhook_events", ["provider", "id"], schema=schema,
                     postgresql_where=sa.text("status IN ('pending', 'failed', 'applying')"))  # fmt: skip
+    # A run renews and releases what its claim holds by the claim number.
+    op.create_index("webhook_events_claimed", "webhook_events", ["claim"], schema=schema,
+                    postgresql_where=sa.text("status = 'applying'"))  # fmt: skip
 
 
 def downgrade(schema: str) -> None:
     op.execute(f"UPDATE \"{schema}\".webhook_events SET status = 'pending' WHERE status = 'applying'")
+    op.drop_index("webhook_events_claimed", "webhook_events", schema=schema)
     op.drop_index("webhook_events_pending", "webhook_events", schema=schema)
     op.create_index("webhook_events_pending", "webhook_events", ["provider", "id"], schema=schema,
                     postgresql_where=sa.text("status IN ('pending', 'failed')"))  # fmt: skip

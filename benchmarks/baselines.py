@@ -1,8 +1,8 @@
 """The two reference syncs the Stripe benchmark measures next to the project's own sync.
 
 `naive_load` is the row-at-a-time floor (one upsert and one COMMIT per charge) and `dlt_load` is the
-off-the-shelf peer (dlt's `rest_api` source merging into Postgres), both set up exactly as in
-sections 3 and 4 of /work/shared/PERF-ANCHORS.md, so that a run against the local Stripe emulator and
+off-the-shelf peer (dlt's `rest_api` source merging into Postgres), both set up as
+``docs/performance.md`` describes them (Baselines), so that a run against the local Stripe emulator and
 the same Postgres server puts the project's figures next to baselines measured under the same
 conditions instead of next to numbers from another machine.
 

@@ -1,4 +1,4 @@
-"""Rotating refresh tokens survive concurrency and crashes (ARCHITECTURE invariant 4).
+"""Rotating refresh tokens survive concurrency and crashes (invariant 4 of docs/architecture.md).
 
 Separate operating-system processes sync at the same moment with an expired access token: the
 provider's token endpoint must be called once, every sync must succeed, and the stored refresh token

@@ -1,4 +1,4 @@
-"""The ARCHITECTURE.md invariants, proved on the Stripe slice: real Postgres, sandbox over HTTP."""
+"""The invariants of docs/architecture.md, proved on the Stripe slice: real Postgres, sandbox over HTTP."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A provider with OAuth declares an `OAuthSpec` (its hosts, authorize and token paths, scopes, PKCE and
 client-authentication style, the environment variables of its app). `TokenManager` hands the client
-a valid access token for one connection and refreshes it the only safe way (ARCHITECTURE invariant 4):
+a valid access token for one connection and refreshes it the only safe way (invariant 4 of docs/architecture.md):
 inside a transaction holding `SELECT ... FOR UPDATE` on the connection row (and on the rows of the
 other tenants that share the same grant, as a Xero token reaching several organisations does), it
 re-reads the stored token; if another process already refreshed it, that token is used; otherwise it

@@ -151,7 +151,7 @@ DEFAULT_SCOPES = (
     SCOPE_VERIFY_WEBHOOKS,
 )
 
-# Knobs of an account, with their defaults (facts marked unverified in the provider notes are knobs too).
+# Knobs of an account, with their defaults (facts PayPal leaves undocumented are knobs too).
 DEFAULT_KNOBS: dict[str, Any] = {
     "result_cap": 10_000,  # RESULTSET_TOO_LARGE above this many matching rows
     "visibility_lag_seconds": 10_800,  # a row reaches Transaction Search this long after it happens

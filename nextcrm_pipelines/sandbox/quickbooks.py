@@ -116,7 +116,7 @@ CDC_MAX_DAYS = 30
 CDC_MAX_OBJECTS = 1000
 SCOPE_ACCOUNTING = "com.intuit.quickbooks.accounting"
 
-# Intuit documents no retry schedule for webhooks (quickbooks.md §6, unverified): the emulator retries a
+# Intuit documents no retry schedule for webhooks (``docs/providers/quickbooks.md``, Webhooks): the emulator retries a
 # refused or failed delivery six times, after 30 s, 2 min, 10 min, 30 min, 2 h and 6 h (about 9 h in all).
 WEBHOOK_RETRY_DELAYS = (30.0, 120.0, 600.0, 1800.0, 7200.0, 21600.0)
 WEBHOOK_TIMEOUT_SECONDS = 10.0

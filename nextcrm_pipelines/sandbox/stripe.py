@@ -1884,7 +1884,7 @@ def _json_response(status: int, payload: Any) -> Response:
 
 def stripe_signature(body: bytes, at: int, secrets: Sequence[str]) -> str:
     """The ``Stripe-Signature`` of ``body`` signed at ``at``: ``t=`` then one ``v1=`` per secret (two while
-    a secret is rolled), each the hex HMAC-SHA256 of ``"{t}.{body}"`` (stripe.md §6)."""
+    a secret is rolled), each the hex HMAC-SHA256 of ``"{t}.{body}"`` (``docs/providers/stripe.md``, Webhooks)."""
     signed = b"%d." % at + body
     v1 = (hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest() for secret in secrets)
     return ",".join([f"t={at}", *(f"v1={digest}" for digest in v1)])

@@ -1,6 +1,7 @@
 """PayPal webhooks: certificate-signed deliveries, checked offline (or by PayPal), applied as Transaction Search rows.
 
-Verification (paypal.md §6). PayPal signs ``"{transmission_id}|{transmission_time}|{webhook_id}|{crc32}"``
+Verification (``docs/providers/paypal.md``, Webhooks). PayPal signs
+``"{transmission_id}|{transmission_time}|{webhook_id}|{crc32}"``
 (the unsigned decimal CRC-32 of the raw body, and the id of *our* webhook, kept as the connection's
 `webhook_id` secret or `PAYPAL_WEBHOOK_ID`) with SHA256withRSA and sends the base64 signature with the
 URL of its certificate. The certificate URL is accepted only over https from PayPal's API hosts under

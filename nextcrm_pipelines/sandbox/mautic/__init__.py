@@ -2,7 +2,7 @@
 
 Mautic is self-hosted, so each sandbox account is one installation served under ``/mautic/{account}``: a
 connection's base URL is ``{sandbox}/mautic/{account}`` and the real paths follow it (``/api/campaigns``,
-``/oauth/v2/authorize``, ``/oauth/v2/token``). What it reproduces (``shared/providers/mautic.md``):
+``/oauth/v2/authorize``, ``/oauth/v2/token``). What it reproduces (``docs/providers/mautic.md``):
 
 - the installation's switches: API access and HTTP Basic auth (403 ``api_disabled`` / ``access_denied`` on
   every ``/api`` and ``/oauth`` request, a Basic client login at the token endpoint included);

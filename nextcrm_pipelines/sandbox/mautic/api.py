@@ -444,7 +444,7 @@ class MauticSandbox:
         return inst.contact_segments(rid)
 
     async def _write(self, request: Request, inst: MauticInstallation, kind: str) -> tuple[int, dict[str, Any]]:
-        """The contact and campaign-membership writes (``mautic.md`` §7): ``/new`` 201, PATCH 404s on a missing
+        """The contact and campaign-membership writes (as Mautic documents them): ``/new`` 201, PATCH 404s on a missing
         contact while PUT creates it, membership add/remove ``{"success": 1}``; contact changes send their webhooks,
         membership changes none (Mautic has no webhook event for them)."""
         rid = request.path_params.get("rid")

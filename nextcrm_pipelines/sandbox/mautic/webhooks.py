@@ -1,6 +1,6 @@
 """Mautic's webhooks from the sandbox: contact events, signed over PHP's JSON bytes, sent the way Mautic sends them.
 
-As in Mautic (``shared/providers/mautic.md`` §6), a webhook belongs to one installation, names the event types it
+As in Mautic (``docs/providers/mautic.md``, Webhooks), a webhook belongs to one installation, names the event types it
 wants and has a secret. A body is ``{"<event type>": [{...payload..., "timestamp": "<ISO-8601>"}, ...]}`` encoded as
 PHP's ``json_encode`` writes it (compact, ``/`` as ``\\/``, non-ASCII as ``\\uXXXX``), and each request carries
 ``Webhook-Signature`` = base64(HMAC-SHA256(secret, those bytes)) and ``X-Origin-Base-URL``. Delivery modes:

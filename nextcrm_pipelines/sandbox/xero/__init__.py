@@ -4,7 +4,7 @@ The demo and the tests point the real Xero client (httpx + authlib) at this pack
 Xero's three hosts, each mapped to a path prefix on the sandbox server: ``login.xero.com`` →
 ``/xero/login``, ``identity.xero.com`` → ``/xero/identity``, ``api.xero.com`` → ``/xero/api``.
 
-What it reproduces (see ``shared/providers/xero.md``): the shared OAuth server with Xero's policy
+What it reproduces (the facts are in ``docs/providers/xero.md``): the shared OAuth server with Xero's policy
 (30-minute JWT-shaped access tokens, a refresh token only with ``offline_access``, rotated on every
 refresh with a 30-minute grace for the previous one, dead after 60 days unused, revocation removing the
 user's connections); multi-tenant grants listed by ``GET /connections``; the ``xero-tenant-id`` and

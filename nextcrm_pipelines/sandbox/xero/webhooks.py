@@ -1,6 +1,6 @@
 """Xero's webhooks from the sandbox: one subscription per app, intent-to-receive, thin signed events.
 
-As in Xero (``shared/providers/xero.md`` §6), a webhook belongs to an app and carries events of every
+As in Xero (``docs/providers/xero.md``, Webhooks), a webhook belongs to an app and carries events of every
 organisation connected to it; each delivery is ``{"events": [...], "firstEventSequence",
 "lastEventSequence", "entropy"}`` signed ``x-xero-signature`` = base64 HMAC-SHA256(webhook key, body).
 Events are thin (``resourceUrl``, ``resourceId``, ``eventDateUtc`` without ``Z``, ``eventType`` CREATE or

@@ -65,7 +65,7 @@ def naive_load(
     schema: str = "bench_naive",
     reset: bool = False,
 ) -> dict[str, Any]:
-    """Fetch charges page by page and upsert them one row and one COMMIT at a time (anchor 4, raw).
+    """Fetch charges page by page and upsert them one row and one COMMIT at a time (the naive baseline).
 
     Reads at most `limit_records` charges (newest first, pages of 100 via `starting_after`) into
     `<schema>.charges`. Creating the table, and truncating it when `reset` is true, happen before the
@@ -138,7 +138,7 @@ def dlt_load(
     loader_file_format: str = "insert_values",
     reset: bool = False,
 ) -> dict[str, Any]:
-    """Mirror every charge with dlt's `rest_api` source, merged on `id` into Postgres (anchor 3).
+    """Mirror every charge with dlt's `rest_api` source, merged on `id` into Postgres (the dlt baseline).
 
     Extract, normalize and load run one after another and are timed separately; `seconds` is their
     sum. `records` is the row count of `<dataset>.charges` afterwards. Without `pipelines_dir` the

@@ -15,15 +15,16 @@ from datetime import UTC, date, datetime, timedelta
 
 import dagster as dg
 import psycopg
-from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 from psycopg import sql
+from pydantic import Field
 
+from nextcrm_pipelines.assets import describe_sync
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import sweep_connection
 from nextcrm_pipelines.core.sweep import SWEEP_PARTITION
-from nextcrm_pipelines.partitions import connections_partitions_name, provider_partitions
+from nextcrm_pipelines.partitions import connections_partitions_name
 from nextcrm_pipelines.resources import MirrorDatabase
 from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
 
@@ -32,11 +33,12 @@ def sync_job_name(provider: str) -> str:
     return f"{provider}_sync"
 
 
-def build_sync_job(provider: Provider) -> UnresolvedAssetJobDefinition:
+def build_sync_job(provider: Provider):
+    """The asset job that materialises every entity of the provider (its partitions are its assets' own).
+    Definitions resolves it into a job; callers take that with `defs.resolve_job_def`."""
     return dg.define_asset_job(
         sync_job_name(provider.name),
         selection=dg.AssetSelection.groups(provider.name),
-        partitions_def=provider_partitions(provider.name, provider.daily),
         description=f"Sync every {provider.name} entity for one connection"
         + (" x day." if provider.daily else " (the whole list)."),
     )
@@ -196,6 +198,12 @@ def webhook_job_tags(provider: str) -> dict[str, str]:
     return {"nextcrm/provider": provider, WEBHOOK_APPLY_TAG: provider}
 
 
+class ApplyWebhooksConfig(dg.Config):
+    """What an apply run may take on: the sensor asks for a full batch, a user may launch a smaller one."""
+
+    max_events: int = Field(default=WEBHOOK_RUN_LIMIT, description="Events claimed at most by this run.")
+
+
 def build_webhook_job(provider: Provider) -> dg.JobDefinition:
     """A job that applies a bounded batch of the provider's due inbox events (see `webhooks.inbox`).
 
@@ -212,18 +220,13 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
         # An unexpected error (the database went away) is tried again; events it held are released or
         # their lease lapses, so the retry takes them. Failed events are not: they have their own backoff.
         retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL),
-        config_schema={
-            "max_events": dg.Field(
-                int, default_value=WEBHOOK_RUN_LIMIT, description="Events claimed at most by this run."
-            )
-        },
     )
-    def _apply(context: dg.OpExecutionContext, mirror: MirrorDatabase) -> dg.Output[int]:
+    def _apply(context: dg.OpExecutionContext, config: ApplyWebhooksConfig, mirror: MirrorDatabase) -> dg.Output[int]:
         outcome = apply_pending(database_url=mirror.url(), schema=mirror.schema(), provider=provider.name,
-                                apply=apply, run_id=context.run_id, limit=context.op_config["max_events"],
+                                apply=apply, run_id=context.run_id, limit=config.max_events,
                                 box=mirror.secret_box())  # fmt: skip
         for result in outcome.results:
-            context.log.info(f"{result.entity} {result.connection_id}: {result.summary()}")
+            context.log.info(f"{result.entity} {result.connection_id}: {describe_sync(result)}")
         counts = outcome.counts
         metadata = {"processed": outcome.processed, "failed": outcome.failed, "dead": outcome.dead,
                     "held": outcome.held, "skipped_types": outcome.skipped, "inserted": counts.inserted,
@@ -264,17 +267,21 @@ def webhook_sensor_interval() -> int:
     return int(os.environ.get("NEXTCRM_WEBHOOK_SENSOR_SECONDS", "30"))
 
 
-def build_webhook_sensor(provider: Provider, job: dg.JobDefinition) -> dg.SensorDefinition:
+def build_webhook_sensor(provider: Provider) -> dg.SensorDefinition:
     """Requests one apply run per bounded batch of due inbox events; writes nothing itself.
 
     The run key names the batch (its id range, size and the newest generation among its events), so
     re-evaluating the same due set requests nothing new, while new events, a late-committing lower
     id, a retry after backoff, a replay or a claim that lapsed with its run make a new key.
+
+    The sensor names its job (which `Definitions` holds) rather than holding it: Definitions would otherwise
+    rebuild the sensor around the job with its resources bound, which Dagster 1.13 announces with a
+    BetaWarning about the sensor's (unset) `owners`.
     """
 
     @dg.sensor(
         name=f"{provider.name}_webhooks_sensor",
-        job=job,
+        job_name=webhook_job_name(provider.name),
         minimum_interval_seconds=webhook_sensor_interval(),
         default_status=dg.DefaultSensorStatus.RUNNING,
         description=f"Apply {provider.name} webhook events soon after they arrive.",
@@ -287,7 +294,7 @@ def build_webhook_sensor(provider: Provider, job: dg.JobDefinition) -> dg.Sensor
         op = f"{provider.name}_apply_inbox"
         return dg.RunRequest(
             run_key=f"{provider.name}:{batch.run_key}",
-            run_config={"ops": {op: {"config": {"max_events": WEBHOOK_RUN_LIMIT}}}},
+            run_config=dg.RunConfig(ops={op: ApplyWebhooksConfig(max_events=WEBHOOK_RUN_LIMIT)}),
             tags={
                 "nextcrm/webhook_events": str(batch.count),
                 "nextcrm/webhook_ids": f"{batch.first_id}-{batch.last_id}",

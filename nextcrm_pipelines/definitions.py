@@ -19,17 +19,20 @@ from nextcrm_pipelines.resources import MirrorDatabase
 
 
 def build_definitions() -> dg.Definitions:
+    """Every provider's assets, jobs, schedules and sensors, sharing one `mirror` resource. Callers take
+    jobs, schedules and sensors with `defs.resolve_job_def` (and `resolve_*_def`): the sync jobs are asset
+    jobs that only the resolved repository holds as `JobDefinition`s."""
     providers = list(PROVIDERS.values())
     # Whole-list entities sweep within their own runs; daily ones get a daily sweep job.
     swept = [p for p in providers if p.id_sweeps and p.daily]
     applied = [p for p in providers if p.webhooks is not None and p.webhooks.apply is not None]
-    webhook_jobs = {p.name: build_webhook_job(p) for p in applied}
     return dg.Definitions(
         assets=[a for p in providers for a in build_provider_assets(p)],
-        jobs=[build_sync_job(p) for p in providers] + [build_sweep_job(p) for p in swept] + list(webhook_jobs.values()),
+        jobs=[build_sync_job(p) for p in providers]
+        + [build_sweep_job(p) for p in swept]
+        + [build_webhook_job(p) for p in applied],
         schedules=[build_hourly_schedule(p) for p in providers] + [build_sweep_schedule(p) for p in swept],
-        sensors=[build_connections_sensor(providers)]
-        + [build_webhook_sensor(p, webhook_jobs[p.name]) for p in applied],
+        sensors=[build_connections_sensor(providers)] + [build_webhook_sensor(p) for p in applied],
         resources={"mirror": MirrorDatabase()},
     )
 

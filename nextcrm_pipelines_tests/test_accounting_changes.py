@@ -104,7 +104,7 @@ def test_myob_hard_deletes_are_found_by_the_id_sweep(database_url, schema, box, 
 
     # The daily sweep job, as its schedule runs it.
     with dg.instance_for_test() as instance:
-        result = defs.get_job_def("myob_deletion_sweep").execute_in_process(instance=instance)
+        result = defs.resolve_job_def("myob_deletion_sweep").execute_in_process(instance=instance)
         assert result.success and result.output_for_node("myob_sweep_deletions") == 3
     rows = assert_mirror_equals_export(account, database_url, schema)
     for rid in changed["deleted"]:
@@ -152,7 +152,7 @@ def test_a_90_day_backfill_runs_in_one_dagster_run_and_equals_the_sandbox(databa
     days = [d.isoformat() for d in days_back(sandbox_now(sandbox).date(), 89)]
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("xero"), [account.connection.id])
-        result = defs.get_job_def("xero_sync").execute_in_process(
+        result = defs.resolve_job_def("xero_sync").execute_in_process(
             instance=instance,
             tags={
                 "dagster/asset_partition_range_start": f"{account.connection.id}|{days[0]}",

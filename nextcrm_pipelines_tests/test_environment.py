@@ -70,7 +70,7 @@ def test_dagster_yaml_stores_runs_in_postgres_and_limits_runs_per_connection(pro
     assert {"key": WEBHOOK_APPLY_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
     from nextcrm_pipelines.definitions import defs
 
-    assert defs.get_job_def("stripe_apply_webhooks").tags[WEBHOOK_APPLY_TAG] == "stripe"
+    assert defs.resolve_job_def("stripe_apply_webhooks").tags[WEBHOOK_APPLY_TAG] == "stripe"
     instance.add_dynamic_partitions("stripe_connections", ["stripe-acme"])
     run = instance.create_run_for_job(dg.GraphDefinition(name="noop", node_defs=[]).to_job(), run_id=None)
     instance.report_engine_event("stored in Postgres", run)

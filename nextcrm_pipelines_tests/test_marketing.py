@@ -38,7 +38,7 @@ from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
 def materialise(provider: str, key: str) -> dg.ExecuteInProcessResult:
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name(provider), [key.split("|")[0]])
-        return defs.get_job_def(f"{provider}_sync").execute_in_process(
+        return defs.resolve_job_def(f"{provider}_sync").execute_in_process(
             instance=instance, partition_key=key, raise_on_error=False
         )
 

@@ -122,7 +122,7 @@ def _hourly_dates(instance: dg.DagsterInstance, when: datetime) -> list[str]:
     with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
                                    resources={"mirror": defs.resources["mirror"]},
                                    repository_def=defs.get_repository_def()) as context:  # fmt: skip
-        requests = list(defs.get_schedule_def("stripe_hourly").evaluate_tick(context).run_requests)
+        requests = list(defs.resolve_schedule_def("stripe_hourly").evaluate_tick(context).run_requests)
     return [r.partition_key.keys_by_dimension["date"] for r in requests]
 
 

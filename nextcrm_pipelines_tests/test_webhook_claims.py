@@ -172,7 +172,7 @@ def test_a_batch_whose_run_died_holding_it_runs_at_the_next_tick_once_its_lease_
         sensor = dg.build_sensor_context(instance=instance, resources={"mirror": _mirror()})
         from nextcrm_pipelines.definitions import defs
 
-        (first,) = defs.get_sensor_def("stripe_webhooks_sensor").evaluate_tick(sensor).run_requests
+        (first,) = defs.resolve_sensor_def("stripe_webhooks_sensor").evaluate_tick(sensor).run_requests
         # The run the daemon started for it claims the events and dies before applying any.
         with psycopg.connect(database_url) as conn:
             _, claimed = _claim(conn, schema, "stripe", 100, lease=0.2)

@@ -95,7 +95,7 @@ def test_the_sensor_keys_bounded_batches_and_requests_nothing_for_the_same_due_s
         sensor = dg.build_sensor_context(instance=instance, resources={"mirror": _mirror()})
         from nextcrm_pipelines.definitions import defs
 
-        evaluate = defs.get_sensor_def("stripe_webhooks_sensor").evaluate_tick
+        evaluate = defs.resolve_sensor_def("stripe_webhooks_sensor").evaluate_tick
         (request,) = evaluate(sensor).run_requests
         (again,) = evaluate(sensor).run_requests
         assert request.run_key == again.run_key  # the same due set: the daemon would skip it by its key

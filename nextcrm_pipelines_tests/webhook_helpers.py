@@ -45,10 +45,10 @@ def tick_and_apply(instance: dg.DagsterInstance, provider: str) -> list[dg.RunRe
     """Evaluate `<provider>_webhooks_sensor` once and execute each run it requests, as the daemon would:
     a request whose run key an earlier run of this sensor already carries is skipped, not run again.
     Returns the requests that started a run."""
-    sensor = defs.get_sensor_def(f"{provider}_webhooks_sensor")
+    sensor = defs.resolve_sensor_def(f"{provider}_webhooks_sensor")
     context = dg.build_sensor_context(instance=instance, resources={"mirror": defs.resources["mirror"]})
     requests = list(sensor.evaluate_tick(context).run_requests or [])
-    job = defs.get_job_def(f"{provider}_apply_webhooks")
+    job = defs.resolve_job_def(f"{provider}_apply_webhooks")
     started = []
     for request in requests:
         tags = {**(request.tags or {}), RUN_KEY_TAG: request.run_key, SENSOR_TAG: sensor.name}

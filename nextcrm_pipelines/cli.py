@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import psycopg
@@ -20,6 +20,9 @@ from nextcrm_pipelines.core import db, settings
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.vault import SecretBox, VaultError, ensure_local_key
 from nextcrm_pipelines.providers import PROVIDERS, get_provider
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 
 def _fail(message: str) -> None:
@@ -497,6 +500,23 @@ def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
     return counts
 
 
+def _demo_progress(connection: Connection, result: dg.ExecuteInProcessResult, days: int | None) -> str:
+    """One line for a connection's demo run: what its assets' materializations counted, summed."""
+    names = [entity.name for entity in get_provider(connection.provider).entities]
+    totals = dict.fromkeys(("records", "inserted", "updated", "unchanged", "failed"), 0)
+    for name in names:
+        # A run over a range of days materializes each day with the same metadata: the run's totals.
+        for materialization in result.asset_materializations_for_node(name)[:1]:
+            for counter in totals:
+                entry = materialization.metadata.get(counter)
+                totals[counter] += int(entry.value) if entry is not None else 0
+    span = f"{days} day(s)" if days is not None else "the whole list"
+    return (
+        f"synced {connection.id}: {totals['records']} records, {totals['inserted']} inserted, {totals['updated']} "
+        f"updated, {totals['unchanged']} unchanged, {totals['failed']} failed ({', '.join(names)}; {span})"
+    )
+
+
 @main.command("demo")
 @click.option("--days", default=DEMO_DAYS, show_default=True, help="How many recent days to materialise.")
 def demo(days: int) -> None:
@@ -535,14 +555,16 @@ def demo(days: int) -> None:
                     "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
                 }
             } if daily else {"partition_key": connection.id}  # fmt: skip
-            result = defs.get_job_def(f"{connection.provider}_sync").execute_in_process(
+            result = defs.resolve_job_def(f"{connection.provider}_sync").execute_in_process(
                 instance=instance,
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                # Errors only (a failed partition or step says why); progress is the line printed below.
+                run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
                 raise_on_error=False,
                 **selection,
             )
             if not result.success:
                 _fail(f"the demo sync of {connection.id} failed; see the log above")
+            click.echo(_demo_progress(connection, result, len(day_keys) if daily else None))
     click.echo(f"materialised {len(day_keys)} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")

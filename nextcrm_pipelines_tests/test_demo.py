@@ -1,0 +1,73 @@
+"""`nextcrm-pipelines demo` end to end: its own sandbox, the test's schema, a throwaway Dagster home.
+
+What it prints is the product here: one line per demo connection and the final table, no Dagster log
+lines (dict reprs) and no warnings.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import psycopg
+import pytest
+from click.testing import CliRunner
+from psycopg import sql
+
+from nextcrm_pipelines import cli
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines_tests.accounting import free_port
+from nextcrm_pipelines_tests.test_dagster import DAGSTER_OWN_WARNING
+
+DEMO_CONNECTIONS = [
+    "stripe-demo-stripe",
+    "xero-demo-xero",
+    "quickbooks-demo-quickbooks",
+    "myob-demo-myob",
+    "paypal-demo-paypal",
+    "billionmail-demo-billionmail",
+    "mautic-demo-mautic",
+]
+
+
+@pytest.fixture
+def demo_environment(database_url, schema, secret_key, tmp_path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The demo pointed at the test database and schema, a free sandbox port and a Dagster home in tmp_path
+    (what `environment.prepare` exports is restored afterwards)."""
+    monkeypatch.setattr(cli, "SANDBOX_PORT", free_port())
+    (tmp_path / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    monkeypatch.setenv("NEXTCRM_DATA_DIR", str(tmp_path / "data"))
+    for name in ("NEXTCRM_DAGSTER_STORAGE_URL", "NEXTCRM_DAGSTER_ARTIFACTS", "NEXTCRM_DAGSTER_COMPUTE_LOGS"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("MYOB_COMPANY_FILE_USERNAME", "Administrator")
+    return schema
+
+
+def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothing(
+    database_url, demo_environment, capfd
+):
+    schema = demo_environment
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", message=DAGSTER_OWN_WARNING, category=DeprecationWarning)
+        outcome = CliRunner().invoke(cli.main, ["demo", "--days", "2"], catch_exceptions=False)
+    printed = outcome.output + "".join(capfd.readouterr())
+    assert outcome.exit_code == 0, printed
+    assert sorted({f"{w.category.__name__}: {w.message}" for w in caught}) == []
+    lines = printed.splitlines()
+    assert lines[0] == f"database: {database_url} (schema {schema})"
+    synced = [line for line in lines if re.match(r"synced \S+: ", line)]
+    assert [line.split()[1].rstrip(":") for line in synced] == DEMO_CONNECTIONS
+    assert lines[1 : 1 + len(synced)] == synced  # nothing between: no Dagster log lines, no warnings
+    assert all("{" not in line and "Warning" not in line for line in lines)
+    counts = dict(re.findall(rf"^  {schema}\.(\w+): (\d+) rows$", printed, flags=re.MULTILINE))
+    with psycopg.connect(database_url) as conn:
+        stored = {name: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table(name, schema))).fetchone()[0]
+                  for name in ("stripe_payments", "stripe_subscriptions")}  # fmt: skip
+    assert {name: int(counts[name]) for name in stored} == stored and stored["stripe_payments"] > 0
+    # A fresh schema: each row of the Stripe tables was inserted once, by this run.
+    stripe = re.match(r"synced stripe-demo-stripe: (\d+) records, (\d+) inserted, \d+ updated, \d+ unchanged, 0 failed",
+                      synced[0])  # fmt: skip
+    assert stripe and int(stripe[1]) >= int(stripe[2]) == sum(stored.values())
+    assert lines[-1] == f"DATABASE_URL={database_url}"

@@ -135,7 +135,7 @@ def _apply_loop(env: dict[str, str], stop: Any, results: Any) -> None:
     warnings.filterwarnings("ignore")
     from nextcrm_pipelines.definitions import defs
 
-    job = defs.get_job_def("stripe_apply_webhooks")
+    job = defs.resolve_job_def("stripe_apply_webhooks")
     runs = failed = 0
     with dg.DagsterInstance.ephemeral() as instance:
         while not stop.is_set():

@@ -339,11 +339,11 @@ def sensor_tick_and_run(instance: Any) -> tuple[int, float, float]:
     from nextcrm_pipelines.definitions import defs
 
     started = time.perf_counter()
-    sensor = defs.get_sensor_def("stripe_webhooks_sensor")
+    sensor = defs.resolve_sensor_def("stripe_webhooks_sensor")
     context = dg.build_sensor_context(instance=instance, resources={"mirror": defs.resources["mirror"]})
     requests = list(sensor.evaluate_tick(context).run_requests or [])
     ticked = time.perf_counter()
-    job = defs.get_job_def("stripe_apply_webhooks")
+    job = defs.resolve_job_def("stripe_apply_webhooks")
     for request in requests:
         run_config = {**(request.run_config or {}), **QUIET_RUN}
         result = job.execute_in_process(

@@ -10,12 +10,11 @@ set, since a `StripeClient` retries nothing by default) over a transport that ap
 client-side rate limit and counts every attempt. The SDK does not retry 429 unless Stripe says
 `Stripe-Should-Retry: true`, so 429s that reach us get our own backoff.
 
-Pages are requested with `StripeClient.raw_request` (the SDK's request building, auth, versioning,
-retries and typed errors) and parsed with orjson: the transport keeps each successful body for the
-caller and hands the SDK an empty object in its place, since the SDK would otherwise parse every page
-with `json.loads(object_pairs_hook=OrderedDict)` (about four times orjson) and format the whole body
-for a debug log line, customers' details included, on every response. Error bodies reach the SDK
-whole, so a non-2xx still raises its typed error.
+Pages are requested one level below `StripeClient.raw_request` (same request building, auth,
+versioning and retries) and parsed with orjson, because the public path costs more CPU than the
+rest of a sync: `StripeResponse` parses every body with `json.loads(object_pairs_hook=OrderedDict)`
+(about four times orjson on a list page), and `request_raw` formats the whole response body for a
+debug log line on every response, whether logging is on or not (`stripe/_api_requestor.py`).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from __future__ import annotations
 import functools
 import re
 import ssl
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -78,8 +76,6 @@ class _PacedTransport(stripe.HTTPClient):
     """
 
     name = "nextcrm-urllib3"
-    # What the SDK reads as a successful response's body; the real one waits in `take_body`.
-    _HANDED_TO_SDK = b"{}"
 
     def __init__(self, limiter: RateLimiter, stats: RequestStats, timeout: float):
         super().__init__()
@@ -94,7 +90,6 @@ class _PacedTransport(stripe.HTTPClient):
             timeout=urllib3.Timeout(connect=min(10.0, timeout), read=timeout),
             retries=False,
         )
-        self._bodies = threading.local()
 
     def request(self, method, url, headers, post_data=None, *, _usage=None):  # type: ignore[override]
         waited = self._limiter.acquire()
@@ -108,17 +103,7 @@ class _PacedTransport(stripe.HTTPClient):
             raise stripe.APIConnectionError(f"could not reach Stripe: {type(exc).__name__}", should_retry=True) from exc
         if response.status == 429:
             self._stats.add(rate_limit_waits=1)
-        if 200 <= response.status < 300:
-            # The SDK retries on some answers, so the body kept is always the last one it was given.
-            self._bodies.last = response.data
-            return self._HANDED_TO_SDK, response.status, response.headers
         return response.data, response.status, response.headers
-
-    def take_body(self) -> bytes | None:
-        """The body of this thread's last successful response, once; None when there is none to take."""
-        body = getattr(self._bodies, "last", None)
-        self._bodies.last = None
-        return body
 
     def request_stream(self, method, url, headers, post_data=None, *, _usage=None):  # type: ignore[override]
         raise NotImplementedError("streaming responses are not used by the sync")
@@ -191,15 +176,22 @@ class StripeApi:
             self.stats.add(retries=max(0, self.stats.requests - first - 1))
 
     def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        requestor = self._client._requestor
         budget = Budget(self.retry.budget_seconds)
         paced, sent = self._transport.paced_seconds, self.stats.requests
         attempt = 0
         while True:
             attempt += 1
             try:
-                self._transport.take_body()  # nothing left over from a request that failed
-                self._client.raw_request("get", path, usage=["nextcrm_sync"], **params)
-                return self._page(self._transport.take_body(), path)
+                method, url, headers, post_data, max_retries, usage, _, _ = requestor._args_for_request_with_retries(
+                    "get", path, dict(params), None, base_address="api", api_mode="V1", usage=["nextcrm_sync"]
+                )
+                body, status, headers = requestor._get_http_client().request_with_retries(
+                    method, url, headers, post_data, max_network_retries=max_retries, _usage=usage
+                )
+                if not 200 <= status < 300:
+                    requestor._interpret_response(body, status, headers, "V1")
+                return orjson.loads(body)
             except stripe.RateLimitError as exc:
                 hinted = retry_after_seconds(exc.headers) if exc.headers else None
                 delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
@@ -214,17 +206,6 @@ class StripeApi:
                 time.sleep(delay)
             except stripe.StripeError as exc:
                 raise self._error(exc, path) from None
-
-    def _page(self, body: bytes | None, path: str) -> dict[str, Any]:
-        """A successful response's JSON object; anything else is the provider's error, without the body."""
-        try:
-            page = orjson.loads(body) if body is not None else None
-        except orjson.JSONDecodeError:
-            page = None
-        if not isinstance(page, dict):
-            raise ProviderError("Stripe answered with a body that is not a JSON object", provider=PROVIDER,
-                                connection_id=self.connection.id, endpoint=f"GET {path}")  # fmt: skip
-        return page
 
     def list_pages(self, path: str, params: Mapping[str, Any]) -> Iterator[tuple[list[dict[str, Any]], datetime]]:
         """Every page of a list endpoint, newest first, each with the time it was requested; a page

@@ -239,6 +239,8 @@ def start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str,
     return int(row[0])
 
 
+# The partition of the sync log rows webhook apply batches write (they do not take a connection's lock).
+WEBHOOK_PARTITION = "webhooks"
 ABANDONED = "the sync ended without finishing (its process was stopped); a later sync re-reads the window"
 
 
@@ -249,9 +251,9 @@ def close_abandoned_logs(conn: psycopg.Connection, schema: str, connection_id: s
     closed = conn.execute(
         sql.SQL(
             "UPDATE {t} SET status = 'failed', error = %s, completed_at = now() "
-            "WHERE connection_id = %s AND status = 'running' AND partition IS DISTINCT FROM 'webhooks'"
+            "WHERE connection_id = %s AND status = 'running' AND partition IS DISTINCT FROM %s"
         ).format(t=table("integration_sync_logs", schema)),
-        (ABANDONED, connection_id),
+        (ABANDONED, connection_id, WEBHOOK_PARTITION),
     ).rowcount
     conn.commit()
     return closed

@@ -32,10 +32,10 @@ from psycopg import sql
 
 from nextcrm_pipelines.core.connections import Connection, get_connection, load_secrets
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.http import ProviderError, RequestStats
 from nextcrm_pipelines.core.runner import ConnectionBusy, ConnectionUnavailable
 from nextcrm_pipelines.core.settings import libpq_url
-from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, finish_log, start_log
+from nextcrm_pipelines.core.sync import WEBHOOK_PARTITION, SyncResult, SyncWindow, finish_log, start_log
 from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec, UpsertWriter
 from nextcrm_pipelines.core.vault import SecretBox
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 BATCH = 500
 MAX_ATTEMPTS = 5
-WEBHOOK_PARTITION = "webhooks"
 
 
 @dataclass(frozen=True)
@@ -183,6 +182,23 @@ BUSY_DEFER_SECONDS = 30
 LAPSED = "the run applying it ended before finishing (its claim lapsed)"
 
 
+def _claims_sequence(schema: str) -> str:
+    """The sequence that numbers claims and generations (`nextval` takes it as text)."""
+    return f'"{schema}".webhook_claims'
+
+
+def provider_knows(read: Callable[[], Any]) -> bool:
+    """Whether the provider knows what `read` asks it for: False on its 404; its other errors are raised
+    (the event is retried). How `apply` tells an event of this connection's account from another's."""
+    try:
+        read()
+    except ProviderError as exc:
+        if exc.status == 404:
+            return False
+        raise
+    return True
+
+
 @dataclass(frozen=True)
 class DueBatch:
     """The next bounded batch of a provider's due events: what a sensor keys one apply run by."""
@@ -229,7 +245,7 @@ def _claim(conn: psycopg.Connection, schema: str, provider: str, size: int, leas
     `dead` instead of being taken again, so an event that kills every run cannot stall the inbox.
     """
     inbox = table("webhook_events", schema)
-    claim = int(conn.execute("SELECT nextval(%s::regclass)", (f'"{schema}".webhook_claims',)).fetchone()[0])
+    claim = int(conn.execute("SELECT nextval(%s::regclass)", (_claims_sequence(schema),)).fetchone()[0])
     taken = _due_sql(schema, "SELECT e.id", " ORDER BY e.id LIMIT %(size)s FOR UPDATE OF e SKIP LOCKED")
     rows = conn.execute(
         sql.SQL(
@@ -273,10 +289,10 @@ def release(conn: psycopg.Connection, schema: str, claim: int, ids: Sequence[int
         sql.SQL(
             "UPDATE {} SET status = CASE WHEN last_error IS NULL THEN 'pending' ELSE 'failed' END, claim = NULL, "
             "lease_until = NULL, generation = nextval(%s::regclass), "
-            "next_attempt_at = CASE WHEN %s > 0 THEN now() + make_interval(secs => %s) END "
+            "next_attempt_at = now() + make_interval(secs => %s) "
             "WHERE claim = %s AND status = 'applying' AND (%s::bigint[] IS NULL OR id = ANY(%s))"
         ).format(table("webhook_events", schema)),
-        (f'"{schema}".webhook_claims', delay, delay, claim, ids, ids),
+        (_claims_sequence(schema), delay or None, claim, ids, ids),  # no delay: NULL, due at once
     ).rowcount
     conn.commit()
     return done
@@ -290,7 +306,8 @@ def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply
     Each batch is claimed durably before anything is applied, so runs that overlap never take the
     same event; every status change afterwards is guarded by the claim, so a run whose claim lapsed
     and was taken over cannot overwrite what the other run recorded. Whatever this run still holds
-    when it stops early (an error, a kill the process survives) is released for the next run.
+    when it stops early (an error, a kill the process survives) is released for the next run; a run
+    that ends normally holds nothing by then.
     """
     outcome = ApplyOutcome()
     claimed_so_far = 0
@@ -317,14 +334,15 @@ def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply
                         _apply_one(context, events, apply, run_id, outcome)
                     finally:
                         context.close()
-        finally:
+        except BaseException:
             _release_all(conn, schema, provider, claims)
+            raise
     return outcome
 
 
 def _release_all(conn: psycopg.Connection, schema: str, provider: str, claims: list[int]) -> None:
-    """Give back whatever the run's claims still hold (none after a normal end); on a broken session
-    the leases lapse instead."""
+    """Give back whatever the claims of a run stopping early still hold; on a broken session the leases
+    lapse instead."""
     try:
         conn.rollback()
         for claim in claims:
@@ -372,11 +390,16 @@ def _error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000]
 
 
+def _defer_seconds(exc: ConnectionUnavailable) -> float:
+    """How long events wait when their connection cannot be used: a while if a sync holds it; none if it
+    is inactive (its events are not due until it is active again)."""
+    return BUSY_DEFER_SECONDS if isinstance(exc, ConnectionBusy) else 0.0
+
+
 def _hold(context: ApplyContext, events: list[InboxRow], exc: ConnectionUnavailable, sync_log_id: int) -> None:
     """The connection cannot be used now: give its events back unspent, and drop the empty sync log."""
     context.conn.rollback()
-    delay = BUSY_DEFER_SECONDS if isinstance(exc, ConnectionBusy) else 0.0
-    release(context.conn, context.schema, context.claim, [e.id for e in events], delay)
+    release(context.conn, context.schema, context.claim, [e.id for e in events], _defer_seconds(exc))
     context.conn.execute(sql.SQL("DELETE FROM {} WHERE id = %s").format(
         table("integration_sync_logs", context.schema)), (sync_log_id,))  # fmt: skip
     context.conn.commit()
@@ -417,8 +440,7 @@ def _apply_one(context: ApplyContext, events: list[InboxRow], apply: Apply, run_
                     outcome.processed += 1
                 except ConnectionUnavailable as single:
                     conn.rollback()
-                    release(conn, schema, context.claim, [e.id for e in events[number:]],
-                            BUSY_DEFER_SECONDS if isinstance(single, ConnectionBusy) else 0.0)  # fmt: skip
+                    release(conn, schema, context.claim, [e.id for e in events[number:]], _defer_seconds(single))
                     outcome.held += len(events) - number
                     result.total = number
                     break
@@ -464,7 +486,7 @@ def requeue(conn: psycopg.Connection, schema: str, *, provider: str | None = Non
             "UPDATE {} SET status = 'pending', attempts = 0, next_attempt_at = NULL, processed_at = NULL, "
             "claim = NULL, lease_until = NULL, generation = nextval({}::regclass) "
             "WHERE {} AND payload IS NOT NULL RETURNING id"
-        ).format(inbox, sql.Literal(f'"{schema}".webhook_claims'), where),
+        ).format(inbox, sql.Literal(_claims_sequence(schema)), where),
         params,
     ).rowcount
     unreadable = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} AND payload IS NULL").format(inbox, where),

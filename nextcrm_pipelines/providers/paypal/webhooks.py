@@ -84,7 +84,7 @@ from nextcrm_pipelines.providers.paypal.records import (
     payment_row,
     subscription_row,
 )
-from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
+from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow, provider_knows
 from nextcrm_pipelines.webhooks.verify import (
     InboxEvent,
     InvalidSignature,
@@ -587,13 +587,7 @@ def _is_ours(context: ApplyContext, event: Mapping[str, Any]) -> bool:
     tenant, named = context.connection().external_tenant, _merchant_named(event)
     if tenant and named:
         return named == tenant
-    try:
-        context.client().webhook_event(str(event.get("id")))
-    except ProviderError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return provider_knows(lambda: context.client().webhook_event(str(event.get("id"))))
 
 
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:

@@ -16,10 +16,9 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.core.http import ProviderError
 from nextcrm_pipelines.core.upsert import BatchCounts
 from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
-from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
+from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow, provider_knows
 from nextcrm_pipelines.webhooks.verify import (
     InboxEvent,
     InvalidSignature,
@@ -67,13 +66,7 @@ def _is_ours(context: ApplyContext, event: dict[str, Any]) -> bool:
         return account == context.connection().external_tenant
     if not context.signed_with_app_secret(WEBHOOKS.secret_name):
         return True
-    try:
-        context.client().get(f"/v1/events/{event.get('id')}", {})
-    except ProviderError as exc:
-        if exc.status == 404:
-            return False
-        raise
-    return True
+    return provider_knows(lambda: context.client().get(f"/v1/events/{event.get('id')}", {}))
 
 
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:

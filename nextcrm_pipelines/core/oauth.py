@@ -32,7 +32,7 @@ from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import Connection, lock_current_key
+from nextcrm_pipelines.core.connections import Connection, lock_current_key, set_status
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import DEFAULT_RETRY, AuthenticationFailed, ProviderError, backoff_delay
 from nextcrm_pipelines.core.settings import libpq_url
@@ -329,12 +329,7 @@ class TokenManager:
             for sibling in unreadable:
                 message = (f"its secrets cannot be decrypted with the configured keys, so the refresh of its token "
                            f"group left it out; reconnect with `{reconnect_hint(sibling)}`")  # fmt: skip
-                conn.execute(
-                    sql.SQL(
-                        "UPDATE {t} SET status = 'needs_reauth', last_error = %s, updated_at = now() WHERE id = %s"
-                    ).format(t=t),
-                    (message, sibling.id),
-                )
+                set_status(conn, sibling.id, "needs_reauth", message)
                 log.warning("%s connection %s: left out of its token group's refresh (secrets cannot be decrypted)",
                             self.spec.provider, sibling.id)  # fmt: skip
             # The rotated refresh token is durable before the new access token is used anywhere.

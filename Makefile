@@ -16,10 +16,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/nextcrm-pipelines demo
+	$(BIN)/nextcrm-sandbox demo
 
 dev: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nextcrm-pipelines dev
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nextcrm-sandbox dev
 
 test: install
 	$(BIN)/ruff check .

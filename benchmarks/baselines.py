@@ -238,7 +238,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
-    from nextcrm_pipelines.sandbox.server import SandboxServer
+    from nextcrm_sandbox.server import SandboxServer
 
     api_key = "sk_test_baselines"
     pg_folder = Path(tempfile.mkdtemp(prefix="bench-pg-"))

@@ -172,7 +172,7 @@ def main() -> None:
         return
 
     from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
-    from nextcrm_pipelines.sandbox.server import SandboxServer
+    from nextcrm_sandbox.server import SandboxServer
 
     folder = None
     database_url = os.environ.get("BENCH_DATABASE_URL")

@@ -238,7 +238,7 @@ def main() -> None:
     from cryptography.fernet import Fernet
 
     from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
-    from nextcrm_pipelines.sandbox.server import SandboxServer
+    from nextcrm_sandbox.server import SandboxServer
 
     work = Path(tempfile.mkdtemp(prefix="nextcrm-soak-"))
     folder = None

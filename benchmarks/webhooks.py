@@ -61,7 +61,7 @@ QUIET_RUN = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}  # ru
 
 def charge_blobs(count: int, seed: int = 42) -> list[bytes]:
     """`count` distinct Stripe charge objects (JSON bytes) from the sandbox's generator."""
-    from nextcrm_pipelines.sandbox.stripe import StripeAccount
+    from nextcrm_sandbox.stripe import StripeAccount
 
     account = StripeAccount("sk_test_bench_webhooks", seed=seed, charges=count, subscriptions=0, days=30)
     return [account.charges.blob(i) for i in range(len(account.charges))]

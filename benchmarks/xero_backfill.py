@@ -99,8 +99,8 @@ def main() -> None:
     from nextcrm_pipelines.core.oauth import OAuthApp
     from nextcrm_pipelines.core.vault import SecretBox
     from nextcrm_pipelines.providers import get_provider
-    from nextcrm_pipelines.sandbox.server import SandboxServer
-    from nextcrm_pipelines.sandbox.xero import XeroControl
+    from nextcrm_sandbox.server import SandboxServer
+    from nextcrm_sandbox.xero import XeroControl
 
     schema = "bench_xero"
     os.environ["NEXTCRM_SECRET_KEY"] = Fernet.generate_key().decode()

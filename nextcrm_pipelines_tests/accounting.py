@@ -28,10 +28,10 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.oauth import OAuthApp
 from nextcrm_pipelines.core.vault import SecretBox
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.myob import MyobControl
-from nextcrm_pipelines.sandbox.quickbooks import QuickBooksControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
-from nextcrm_pipelines.sandbox.xero import XeroControl
+from nextcrm_sandbox.myob import MyobControl
+from nextcrm_sandbox.quickbooks import QuickBooksControl
+from nextcrm_sandbox.server import SandboxServer
+from nextcrm_sandbox.xero import XeroControl
 
 CONTROLS: dict[str, Any] = {"xero": XeroControl, "quickbooks": QuickBooksControl, "myob": MyobControl}
 

@@ -22,11 +22,11 @@ from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.oauth import OAuthApp
 from nextcrm_pipelines.core.vault import SecretBox
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.billionmail import BillionMailControl
-from nextcrm_pipelines.sandbox.mautic import MauticControl
-from nextcrm_pipelines.sandbox.paypal import PayPalControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines_tests.accounting import consent, free_port
+from nextcrm_sandbox.billionmail import BillionMailControl
+from nextcrm_sandbox.mautic import MauticControl
+from nextcrm_sandbox.paypal import PayPalControl
+from nextcrm_sandbox.server import SandboxServer
 
 
 @pytest.fixture(scope="session")

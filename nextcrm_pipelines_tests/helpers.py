@@ -15,7 +15,7 @@ from nextcrm_pipelines.core.money import minor_to_major
 from nextcrm_pipelines.core.runner import day_window, sync_partition
 from nextcrm_pipelines.core.sync import SyncResult
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.server import SandboxServer
 
 
 def sandbox_now(sandbox: SandboxServer) -> datetime:

@@ -1,4 +1,4 @@
-"""`nextcrm-pipelines demo` end to end: its own sandbox, the test's schema, a throwaway Dagster home.
+"""`nextcrm-sandbox demo` end to end: its own sandbox, the test's schema, a throwaway Dagster home.
 
 What it prints is the product here: one line per demo connection and the final table, no Dagster log
 lines (dict reprs) and no warnings.
@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 from psycopg import sql
 
-from nextcrm_pipelines import cli
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines_tests.accounting import free_port
 from nextcrm_pipelines_tests.test_dagster import DAGSTER_OWN_WARNING
+from nextcrm_sandbox import cli
 
 DEMO_CONNECTIONS = [
     "stripe-demo-stripe",

@@ -32,14 +32,14 @@ from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connect import CallbackServer, connect
 from nextcrm_pipelines.core.oauth import OAuthApp
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.mautic import MauticControl
-from nextcrm_pipelines.sandbox.paypal import PayPalControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.app import _GroupCommit, build_app, server_config
 from nextcrm_pipelines_tests.accounting import consent, free_port
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, b64, connection, inbox, stripe_event, stripe_header
 from nextcrm_pipelines_tests.test_webhooks_paypal import forge_same_crc
 from nextcrm_pipelines_tests.webhook_helpers import receiver
+from nextcrm_sandbox.mautic import MauticControl
+from nextcrm_sandbox.paypal import PayPalControl
+from nextcrm_sandbox.server import SandboxServer
 
 NON_ASCII = "t=1,v1=\u00e9\u00e8\u00ff".encode("latin-1")
 

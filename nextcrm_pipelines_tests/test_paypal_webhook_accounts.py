@@ -27,10 +27,10 @@ from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.providers.paypal.webhooks import _merchant_named
-from nextcrm_pipelines.sandbox.paypal import PayPalControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.app import receiver_url
 from nextcrm_pipelines_tests.webhook_helpers import receiver, tick_and_apply
+from nextcrm_sandbox.paypal import PayPalControl
+from nextcrm_sandbox.server import SandboxServer
 
 SPEC = {"seed": 7, "transactions": 4, "subscriptions": 0, "days": 1, "requests_per_minute": 0}
 EVENT_READS = "GET /v1/notifications/webhooks-events/{id}"

@@ -1,4 +1,4 @@
-"""Tests of the BillionMail emulator in ``nextcrm_pipelines.sandbox.billionmail``, over real loopback HTTP.
+"""Tests of the BillionMail emulator in ``nextcrm_sandbox.billionmail``, over real loopback HTTP.
 
 Each test drives an installation the way the sync code will: httpx against ``{sandbox}/billionmail/{id}``
 with the backend's paths (``/api/login``, ``/api/batch_mail/task/list``, ...), the JWT pair from the login
@@ -19,8 +19,8 @@ import httpx
 import orjson
 import pytest
 
-from nextcrm_pipelines.sandbox.billionmail import ACCESS_TTL, REFRESH_TTL, BillionMailControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.billionmail import ACCESS_TTL, REFRESH_TTL, BillionMailControl
+from nextcrm_sandbox.server import SandboxServer
 
 NOW = 1_770_000_000  # 2026-02-02T02:40:00Z
 USER, PASSWORD = "admin", "s3cret-pass"

@@ -1,4 +1,4 @@
-"""Tests of the Mautic emulator in ``nextcrm_pipelines.sandbox.mautic``, over real loopback HTTP.
+"""Tests of the Mautic emulator in ``nextcrm_sandbox.mautic``, over real loopback HTTP.
 
 Each test drives an installation under ``/mautic/{account}`` the way the sync code will: authlib's
 OAuth2Client through ``/oauth/v2/authorize`` and ``/oauth/v2/token``, httpx against ``/api/...`` with
@@ -18,7 +18,7 @@ import httpx
 import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 
-from nextcrm_pipelines.sandbox.mautic import (
+from nextcrm_sandbox.mautic import (
     MAUTIC_VERSION,
     REFRESH_TTL,
     MauticControl,
@@ -26,7 +26,7 @@ from nextcrm_pipelines.sandbox.mautic import (
     php_json,
     php_params,
 )
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.server import SandboxServer
 
 NOW = 1_770_000_000  # 2026-02-02T02:40:00Z
 CLIENT_ID = "1_3bcbxd9e24g0gk4swg0kwgcwg4o8k8g4g4cc4ckssc0sk8g8"

@@ -1,4 +1,4 @@
-"""Tests of the MYOB emulator in ``nextcrm_pipelines.sandbox.myob``, driven over real loopback HTTP.
+"""Tests of the MYOB emulator in ``nextcrm_sandbox.myob``, driven over real loopback HTTP.
 
 Each test plays a client of the real MYOB Business API (httpx, authlib's OAuth2Client) against the
 sandbox: the consent redirect of new and legacy API keys, the token endpoint's quirks, the required
@@ -20,13 +20,13 @@ import httpx
 import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 
-from nextcrm_pipelines.sandbox.myob import (
+from nextcrm_sandbox.myob import (
     LAYOUTS,
     MyobControl,
     format_myob_datetime,
     parse_myob_datetime,
 )
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.server import SandboxServer
 
 NOW = 1_770_000_000  # 2026-02-02T02:40:00Z
 REDIRECT = "http://127.0.0.1:8765/callback"

@@ -1,4 +1,4 @@
-"""Tests of the PayPal emulator in ``nextcrm_pipelines.sandbox.paypal``, over real loopback HTTP.
+"""Tests of the PayPal emulator in ``nextcrm_sandbox.paypal``, over real loopback HTTP.
 
 Each test drives the emulator the way the sync code will: authlib's OAuth2Client or httpx with HTTP Basic
 against ``/v1/oauth2/token``, httpx with the bearer token against Transaction Search, Subscriptions and
@@ -23,14 +23,14 @@ import httpx
 import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 
-from nextcrm_pipelines.sandbox.paypal import (
+from nextcrm_sandbox.paypal import (
     SCOPE_REPORTING,
     SCOPE_SUBSCRIPTIONS,
     PayPalControl,
     parse_time,
     stamp,
 )
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.server import SandboxServer
 
 NOW = 1_770_000_000  # 2026-02-02T02:40:00Z
 CLIENT_ID = "pp-app-1"

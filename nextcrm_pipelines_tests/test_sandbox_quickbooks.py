@@ -1,4 +1,4 @@
-"""Tests of the QuickBooks Online emulator in ``nextcrm_pipelines.sandbox.quickbooks``, over real loopback HTTP.
+"""Tests of the QuickBooks Online emulator in ``nextcrm_sandbox.quickbooks``, over real loopback HTTP.
 
 Each test drives the emulator the way the sync code will: authlib's OAuth2Client through the authorize
 and token endpoints, httpx against ``/v3/company/{realmId}/...`` with Intuit's query language, CDC and
@@ -22,7 +22,7 @@ import httpx
 import pytest
 from authlib.integrations.httpx_client import OAuth2Client
 
-from nextcrm_pipelines.sandbox.quickbooks import (
+from nextcrm_sandbox.quickbooks import (
     CDC_MAX_DAYS,
     REFRESH_HARD_TTL,
     REFRESH_TTL,
@@ -30,7 +30,7 @@ from nextcrm_pipelines.sandbox.quickbooks import (
     QuickBooksControl,
     parse_query,
 )
-from nextcrm_pipelines.sandbox.server import SandboxServer
+from nextcrm_sandbox.server import SandboxServer
 
 NOW = 1_770_000_000  # 2026-02-02T02:40:00Z
 CLIENT_ID = "qb-app-1"

@@ -1,4 +1,4 @@
-"""Tests of the Stripe emulator in ``nextcrm_pipelines.sandbox``, driven over real loopback HTTP.
+"""Tests of the Stripe emulator in ``nextcrm_sandbox``, driven over real loopback HTTP.
 
 The official stripe-python client is pointed at the sandbox so the emulator is checked against the
 behaviour the sync code will rely on: auto paging, ``created`` windows, hidden canceled subscriptions,
@@ -19,8 +19,8 @@ import orjson
 import pytest
 import stripe
 
-from nextcrm_pipelines.sandbox.server import SandboxServer, build_app, main
-from nextcrm_pipelines.sandbox.stripe import (
+from nextcrm_sandbox.server import SandboxServer, build_app, main
+from nextcrm_sandbox.stripe import (
     EVENT_RETENTION_SECONDS,
     StripeAccount,
     mask_api_key,

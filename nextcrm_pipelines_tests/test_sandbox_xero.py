@@ -1,4 +1,4 @@
-"""Tests of the Xero emulator in ``nextcrm_pipelines.sandbox.xero``, over real loopback HTTP.
+"""Tests of the Xero emulator in ``nextcrm_sandbox.xero``, over real loopback HTTP.
 
 authlib's OAuth2Client and httpx talk to the sandbox the way the Xero client will: the authorisation
 code flow with PKCE, refresh-token rotation with its grace period, ``/connections`` across several
@@ -25,8 +25,8 @@ import pytest
 from authlib.common.security import generate_token
 from authlib.integrations.httpx_client import OAuth2Client
 
-from nextcrm_pipelines.sandbox.server import SandboxServer
-from nextcrm_pipelines.sandbox.xero import (
+from nextcrm_sandbox.server import SandboxServer
+from nextcrm_sandbox.xero import (
     DEFAULT_SCOPE,
     XeroControl,
     XeroTenant,

@@ -30,7 +30,6 @@ from nextcrm_pipelines.core.oauth import OAuthApp, TokenManager
 from nextcrm_pipelines.core.runner import day_window, sync_partitions
 from nextcrm_pipelines.core.vault import SecretBox, VaultError
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.paypal import PayPalControl
 from nextcrm_pipelines.webhooks.app import receiver_url
 from nextcrm_pipelines_tests.accounting import (
     CONTROLS,
@@ -44,6 +43,7 @@ from nextcrm_pipelines_tests.accounting import (
 )
 from nextcrm_pipelines_tests.helpers import sandbox_now
 from nextcrm_pipelines_tests.webhook_helpers import receiver
+from nextcrm_sandbox.paypal import PayPalControl
 
 
 def sync_xero(database_url: str, schema: str, connection_id: str, day) -> list:

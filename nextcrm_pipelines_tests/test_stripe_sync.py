@@ -24,7 +24,6 @@ from nextcrm_pipelines.core.http import AuthenticationFailed
 from nextcrm_pipelines.core.runner import day_window, sync_partitions, sync_workers
 from nextcrm_pipelines.core.sync import ABANDONED
 from nextcrm_pipelines.providers import get_provider
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines_tests.helpers import (
     charges_by_id,
     days_back,
@@ -34,6 +33,7 @@ from nextcrm_pipelines_tests.helpers import (
     sync_days,
     wait_until_blocked,
 )
+from nextcrm_sandbox.server import SandboxServer
 
 
 def sdk(sandbox: SandboxServer, api_key: str) -> stripe.StripeClient:

@@ -34,10 +34,10 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.money import minor_to_major
-from nextcrm_pipelines.sandbox.stripe import StripeAccount
 from nextcrm_pipelines_tests.accounting import free_port
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET, stripe_header
 from nextcrm_pipelines_tests.webhook_helpers import tick_and_apply
+from nextcrm_sandbox.stripe import StripeAccount
 
 EVENTS = 450
 SENDERS = 4

@@ -38,12 +38,12 @@ from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.sync import SyncResult
 from nextcrm_pipelines.core.vault import SecretBox
-from nextcrm_pipelines.sandbox.mautic import MauticControl, php_json
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.verify import InvalidSignature, base64_hmac_verifier
 from nextcrm_pipelines_tests.accounting import free_port, mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
 from nextcrm_pipelines_tests.webhook_helpers import inbox_rows, receiver, tick_and_apply
+from nextcrm_sandbox.mautic import MauticControl, php_json
+from nextcrm_sandbox.server import SandboxServer
 
 SECRET = "mautic-webhook-" + "s" * 24
 CAMPAIGNS = "mautic_campaigns"

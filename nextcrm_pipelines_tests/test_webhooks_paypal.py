@@ -49,13 +49,13 @@ from nextcrm_pipelines.providers.paypal.webhooks import (
     signed_message,
     verify_signature,
 )
-from nextcrm_pipelines.sandbox.paypal import WEBHOOK_RETRY_DELAYS, PayPalControl
-from nextcrm_pipelines.sandbox.server import SandboxServer
 from nextcrm_pipelines.webhooks.app import receiver_url
 from nextcrm_pipelines.webhooks.verify import InvalidSignature
 from nextcrm_pipelines_tests.helpers import sync_days
 from nextcrm_pipelines_tests.test_sandbox_paypal import _conforms, _load_spec
 from nextcrm_pipelines_tests.webhook_helpers import inbox_rows, receiver, tick_and_apply
+from nextcrm_sandbox.paypal import WEBHOOK_RETRY_DELAYS, PayPalControl
+from nextcrm_sandbox.server import SandboxServer
 
 PAYMENT_COLUMNS = (
     *("transaction_id", "event_code", "status", "amount", "fee", "currency", "invoice_id", "reference_id"),

@@ -27,12 +27,12 @@ from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.money import minor_to_major
-from nextcrm_pipelines.sandbox.server import SandboxServer
-from nextcrm_pipelines.sandbox.stripe import StripeControl
 from nextcrm_pipelines.webhooks.app import build_app
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET
 from nextcrm_pipelines_tests.webhook_helpers import inbox_rows, receiver, tick_and_apply
+from nextcrm_sandbox.server import SandboxServer
+from nextcrm_sandbox.stripe import StripeControl
 
 OTHER_SECRET = "whsec_test_" + "b" * 24
 

@@ -24,8 +24,6 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.vault import SecretBox
-from nextcrm_pipelines.sandbox.server import SandboxServer
-from nextcrm_pipelines.sandbox.xero.webhooks import XERO_RETRY_DELAYS
 from nextcrm_pipelines.webhooks.app import receiver_url
 from nextcrm_pipelines_tests.accounting import (
     PROFILES,
@@ -36,6 +34,8 @@ from nextcrm_pipelines_tests.accounting import (
 )
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
 from nextcrm_pipelines_tests.webhook_helpers import receiver, tick_and_apply
+from nextcrm_sandbox.server import SandboxServer
+from nextcrm_sandbox.xero.webhooks import XERO_RETRY_DELAYS
 
 KEY = "xero-webhook-key-" + "k" * 40
 TENANT = {"seed": 21, "invoices": 40, "contacts": 10, "days": 3, "minute_window_seconds": 2}

@@ -56,7 +56,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     clear_scoped_faults,
     control_endpoint,
@@ -66,7 +66,7 @@ from nextcrm_pipelines.sandbox.control import (
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.oauth import (
+from nextcrm_sandbox.oauth import (
     AccessDenied,
     Grant,
     OAuthError,
@@ -75,7 +75,7 @@ from nextcrm_pipelines.sandbox.oauth import (
     json_response,
     request_headers,
 )
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
+from nextcrm_sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "ACCESS_TTL",

@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     bool_field,
     control_endpoint,
@@ -29,8 +29,8 @@ from nextcrm_pipelines.sandbox.control import (
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
-from nextcrm_pipelines.sandbox.xero.data import (
+from nextcrm_sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
+from nextcrm_sandbox.xero.data import (
     _TAX,
     XeroTenant,
     _Contact,
@@ -40,7 +40,7 @@ from nextcrm_pipelines.sandbox.xero.data import (
     format_msdate,
     parse_if_modified_since,
 )
-from nextcrm_pipelines.sandbox.xero.query import (
+from nextcrm_sandbox.xero.query import (
     _getters,
     _parse_order,
     _QueryError,
@@ -50,7 +50,7 @@ from nextcrm_pipelines.sandbox.xero.query import (
     parse_where,
     to_xml,
 )
-from nextcrm_pipelines.sandbox.xero.webhooks import Change, XeroWebhooks
+from nextcrm_sandbox.xero.webhooks import Change, XeroWebhooks
 
 LOGIN_PREFIX = "/xero/login"
 IDENTITY_PREFIX = "/xero/identity"

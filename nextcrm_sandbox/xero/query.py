@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
-from nextcrm_pipelines.sandbox.xero.data import (
+from nextcrm_sandbox.xero.data import (
     _MSDATE_RE,
     XeroTenant,
     _Contact,

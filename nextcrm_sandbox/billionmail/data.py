@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from nextcrm_pipelines.sandbox.billionmail.wire import (
+from nextcrm_sandbox.billionmail.wire import (
     _CAPTCHA_SOURCE,
     _DAY,
     ACCESS_TTL,
@@ -29,7 +29,7 @@ from nextcrm_pipelines.sandbox.billionmail.wire import (
     _Token,
     _TokenError,
 )
-from nextcrm_pipelines.sandbox.control import ControlError, int_field, number_field
+from nextcrm_sandbox.control import ControlError, int_field, number_field
 
 # ---------------------------------------------------------------------------------------------------------
 # Data

@@ -4,7 +4,7 @@ Demo runs, tests and benchmarks point real provider clients (stripe-python, http
 loopback instead of the internet. ``build_app`` composes the provider routes (Stripe today, others under
 their own path prefixes later) with the clock control routes; ``SandboxServer`` runs that app with
 uvicorn in a background thread, or in a child process when the server's CPU must not share the
-client's GIL (benchmarks); ``main`` is the ``python -m nextcrm_pipelines.sandbox.server`` entry point.
+client's GIL (benchmarks); ``main`` is the ``python -m nextcrm_sandbox.server`` entry point.
 
 The control API under ``/_sandbox`` has no authentication: it is test tooling and the server refuses
 to bind to anything but a loopback address.
@@ -34,13 +34,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.billionmail import BillionMailSandbox
-from nextcrm_pipelines.sandbox.mautic import MauticSandbox
-from nextcrm_pipelines.sandbox.myob import MyobSandbox
-from nextcrm_pipelines.sandbox.paypal import PayPalSandbox
-from nextcrm_pipelines.sandbox.quickbooks import QuickBooksSandbox
-from nextcrm_pipelines.sandbox.stripe import StripeSandbox
-from nextcrm_pipelines.sandbox.xero import XeroSandbox
+from nextcrm_sandbox.billionmail import BillionMailSandbox
+from nextcrm_sandbox.mautic import MauticSandbox
+from nextcrm_sandbox.myob import MyobSandbox
+from nextcrm_sandbox.paypal import PayPalSandbox
+from nextcrm_sandbox.quickbooks import QuickBooksSandbox
+from nextcrm_sandbox.stripe import StripeSandbox
+from nextcrm_sandbox.xero import XeroSandbox
 
 __all__ = ["DEFAULT_PORT", "SandboxClock", "SandboxServer", "build_app", "main"]
 
@@ -162,7 +162,7 @@ class SandboxServer:
     """Run the sandbox on ``127.0.0.1`` (free port by default) for the duration of a ``with`` block.
 
     ``subprocess=False`` serves from a daemon thread of this process; ``subprocess=True`` starts
-    ``python -m nextcrm_pipelines.sandbox.server`` so the server has its own interpreter and GIL.
+    ``python -m nextcrm_sandbox.server`` so the server has its own interpreter and GIL.
     Accounts passed here are created before ``start()`` returns.
     """
 
@@ -240,7 +240,7 @@ class SandboxServer:
             time.sleep(0.005)
 
     def _start_process(self) -> None:
-        cmd = [sys.executable, "-m", "nextcrm_pipelines.sandbox.server", "--host", self.host]
+        cmd = [sys.executable, "-m", "nextcrm_sandbox.server", "--host", self.host]
         cmd += ["--port", str(self.port), "--announce"]
         if self._now is not None:
             cmd += ["--now", str(self._now)]
@@ -405,8 +405,8 @@ def _parse_account(value: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Serve the sandbox until interrupted (``python -m nextcrm_pipelines.sandbox.server``)."""
-    parser = argparse.ArgumentParser(prog="python -m nextcrm_pipelines.sandbox.server", description=__doc__)
+    """Serve the sandbox until interrupted (``python -m nextcrm_sandbox.server``)."""
+    parser = argparse.ArgumentParser(prog="python -m nextcrm_sandbox.server", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)")
     parser.add_argument(
         "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0 picks a free one)"

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     clear_scoped_faults,
     control_endpoint,
@@ -34,7 +34,7 @@ from nextcrm_pipelines.sandbox.control import (
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.mautic.data import (
+from nextcrm_sandbox.mautic.data import (
     _ACCOUNT_FIELDS,
     _CHANGE_FIELDS,
     _KNOB_DEFAULTS,
@@ -42,7 +42,7 @@ from nextcrm_pipelines.sandbox.mautic.data import (
     _Bucket,
     _normalise_knobs,
 )
-from nextcrm_pipelines.sandbox.mautic.model import (
+from nextcrm_sandbox.mautic.model import (
     _CONTACT_FIELDS,
     CONTROL_PREFIX,
     ENTITIES,
@@ -64,8 +64,8 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     php_json,
     php_params,
 )
-from nextcrm_pipelines.sandbox.mautic.webhooks import MauticWebhooks
-from nextcrm_pipelines.sandbox.oauth import AccessDenied, OAuthError
+from nextcrm_sandbox.mautic.webhooks import MauticWebhooks
+from nextcrm_sandbox.oauth import AccessDenied, OAuthError
 
 # API writes: route kind -> the status a success answers with.
 _WRITES = {"contact_new": 201, "contact_edit": 200, "contact_delete": 200, "campaign_member": 200}

@@ -27,10 +27,10 @@ Modules: ``wire`` (envelope, validation, JWT), ``data`` (an installation and its
 (``BillionMailSandbox``: routes, endpoints, control routes) and ``control`` (``BillionMailControl``).
 """
 
-from nextcrm_pipelines.sandbox.billionmail.api import BillionMailSandbox
-from nextcrm_pipelines.sandbox.billionmail.control import BillionMailControl
-from nextcrm_pipelines.sandbox.billionmail.data import BillionMailInstall, Knobs
-from nextcrm_pipelines.sandbox.billionmail.wire import (
+from nextcrm_sandbox.billionmail.api import BillionMailSandbox
+from nextcrm_sandbox.billionmail.control import BillionMailControl
+from nextcrm_sandbox.billionmail.data import BillionMailInstall, Knobs
+from nextcrm_sandbox.billionmail.wire import (
     ACCESS_TTL,
     CONTACT_MAX_PAGE_SIZE,
     CONTROL_PREFIX,

@@ -26,8 +26,8 @@ from typing import Any
 
 import orjson
 
-from nextcrm_pipelines.sandbox.control import ControlError, bool_field, int_field, number_field
-from nextcrm_pipelines.sandbox.mautic.model import (
+from nextcrm_sandbox.control import ControlError, bool_field, int_field, number_field
+from nextcrm_sandbox.mautic.model import (
     _ALIASES,
     _CATCH_ALL,
     _CATEGORY_ALIASES,
@@ -73,7 +73,7 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     _values,
     pattern_match,
 )
-from nextcrm_pipelines.sandbox.oauth import OAuthPolicy, OAuthServer
+from nextcrm_sandbox.oauth import OAuthPolicy, OAuthServer
 
 _FIRST = ("Jim", "Ava", "Noah", "Mia", "Liam", "Zoë", "Omar", "Inès", "Lars", "Yuki", "Ana", "Ravi", "Chloe", "Mateo")
 _LAST = ("Contact", "Müller", "Smith", "Okafor", "Tanaka", "García", "Nguyen", "Rossi", "Kowalski", "Dubois", "Silva")

@@ -20,7 +20,7 @@ Organisations are generated deterministically from a seed (``XeroTenant``) and c
 control API under ``/_sandbox/xero`` (``XeroControl`` wraps it for tests).
 """
 
-from nextcrm_pipelines.sandbox.xero.api import (
+from nextcrm_sandbox.xero.api import (
     ACCOUNTING_PREFIX,
     API_PREFIX,
     CONTROL_PREFIX,
@@ -29,10 +29,10 @@ from nextcrm_pipelines.sandbox.xero.api import (
     LOGIN_PREFIX,
     XeroSandbox,
 )
-from nextcrm_pipelines.sandbox.xero.control import XeroControl
-from nextcrm_pipelines.sandbox.xero.data import XeroTenant, format_msdate, parse_if_modified_since
-from nextcrm_pipelines.sandbox.xero.query import parse_where, to_xml
-from nextcrm_pipelines.sandbox.xero.webhooks import XERO_RETRY_DELAYS, XeroWebhooks, xero_signature
+from nextcrm_sandbox.xero.control import XeroControl
+from nextcrm_sandbox.xero.data import XeroTenant, format_msdate, parse_if_modified_since
+from nextcrm_sandbox.xero.query import parse_where, to_xml
+from nextcrm_sandbox.xero.webhooks import XERO_RETRY_DELAYS, XeroWebhooks, xero_signature
 
 __all__ = [
     "ACCOUNTING_PREFIX",

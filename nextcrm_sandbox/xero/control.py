@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from nextcrm_pipelines.sandbox.webhooks import WebhookControl
-from nextcrm_pipelines.sandbox.xero.api import CONTROL_PREFIX, DEFAULT_SCOPE
+from nextcrm_sandbox.webhooks import WebhookControl
+from nextcrm_sandbox.xero.api import CONTROL_PREFIX, DEFAULT_SCOPE
 
 
 class XeroControl(WebhookControl):

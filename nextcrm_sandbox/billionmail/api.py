@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.billionmail.data import (
+from nextcrm_sandbox.billionmail.data import (
     _KNOB_NAMES,
     BillionMailInstall,
     Knobs,
@@ -32,7 +32,7 @@ from nextcrm_pipelines.sandbox.billionmail.data import (
     _provider,
     _Task,
 )
-from nextcrm_pipelines.sandbox.billionmail.wire import (
+from nextcrm_sandbox.billionmail.wire import (
     _DAY,
     CONTROL_PREFIX,
     LOGIN_RETRY_WINDOW,
@@ -49,7 +49,7 @@ from nextcrm_pipelines.sandbox.billionmail.wire import (
     _TokenError,
     _validate,
 )
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     clear_scoped_faults,
     control_endpoint,

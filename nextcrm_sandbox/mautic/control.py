@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nextcrm_pipelines.sandbox.mautic.model import CONTROL_PREFIX, PREFIX
-from nextcrm_pipelines.sandbox.webhooks import WebhookControl
+from nextcrm_sandbox.mautic.model import CONTROL_PREFIX, PREFIX
+from nextcrm_sandbox.webhooks import WebhookControl
 
 
 class MauticControl(WebhookControl):

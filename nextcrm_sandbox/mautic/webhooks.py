@@ -29,16 +29,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     control_endpoint,
     int_field,
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.mautic.model import php_json
-from nextcrm_pipelines.sandbox.oauth import json_response
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
+from nextcrm_sandbox.mautic.model import php_json
+from nextcrm_sandbox.oauth import json_response
+from nextcrm_sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
 __all__ = ["EVENT_TYPES", "QUEUE_RETRY_DELAYS", "MauticWebhooks", "mautic_signature"]
 

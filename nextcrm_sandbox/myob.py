@@ -56,7 +56,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlClient,
     ControlError,
     bool_field,
@@ -66,7 +66,7 @@ from nextcrm_pipelines.sandbox.control import (
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
+from nextcrm_sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
 
 __all__ = [
     "DEFAULT_SCOPES",

@@ -1,5 +1,5 @@
 """Local emulators of the providers NextCRM syncs from, for the demo, the tests and the benchmarks.
 
-``nextcrm_pipelines.sandbox.server`` runs them as one loopback HTTP server; ``.stripe`` emulates the
+``nextcrm_sandbox.server`` runs them as one loopback HTTP server; ``.stripe`` emulates the
 Stripe API v1.
 """

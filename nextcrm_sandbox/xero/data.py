@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.sandbox.control import ControlError
+from nextcrm_sandbox.control import ControlError
 
 _DAY_MS = 86_400_000
 _INVOICE_STATUSES = ("DRAFT", "SUBMITTED", "AUTHORISED", "PAID", "VOIDED", "DELETED")

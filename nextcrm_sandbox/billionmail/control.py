@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from nextcrm_pipelines.sandbox.billionmail.wire import CONTROL_PREFIX
-from nextcrm_pipelines.sandbox.control import ControlClient
+from nextcrm_sandbox.billionmail.wire import CONTROL_PREFIX
+from nextcrm_sandbox.control import ControlClient
 
 
 class BillionMailControl(ControlClient):

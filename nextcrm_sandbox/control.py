@@ -9,7 +9,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from nextcrm_pipelines.sandbox.oauth import OAuthError, json_response
+from nextcrm_sandbox.oauth import OAuthError, json_response
 
 __all__ = [
     "ControlClient",

@@ -35,10 +35,10 @@ Installations are generated deterministically from a seed and changed through th
 ``/_sandbox/mautic`` (``MauticControl`` wraps it for tests).
 """
 
-from nextcrm_pipelines.sandbox.mautic.api import MauticSandbox
-from nextcrm_pipelines.sandbox.mautic.control import MauticControl
-from nextcrm_pipelines.sandbox.mautic.data import MauticInstallation
-from nextcrm_pipelines.sandbox.mautic.model import (
+from nextcrm_sandbox.mautic.api import MauticSandbox
+from nextcrm_sandbox.mautic.control import MauticControl
+from nextcrm_sandbox.mautic.data import MauticInstallation
+from nextcrm_sandbox.mautic.model import (
     ACCESS_TTL,
     CONTROL_PREFIX,
     DEFAULT_PAGE_LIMIT,
@@ -51,7 +51,7 @@ from nextcrm_pipelines.sandbox.mautic.model import (
     php_json,
     php_params,
 )
-from nextcrm_pipelines.sandbox.mautic.webhooks import EVENT_TYPES, MauticWebhooks, mautic_signature
+from nextcrm_sandbox.mautic.webhooks import EVENT_TYPES, MauticWebhooks, mautic_signature
 
 __all__ = [
     "ACCESS_TTL",

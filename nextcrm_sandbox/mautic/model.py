@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from nextcrm_pipelines.sandbox.control import ControlError
+from nextcrm_sandbox.control import ControlError
 
 if TYPE_CHECKING:
-    from nextcrm_pipelines.sandbox.mautic.data import MauticInstallation
+    from nextcrm_sandbox.mautic.data import MauticInstallation
 
 
 PREFIX = "/mautic"

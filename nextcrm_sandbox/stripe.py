@@ -44,14 +44,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import (
+from nextcrm_sandbox.control import (
     ControlError,
     control_endpoint,
     optional_int_field,
     read_json_object,
     reject_unknown_fields,
 )
-from nextcrm_pipelines.sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
+from nextcrm_sandbox.webhooks import Signer, WebhookControl, WebhookOutbox, webhook_control_routes
 
 __all__ = [
     "API_VERSION",

@@ -33,9 +33,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from nextcrm_pipelines.sandbox.control import ControlError, control_endpoint, read_json_object
-from nextcrm_pipelines.sandbox.oauth import json_response
-from nextcrm_pipelines.sandbox.webhooks import Signer, Subscription, WebhookOutbox, webhook_control_routes
+from nextcrm_sandbox.control import ControlError, control_endpoint, read_json_object
+from nextcrm_sandbox.oauth import json_response
+from nextcrm_sandbox.webhooks import Signer, Subscription, WebhookOutbox, webhook_control_routes
 
 __all__ = ["XERO_RETRY_DELAYS", "Change", "XeroWebhooks", "xero_signature"]
 

@@ -1,14 +1,23 @@
 """Asset factory: one partitioned asset per provider entity, built from the registry.
 
-A run may hold many connection x day partitions (a backfill runs as one process, see
-`BackfillPolicy.single_run`); each partition is synced and logged on its own, a failed day does
-not stop the others, and the run fails at the end naming what failed so the retry policy (or the
-user) re-runs it. Re-running is always safe: writes are idempotent and never regress.
+A run may hold many partitions, of one connection or of several (a backfill runs as one process, see
+`BackfillPolicy.single_run`; the hourly schedule syncs a block of connections per run). Each partition
+tells its own truth: it gets its own `AssetMaterialization` as soon as its windows are synced, with its
+own row count, counts and requests; a partition whose window failed gets none, so Dagster shows it
+failed while the others stay materialised. The run then fails naming the failed days, and a retry or
+a re-execution syncs only the windows the run (or the runs it re-executes) did not finish, which the
+sync logs record. Re-running is always safe: writes are idempotent and never regress.
+
+One connection is synced by one run at a time: a run that finds a connection taken by another does
+not wait for it inside a run slot; it reports that connection's partitions failed at once, naming
+the run that holds it (a scheduled run leaves them to its next tick instead).
 """
 
 import warnings
 from collections import defaultdict
-from datetime import date
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import dagster as dg
@@ -21,16 +30,26 @@ from nextcrm_pipelines.core.runner import (
     snapshot_window,
     sweep_connection,
     sync_partitions,
+    windows_done,
+    windows_held_whole,
 )
 from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow
 from nextcrm_pipelines.partitions import provider_partitions
-from nextcrm_pipelines.resources import MirrorDatabase
+from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
 SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+# Set by the hourly schedule: the run keeps recent partitions current. It syncs only the days not yet
+# held whole (today, and days whose last sync failed, lost records or saw only part of the day), and
+# leaves a connection that is busy or unavailable to the next tick rather than failing.
+SCOPE_TAG = "nextcrm/scope"
+RECENT_SCOPE = "recent"
 COUNTERS = (
     "rows_in_window", "records", "inserted", "updated", "unchanged",
     "failed", "requests", "retries", "rate_limit_waits",
 )  # fmt: skip
+# Errors that retrying the step cannot fix: the user reconnects, the provider's day resets, or the
+# other run holding the connection finishes (a later run, not a retry inside this one, syncs it).
+NOT_RETRYABLE = (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted)
 
 
 def describe_sync(result: SyncResult) -> str:
@@ -45,24 +64,75 @@ def describe_sync(result: SyncResult) -> str:
     )
 
 
-def _metadata(results: list[SyncResult]) -> dict[str, Any]:
-    totals: dict[str, int] = defaultdict(int)
+def partition_metadata(results: list[SyncResult]) -> dict[str, Any]:
+    """One partition's materialization metadata: its row count and counters, summed over its windows."""
+    totals: dict[str, int] = dict.fromkeys(COUNTERS, 0)
     for result in results:
         for name, value in result.summary().items():
-            if name in COUNTERS:
+            if name in totals:
                 totals[name] += int(value)
-    metadata: dict[str, Any] = {"dagster/row_count": totals.pop("rows_in_window", 0), **totals}
+    metadata: dict[str, Any] = {"dagster/row_count": totals.pop("rows_in_window"), **totals}
     if results:
         metadata["window"] = (
             f"{min(r.window.start for r in results).isoformat()} .. " + max(r.window.end for r in results).isoformat()
         )
         metadata["duration_seconds"] = dg.FloatMetadataValue(round(sum(r.duration for r in results), 3))
-        metadata["partitions"] = len(results)
         metadata["sync_log_ids"] = ", ".join(str(r.sync_log_id) for r in results[:50])
     failed_ids = [f.id for r in results for f in r.failures][:50]
     if failed_ids:
         metadata["failed_record_ids"] = ", ".join(failed_ids)
     return metadata
+
+
+@dataclass
+class _Partition:
+    """One partition of the run: its connection, the windows it covers, and what became of them."""
+
+    key: str
+    connection_id: str
+    windows: list[SyncWindow]
+    results: list[SyncResult] = field(default_factory=list)
+    skipped: int = 0
+    error: str | None = None
+    retryable: bool = True
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None or any(r.status == "failed" for r in self.results)
+
+    def reason(self) -> str:
+        errors = [f"{r.window.start.date()}: {r.error}" for r in self.results if r.status == "failed"]
+        return self.error or "; ".join(errors)
+
+
+def _planned(partitions_def: dg.PartitionsDefinition, entity: EntitySpec, keys: list[str]) -> list[_Partition]:
+    """The run's partitions with their windows: each day of a time partition, or the whole list."""
+    planned = []
+    for key in keys:
+        if not entity.daily:
+            planned.append(_Partition(key, key, [snapshot_window()]))
+            continue
+        assert isinstance(partitions_def, dg.MultiPartitionsDefinition)
+        dims = partitions_def.get_partition_key_from_str(key).keys_by_dimension
+        first = date.fromisoformat(dims["date"])
+        time_def = partitions_def.get_partitions_def_for_dimension("date")
+        assert isinstance(time_def, dg.TimeWindowPartitionsDefinition)
+        span = time_def.time_window_for_partition_key(dims["date"])
+        last = min(span.end.astimezone(UTC).date(), datetime.now(UTC).date() + timedelta(days=1))
+        days = [first + timedelta(days=n) for n in range(max(1, (last - first).days))]
+        planned.append(_Partition(key, dims["connection"], [day_window(day) for day in days]))
+    return planned
+
+
+def _run_family(context: dg.AssetExecutionContext) -> set[str]:
+    """This run and, for a re-execution, the runs it re-executes: windows they finished are not synced again."""
+    run = context.run
+    family = {run.run_id}
+    if run.root_run_id:
+        family.add(run.root_run_id)
+        related = context.instance.get_run_records(dg.RunsFilter(tags={"dagster/root_run_id": run.root_run_id}))
+        family.update(record.dagster_run.run_id for record in related)
+    return family
 
 
 def build_entity_asset(
@@ -83,59 +153,81 @@ def build_entity_asset(
             kinds={"postgres", provider.name},
             metadata={"table": entity.table.name, "provider": provider.name},
             tags={"nextcrm/provider": provider.name},
+            # Partitions are materialised one by one as they finish (the step yields their events and no
+            # output, see the module docstring): an output would give every partition of a range the same
+            # metadata, and materialise the failed ones too.
+            output_required=False,
         )
 
     @asset
-    def _sync(context: dg.AssetExecutionContext, mirror: MirrorDatabase) -> dg.MaterializeResult:
-        work: dict[str, list[tuple[SyncWindow, str]]] = defaultdict(list)
-        for key in context.partition_keys:
-            if not entity.daily:
-                # The whole list as of now; the provider's id sweep then flags what disappeared.
-                work[key].append((snapshot_window(), key))
-                continue
-            dims = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-            work[dims["connection"]].append((day_window(date.fromisoformat(dims["date"])), key))
+    def _sync(
+        context: dg.AssetExecutionContext, mirror: MirrorDatabase, clients: ProviderClients
+    ) -> Iterator[dg.AssetMaterialization]:
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
-        results: list[SyncResult] = []
-        for connection_id, items in sorted(work.items()):
-            items.sort(key=lambda item: item[0].start)
-            partitions = [key for _, key in items]
+        recent = context.run.tags.get(SCOPE_TAG) == RECENT_SCOPE
+        planned = _planned(partitions_def, entity, list(context.partition_keys))
+        family = _run_family(context)
+        by_connection: dict[str, list[_Partition]] = defaultdict(list)
+        for partition in planned:
+            by_connection[partition.connection_id].append(partition)
+        for connection_id, partitions in sorted(by_connection.items()):
+            done = windows_done(url, schema, entity.name, connection_id, family) if entity.daily else set()
+            if recent and entity.daily:
+                starts = {w.start for p in partitions for w in p.windows}
+                done |= windows_held_whole(url, schema, entity.name, connection_id, starts)
+            todo = [(p, w) for p in partitions for w in p.windows if w.start not in done]
+            for partition in partitions:
+                partition.skipped = sum(w.start in done for w in partition.windows)
+            if not todo:
+                continue
             try:
                 synced = sync_partitions(
                     database_url=url, schema=schema, provider=provider, entity_name=entity.name,
-                    connection_id=connection_id, windows=[w for w, _ in items], partitions=partitions,
-                    box=box, run_id=context.run.run_id,
+                    connection_id=connection_id, windows=[w for _, w in todo], partitions=[p.key for p, _ in todo],
+                    box=box, run_id=context.run.run_id, wait=False, opener=clients.opener(),
                 )  # fmt: skip
                 if not entity.daily and entity.name in provider.id_sweeps and synced[0].status != "failed":
                     swept = sweep_connection(database_url=url, schema=schema, provider=provider,
                                              entity_name=entity.name, connection_id=connection_id, box=box,
-                                             run_id=context.run.run_id)  # fmt: skip
+                                             run_id=context.run.run_id, opener=clients.opener())  # fmt: skip
                     context.log.info(f"{entity.name} {connection_id}: {swept.counts.updated} flagged deleted upstream")
                     synced[0].counts.updated += swept.counts.updated
-            except (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted) as exc:
-                # Retrying cannot help before the user reconnects or the provider's day resets.
-                raise dg.Failure(str(exc), allow_retries=False) from None
-            for partition, result in zip(partitions, synced, strict=True):
+            except NOT_RETRYABLE as exc:
+                if recent and isinstance(exc, ConnectionUnavailable):
+                    context.log.warning(f"{entity.name} {connection_id}: left for the next run - {exc}")
+                    for partition in partitions:
+                        partition.skipped = len(partition.windows)
+                    continue
+                for partition in partitions:
+                    partition.error, partition.retryable = str(exc), False
+                context.log.error(f"{entity.name} {connection_id}: {exc}")
+                continue
+            for (partition, _), result in zip(todo, synced, strict=True):
+                partition.results.append(result)
                 log = context.log.error if result.status == "failed" else context.log.info
-                log(f"{entity.name} {partition}: {describe_sync(result)}")
-                if len(context.partition_keys) > 1:
-                    context.log_event(
-                        dg.AssetObservation(
-                            asset_key=context.asset_key, partition=partition, metadata=_metadata([result])
-                        )
+                log(f"{entity.name} {partition.key}: {describe_sync(result)}")
+            for partition in partitions:
+                if partition.results and not partition.failed:
+                    yield dg.AssetMaterialization(
+                        asset_key=context.asset_key,
+                        partition=partition.key,
+                        metadata={**partition_metadata(partition.results), "skipped_windows": partition.skipped},
                     )
-            results.extend(synced)
-        failed = [r for r in results if r.status == "failed"]
+        failed = [p for p in planned if p.failed]
         if failed:
             raise dg.Failure(
-                f"{len(failed)} of {len(results)} partition(s) failed; committed data stays, re-run to finish: "
-                + "; ".join(f"{r.window.start.date()}: {r.error}" for r in failed[:5]),
-                metadata=_metadata([r for r in results if r.status != "failed"]),
+                f"{len(failed)} of {len(planned)} partition(s) failed; the others are materialised and committed "
+                "data stays; re-execute from failure to sync only what failed: "
+                + "; ".join(f"{p.key}: {p.reason()}" for p in failed[:5]),
+                metadata={"failed_partitions": ", ".join(p.key for p in failed[:100])},
+                allow_retries=any(p.retryable for p in failed),
             )
-        return dg.MaterializeResult(metadata=_metadata(results))
 
     return _sync
 
 
-def build_provider_assets(provider: Provider) -> list[dg.AssetsDefinition]:
-    return [build_entity_asset(provider, entity) for entity in provider.entities]
+def build_provider_assets(
+    provider: Provider, retry_policy: dg.RetryPolicy | None = SYNC_RETRY_POLICY
+) -> list[dg.AssetsDefinition]:
+    """One asset per entity of the provider."""
+    return [build_entity_asset(provider, entity, retry_policy) for entity in provider.entities]

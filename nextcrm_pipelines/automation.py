@@ -1,7 +1,7 @@
 """Schedules and sensors built from the registry.
 
-- `<provider>_hourly`: re-syncs today's partition of every active connection, every hour, and the
-  recent days a sync has not yet covered whole (see `incompletely_covered_days`).
+- `<provider>_hourly`: keeps every active connection current, a block of connections per run: each run
+  syncs today and the recent days not yet held whole (see `assets.SCOPE_TAG`).
 - `<provider>_daily_sweep`: for providers that hard-delete without a trace (MYOB), compares id sets
   once a day and flags the rows whose record is gone.
 - `<provider>_webhooks_sensor` and `<provider>_apply_webhooks`: verified inbox events applied soon after
@@ -11,21 +11,21 @@
 """
 
 import os
+from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 import psycopg
-from psycopg import sql
 from pydantic import Field
 
-from nextcrm_pipelines.assets import describe_sync
+from nextcrm_pipelines.assets import RECENT_SCOPE, SCOPE_TAG, describe_sync
 from nextcrm_pipelines.core import connections as vault
-from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.core.runner import sweep_connection
-from nextcrm_pipelines.core.sweep import SWEEP_PARTITION
-from nextcrm_pipelines.partitions import connections_partitions_name
-from nextcrm_pipelines.resources import MirrorDatabase
+from nextcrm_pipelines.core.runner import database_now, rows_changed_since, sweep_connection
+from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.partitions import connections_partitions_name, partition_key_of, sync_start_date
+from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
 
 
@@ -44,6 +44,35 @@ def build_sync_job(provider: Provider):
     )
 
 
+# Connections synced by one hourly run: a run costs a process start (seconds of CPU), so a block of
+# connections shares one; several blocks run side by side under the run queue's limit.
+CONNECTIONS_PER_RUN_ENV = "NEXTCRM_CONNECTIONS_PER_RUN"
+DEFAULT_CONNECTIONS_PER_RUN = 50
+# Days an hourly run looks back over for days not yet held whole (a failed or partial sync, a reporting
+# lag, a day that ended after its last sync): today and the two before.
+RECENT_DAYS = 3
+
+
+def connections_per_run() -> int:
+    """Connections per hourly run (`NEXTCRM_CONNECTIONS_PER_RUN`, default 50)."""
+    value = os.environ.get(CONNECTIONS_PER_RUN_ENV, "").strip()
+    if value and (not value.isdigit() or int(value) < 1):
+        raise ValueError(f"{CONNECTIONS_PER_RUN_ENV} must be a whole number of connections, got {value!r}")
+    return int(value) if value else DEFAULT_CONNECTIONS_PER_RUN
+
+
+def connection_blocks(ordered: list[str], active: set[str], size: int) -> list[tuple[str, str]]:
+    """Split the connection partitions (in Dagster's order) into runs of `size` and give each run's first
+    and last active connection: a partition range is contiguous in that order, so a run also holds the
+    inactive connections between them, which a recent-scope run leaves alone."""
+    blocks = []
+    for offset in range(0, len(ordered), size):
+        chosen = [key for key in ordered[offset : offset + size] if key in active]
+        if chosen:
+            blocks.append((chosen[0], chosen[-1]))
+    return blocks
+
+
 def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"{provider.name}_hourly",
@@ -51,53 +80,34 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
         job_name=sync_job_name(provider.name),
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Re-sync today's partition of every active {provider.name} connection, and recent days"
-        " not yet covered whole.",
+        description=f"Keep every active {provider.name} connection current: today, and recent days not yet"
+        " held whole, a block of connections per run.",
     )
     def _hourly(context: dg.ScheduleEvaluationContext, mirror: MirrorDatabase):
         scheduled = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
-        today = scheduled.date()
         with psycopg.connect(mirror.url()) as conn:
-            active = vault.list_connections(conn, provider=provider.name, status="active")
-            unfinished = {c.id: incompletely_covered_days(conn, c.id, today) for c in active} if provider.daily else {}
-        for connection in active:
-            if not provider.daily:
-                yield dg.RunRequest(run_key=f"{connection.id}|{scheduled:%Y-%m-%dT%H}", partition_key=connection.id)
-                continue
-            for day in [*unfinished[connection.id], today]:
-                yield dg.RunRequest(
-                    run_key=f"{connection.id}|{day}|{scheduled:%Y-%m-%dT%H}",
-                    partition_key=dg.MultiPartitionKey({"connection": connection.id, "date": day.isoformat()}),
+            active = {c.id for c in vault.list_connections(conn, provider=provider.name, status="active")}
+        ordered = context.instance.get_dynamic_partitions(connections_partitions_name(provider.name))
+        blocks = connection_blocks(list(ordered), active, connections_per_run())
+        if not blocks:
+            return dg.SkipReason(f"no active {provider.name} connection has a partition yet")
+        first_day = max(scheduled.date() - timedelta(days=RECENT_DAYS - 1), date.fromisoformat(sync_start_date()))
+        requests = []
+        for first, last in blocks:
+            start, end = (f"{first}|{first_day}", f"{last}|{scheduled.date()}") if provider.daily else (first, last)
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{first}..{last}|{scheduled:%Y-%m-%dT%H}",
+                    tags={
+                        SCOPE_TAG: RECENT_SCOPE,
+                        "dagster/asset_partition_range_start": start,
+                        "dagster/asset_partition_range_end": end,
+                    },
                 )
+            )
+        return requests
 
     return _hourly
-
-
-def incompletely_covered_days(conn: psycopg.Connection, connection_id: str, today: date, back: int = 2) -> list[date]:
-    """Recent days (of the `back` before `today`) that some entity does not yet hold whole, which the hourly
-    schedule re-reads until a sync covers them: the day's latest finished sync of the entity lost records
-    (`partial`) or failed, or its syncs so far saw only part of the day (a provider's reporting lag, e.g.
-    PayPal's three hours)."""
-    rows = conn.execute(
-        sql.SQL(
-            """
-            SELECT window_start FROM (
-                SELECT window_start, status,
-                       row_number() OVER latest AS newest,
-                       max(window_end) FILTER (WHERE status IN ('success', 'partial')) OVER day AS covered_until
-                FROM {t}
-                WHERE connection_id = %s AND status <> 'running' AND partition <> %s
-                  AND window_start >= %s AND window_start < %s
-                WINDOW day AS (PARTITION BY asset, window_start),
-                       latest AS (day ORDER BY started_at DESC, id DESC)
-            ) AS syncs
-            WHERE newest = 1
-              AND (status IN ('partial', 'failed') OR covered_until < window_start + interval '1 day')
-            """
-        ).format(t=table("integration_sync_logs")),
-        (connection_id, SWEEP_PARTITION, today - timedelta(days=back), today),
-    ).fetchall()
-    return sorted({row[0].astimezone(UTC).date() for row in rows})
 
 
 def build_connections_sensor(providers: list[Provider]) -> dg.SensorDefinition:
@@ -124,6 +134,37 @@ def build_connections_sensor(providers: list[Provider]) -> dg.SensorDefinition:
     return _connections
 
 
+def materialize_changed_partitions(
+    context: dg.OpExecutionContext,
+    provider: Provider,
+    entity: EntitySpec,
+    connection_ids: list[str],
+    since: datetime,
+    database_url: str,
+    schema: str,
+    metadata: dict[str, Any],
+) -> int:
+    """Materialise each partition of `entity` that rows written since `since` fall in (a webhook apply, a
+    sweep), each with its own count of rows changed; returns how many partitions that was."""
+    changed: dict[str, int] = defaultdict(int)
+    for (connection_id, day), count in rows_changed_since(database_url, schema, entity, connection_ids, since).items():
+        key = partition_key_of(entity.daily, connection_id, day) if day is not None or not entity.daily else None
+        if key is not None:
+            changed[key] += count
+    # A connection the connections sensor has not listed yet gets its partitions now, as the sensor would.
+    name = connections_partitions_name(provider.name)
+    missing = sorted(set(connection_ids) - set(context.instance.get_dynamic_partitions(name)))
+    if missing and changed:
+        context.instance.add_dynamic_partitions(name, missing)
+    materialized = 0
+    for key, count in sorted(changed.items()):
+        context.log_event(
+            dg.AssetMaterialization(asset_key=entity.name, partition=key, metadata={**metadata, "rows_changed": count})
+        )
+        materialized += 1
+    return materialized
+
+
 def sweep_job_name(provider: str) -> str:
     return f"{provider}_deletion_sweep"
 
@@ -132,34 +173,28 @@ def build_sweep_job(provider: Provider) -> dg.JobDefinition:
     """A job that runs the provider's id sweeps (deletions without tombstones) for every active connection."""
 
     @dg.op(name=f"{provider.name}_sweep_deletions", description="Flag rows whose record was deleted upstream.")
-    def _sweep(context: dg.OpExecutionContext, mirror: MirrorDatabase) -> dg.Output[int]:
+    def _sweep(context: dg.OpExecutionContext, mirror: MirrorDatabase, clients: ProviderClients) -> dg.Output[int]:
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         with psycopg.connect(url) as conn:
             active = vault.list_connections(conn, provider=provider.name, status="active")
         flagged, failures = 0, []
         for connection in active:
             for entity_name in provider.id_sweeps:
+                since = database_now(url)
                 try:
                     result = sweep_connection(database_url=url, schema=schema, provider=provider,
                                               entity_name=entity_name, connection_id=connection.id, box=box,
-                                              run_id=context.run_id)  # fmt: skip
+                                              run_id=context.run_id, opener=clients.opener())  # fmt: skip
                 except Exception as exc:
                     context.log.error(f"{entity_name} sweep of {connection.id} failed: {exc}")
                     failures.append(f"{connection.id}: {exc}")
                     continue
                 flagged += result.counts.updated
                 context.log.info(f"{entity_name} sweep of {connection.id}: {result.summary()}")
-                context.log_event(
-                    dg.AssetObservation(
-                        asset_key=entity_name,
-                        metadata={
-                            "connection": connection.id,
-                            "ids_listed": result.total,
-                            "flagged_deleted": result.counts.updated,
-                            "sync_log_id": result.sync_log_id,
-                        },
-                    )
-                )
+                materialize_changed_partitions(
+                    context, provider, provider.entity(entity_name), [connection.id], since, url, schema,
+                    {"source": "deletion sweep", "ids_listed": result.total, "sync_log_id": result.sync_log_id},
+                )  # fmt: skip
         if failures:
             raise dg.Failure(f"{len(failures)} sweep(s) failed: " + "; ".join(failures[:5]))
         return dg.Output(flagged, metadata={"connections": len(active), "flagged_deleted": flagged})
@@ -221,10 +256,14 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
         # their lease lapses, so the retry takes them. Failed events are not: they have their own backoff.
         retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL),
     )
-    def _apply(context: dg.OpExecutionContext, config: ApplyWebhooksConfig, mirror: MirrorDatabase) -> dg.Output[int]:
-        outcome = apply_pending(database_url=mirror.url(), schema=mirror.schema(), provider=provider.name,
-                                apply=apply, run_id=context.run_id, limit=config.max_events,
-                                box=mirror.secret_box())  # fmt: skip
+    def _apply(
+        context: dg.OpExecutionContext, config: ApplyWebhooksConfig, mirror: MirrorDatabase, clients: ProviderClients
+    ) -> dg.Output[int]:
+        url, schema = mirror.url(), mirror.schema()
+        since = database_now(url)
+        outcome = apply_pending(database_url=url, schema=schema, provider=provider.name, apply=apply,
+                                run_id=context.run_id, limit=config.max_events, box=mirror.secret_box(),
+                                opener=clients.opener())  # fmt: skip
         for result in outcome.results:
             context.log.info(f"{result.entity} {result.connection_id}: {describe_sync(result)}")
         counts = outcome.counts
@@ -232,23 +271,13 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
                     "held": outcome.held, "skipped_types": outcome.skipped, "inserted": counts.inserted,
                     "updated": counts.updated, "unchanged": counts.unchanged,
                     "connections": len(outcome.connections)}  # fmt: skip
-        for table_name, written in sorted(outcome.by_table.items()):
-            if table_name not in tables:
-                continue
-            context.log_event(
-                dg.AssetMaterialization(
-                    asset_key=tables[table_name],
-                    description=f"{provider.name} webhook events applied",
-                    metadata={
-                        "source": "webhooks",
-                        "inserted": written.inserted,
-                        "updated": written.updated,
-                        "unchanged": written.unchanged,
-                        "connections": sorted(outcome.connections),
-                        "sync_log_ids": [r.sync_log_id for r in outcome.results],
-                    },
-                )
-            )
+        for table_name in sorted(outcome.by_table):
+            if table_name in tables:
+                materialize_changed_partitions(
+                    context, provider, provider.entity(tables[table_name]), sorted(outcome.connections), since, url,
+                    schema, {"source": "webhooks", "sync_log_ids": ", ".join(str(r.sync_log_id) for r in
+                                                                            outcome.results[:50])},
+                )  # fmt: skip
         if outcome.failed:
             message = f"{outcome.failed} event(s) failed, retried with backoff ({outcome.dead} now dead)"
             raise dg.Failure(f"{message}; see webhook_events.last_error", metadata=metadata, allow_retries=False)

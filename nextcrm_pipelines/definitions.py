@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
-from nextcrm_pipelines.assets import build_provider_assets
+from nextcrm_pipelines.assets import SYNC_RETRY_POLICY, build_provider_assets
 from nextcrm_pipelines.automation import (
     build_connections_sensor,
     build_hourly_schedule,
@@ -15,25 +15,32 @@ from nextcrm_pipelines.automation import (
     build_webhook_sensor,
 )
 from nextcrm_pipelines.providers import PROVIDERS
-from nextcrm_pipelines.resources import MirrorDatabase
+from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
 
-def build_definitions() -> dg.Definitions:
-    """Every provider's assets, jobs, schedules and sensors, sharing one `mirror` resource. Callers take
-    jobs, schedules and sensors with `defs.resolve_job_def` (and `resolve_*_def`): the sync jobs are asset
-    jobs that only the resolved repository holds as `JobDefinition`s."""
+def build_definitions(
+    clients: ProviderClients | None = None, retry_policy: dg.RetryPolicy | None = SYNC_RETRY_POLICY
+) -> dg.Definitions:
+    """Every provider's assets, jobs, schedules and sensors, sharing the `mirror` and `clients` resources.
+
+    Callers take jobs, schedules and sensors with `defs.resolve_job_def` (and `resolve_*_def`): the sync
+    jobs are asset jobs that only the resolved repository holds as `JobDefinition`s. `clients` replaces the
+    provider clients (a test's faulty or recording ones); `retry_policy` is the sync steps' own."""
     providers = list(PROVIDERS.values())
     # Whole-list entities sweep within their own runs; daily ones get a daily sweep job.
     swept = [p for p in providers if p.id_sweeps and p.daily]
     applied = [p for p in providers if p.webhooks is not None and p.webhooks.apply is not None]
     return dg.Definitions(
-        assets=[a for p in providers for a in build_provider_assets(p)],
+        assets=[a for p in providers for a in build_provider_assets(p, retry_policy)],
         jobs=[build_sync_job(p) for p in providers]
         + [build_sweep_job(p) for p in swept]
         + [build_webhook_job(p) for p in applied],
         schedules=[build_hourly_schedule(p) for p in providers] + [build_sweep_schedule(p) for p in swept],
         sensors=[build_connections_sensor(providers)] + [build_webhook_sensor(p) for p in applied],
-        resources={"mirror": MirrorDatabase()},
+        resources={"mirror": MirrorDatabase(), "clients": clients or ProviderClients()},
+        # A run's steps run one after another in the run's process: the entities of one connection take its
+        # lock in turn (a run never finds its own connection busy), and no step pays a process start.
+        executor=dg.in_process_executor,
     )
 
 

@@ -8,6 +8,7 @@ UI. The daily dimension ends with today (`end_offset=1`) so the schedule can re-
 from __future__ import annotations
 
 import os
+from datetime import date
 
 import dagster as dg
 
@@ -38,3 +39,14 @@ def connection_partitions(provider: str) -> dg.DynamicPartitionsDefinition:
 
 def provider_partitions(provider: str, daily: bool) -> dg.PartitionsDefinition:
     return connection_day_partitions(provider) if daily else connection_partitions(provider)
+
+
+def partition_key_of(daily: bool, connection_id: str, day: date) -> str | None:
+    """The partition of an entity holding a row of `connection_id` whose partition column falls on `day`
+    (None before the first day the partitions cover): how writes outside a partitioned sync (webhooks,
+    sweeps) name the partitions they changed."""
+    if not daily:
+        return connection_id
+    if day < date.fromisoformat(sync_start_date()):
+        return None
+    return f"{connection_id}|{day.isoformat()}"

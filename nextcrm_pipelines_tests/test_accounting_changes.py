@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC
 from decimal import Decimal
 
 import dagster as dg
@@ -106,7 +107,15 @@ def test_myob_hard_deletes_are_found_by_the_id_sweep(database_url, schema, box, 
     with dg.instance_for_test() as instance:
         result = defs.resolve_job_def("myob_deletion_sweep").execute_in_process(instance=instance)
         assert result.success and result.output_for_node("myob_sweep_deletions") == 3
+        swept = instance.fetch_materializations(dg.AssetKey("myob_invoices"), limit=20).records
     rows = assert_mirror_equals_export(account, database_url, schema)
+    # Each partition holding a flagged row is materialised, with its own count of rows changed.
+    flagged_days: dict[str, int] = {}
+    for rid in changed["deleted"]:
+        key = f"{account.connection.id}|{rows[rid]['source_updated_at'].astimezone(UTC).date()}"
+        flagged_days[key] = flagged_days.get(key, 0) + 1
+    assert {r.partition_key: r.asset_materialization.metadata["rows_changed"].value for r in swept} == flagged_days
+    assert {r.asset_materialization.metadata["source"].value for r in swept} == {"deletion sweep"}
     for rid in changed["deleted"]:
         assert rows[rid]["deleted"] and rows[rid]["status"] == "Deleted"
         assert rows[rid]["number"] == before[rid]["number"]

@@ -122,53 +122,94 @@ def test_a_wrong_key_fails_the_run_without_retrying_and_leaks_nothing(database_u
         assert not any(e.event_type_value == "STEP_UP_FOR_RETRY" for e in result.all_events)
 
 
-def test_hourly_schedule_requests_todays_partition_for_active_connections_only(database_url, schema, stripe_connection):
+def _hourly_requests(instance: dg.DagsterInstance, when: datetime) -> list[dg.RunRequest]:
+    schedule = defs.resolve_schedule_def("stripe_hourly")
+    with dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=when,
+        resources={"mirror": defs.resources["mirror"]},
+        repository_def=defs.get_repository_def(),
+    ) as context:
+        return list(schedule.evaluate_tick(context).run_requests or [])
+
+
+def test_hourly_schedule_syncs_active_connections_in_blocks_over_recent_days(
+    database_url, schema, stripe_connection, monkeypatch
+):
     from nextcrm_pipelines.core import connections as vault
 
-    active = stripe_connection("sk_test_a", name="Active One")
-    disabled = stripe_connection("sk_test_b", name="Switched Off")
+    monkeypatch.setenv("NEXTCRM_CONNECTIONS_PER_RUN", "2")
+    names = ["Alpha", "Beta", "Off One", "Gamma", "Off Two"]
+    made = {name: stripe_connection(f"sk_test_{n}", name=name) for n, name in enumerate(names)}
     with psycopg.connect(database_url) as conn:
-        vault.set_status(conn, disabled.id, "disabled")
-    schedule = defs.resolve_schedule_def("stripe_hourly")
+        for name in ("Off One", "Off Two"):
+            vault.set_status(conn, made[name].id, "disabled")
+    ids = [made[name].id for name in names]
     when = datetime(2026, 11, 26, 14, 7, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [active.id, disabled.id])
-        with dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=when,
-            resources={"mirror": defs.resources["mirror"]},
-            repository_def=defs.get_repository_def(),
-        ) as context:
-            requests = list(schedule.evaluate_tick(context).run_requests)
-    assert [r.partition_key for r in requests] == [
-        dg.MultiPartitionKey({"connection": active.id, "date": "2026-11-26"})
-    ]
-    assert requests[0].run_key == f"{active.id}|2026-11-26|2026-11-26T14"
-
-
-def test_hourly_schedule_rereads_a_recent_day_its_last_sync_saw_only_in_part(database_url, schema, stripe_connection):
-    connection = stripe_connection("sk_test_lag", name="Lagging")
-    with psycopg.connect(database_url) as conn:
-        for day, covered_until in (("2026-11-24", "2026-11-25T00:00Z"), ("2026-11-25", "2026-11-25T21:00Z")):
-            conn.execute(
-                sql.SQL(
-                    "INSERT INTO {} (connection_id, provider, asset, partition, window_start, window_end, status) "
-                    "VALUES (%s, 'stripe', 'stripe_payments', %s, %s, %s, 'success')"
-                ).format(table("integration_sync_logs", schema)),
-                (connection.id, f"{connection.id}|{day}", f"{day}T00:00Z", covered_until),
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), ids)
+        requests = _hourly_requests(instance, when)
+        partitions = defs.get_assets_def("stripe_payments").partitions_def
+        covered = [
+            partitions.get_partition_keys_in_range(
+                dg.PartitionKeyRange(r.tags["dagster/asset_partition_range_start"],
+                                     r.tags["dagster/asset_partition_range_end"]),
+                dynamic_partitions_store=instance,
             )
-    schedule = defs.resolve_schedule_def("stripe_hourly")
+            for r in requests
+        ]  # fmt: skip
+    # Blocks of two partitions in Dagster's order: (Alpha, Beta), (Off One, Gamma) -> Gamma alone, (Off Two) -> none.
+    days = ["2026-11-24", "2026-11-25", "2026-11-26"]
+    assert [sorted(keys) for keys in covered] == [
+        sorted(f"{c}|{d}" for c in ids[:2] for d in days),
+        [f"{ids[3]}|{d}" for d in days],
+    ]
+    assert all(r.tags["nextcrm/scope"] == "recent" and r.partition_key is None for r in requests)
+    assert [r.run_key for r in requests] == [f"{ids[0]}..{ids[1]}|2026-11-26T14", f"{ids[3]}..{ids[3]}|2026-11-26T14"]
+
+
+def test_a_recent_scope_run_syncs_today_and_only_the_recent_days_not_held_whole(
+    database_url, schema, sandbox, stripe_account, stripe_connection
+):
+    from nextcrm_pipelines.assets import RECENT_SCOPE, SCOPE_TAG
+
+    key = stripe_account(charges=300, subscriptions=10, days=4)
+    connection = stripe_connection(key)
+    days = [d.isoformat() for d in days_back(datetime.now(UTC).date(), 2)]
+    tags = {
+        SCOPE_TAG: RECENT_SCOPE,
+        "dagster/asset_partition_range_start": f"{connection.id}|{days[0]}",
+        "dagster/asset_partition_range_end": f"{connection.id}|{days[-1]}",
+    }
+
+    def synced_days(run_id: str) -> list[str]:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT partition FROM {} WHERE run_id = %s AND asset = 'stripe_payments' ORDER BY 1")
+                .format(table("integration_sync_logs", schema)), (run_id,),
+            ).fetchall()  # fmt: skip
+        return [row[0].split("|")[1] for row in rows]
+
+    job = defs.resolve_job_def("stripe_sync")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
-        with dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=datetime(2026, 11, 26, 1, 7, tzinfo=UTC),
-            resources={"mirror": defs.resources["mirror"]},
-            repository_def=defs.get_repository_def(),
-        ) as context:
-            requests = list(schedule.evaluate_tick(context).run_requests)
-    # The 24th was covered whole; the 25th only up to 21:00 (data not visible yet), so it is read again.
-    assert [r.partition_key.keys_by_dimension["date"] for r in requests] == ["2026-11-25", "2026-11-26"]
+        first = job.execute_in_process(instance=instance, tags=tags)
+        assert synced_days(first.run_id) == days  # nothing held yet: every day is read
+        # The day before yesterday's sync saw it only in part (a provider's reporting lag, say).
+        with psycopg.connect(database_url) as conn:
+            conn.execute(
+                sql.SQL("UPDATE {} SET window_end = window_start + interval '20 hours' "
+                        "WHERE run_id = %s AND partition = %s").format(table("integration_sync_logs", schema)),
+                (first.run_id, f"{connection.id}|{days[0]}"),
+            )  # fmt: skip
+        second = job.execute_in_process(instance=instance, tags=tags)
+    # Yesterday's sync began after it ended and saw all of it; today is always read again.
+    assert synced_days(second.run_id) == [days[0], days[2]]
+    first_day = datetime.fromisoformat(f"{days[0]}T00:00:00+00:00").timestamp()
+    in_range = {c["id"] for c in sandbox.stripe_export(key, "charges") if c["created"] >= first_day}
+    stored, expected = charges_by_id(database_url, schema), expected_charges(sandbox, key)
+    # Every charge created in the range, and any older one today's events feed changed, as the provider has it.
+    assert in_range <= stored.keys() and {id_: expected[id_] for id_ in stored} == stored
 
 
 def test_connections_sensor_adds_partitions_for_rows_added_by_any_means(database_url, schema, box):

@@ -83,7 +83,7 @@ def test_billionmail_error_inside_http_200_fails_the_sync_with_its_message(datab
 def test_billionmail_error_inside_http_200_fails_the_dagster_run_with_its_message(database_url, schema, billionmail):
     from nextcrm_pipelines.assets import build_entity_asset
     from nextcrm_pipelines.providers.billionmail import CAMPAIGNS, PROVIDER
-    from nextcrm_pipelines.resources import MirrorDatabase
+    from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
     control, account_id, connection, _ = billionmail(campaigns=5)
     asset = build_entity_asset(PROVIDER, CAMPAIGNS, retry_policy=None)  # the same asset, without retry waits
@@ -93,7 +93,8 @@ def test_billionmail_error_inside_http_200_fails_the_dagster_run_with_its_messag
         with dg.instance_for_test() as instance:
             instance.add_dynamic_partitions(connections_partitions_name("billionmail"), [connection.id])
             result = dg.materialize([asset], instance=instance, partition_key=connection.id,
-                                    resources={"mirror": MirrorDatabase()}, raise_on_error=False)  # fmt: skip
+                                    resources={"mirror": MirrorDatabase(), "clients": ProviderClients()},
+                                    raise_on_error=False)  # fmt: skip
     finally:
         control.clear_faults(account=account_id)
     assert not result.success

@@ -17,22 +17,32 @@ import os
 import pickle
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, RequestStats
 from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
 from nextcrm_pipelines.core.provider import ClientContext, Provider
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.sweep import sweep_deletions
-from nextcrm_pipelines.core.sync import BATCH_SIZE, Claim, SyncResult, SyncWindow, close_abandoned_logs, sync_windows
+from nextcrm_pipelines.core.sync import (
+    BATCH_SIZE,
+    Claim,
+    EntitySpec,
+    SyncResult,
+    SyncWindow,
+    close_abandoned_logs,
+    sync_windows,
+)
 from nextcrm_pipelines.core.vault import SecretBox
 
 log = logging.getLogger(__name__)
@@ -85,7 +95,7 @@ def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = T
         conn.execute("SELECT pg_advisory_lock(%s)", (key,))
     elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
         conn.rollback()
-        raise ConnectionBusy(f"connection {connection_id!r} is being synced by another run")
+        raise ConnectionBusy(f"connection {connection_id!r} is being synced by {_holder(conn, connection_id)}")
     conn.commit()
     try:
         yield
@@ -93,6 +103,91 @@ def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = T
         conn.rollback()
         conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
         conn.commit()
+
+
+def _holder(conn: psycopg.Connection, connection_id: str) -> str:
+    """Who holds a connection's lock, as the sync logs tell it: the newest running sync's run and asset."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT run_id, asset, started_at FROM {} WHERE connection_id = %s AND status = 'running' "
+            "ORDER BY started_at DESC LIMIT 1"
+        ).format(table("integration_sync_logs")),
+        (connection_id,),
+    ).fetchone()
+    conn.rollback()
+    if row is None or row[0] is None:
+        return "another process"
+    run_id, asset, started = row
+    return f"run {run_id} ({asset}, since {started.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)"
+
+
+def windows_done(
+    database_url: str, schema: str, entity_name: str, connection_id: str, run_ids: Collection[str]
+) -> set[datetime]:
+    """Start times of the windows of one connection's entity that a sync of one of `run_ids` finished
+    (`success`, or `partial` with its lost records logged): a retry or re-execution skips them."""
+    if not run_ids:
+        return set()
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT DISTINCT window_start FROM {} WHERE connection_id = %s AND asset = %s "
+                "AND run_id = ANY(%s) AND status IN ('success', 'partial')"
+            ).format(table("integration_sync_logs", schema)),
+            (connection_id, entity_name, list(run_ids)),
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def windows_held_whole(
+    database_url: str, schema: str, entity_name: str, connection_id: str, starts: Collection[datetime]
+) -> set[datetime]:
+    """Which of the day windows starting at `starts` the mirror holds whole for one connection's entity:
+    the newest finished sync of the day succeeded, began after the day ended and saw all of it (no
+    reporting lag cut it short). The hourly runs skip those and sync the rest."""
+    if not starts:
+        return set()
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                """
+                SELECT window_start FROM (
+                    SELECT window_start, window_end, status, started_at,
+                           row_number() OVER (PARTITION BY window_start ORDER BY started_at DESC, id DESC) AS newest
+                    FROM {}
+                    WHERE connection_id = %s AND asset = %s AND status <> 'running' AND window_start = ANY(%s)
+                ) AS syncs
+                WHERE newest = 1 AND status = 'success'
+                  AND started_at >= window_start + interval '1 day' AND window_end >= window_start + interval '1 day'
+                """
+            ).format(table("integration_sync_logs", schema)),
+            (connection_id, entity_name, list(starts)),
+        ).fetchall()
+    return {row[0] for row in rows}
+
+
+def database_now(database_url: str) -> datetime:
+    """The database's clock: rows written after this moment carry a later `synced_at`."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        return conn.execute("SELECT now()").fetchone()[0]
+
+
+def rows_changed_since(
+    database_url: str, schema: str, entity: EntitySpec, connection_ids: Collection[str], since: datetime
+) -> dict[tuple[str, date | None], int]:
+    """Rows of `entity` written since `since`, by connection and by the UTC day of their partition column:
+    which partitions a webhook apply or a deletion sweep changed."""
+    if not connection_ids:
+        return {}
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT connection_id, ({col} AT TIME ZONE 'UTC')::date, count(*) FROM {t} "
+                "WHERE connection_id = ANY(%s) AND synced_at >= %s GROUP BY 1, 2"
+            ).format(col=sql.Identifier(entity.partition_column), t=table(entity.table.name, schema)),
+            (list(connection_ids), since),
+        ).fetchall()
+    return {(connection_id, day): count for connection_id, day, count in rows}
 
 
 @contextmanager
@@ -152,6 +247,11 @@ def open_connection(
                 tokens.close()
 
 
+# Opens one connection's client the way `open_connection` does (same keywords, same yield): the Dagster
+# resource `ProviderClients` passes its own, so a test can hand the assets a different client.
+Opener = Callable[..., AbstractContextManager[tuple[psycopg.Connection, Connection, Any, RequestStats]]]
+
+
 def sync_workers(provider: Provider, window_count: int, workers: int | None = None) -> int:
     """How many processes sync `window_count` windows: `workers`, else NEXTCRM_SYNC_WORKERS, else
     up to 2 by the CPUs; 1 for providers that do not allow it and for a few windows."""
@@ -178,6 +278,8 @@ def sync_partitions(
     run_id: str | None = None,
     batch_size: int = BATCH_SIZE,
     workers: int | None = None,
+    wait: bool = True,
+    opener: Opener | None = None,
 ) -> list[SyncResult]:
     """Sync several windows of one connection with one client and one database session.
 
@@ -185,11 +287,13 @@ def sync_partitions(
     that allows it is shared between processes (`sync_workers`). A window that fails is logged
     and reported in its result (`status == "failed"`); bad credentials mark the connection
     `needs_reauth` and raise `AuthenticationFailed`. Results come in the order of `windows`.
+    `wait=False` raises `ConnectionBusy` at once when another sync holds the connection, instead of
+    waiting for it (a Dagster run must not sit in a run slot waiting for another run).
     """
     partitions = partitions or [None] * len(windows)
     job = _Group(database_url=database_url, schema=schema, provider=provider.name, entity_name=entity_name,
                  connection_id=connection_id, windows=windows, partitions=partitions, box=box, run_id=run_id,
-                 batch_size=batch_size)  # fmt: skip
+                 batch_size=batch_size, wait=wait, opener=opener)  # fmt: skip
     count = sync_workers(provider, len(windows), workers)
     if count == 1:
         return _sync_group(job, provider)
@@ -213,6 +317,8 @@ class _Group:
     batch_size: int
     lock: bool = True
     rate_share: float = 1.0
+    wait: bool = True
+    opener: Opener | None = field(default=None, repr=False)
 
 
 def _sync_group(
@@ -225,8 +331,10 @@ def _sync_group(
     the sync, inside the connection's lock."""
     fetch = provider.fetchers[job.entity_name]
     with (
-        open_connection(database_url=job.database_url, provider=provider, connection_id=job.connection_id,
-                        box=job.box, lock=job.lock, rate_share=job.rate_share) as (conn, _, client, stats),
+        (job.opener or open_connection)(
+            database_url=job.database_url, provider=provider, connection_id=job.connection_id, box=job.box,
+            lock=job.lock, rate_share=job.rate_share, wait=job.wait,
+        ) as (conn, _, client, stats),
         alongside(),
     ):  # fmt: skip
         if job.lock and close_abandoned_logs(conn, job.schema, job.connection_id):
@@ -385,10 +493,12 @@ def sweep_connection(
     connection_id: str,
     box: SecretBox | None = None,
     run_id: str | None = None,
+    opener: Opener | None = None,
 ) -> SyncResult:
     """Run the entity's deletion sweep for one connection (see `core.sweep`); raises if it failed."""
     entity = provider.entity(entity_name)
-    with open_connection(database_url=database_url, provider=provider, connection_id=connection_id, box=box) as (
+    with (opener or open_connection)(database_url=database_url, provider=provider, connection_id=connection_id,
+                                     box=box) as (
         conn, _, client, stats,
     ):  # fmt: skip
         result = sweep_deletions(conn=conn, schema=schema, provider=provider.name, entity=entity,

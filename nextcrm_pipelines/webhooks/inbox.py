@@ -22,7 +22,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -79,6 +79,8 @@ class ApplyContext:
     _connection: Connection | None = None
     _own_secret: bool | None = None
     _writers: dict[str, UpsertWriter] = field(default_factory=dict)
+    # Opens the connection's client (the Dagster `ProviderClients` resource's, else `open_connection`).
+    opener: Callable[..., AbstractContextManager[Any]] | None = None
 
     def client(self) -> Any:
         """The connection's provider client, opened once per batch (tokens refreshed as a sync would)."""
@@ -87,8 +89,9 @@ class ApplyContext:
             from nextcrm_pipelines.providers import PROVIDERS
 
             # Never wait for a sync of the connection: raise `ConnectionBusy`, and the events wait instead.
-            opened = open_connection(database_url=self.database_url, provider=PROVIDERS[self.provider],
-                                     connection_id=self.connection_id, box=self.box, wait=False)  # fmt: skip
+            opened = (self.opener or open_connection)(database_url=self.database_url, box=self.box, wait=False,
+                                                      provider=PROVIDERS[self.provider],
+                                                      connection_id=self.connection_id)  # fmt: skip
             _, _, self._client, self.stats = self._stack.enter_context(opened)
         return self._client
 
@@ -300,7 +303,8 @@ def release(conn: psycopg.Connection, schema: str, claim: int, ids: Sequence[int
 
 def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply, run_id: str | None = None,
                   batch: int = BATCH, limit: int | None = None, box: SecretBox | None = None,
-                  lease: float = LEASE_SECONDS) -> ApplyOutcome:  # fmt: skip
+                  lease: float = LEASE_SECONDS,
+                  opener: Callable[..., AbstractContextManager[Any]] | None = None) -> ApplyOutcome:  # fmt: skip
     """Apply due events of `provider` in id order, batch by batch, until none is left (or `limit` were claimed).
 
     Each batch is claimed durably before anything is applied, so runs that overlap never take the
@@ -329,7 +333,8 @@ def apply_pending(*, database_url: str, schema: str, provider: str, apply: Apply
                     if time.monotonic() - renewed > lease / 2:  # half the lease gone: push it on
                         _renew(conn, schema, claim, lease)
                         renewed = time.monotonic()
-                    context = ApplyContext(conn, schema, connection_id, database_url, provider, box, claim=claim)
+                    context = ApplyContext(conn, schema, connection_id, database_url, provider, box, claim=claim,
+                                           opener=opener)  # fmt: skip
                     try:
                         _apply_one(context, events, apply, run_id, outcome)
                     finally:

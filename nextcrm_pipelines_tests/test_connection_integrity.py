@@ -1,9 +1,9 @@
 """Every entity row belongs to a connection that exists: the per-statement checks that stand in for
-a foreign key (migration 0008) refuse what the key refused, and lock what it locked."""
+a foreign key (migration 0008; found by their trigger since 0011) refuse what the key refused, and
+lock what it locked, in every entity table the metadata defines."""
 
 from __future__ import annotations
 
-import importlib
 import threading
 import uuid
 from datetime import UTC, datetime
@@ -14,11 +14,10 @@ import pytest
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.tables import is_entity, project_metadata
 from nextcrm_pipelines_tests.helpers import wait_until_blocked
 
-ENTITY_TABLES = importlib.import_module(
-    "nextcrm_pipelines.migrations.versions.0008_connection_check_per_statement"
-).ENTITY_TABLES
+ENTITY_TABLES = [t.name for t in project_metadata().sorted_tables if is_entity(t)]
 
 # A value of each type the entity tables' required columns use.
 _FILLER = {

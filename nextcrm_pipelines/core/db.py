@@ -1,17 +1,22 @@
 """Postgres access: psycopg 3 connections to the project's schema, and Alembic migrations.
 
 Runtime code talks to Postgres through psycopg 3 (COPY and server-side statements are the fast
-path); SQLAlchemy is used by Alembic to manage the schema.
+path); SQLAlchemy is used by Alembic to manage the schema, against the table metadata of
+`core/tables.py`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
 
 from nextcrm_pipelines.core import settings
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -49,6 +54,29 @@ def upgrade(url: str | None = None, schema: str | None = None, revision: str = "
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(settings.DAGSTER_SCHEMA)))
     command.upgrade(alembic_config(url, schema), revision)
     return current_revision(url, schema) or ""
+
+
+def schema_differences(
+    url: str | None = None, schema: str | None = None, metadata: sa.MetaData | None = None
+) -> list[Any]:
+    """How `schema` differs from the project's table metadata, as Alembic's autogenerate sees it
+    (columns, types, nullability, keys, indexes, comments): empty when the migrations and the
+    metadata describe the same tables. `metadata` defaults to `core.tables.project_metadata()`."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine, pool
+
+    from nextcrm_pipelines.core.tables import project_metadata
+
+    schema = schema or settings.db_schema()
+    engine = create_engine(settings.sqlalchemy_url(url or settings.database_url()), poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'SET search_path TO "{schema}"')
+            context = MigrationContext.configure(connection)
+            return compare_metadata(context, metadata if metadata is not None else project_metadata())
+    finally:
+        engine.dispose()
 
 
 def current_revision(url: str | None = None, schema: str | None = None) -> str | None:

@@ -67,34 +67,26 @@ ROLLED_BACK = (psycopg.errors.TransactionRollback, psycopg.errors.SerializationF
 # Times a batch is written again after such a rollback before the error is raised.
 ROLLBACK_RETRIES = 5
 
-# Every entity table ends with these columns, in this order (see migrations), written as these
-# types: `raw` (a jsonb column) goes as bytes already in jsonb's binary form.
-MIRROR_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("created_at", "timestamptz"),
-    ("source_updated_at", "timestamptz"),
-    ("deleted", "bool"),
-    ("raw", "bytea"),
-    ("raw_hash", "bytea"),
-)
+# The columns a `Row` fills besides its typed values, in the order it sends them: the key first, the
+# mirror columns last. Every entity table is laid out so (core/tables.py derives each `TableSpec`).
+ROW_KEY_COLUMNS = ("connection_id", "id")
+ROW_MIRROR_COLUMNS = ("created_at", "source_updated_at", "deleted", "raw", "raw_hash")
 
 
 @dataclass(frozen=True)
 class TableSpec:
-    """An entity table: its name and typed columns (between the key and the mirror columns)."""
+    """An entity table as the write path sees it: plain names and COPY types, derived once from the
+    table's metadata (`core.tables.table_spec`), so nothing per row touches SQLAlchemy."""
 
     name: str
-    columns: tuple[tuple[str, str], ...]
+    # Every column a row fills, in table order: the key, the typed values, the mirror columns.
+    copy_columns: tuple[str, ...]
+    # The type each of them is sent as by binary COPY (`raw` goes as bytes in jsonb's binary form).
+    copy_types: tuple[str, ...]
+    # Builds a row's typed values in the table's column order, by name: `spec.values(amount=..., ...)`.
+    values: type[tuple[Any, ...]]
     # What the `status` column says of a row whose record was hard-deleted upstream (see tombstones).
     deleted_status: str | None = None
-
-    @property
-    def copy_columns(self) -> list[str]:
-        return ["connection_id", "id", *(c for c, _ in self.columns), *(c for c, _ in MIRROR_COLUMNS)]
-
-    @property
-    def copy_types(self) -> list[str]:
-        """The type each COPY column is sent as (the column's own, but for `raw`: see MIRROR_COLUMNS)."""
-        return ["text", "text", *(t for _, t in self.columns), *(t for _, t in MIRROR_COLUMNS)]
 
 
 class Row(NamedTuple):
@@ -229,7 +221,7 @@ class UpsertWriter:
         target = table(spec.name, schema)
         self._stage = sql.Identifier(f"stage_{spec.name}")
         columns = sql.SQL(", ").join(map(sql.Identifier, spec.copy_columns))
-        updatable = [c for c in spec.copy_columns if c not in ("connection_id", "id")]
+        updatable = [c for c in spec.copy_columns if c not in ROW_KEY_COLUMNS]
         self._create_stage = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {stage} (LIKE {target} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         ).format(stage=self._stage, target=target)

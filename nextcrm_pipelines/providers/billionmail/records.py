@@ -11,20 +11,13 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.billionmail import tables
 
 TASK_PROCESS = {0: "pending", 1: "processing", 2: "done", 3: "paused"}
 
-CAMPAIGNS_TABLE = TableSpec(
-    "billionmail_campaigns",
-    (
-        ("name", "text"), ("subject", "text"), ("sender", "text"), ("status", "text"), ("paused", "bool"),
-        ("scheduled_at", "timestamptz"), ("recipients", "int4"), ("sent", "int4"), ("delivered", "int4"),
-        ("failed", "int4"), ("opened", "int4"), ("clicked", "int4"), ("progress", "int4"),
-        ("template_name", "text"),
-    ),
-    deleted_status="deleted",
-)  # fmt: skip
+CAMPAIGNS_TABLE = table_spec(tables.CAMPAIGNS)
 
 
 def _time(value: Any) -> datetime | None:
@@ -40,21 +33,21 @@ def campaign_row(raw: dict[str, Any], version: datetime) -> Row:
     process = _int(raw.get("task_process"))
     return Row.build(
         str(raw["id"]),
-        (
-            raw.get("task_name"),
-            raw.get("subject"),
-            raw.get("addresser"),
-            TASK_PROCESS.get(process, str(process)) if process is not None else None,
-            bool(raw.get("pause")),
-            _time(raw.get("start_time")),
-            _int(raw.get("recipient_count")),
-            _int(raw.get("sent_count")),
-            _int(raw.get("success_count")),
-            _int(raw.get("error_count")),
-            _int(stats.get("opened")),
-            _int(stats.get("clicked")),
-            _int(raw.get("progress")),
-            raw.get("template_name"),
+        CAMPAIGNS_TABLE.values(
+            name=raw.get("task_name"),
+            subject=raw.get("subject"),
+            sender=raw.get("addresser"),
+            status=TASK_PROCESS.get(process, str(process)) if process is not None else None,
+            paused=bool(raw.get("pause")),
+            scheduled_at=_time(raw.get("start_time")),
+            recipients=_int(raw.get("recipient_count")),
+            sent=_int(raw.get("sent_count")),
+            delivered=_int(raw.get("success_count")),
+            failed=_int(raw.get("error_count")),
+            opened=_int(stats.get("opened")),
+            clicked=_int(stats.get("clicked")),
+            progress=_int(raw.get("progress")),
+            template_name=raw.get("template_name"),
         ),
         created_at=_time(raw.get("create_time")),
         version=version,

@@ -11,16 +11,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.mautic import tables
 
-CAMPAIGNS_TABLE = TableSpec(
-    "mautic_campaigns",
-    (
-        ("name", "text"), ("alias", "text"), ("description", "text"), ("category", "text"), ("published", "bool"),
-        ("publish_up", "timestamptz"), ("publish_down", "timestamptz"), ("contact_count", "int4"),
-        ("event_count", "int4"), ("segment_count", "int4"), ("created_by", "text"),
-    ),
-)  # fmt: skip
+CAMPAIGNS_TABLE = table_spec(tables.CAMPAIGNS)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -49,18 +44,18 @@ def campaign_row(raw: dict[str, Any], version: datetime) -> Row:
     count = raw.get("contactCount")
     return Row.build(
         str(raw["id"]),
-        (
-            raw.get("name"),
-            raw.get("alias"),
-            raw.get("description"),
-            category.get("title") if isinstance(category, dict) else category,
-            bool(raw.get("isPublished")),
-            parse_time(raw.get("publishUp")),
-            parse_time(raw.get("publishDown")),
-            int(count) if count not in (None, "") else None,
-            _count(raw.get("events")),
-            _count(raw.get("lists")),
-            raw.get("createdByUser"),
+        CAMPAIGNS_TABLE.values(
+            name=raw.get("name"),
+            alias=raw.get("alias"),
+            description=raw.get("description"),
+            category=category.get("title") if isinstance(category, dict) else category,
+            published=bool(raw.get("isPublished")),
+            publish_up=parse_time(raw.get("publishUp")),
+            publish_down=parse_time(raw.get("publishDown")),
+            contact_count=int(count) if count not in (None, "") else None,
+            event_count=_count(raw.get("events")),
+            segment_count=_count(raw.get("lists")),
+            created_by=raw.get("createdByUser"),
         ),
         created_at=parse_time(raw.get("dateAdded")),
         version=version,

@@ -13,18 +13,11 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from nextcrm_pipelines.core.money import decimal_amount
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.myob import tables
 
-INVOICES_TABLE = TableSpec(
-    "myob_invoices",
-    (
-        ("number", "text"), ("invoice_type", "text"), ("status", "text"), ("customer_id", "text"),
-        ("customer_name", "text"), ("issue_date", "date"), ("due_date", "date"), ("currency", "text"),
-        ("subtotal", "numeric"), ("total_tax", "numeric"), ("total", "numeric"), ("balance_due", "numeric"),
-        ("row_version", "text"),
-    ),
-    deleted_status="Deleted",
-)  # fmt: skip
+INVOICES_TABLE = table_spec(tables.INVOICES)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -53,20 +46,20 @@ def invoice_row(raw: dict[str, Any], version: datetime) -> Row:
     suffix = "Foreign" if foreign else ""
     return Row.build(
         str(raw["UID"]),
-        (
-            raw.get("Number"),
-            raw.get("InvoiceType"),
-            raw["Status"],
-            customer.get("UID"),
-            customer.get("Name"),
-            _day(raw.get("Date")),
-            _day((raw.get("Terms") or {}).get("DueDate")),
-            foreign.get("Code") if foreign else None,
-            decimal_amount(raw.get(f"Subtotal{suffix}")),
-            decimal_amount(raw.get(f"TotalTax{suffix}")),
-            decimal_amount(raw.get(f"TotalAmount{suffix}")),
-            decimal_amount(raw.get(f"BalanceDueAmount{suffix}")),
-            raw.get("RowVersion"),
+        INVOICES_TABLE.values(
+            number=raw.get("Number"),
+            invoice_type=raw.get("InvoiceType"),
+            status=raw["Status"],
+            customer_id=customer.get("UID"),
+            customer_name=customer.get("Name"),
+            issue_date=_day(raw.get("Date")),
+            due_date=_day((raw.get("Terms") or {}).get("DueDate")),
+            currency=foreign.get("Code") if foreign else None,
+            subtotal=decimal_amount(raw.get(f"Subtotal{suffix}")),
+            total_tax=decimal_amount(raw.get(f"TotalTax{suffix}")),
+            total=decimal_amount(raw.get(f"TotalAmount{suffix}")),
+            balance_due=decimal_amount(raw.get(f"BalanceDueAmount{suffix}")),
+            row_version=raw.get("RowVersion"),
         ),
         created_at=parse_time(raw.get("Created")),
         version=version,

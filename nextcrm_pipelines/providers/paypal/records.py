@@ -12,29 +12,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.paypal import tables
 
 ENDED_SUBSCRIPTION_STATUSES = frozenset({"CANCELLED", "EXPIRED"})
 
-PAYMENTS_TABLE = TableSpec(
-    "paypal_payments",
-    (
-        ("transaction_id", "text"), ("event_code", "text"), ("status", "text"), ("amount", "numeric"),
-        ("fee", "numeric"), ("currency", "text"), ("payer_id", "text"), ("payer_email", "text"),
-        ("payer_name", "text"), ("invoice_id", "text"), ("reference_id", "text"), ("reference_type", "text"),
-        ("subscription_id", "text"),
-    ),
-)  # fmt: skip
-
-SUBSCRIPTIONS_TABLE = TableSpec(
-    "paypal_subscriptions",
-    (
-        ("plan_id", "text"), ("plan_name", "text"), ("status", "text"), ("subscriber_email", "text"),
-        ("subscriber_payer_id", "text"), ("subscriber_name", "text"), ("quantity", "int4"),
-        ("start_time", "timestamptz"), ("next_billing_time", "timestamptz"), ("last_payment_amount", "numeric"),
-        ("currency", "text"), ("outstanding_balance", "numeric"), ("status_update_time", "timestamptz"),
-    ),
-)  # fmt: skip
+PAYMENTS_TABLE = table_spec(tables.PAYMENTS)
+SUBSCRIPTIONS_TABLE = table_spec(tables.SUBSCRIPTIONS)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -87,20 +72,20 @@ def payment_row(raw: dict[str, Any], version: datetime) -> Row:
     )
     return Row.build(
         payment_key(raw),
-        (
-            info["transaction_id"],
-            info.get("transaction_event_code"),
-            info.get("transaction_status"),
-            amount,
-            fee,
-            currency,
-            payer.get("account_id"),
-            payer.get("email_address"),
-            full_name or None,
-            info.get("invoice_id"),
-            info.get("paypal_reference_id"),
-            info.get("paypal_reference_id_type"),
-            subscription_of(raw),
+        PAYMENTS_TABLE.values(
+            transaction_id=info["transaction_id"],
+            event_code=info.get("transaction_event_code"),
+            status=info.get("transaction_status"),
+            amount=amount,
+            fee=fee,
+            currency=currency,
+            payer_id=payer.get("account_id"),
+            payer_email=payer.get("email_address"),
+            payer_name=full_name or None,
+            invoice_id=info.get("invoice_id"),
+            reference_id=info.get("paypal_reference_id"),
+            reference_type=info.get("paypal_reference_id_type"),
+            subscription_id=subscription_of(raw),
         ),
         created_at=parse_time(info.get("transaction_initiation_date")),
         version=version,
@@ -119,20 +104,20 @@ def subscription_row(raw: dict[str, Any], version: datetime) -> Row:
     status = raw.get("status")
     return Row.build(
         raw["id"],
-        (
-            raw.get("plan_id"),
-            (raw.get("plan") or {}).get("name"),
-            status,
-            subscriber.get("email_address"),
-            subscriber.get("payer_id"),
-            " ".join(p for p in (name.get("given_name"), name.get("surname")) if p) or None,
-            int(quantity) if quantity not in (None, "") else None,
-            parse_time(raw.get("start_time")),
-            parse_time(billing.get("next_billing_time")),
-            last_amount,
-            currency or outstanding_currency,
-            outstanding,
-            parse_time(raw.get("status_update_time")),
+        SUBSCRIPTIONS_TABLE.values(
+            plan_id=raw.get("plan_id"),
+            plan_name=(raw.get("plan") or {}).get("name"),
+            status=status,
+            subscriber_email=subscriber.get("email_address"),
+            subscriber_payer_id=subscriber.get("payer_id"),
+            subscriber_name=" ".join(p for p in (name.get("given_name"), name.get("surname")) if p) or None,
+            quantity=int(quantity) if quantity not in (None, "") else None,
+            start_time=parse_time(raw.get("start_time")),
+            next_billing_time=parse_time(billing.get("next_billing_time")),
+            last_payment_amount=last_amount,
+            currency=currency or outstanding_currency,
+            outstanding_balance=outstanding,
+            status_update_time=parse_time(raw.get("status_update_time")),
         ),
         created_at=parse_time(raw.get("create_time")),
         version=version,

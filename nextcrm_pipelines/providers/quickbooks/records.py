@@ -14,17 +14,11 @@ from decimal import Decimal
 from typing import Any
 
 from nextcrm_pipelines.core.money import decimal_amount
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.quickbooks import tables
 
-INVOICES_TABLE = TableSpec(
-    "quickbooks_invoices",
-    (
-        ("doc_number", "text"), ("status", "text"), ("customer_id", "text"), ("customer_name", "text"),
-        ("txn_date", "date"), ("due_date", "date"), ("currency", "text"), ("subtotal", "numeric"),
-        ("total_tax", "numeric"), ("total", "numeric"), ("balance", "numeric"), ("sync_token", "text"),
-    ),
-    deleted_status="deleted",
-)  # fmt: skip
+INVOICES_TABLE = table_spec(tables.INVOICES)
 
 
 def parse_time(value: Any) -> datetime | None:
@@ -73,19 +67,19 @@ def invoice_row(raw: dict[str, Any], version: datetime) -> Row:
     customer = raw.get("CustomerRef") or {}
     return Row.build(
         str(raw["Id"]),
-        (
-            raw.get("DocNumber"),
-            status,
-            customer.get("value"),
-            customer.get("name"),
-            _day(raw.get("TxnDate")),
-            _day(raw.get("DueDate")),
-            (raw.get("CurrencyRef") or {}).get("value"),
-            _subtotal(raw),
-            decimal_amount((raw.get("TxnTaxDetail") or {}).get("TotalTax")),
-            decimal_amount(raw.get("TotalAmt")),
-            decimal_amount(raw.get("Balance")),
-            raw.get("SyncToken"),
+        INVOICES_TABLE.values(
+            doc_number=raw.get("DocNumber"),
+            status=status,
+            customer_id=customer.get("value"),
+            customer_name=customer.get("name"),
+            txn_date=_day(raw.get("TxnDate")),
+            due_date=_day(raw.get("DueDate")),
+            currency=(raw.get("CurrencyRef") or {}).get("value"),
+            subtotal=_subtotal(raw),
+            total_tax=decimal_amount((raw.get("TxnTaxDetail") or {}).get("TotalTax")),
+            total=decimal_amount(raw.get("TotalAmt")),
+            balance=decimal_amount(raw.get("Balance")),
+            sync_token=raw.get("SyncToken"),
         ),
         created_at=parse_time((raw.get("MetaData") or {}).get("CreateTime")),
         version=version,

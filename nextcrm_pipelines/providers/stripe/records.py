@@ -12,30 +12,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nextcrm_pipelines.core.money import minor_to_major
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.stripe import tables
 
 ENDED_SUBSCRIPTION_STATUSES = frozenset({"canceled", "incomplete_expired"})
 
-PAYMENTS_TABLE = TableSpec(
-    "stripe_payments",
-    (
-        ("amount", "numeric"), ("amount_captured", "numeric"), ("amount_refunded", "numeric"),
-        ("currency", "text"), ("status", "text"), ("paid", "bool"), ("captured", "bool"),
-        ("refunded", "bool"), ("disputed", "bool"), ("customer_id", "text"), ("payment_intent_id", "text"),
-        ("description", "text"), ("receipt_email", "text"), ("failure_code", "text"),
-        ("failure_message", "text"), ("livemode", "bool"),
-    ),
-)  # fmt: skip
-
-SUBSCRIPTIONS_TABLE = TableSpec(
-    "stripe_subscriptions",
-    (
-        ("customer_id", "text"), ("status", "text"), ("currency", "text"), ("amount", "numeric"),
-        ("billing_interval", "text"), ("quantity", "int4"), ("current_period_start", "timestamptz"),
-        ("current_period_end", "timestamptz"), ("cancel_at_period_end", "bool"), ("canceled_at", "timestamptz"),
-        ("ended_at", "timestamptz"), ("trial_end", "timestamptz"), ("livemode", "bool"),
-    ),
-)  # fmt: skip
+PAYMENTS_TABLE = table_spec(tables.PAYMENTS)
+SUBSCRIPTIONS_TABLE = table_spec(tables.SUBSCRIPTIONS)
 
 
 def timestamp(value: Any) -> datetime | None:
@@ -67,23 +51,23 @@ def charge_row(raw: dict[str, Any], version: datetime) -> Row:
     currency = _currency(raw)
     return Row.build(
         raw["id"],
-        (
-            minor_to_major(raw["amount"], currency),
-            minor_to_major(raw.get("amount_captured"), currency),
-            minor_to_major(raw.get("amount_refunded") or 0, currency),
-            currency,
-            raw["status"],
-            raw.get("paid"),
-            raw.get("captured"),
-            bool(raw.get("refunded")),
-            raw.get("disputed"),
-            ref_id(raw.get("customer")),
-            ref_id(raw.get("payment_intent")),
-            raw.get("description"),
-            raw.get("receipt_email"),
-            raw.get("failure_code"),
-            raw.get("failure_message"),
-            raw.get("livemode"),
+        PAYMENTS_TABLE.values(
+            amount=minor_to_major(raw["amount"], currency),
+            amount_captured=minor_to_major(raw.get("amount_captured"), currency),
+            amount_refunded=minor_to_major(raw.get("amount_refunded") or 0, currency),
+            currency=currency,
+            status=raw["status"],
+            paid=raw.get("paid"),
+            captured=raw.get("captured"),
+            refunded=bool(raw.get("refunded")),
+            disputed=raw.get("disputed"),
+            customer_id=ref_id(raw.get("customer")),
+            payment_intent_id=ref_id(raw.get("payment_intent")),
+            description=raw.get("description"),
+            receipt_email=raw.get("receipt_email"),
+            failure_code=raw.get("failure_code"),
+            failure_message=raw.get("failure_message"),
+            livemode=raw.get("livemode"),
         ),
         created_at=timestamp(raw["created"]),
         version=version,
@@ -108,20 +92,20 @@ def subscription_row(raw: dict[str, Any], version: datetime) -> Row:
     period_end = raw.get("current_period_end", first.get("current_period_end"))
     return Row.build(
         raw["id"],
-        (
-            ref_id(raw.get("customer")),
-            raw["status"],
-            currency,
-            minor_to_major(amount_minor, currency) if currency else None,
-            (price.get("recurring") or {}).get("interval") or price.get("interval"),
-            sum(int(item.get("quantity") or 1) for item in items) if items else None,
-            timestamp(period_start),
-            timestamp(period_end),
-            raw.get("cancel_at_period_end"),
-            timestamp(raw.get("canceled_at")),
-            timestamp(raw.get("ended_at")),
-            timestamp(raw.get("trial_end")),
-            raw.get("livemode"),
+        SUBSCRIPTIONS_TABLE.values(
+            customer_id=ref_id(raw.get("customer")),
+            status=raw["status"],
+            currency=currency,
+            amount=minor_to_major(amount_minor, currency) if currency else None,
+            billing_interval=(price.get("recurring") or {}).get("interval") or price.get("interval"),
+            quantity=sum(int(item.get("quantity") or 1) for item in items) if items else None,
+            current_period_start=timestamp(period_start),
+            current_period_end=timestamp(period_end),
+            cancel_at_period_end=raw.get("cancel_at_period_end"),
+            canceled_at=timestamp(raw.get("canceled_at")),
+            ended_at=timestamp(raw.get("ended_at")),
+            trial_end=timestamp(raw.get("trial_end")),
+            livemode=raw.get("livemode"),
         ),
         created_at=timestamp(raw["created"]),
         version=version,

@@ -12,32 +12,16 @@ from datetime import UTC, date, datetime
 from typing import Any
 
 from nextcrm_pipelines.core.money import decimal_amount
-from nextcrm_pipelines.core.upsert import Row, TableSpec
+from nextcrm_pipelines.core.tables import table_spec
+from nextcrm_pipelines.core.upsert import Row
+from nextcrm_pipelines.providers.xero import tables
 
 DELETED_INVOICE_STATUSES = frozenset({"VOIDED", "DELETED"})
 DELETED_CONTACT_STATUSES = frozenset({"ARCHIVED", "GDPRREQUEST"})
 _MSDATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
 
-INVOICES_TABLE = TableSpec(
-    "xero_invoices",
-    (
-        ("invoice_number", "text"), ("type", "text"), ("status", "text"), ("contact_id", "text"),
-        ("contact_name", "text"), ("reference", "text"), ("issue_date", "date"), ("due_date", "date"),
-        ("currency", "text"), ("subtotal", "numeric"), ("total_tax", "numeric"), ("total", "numeric"),
-        ("amount_due", "numeric"), ("amount_paid", "numeric"), ("amount_credited", "numeric"),
-        ("line_items", "int4"),
-    ),
-)  # fmt: skip
-
-CONTACTS_TABLE = TableSpec(
-    "xero_contacts",
-    (
-        ("name", "text"), ("first_name", "text"), ("last_name", "text"), ("email", "text"),
-        ("contact_number", "text"), ("account_number", "text"), ("status", "text"), ("is_customer", "bool"),
-        ("is_supplier", "bool"), ("default_currency", "text"), ("tax_number", "text"),
-        ("merged_to_contact_id", "text"),
-    ),
-)  # fmt: skip
+INVOICES_TABLE = table_spec(tables.INVOICES)
+CONTACTS_TABLE = table_spec(tables.CONTACTS)
 
 
 def parse_msdate(value: Any) -> datetime | None:
@@ -72,23 +56,23 @@ def invoice_row(raw: dict[str, Any], version: datetime) -> Row:
     contact = raw.get("Contact") or {}
     return Row.build(
         raw["InvoiceID"],
-        (
-            raw.get("InvoiceNumber"),
-            raw["Type"],
-            status,
-            contact.get("ContactID"),
-            contact.get("Name"),
-            raw.get("Reference"),
-            parse_day(raw.get("Date")),
-            parse_day(raw.get("DueDate")),
-            raw.get("CurrencyCode"),
-            decimal_amount(raw.get("SubTotal")),
-            decimal_amount(raw.get("TotalTax")),
-            decimal_amount(raw.get("Total")),
-            decimal_amount(raw.get("AmountDue")),
-            decimal_amount(raw.get("AmountPaid")),
-            decimal_amount(raw.get("AmountCredited")),
-            len(raw["LineItems"]) if isinstance(raw.get("LineItems"), list) else None,
+        INVOICES_TABLE.values(
+            invoice_number=raw.get("InvoiceNumber"),
+            type=raw["Type"],
+            status=status,
+            contact_id=contact.get("ContactID"),
+            contact_name=contact.get("Name"),
+            reference=raw.get("Reference"),
+            issue_date=parse_day(raw.get("Date")),
+            due_date=parse_day(raw.get("DueDate")),
+            currency=raw.get("CurrencyCode"),
+            subtotal=decimal_amount(raw.get("SubTotal")),
+            total_tax=decimal_amount(raw.get("TotalTax")),
+            total=decimal_amount(raw.get("Total")),
+            amount_due=decimal_amount(raw.get("AmountDue")),
+            amount_paid=decimal_amount(raw.get("AmountPaid")),
+            amount_credited=decimal_amount(raw.get("AmountCredited")),
+            line_items=len(raw["LineItems"]) if isinstance(raw.get("LineItems"), list) else None,
         ),
         created_at=None,
         version=version,
@@ -101,19 +85,19 @@ def contact_row(raw: dict[str, Any], version: datetime) -> Row:
     status = raw.get("ContactStatus") or "ACTIVE"
     return Row.build(
         raw["ContactID"],
-        (
-            raw.get("Name"),
-            raw.get("FirstName"),
-            raw.get("LastName"),
-            raw.get("EmailAddress"),
-            raw.get("ContactNumber"),
-            raw.get("AccountNumber"),
-            status,
-            raw.get("IsCustomer"),
-            raw.get("IsSupplier"),
-            raw.get("DefaultCurrency"),
-            raw.get("TaxNumber"),
-            raw.get("MergedToContactID"),
+        CONTACTS_TABLE.values(
+            name=raw.get("Name"),
+            first_name=raw.get("FirstName"),
+            last_name=raw.get("LastName"),
+            email=raw.get("EmailAddress"),
+            contact_number=raw.get("ContactNumber"),
+            account_number=raw.get("AccountNumber"),
+            status=status,
+            is_customer=raw.get("IsCustomer"),
+            is_supplier=raw.get("IsSupplier"),
+            default_currency=raw.get("DefaultCurrency"),
+            tax_number=raw.get("TaxNumber"),
+            merged_to_contact_id=raw.get("MergedToContactID"),
         ),
         created_at=None,
         version=version,

@@ -153,6 +153,9 @@ def build_entity_asset(
             kinds={"postgres", provider.name},
             metadata={"table": entity.table.name, "provider": provider.name},
             tags={"nextcrm/provider": provider.name},
+            # The provider's pool (limit in dagster.yaml) bounds how many steps call it at once across runs:
+            # its app-wide request budget holds however many runs are queued.
+            pool=provider.name,
             # Partitions are materialised one by one as they finish (the step yields their events and no
             # output, see the module docstring): an output would give every partition of a range the same
             # metadata, and materialise the failed ones too.

@@ -172,7 +172,8 @@ def sweep_job_name(provider: str) -> str:
 def build_sweep_job(provider: Provider) -> dg.JobDefinition:
     """A job that runs the provider's id sweeps (deletions without tombstones) for every active connection."""
 
-    @dg.op(name=f"{provider.name}_sweep_deletions", description="Flag rows whose record was deleted upstream.")
+    @dg.op(name=f"{provider.name}_sweep_deletions", description="Flag rows whose record was deleted upstream.",
+           pool=provider.name)  # fmt: skip
     def _sweep(context: dg.OpExecutionContext, mirror: MirrorDatabase, clients: ProviderClients) -> dg.Output[int]:
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         with psycopg.connect(url) as conn:
@@ -252,6 +253,7 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
     @dg.op(
         name=f"{provider.name}_apply_inbox",
         description=f"Apply the due {provider.name} webhook events.",
+        pool=provider.name,
         # An unexpected error (the database went away) is tried again; events it held are released or
         # their lease lapses, so the retry takes them. Failed events are not: they have their own backoff.
         retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL),

@@ -236,8 +236,8 @@ def _demo_progress(connection: Connection, result: dg.ExecuteInProcessResult, da
     names = [entity.name for entity in get_provider(connection.provider).entities]
     totals = dict.fromkeys(("records", "inserted", "updated", "unchanged", "failed"), 0)
     for name in names:
-        # A run over a range of days materializes each day with the same metadata: the run's totals.
-        for materialization in result.asset_materializations_for_node(name)[:1]:
+        # Each day of the range is materialised with its own counts: the connection's line sums them.
+        for materialization in result.asset_materializations_for_node(name):
             for counter in totals:
                 entry = materialization.metadata.get(counter)
                 totals[counter] += int(entry.value) if entry is not None else 0

@@ -23,6 +23,7 @@ from nextcrm_pipelines.core.oauth import OAuthApp
 from nextcrm_pipelines.core.vault import SecretBox
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines_tests.accounting import consent, free_port
+from nextcrm_pipelines_tests.helpers import last_midday
 from nextcrm_sandbox.billionmail import BillionMailControl
 from nextcrm_sandbox.mautic import MauticControl
 from nextcrm_sandbox.paypal import PayPalControl
@@ -136,6 +137,14 @@ def own_sandbox() -> Iterator[SandboxServer]:
 
 
 @pytest.fixture
+def midday_sandbox() -> Iterator[SandboxServer]:
+    """A sandbox of the test's own whose clock starts at 12:00 UTC, for tests about "today so far" or
+    "now": the same at any hour the suite runs, with no midnight within the test's reach."""
+    with SandboxServer(now=last_midday()) as server:
+        yield server
+
+
+@pytest.fixture
 def paypal(database_url, schema, box):
     """Factory: a sandbox PayPal merchant app and a vault connection to it."""
 
@@ -177,13 +186,14 @@ def billionmail(database_url, schema, box, sandbox):
 
 @pytest.fixture
 def mautic(database_url, schema, box, sandbox):
-    def make(grant: str = "authorization_code", settings=None, **spec):
-        control = MauticControl(sandbox)
+    def make(grant: str = "authorization_code", settings=None, server: SandboxServer | None = None, **spec):
+        server = server or sandbox
+        control = MauticControl(server)
         client_id, secret = f"mautic-{uuid.uuid4().hex[:8]}", f"secret-{uuid.uuid4().hex}"
         clients = [{"client_id": client_id, "client_secret": secret}]
         account = control.add_account(**{"seed": 6, "campaigns": 45, "contacts": 20, "days": 6, "clients": clients,
                                          **spec})  # fmt: skip
-        base_url = f"{sandbox.url}{account['base_path']}"
+        base_url = f"{server.url}{account['base_path']}"
         provider = get_provider("mautic")
         if grant == "authorization_code":
             (connection,) = connect(spec=provider.oauth, discover=provider.discover_tenants,

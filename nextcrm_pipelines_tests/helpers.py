@@ -22,6 +22,17 @@ def sandbox_now(sandbox: SandboxServer) -> datetime:
     return datetime.fromtimestamp(sandbox.clock(), UTC)
 
 
+def last_midday(at: datetime | None = None) -> int:
+    """The latest 12:00 UTC not after `at` (default: now), in unix seconds.
+
+    A sandbox started there has twelve hours of its day behind it and twelve ahead at whatever hour the
+    tests run, and is never ahead of the wall clock that the code under test reads in places.
+    """
+    at = at or datetime.now(UTC)
+    midday = datetime(at.year, at.month, at.day, 12, tzinfo=UTC)
+    return int((midday if midday <= at else midday - timedelta(days=1)).timestamp())
+
+
 def days_back(today: date, days: int) -> list[date]:
     return [today - timedelta(days=n) for n in range(days, -1, -1)]
 

@@ -149,9 +149,12 @@ def test_mautic_campaigns_by_changed_day_equal_the_sandbox(database_url, schema,
     assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
 
 
-def test_mautic_campaigns_added_while_paging_are_neither_skipped_nor_duplicated(database_url, schema, sandbox, mautic):
-    control, account_id, connection = mautic(campaigns=60, days=1)
-    window = day_window(sandbox_now(sandbox).date())
+def test_mautic_campaigns_added_while_paging_are_neither_skipped_nor_duplicated(
+    database_url, schema, midday_sandbox, mautic
+):
+    # At midday half of the last day's campaigns were changed today, and those added meanwhile land today too.
+    control, account_id, connection = mautic(campaigns=60, days=1, server=midday_sandbox)
+    window = day_window(sandbox_now(midday_sandbox).date())
     before = {
         str(c["id"])
         for c in control.export(account_id, "campaigns")["records"]

@@ -116,20 +116,22 @@ def test_a_45_day_window_is_cut_into_windows_of_at_most_31_days(database_url, sc
     assert not any(str(status).startswith("4") for status in by_status), by_status  # no window refused
 
 
-def test_late_transactions_are_picked_up_by_the_next_run(database_url, schema, own_sandbox, paypal):
-    control, account_id, connection = paypal(own_sandbox, transactions=50, days=2)
-    now = sandbox_now(own_sandbox)
+def test_late_transactions_are_picked_up_by_the_next_run(database_url, schema, midday_sandbox, paypal):
+    # At midday PayPal has refreshed today up to 09:00, so today's window is cut short of its end.
+    control, account_id, connection = paypal(midday_sandbox, transactions=50, days=2)
+    now = sandbox_now(midday_sandbox)
     late = control.add_record(account_id, "transaction", at=(now - timedelta(hours=1)).timestamp())
     late_key = f"{late['transaction_info']['transaction_id']}:{late['transaction_info']['transaction_event_code']}"
     days = days_back(now.date(), 1)
     first = sync(database_url, schema, connection, "paypal_payments", days)
     assert all(r.status == "success" for r in first)
     assert late_key not in mirror(database_url, schema, "paypal_payments", connection.id)
-    after = sandbox_now(own_sandbox)
-    assert first[-1].window.end <= after - timedelta(hours=3) + timedelta(seconds=1)  # not claimed as seen
+    after = sandbox_now(midday_sandbox)
+    today = first[-1].window
+    assert today.start < today.end <= after - timedelta(hours=3) + timedelta(seconds=1)  # not claimed as seen
 
-    own_sandbox.advance_clock(timedelta(hours=3, minutes=5).total_seconds())
-    sync(database_url, schema, connection, "paypal_payments", days_back(sandbox_now(own_sandbox).date(), 1))
+    midday_sandbox.advance_clock(timedelta(hours=3, minutes=5).total_seconds())
+    sync(database_url, schema, connection, "paypal_payments", days_back(sandbox_now(midday_sandbox).date(), 1))
     assert late_key in mirror(database_url, schema, "paypal_payments", connection.id)
 
 

@@ -34,6 +34,7 @@ from nextcrm_pipelines.core.runner import (
     windows_held_whole,
 )
 from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow
+from nextcrm_pipelines.dagster_tables import table_metadata
 from nextcrm_pipelines.partitions import provider_partitions
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
@@ -151,7 +152,8 @@ def build_entity_asset(
             backfill_policy=dg.BackfillPolicy.single_run(),
             retry_policy=retry_policy,
             kinds={"postgres", provider.name},
-            metadata={"table": entity.table.name, "provider": provider.name},
+            # The table's name and columns, from its definition (the UI's columns tab).
+            metadata={**table_metadata(entity.table.name), "table": entity.table.name, "provider": provider.name},
             tags={"nextcrm/provider": provider.name},
             # The provider's pool (limit in dagster.yaml) bounds how many steps call it at once across runs:
             # its app-wide request budget holds however many runs are queued.

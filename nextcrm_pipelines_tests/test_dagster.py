@@ -356,3 +356,21 @@ def test_a_partitions_log_line_reads_as_a_sentence_not_a_dict(
         r"(\d+) requests, 0 retries, 0 rate-limit waits; window \S+ \.\. \S+, [\d.]+ s"
     )
     assert re.fullmatch(pattern, line.split(": ", 1)[1]), line
+
+
+def test_each_asset_shows_its_tables_columns_as_the_database_has_them(database_url, schema):
+    repo = defs.get_repository_def()
+    with psycopg.connect(database_url) as conn:
+        for key, asset in repo.assets_defs_by_key.items():
+            metadata = asset.metadata_by_key[key]
+            table_name = metadata["table"]
+            stored = [
+                row[0]
+                for row in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_schema = %s AND table_name = %s "
+                    "ORDER BY ordinal_position",
+                    (schema, table_name),
+                )
+            ]
+            assert [c.name for c in metadata["dagster/column_schema"].columns] == stored, table_name
+            assert metadata["dagster/table_name"].endswith(f".{table_name}")

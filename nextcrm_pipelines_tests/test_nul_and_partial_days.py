@@ -19,10 +19,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from nextcrm_pipelines.assets import RECENT_SCOPE, SCOPE_TAG
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import ProviderError, RequestStats, RetryPolicy
-from nextcrm_pipelines.core.runner import day_window
+from nextcrm_pipelines.core.runner import day_window, windows_held_whole
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
 from nextcrm_pipelines.core.vault import Secrets
 from nextcrm_pipelines.definitions import defs
@@ -117,13 +118,20 @@ def _sync_day(database_url: str, schema: str, connection_id: str, day: date, rec
                            partition=f"{connection_id}|{day}")  # fmt: skip
 
 
-def _hourly_dates(instance: dg.DagsterInstance, when: datetime) -> list[str]:
-    """The days the Stripe hourly schedule asks to sync at `when`, evaluated against the real database."""
+def _hourly_dates(instance: dg.DagsterInstance, when: datetime, database_url: str, schema: str) -> list[str]:
+    """The days an hourly run at `when` syncs: the recent days its request covers, less those held whole."""
     with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
                                    resources={"mirror": defs.resources["mirror"]},
                                    repository_def=defs.get_repository_def()) as context:  # fmt: skip
-        requests = list(defs.resolve_schedule_def("stripe_hourly").evaluate_tick(context).run_requests)
-    return [r.partition_key.keys_by_dimension["date"] for r in requests]
+        (request,) = defs.resolve_schedule_def("stripe_hourly").evaluate_tick(context).run_requests
+    assert request.tags[SCOPE_TAG] == RECENT_SCOPE
+    start, end = (request.tags[f"dagster/asset_partition_range_{edge}"] for edge in ("start", "end"))
+    connection_id, first = start.split("|")
+    last = date.fromisoformat(end.split("|")[1])
+    days = [date.fromisoformat(first) + timedelta(days=n) for n in range((last - date.fromisoformat(first)).days + 1)]
+    held = windows_held_whole(database_url, schema, "stripe_payments", connection_id,
+                              [day_window(d).start for d in days])  # fmt: skip
+    return [str(d) for d in days if day_window(d).start not in held]
 
 
 def test_hourly_schedule_rereads_partial_and_failed_days_until_a_success_covers_them(database_url, schema,
@@ -146,14 +154,18 @@ def test_hourly_schedule_rereads_partial_and_failed_days_until_a_success_covers_
 
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("stripe"), [connection.id])
-        assert _hourly_dates(instance, when) == [str(failed), str(partial), str(today)]
+        assert _hourly_dates(instance, when, database_url, schema) == [str(failed), str(partial), str(today)]
         # Asked again an hour later, while nothing synced them, they still are.
-        assert _hourly_dates(instance, when + timedelta(hours=1)) == [str(failed), str(partial), str(today)]
+        assert _hourly_dates(instance, when + timedelta(hours=1), database_url, schema) == [
+            str(failed),
+            str(partial),
+            str(today),
+        ]
 
         assert _sync_day(database_url, schema, connection.id, partial, _charges(partial, 5)).status == "success"
-        assert _hourly_dates(instance, when) == [str(failed), str(today)]
+        assert _hourly_dates(instance, when, database_url, schema) == [str(failed), str(today)]
         assert _sync_day(database_url, schema, connection.id, failed, _charges(failed, 5)).status == "success"
-        assert _hourly_dates(instance, when) == [str(today)]
+        assert _hourly_dates(instance, when, database_url, schema) == [str(today)]
 
 
 @pytest.fixture

@@ -14,13 +14,19 @@ in this same run. Fetch-only, ours and naive run `--repeat` times, interleaved, 
 compared; each phase also reports the CPU seconds of the client, the sandbox and Postgres.
 
     python benchmarks/stripe_sync.py [--charges 200000] [--days 90] [--small 50000] [--repeat 3] [--skip-dlt]
+    python benchmarks/stripe_sync.py --profile fetch.prof   # only the fetch-only phase, under cProfile
+
+`--profile` runs the fetch-only phase once under cProfile, prints where the client's time goes and
+saves the statistics for `python -m pstats` or snakeviz; nothing else is measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -160,6 +166,7 @@ def main() -> None:
     parser.add_argument("--naive-subset", type=int, default=20_000)
     parser.add_argument("--repeat", type=int, default=3, help="repetitions of fetch-only, ours and naive (medians)")
     parser.add_argument("--skip-dlt", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="profile one fetch-only pass into FILE and stop there")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--database-url", help=argparse.SUPPRESS)
     parser.add_argument("--sandbox-url", help=argparse.SUPPRESS)
@@ -195,6 +202,9 @@ def main() -> None:
             print(f"sandbox ready in {time.perf_counter() - started:.1f}s at {sandbox.url}", flush=True)
 
             sandbox_pid = sandbox.pid
+            if args.profile:
+                profile_fetch(sandbox.url, big, args.days, args.profile)
+                return
             from benchmarks.baselines import dlt_load, naive_load
 
             meter = _meter(database_url, sandbox_pid)
@@ -226,6 +236,17 @@ def main() -> None:
             stop_embedded_postgres(folder)
             shutil.rmtree(folder, ignore_errors=True)
     print_report(report)
+
+
+def profile_fetch(url: str, api_key: str, days: int, path: str) -> None:
+    """One fetch-only pass under cProfile: its statistics saved to `path`, the top of them printed."""
+    profiler = cProfile.Profile()
+    result = profiler.runcall(fetch_only, url, api_key, days)
+    profiler.dump_stats(path)
+    print(f"fetch-only under cProfile: {result['records_read']:,} records, {result['requests']:,} requests, "
+          f"{result['seconds']:.1f}s (profiled, slower than a plain run); statistics in {path}")  # fmt: skip
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler).strip_dirs().sort_stats(order).print_stats(25)
 
 
 def _median_run(runs: list[dict], seconds: Any) -> dict:

@@ -15,7 +15,7 @@ the run that holds it (a scheduled run leaves them to its next tick instead).
 
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -27,6 +27,7 @@ from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import (
     ConnectionUnavailable,
     day_window,
+    rows_in,
     snapshot_window,
     sweep_connection,
     sync_partitions,
@@ -35,7 +36,7 @@ from nextcrm_pipelines.core.runner import (
 )
 from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow
 from nextcrm_pipelines.dagster_tables import table_metadata
-from nextcrm_pipelines.partitions import provider_partitions
+from nextcrm_pipelines.partitions import provider_partitions, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
 SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
@@ -44,6 +45,11 @@ SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.E
 # leaves a connection that is busy or unavailable to the next tick rather than failing.
 SCOPE_TAG = "nextcrm/scope"
 RECENT_SCOPE = "recent"
+# The recent days: today and the two before.
+RECENT_DAYS = 3
+# A run tagged with a day (YYYY-MM-DD) syncs only the days of its partitions from that day on: the demo's
+# last week, or a user's "just this month's last days" without re-reading the whole month.
+SINCE_TAG = "nextcrm/since"
 COUNTERS = (
     "rows_in_window", "records", "inserted", "updated", "unchanged",
     "failed", "requests", "retries", "rate_limit_waits",
@@ -92,6 +98,8 @@ class _Partition:
     key: str
     connection_id: str
     windows: list[SyncWindow]
+    # The days the partition holds, whole: what its row count counts (None: the whole list).
+    span: SyncWindow | None = None
     results: list[SyncResult] = field(default_factory=list)
     skipped: int = 0
     error: str | None = None
@@ -107,22 +115,41 @@ class _Partition:
 
 
 def _planned(partitions_def: dg.PartitionsDefinition, entity: EntitySpec, keys: list[str]) -> list[_Partition]:
-    """The run's partitions with their windows: each day of a time partition, or the whole list."""
+    """The run's partitions with their windows: each day of a month partition (from the sync start date,
+    through today), or the whole list."""
     planned = []
+    first_synced, tomorrow = date.fromisoformat(sync_start_date()), datetime.now(UTC).date() + timedelta(days=1)
     for key in keys:
         if not entity.daily:
             planned.append(_Partition(key, key, [snapshot_window()]))
             continue
         assert isinstance(partitions_def, dg.MultiPartitionsDefinition)
         dims = partitions_def.get_partition_key_from_str(key).keys_by_dimension
-        first = date.fromisoformat(dims["date"])
-        time_def = partitions_def.get_partitions_def_for_dimension("date")
+        time_def = partitions_def.get_partitions_def_for_dimension("month")
         assert isinstance(time_def, dg.TimeWindowPartitionsDefinition)
-        span = time_def.time_window_for_partition_key(dims["date"])
-        last = min(span.end.astimezone(UTC).date(), datetime.now(UTC).date() + timedelta(days=1))
-        days = [first + timedelta(days=n) for n in range(max(1, (last - first).days))]
-        planned.append(_Partition(key, dims["connection"], [day_window(day) for day in days]))
+        span = time_def.time_window_for_partition_key(dims["month"])
+        first = max(span.start.astimezone(UTC).date(), first_synced)
+        last = min(span.end.astimezone(UTC).date(), tomorrow)
+        days = [first + timedelta(days=n) for n in range((last - first).days)]
+        window = SyncWindow(day_window(first).start, day_window(last).start) if days else None
+        planned.append(_Partition(key, dims["connection"], [day_window(day) for day in days], span=window))
     return planned
+
+
+def run_since(tags: Mapping[str, str], today: date) -> date | None:
+    """The first day a run syncs when its tags limit it: `nextcrm/since`, or the recent days of the hourly
+    scope; None syncs every day of its partitions."""
+    if tags.get(SCOPE_TAG) == RECENT_SCOPE:
+        return today - timedelta(days=RECENT_DAYS - 1)
+    since = tags.get(SINCE_TAG)
+    if since is None:
+        return None
+    try:
+        return date.fromisoformat(since)
+    except ValueError:
+        raise dg.Failure(
+            f"run tag {SINCE_TAG} must be a date (YYYY-MM-DD), got {since!r}", allow_retries=False
+        ) from None
 
 
 def _run_family(context: dg.AssetExecutionContext) -> set[str]:
@@ -170,6 +197,7 @@ def build_entity_asset(
     ) -> Iterator[dg.AssetMaterialization]:
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         recent = context.run.tags.get(SCOPE_TAG) == RECENT_SCOPE
+        since = run_since(context.run.tags, datetime.now(UTC).date())
         planned = _planned(partitions_def, entity, list(context.partition_keys))
         family = _run_family(context)
         by_connection: dict[str, list[_Partition]] = defaultdict(list)
@@ -177,6 +205,8 @@ def build_entity_asset(
             by_connection[partition.connection_id].append(partition)
         for connection_id, partitions in sorted(by_connection.items()):
             done = windows_done(url, schema, entity.name, connection_id, family) if entity.daily else set()
+            if since is not None and entity.daily:
+                done |= {w.start for p in partitions for w in p.windows if w.start.date() < since}
             if recent and entity.daily:
                 starts = {w.start for p in partitions for w in p.windows}
                 done |= windows_held_whole(url, schema, entity.name, connection_id, starts)
@@ -213,10 +243,13 @@ def build_entity_asset(
                 log(f"{entity.name} {partition.key}: {describe_sync(result)}")
             for partition in partitions:
                 if partition.results and not partition.failed:
+                    metadata = partition_metadata(partition.results)
+                    if partition.span is not None:  # the rows of the whole month, not only of the days synced now
+                        metadata["dagster/row_count"] = rows_in(url, schema, entity, connection_id, partition.span)
                     yield dg.AssetMaterialization(
                         asset_key=context.asset_key,
                         partition=partition.key,
-                        metadata={**partition_metadata(partition.results), "skipped_windows": partition.skipped},
+                        metadata={**metadata, "days_synced": len(partition.results), "days_skipped": partition.skipped},
                     )
         failed = [p for p in planned if p.failed]
         if failed:

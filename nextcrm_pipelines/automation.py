@@ -19,12 +19,12 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from nextcrm_pipelines.assets import RECENT_SCOPE, SCOPE_TAG, describe_sync
+from nextcrm_pipelines.assets import RECENT_DAYS, RECENT_SCOPE, SCOPE_TAG, describe_sync
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import database_now, rows_changed_since, sweep_connection
 from nextcrm_pipelines.core.sync import EntitySpec
-from nextcrm_pipelines.partitions import connections_partitions_name, partition_key_of, sync_start_date
+from nextcrm_pipelines.partitions import connections_partitions_name, month_key, partition_key_of, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
 
@@ -48,9 +48,6 @@ def build_sync_job(provider: Provider):
 # connections shares one; several blocks run side by side under the run queue's limit.
 CONNECTIONS_PER_RUN_ENV = "NEXTCRM_CONNECTIONS_PER_RUN"
 DEFAULT_CONNECTIONS_PER_RUN = 50
-# Days an hourly run looks back over for days not yet held whole (a failed or partial sync, a reporting
-# lag, a day that ended after its last sync): today and the two before.
-RECENT_DAYS = 3
 
 
 def connections_per_run() -> int:
@@ -91,10 +88,12 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
         blocks = connection_blocks(list(ordered), active, connections_per_run())
         if not blocks:
             return dg.SkipReason(f"no active {provider.name} connection has a partition yet")
+        # The months holding the recent days (two around a month's start); the run syncs only those days.
         first_day = max(scheduled.date() - timedelta(days=RECENT_DAYS - 1), date.fromisoformat(sync_start_date()))
+        months = (month_key(first_day), month_key(scheduled.date()))
         requests = []
         for first, last in blocks:
-            start, end = (f"{first}|{first_day}", f"{last}|{scheduled.date()}") if provider.daily else (first, last)
+            start, end = (f"{first}|{months[0]}", f"{last}|{months[1]}") if provider.daily else (first, last)
             requests.append(
                 dg.RunRequest(
                     run_key=f"{first}..{last}|{scheduled:%Y-%m-%dT%H}",

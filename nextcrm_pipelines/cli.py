@@ -372,6 +372,7 @@ def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: da
     """Sync days of one connection outside Dagster (same engine, same sync logs)."""
     from nextcrm_pipelines import environment
     from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.partitions import partition_key_of
 
     env = environment.prepare()
     with psycopg.connect(env.database_url) as conn:
@@ -384,7 +385,7 @@ def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: da
         results = sync_partitions(
             database_url=env.database_url, schema=env.schema, provider=provider, entity_name=name,
             connection_id=connection_id, windows=[day_window(d) for d in days],
-            partitions=[f"{connection_id}|{d}" for d in days],
+            partitions=[partition_key_of(provider.daily, connection_id, d) for d in days],
         )  # fmt: skip
         for day, result in zip(days, results, strict=True):
             click.echo(f"{name} {day}: {result.summary()}" + (f" - {result.error}" if result.error else ""))

@@ -57,10 +57,11 @@ class ProviderClients(dg.ConfigurableResource):
         lock: bool = True,
         rate_share: float = 1.0,
         wait: bool = True,
+        run_id: str | None = None,
     ) -> AbstractContextManager[tuple[psycopg.Connection, Connection, Any, RequestStats]]:
         """Yield (session, connection, client, request counters) for the block; see `runner.open_connection`."""
         return open_connection(database_url=database_url, provider=provider, connection_id=connection_id, box=box,
-                               lock=lock, rate_share=rate_share, wait=wait)  # fmt: skip
+                               lock=lock, rate_share=rate_share, wait=wait, run_id=run_id)  # fmt: skip
 
     def opener(self) -> ClientOpener:
         """`open` as a picklable callable: a backfill's helper processes rebuild this resource from it."""

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC
+from datetime import UTC, date
 from decimal import Decimal
 
 import dagster as dg
@@ -21,12 +21,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from nextcrm_pipelines.assets import SINCE_TAG
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import DailyLimitExhausted
 from nextcrm_pipelines.core.runner import day_window, sweep_connection, sync_partitions
 from nextcrm_pipelines.definitions import defs
-from nextcrm_pipelines.partitions import connections_partitions_name
+from nextcrm_pipelines.partitions import connections_partitions_name, month_key
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines_tests.accounting import (
     CONTROLS,
@@ -112,7 +113,7 @@ def test_myob_hard_deletes_are_found_by_the_id_sweep(database_url, schema, box, 
     # Each partition holding a flagged row is materialised, with its own count of rows changed.
     flagged_days: dict[str, int] = {}
     for rid in changed["deleted"]:
-        key = f"{account.connection.id}|{rows[rid]['source_updated_at'].astimezone(UTC).date()}"
+        key = f"{account.connection.id}|{month_key(rows[rid]['source_updated_at'].astimezone(UTC).date())}"
         flagged_days[key] = flagged_days.get(key, 0) + 1
     assert {r.partition_key: r.asset_materialization.metadata["rows_changed"].value for r in swept} == flagged_days
     assert {r.asset_materialization.metadata["source"].value for r in swept} == {"deletion sweep"}
@@ -159,13 +160,15 @@ def test_a_90_day_backfill_runs_in_one_dagster_run_and_equals_the_sandbox(databa
     account = connect_account(sandbox, database_url, box, PROFILES["xero_invoices"], invoices=900, contacts=40,
                               days=89)  # fmt: skip
     days = [d.isoformat() for d in days_back(sandbox_now(sandbox).date(), 89)]
+    first, last = date.fromisoformat(days[0]), date.fromisoformat(days[-1])
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(connections_partitions_name("xero"), [account.connection.id])
         result = defs.resolve_job_def("xero_sync").execute_in_process(
             instance=instance,
-            tags={
-                "dagster/asset_partition_range_start": f"{account.connection.id}|{days[0]}",
-                "dagster/asset_partition_range_end": f"{account.connection.id}|{days[-1]}",
+            tags={  # the months holding the 90 days, limited to those days
+                "dagster/asset_partition_range_start": f"{account.connection.id}|{month_key(first)}",
+                "dagster/asset_partition_range_end": f"{account.connection.id}|{month_key(last)}",
+                SINCE_TAG: days[0],
             },
         )
         assert result.success

@@ -8,7 +8,7 @@ import logging
 import re
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
@@ -16,9 +16,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from nextcrm_pipelines.assets import SINCE_TAG
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.definitions import defs
-from nextcrm_pipelines.partitions import connections_partitions_name
+from nextcrm_pipelines.partitions import connections_partitions_name, month_key
 from nextcrm_pipelines_tests.helpers import charges_by_id, days_back, expected_charges, sandbox_now
 
 SNAPSHOT = Path(__file__).with_name("code_location_snapshot.json")
@@ -58,11 +59,22 @@ def test_code_location_matches_its_snapshot():
 
 
 def _materialize(instance: dg.DagsterInstance, connection_id: str, day: str) -> dg.ExecuteInProcessResult:
+    """The month partition holding `day`, synced from `day` on (a run limited by `nextcrm/since`)."""
     return defs.resolve_job_def("stripe_sync").execute_in_process(
         instance=instance,
-        partition_key=dg.MultiPartitionKey({"connection": connection_id, "date": day}),
+        partition_key=dg.MultiPartitionKey({"connection": connection_id, "month": month_key(date.fromisoformat(day))}),
+        tags={SINCE_TAG: day},
         raise_on_error=False,
     )
+
+
+def _rows_in_month(database_url: str, schema: str, connection_id: str, day: str) -> int:
+    with psycopg.connect(database_url) as conn:
+        return conn.execute(
+            sql.SQL("SELECT count(*) FROM {} WHERE connection_id = %s AND date_trunc('month', created_at AT TIME "
+                    "ZONE 'UTC') = date_trunc('month', %s::date)").format(table("stripe_payments", schema)),
+            (connection_id, day),
+        ).fetchone()[0]  # fmt: skip
 
 
 def _all_event_text(instance: dg.DagsterInstance, run_id: str) -> str:
@@ -92,7 +104,8 @@ def test_a_partition_materialises_through_dagster_with_metadata_and_no_secret_an
     created_today = {c["id"] for c in sandbox.stripe_export(key, "charges")
                      if datetime.fromtimestamp(c["created"], UTC).date().isoformat() == today}  # fmt: skip
     assert created_today and created_today <= set(mirrored)
-    assert metadata["dagster/row_count"] == len(created_today)
+    # The partition is the month: its row count is what the table holds for that month.
+    assert metadata["dagster/row_count"] == _rows_in_month(database_url, schema, connection.id, today) > 0
     assert all(truth[record_id] == values for record_id, values in mirrored.items())
     with psycopg.connect(database_url) as conn:
         stored = conn.execute(
@@ -159,11 +172,8 @@ def test_hourly_schedule_syncs_active_connections_in_blocks_over_recent_days(
             for r in requests
         ]  # fmt: skip
     # Blocks of two partitions in Dagster's order: (Alpha, Beta), (Off One, Gamma) -> Gamma alone, (Off Two) -> none.
-    days = ["2026-11-24", "2026-11-25", "2026-11-26"]
-    assert [sorted(keys) for keys in covered] == [
-        sorted(f"{c}|{d}" for c in ids[:2] for d in days),
-        [f"{ids[3]}|{d}" for d in days],
-    ]
+    # The recent days (the 24th to the 26th) lie in one month: its partition; the run syncs only those days.
+    assert [sorted(keys) for keys in covered] == [sorted(f"{c}|2026-11-01" for c in ids[:2]), [f"{ids[3]}|2026-11-01"]]
     assert all(r.tags["nextcrm/scope"] == "recent" and r.partition_key is None for r in requests)
     assert [r.run_key for r in requests] == [f"{ids[0]}..{ids[1]}|2026-11-26T14", f"{ids[3]}..{ids[3]}|2026-11-26T14"]
 
@@ -178,17 +188,17 @@ def test_a_recent_scope_run_syncs_today_and_only_the_recent_days_not_held_whole(
     days = [d.isoformat() for d in days_back(datetime.now(UTC).date(), 2)]
     tags = {
         SCOPE_TAG: RECENT_SCOPE,
-        "dagster/asset_partition_range_start": f"{connection.id}|{days[0]}",
-        "dagster/asset_partition_range_end": f"{connection.id}|{days[-1]}",
+        "dagster/asset_partition_range_start": f"{connection.id}|{month_key(date.fromisoformat(days[0]))}",
+        "dagster/asset_partition_range_end": f"{connection.id}|{month_key(date.fromisoformat(days[-1]))}",
     }
 
     def synced_days(run_id: str) -> list[str]:
         with psycopg.connect(database_url) as conn:
             rows = conn.execute(
-                sql.SQL("SELECT partition FROM {} WHERE run_id = %s AND asset = 'stripe_payments' ORDER BY 1")
+                sql.SQL("SELECT window_start FROM {} WHERE run_id = %s AND asset = 'stripe_payments' ORDER BY 1")
                 .format(table("integration_sync_logs", schema)), (run_id,),
             ).fetchall()  # fmt: skip
-        return [row[0].split("|")[1] for row in rows]
+        return [row[0].astimezone(UTC).date().isoformat() for row in rows]
 
     job = defs.resolve_job_def("stripe_sync")
     with dg.instance_for_test() as instance:
@@ -199,8 +209,8 @@ def test_a_recent_scope_run_syncs_today_and_only_the_recent_days_not_held_whole(
         with psycopg.connect(database_url) as conn:
             conn.execute(
                 sql.SQL("UPDATE {} SET window_end = window_start + interval '20 hours' "
-                        "WHERE run_id = %s AND partition = %s").format(table("integration_sync_logs", schema)),
-                (first.run_id, f"{connection.id}|{days[0]}"),
+                        "WHERE run_id = %s AND window_start = %s").format(table("integration_sync_logs", schema)),
+                (first.run_id, datetime.fromisoformat(f"{days[0]}T00:00:00+00:00")),
             )  # fmt: skip
         second = job.execute_in_process(instance=instance, tags=tags)
     # Yesterday's sync began after it ended and saw all of it; today is always read again.
@@ -239,19 +249,25 @@ def test_a_date_range_backfills_in_one_run(database_url, schema, sandbox, stripe
         result = defs.resolve_job_def("stripe_sync").execute_in_process(
             instance=instance,
             tags={
-                "dagster/asset_partition_range_start": f"{connection.id}|{days[0]}",
-                "dagster/asset_partition_range_end": f"{connection.id}|{days[-1]}",
+                "dagster/asset_partition_range_start": f"{connection.id}|{month_key(date.fromisoformat(days[0]))}",
+                "dagster/asset_partition_range_end": f"{connection.id}|{month_key(date.fromisoformat(days[-1]))}",
             },
         )
         assert result.success
     assert charges_by_id(database_url, schema) == expected_charges(sandbox, key)
     with psycopg.connect(database_url) as conn:
-        partitions = conn.execute(
-            sql.SQL("SELECT DISTINCT partition, run_id FROM {} WHERE asset = 'stripe_payments'").format(
+        windows = conn.execute(
+            sql.SQL("SELECT window_start, partition, run_id FROM {} WHERE asset = 'stripe_payments'").format(
                 table("integration_sync_logs", schema)
             )
         ).fetchall()
-    assert len(partitions) == len(days) and len({run for _, run in partitions}) == 1
+    # Every day of the months, through today, each synced and logged once, in one run.
+    first = date.fromisoformat(days[0]).replace(day=1)
+    assert sorted(w.date() for w, _, _ in windows) == [
+        first + timedelta(days=n) for n in range((date.fromisoformat(days[-1]) - first).days + 1)
+    ]
+    assert {p for _, p, _ in windows} == {f"{connection.id}|{month_key(date.fromisoformat(d))}" for d in days}
+    assert len({run for _, _, run in windows}) == 1
 
 
 def test_registry_names_each_provider_by_its_package_and_loads_only_the_one_asked_for():
@@ -350,7 +366,8 @@ def test_a_partitions_log_line_reads_as_a_sentence_not_a_dict(
         result = _materialize(instance, connection.id, today)
         assert result.success
         lines = [r.user_message for r in instance.all_logs(result.run_id) if r.level == logging.INFO]
-    (line,) = [text for text in lines if text.startswith(f"stripe_payments {connection.id}|{today}: ")]
+    month = month_key(date.fromisoformat(today))
+    (line,) = [text for text in lines if text.startswith(f"stripe_payments {connection.id}|{month}: ")]
     pattern = (
         r"success, (\d+) records \((\d+) in the window\): (\d+) inserted, 0 updated, (\d+) unchanged, 0 failed; "
         r"(\d+) requests, 0 retries, 0 rate-limit waits; window \S+ \.\. \S+, [\d.]+ s"

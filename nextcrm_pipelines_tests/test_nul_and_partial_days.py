@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from nextcrm_pipelines.assets import RECENT_SCOPE, SCOPE_TAG
+from nextcrm_pipelines.assets import run_since
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import ProviderError, RequestStats, RetryPolicy
@@ -27,7 +27,7 @@ from nextcrm_pipelines.core.runner import day_window, windows_held_whole
 from nextcrm_pipelines.core.sync import SyncResult, SyncWindow, sync_entity
 from nextcrm_pipelines.core.vault import Secrets
 from nextcrm_pipelines.definitions import defs
-from nextcrm_pipelines.partitions import connections_partitions_name
+from nextcrm_pipelines.partitions import connections_partitions_name, month_key
 from nextcrm_pipelines.providers.stripe import PAYMENTS
 from nextcrm_pipelines.providers.stripe.client import StripeApi
 from nextcrm_pipelines_tests.helpers import mirror_rows, sandbox_now, sync_days
@@ -119,16 +119,17 @@ def _sync_day(database_url: str, schema: str, connection_id: str, day: date, rec
 
 
 def _hourly_dates(instance: dg.DagsterInstance, when: datetime, database_url: str, schema: str) -> list[str]:
-    """The days an hourly run at `when` syncs: the recent days its request covers, less those held whole."""
+    """The days an hourly run at `when` syncs: the recent days, less those the sync logs hold whole."""
     with dg.build_schedule_context(instance=instance, scheduled_execution_time=when,
                                    resources={"mirror": defs.resources["mirror"]},
                                    repository_def=defs.get_repository_def()) as context:  # fmt: skip
         (request,) = defs.resolve_schedule_def("stripe_hourly").evaluate_tick(context).run_requests
-    assert request.tags[SCOPE_TAG] == RECENT_SCOPE
-    start, end = (request.tags[f"dagster/asset_partition_range_{edge}"] for edge in ("start", "end"))
-    connection_id, first = start.split("|")
-    last = date.fromisoformat(end.split("|")[1])
-    days = [date.fromisoformat(first) + timedelta(days=n) for n in range((last - date.fromisoformat(first)).days + 1)]
+    since = run_since(request.tags, when.date())
+    days = [since + timedelta(days=n) for n in range((when.date() - since).days + 1)]
+    connection_id = request.tags["dagster/asset_partition_range_start"].split("|")[0]
+    assert {request.tags[f"dagster/asset_partition_range_{edge}"].split("|")[1] for edge in ("start", "end")} == {
+        month_key(d) for d in days
+    }
     held = windows_held_whole(database_url, schema, "stripe_payments", connection_id,
                               [day_window(d).start for d in days])  # fmt: skip
     return [str(d) for d in days if day_window(d).start not in held]

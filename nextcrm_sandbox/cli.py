@@ -255,8 +255,9 @@ def demo(days: int) -> None:
     import dagster as dg
 
     from nextcrm_pipelines import environment
+    from nextcrm_pipelines.assets import SINCE_TAG
     from nextcrm_pipelines.definitions import defs
-    from nextcrm_pipelines.partitions import connections_partitions_name
+    from nextcrm_pipelines.partitions import connections_partitions_name, month_key
 
     created_key = ensure_local_key()
     if created_key:
@@ -276,14 +277,16 @@ def demo(days: int) -> None:
         ]
         instance = dg.DagsterInstance.get()
         today = datetime.now(UTC).date()
-        day_keys = [(today - timedelta(days=n)).isoformat() for n in range(days - 1, -1, -1)]
+        first_day = today - timedelta(days=days - 1)
         for connection in connections:
             instance.add_dynamic_partitions(connections_partitions_name(connection.provider), [connection.id])
             daily = get_provider(connection.provider).daily
+            # The months holding the last `days` days, limited to those days (a month is the partition).
             selection = {
                 "tags": {
-                    "dagster/asset_partition_range_start": f"{connection.id}|{day_keys[0]}",
-                    "dagster/asset_partition_range_end": f"{connection.id}|{day_keys[-1]}",
+                    "dagster/asset_partition_range_start": f"{connection.id}|{month_key(first_day)}",
+                    "dagster/asset_partition_range_end": f"{connection.id}|{month_key(today)}",
+                    SINCE_TAG: first_day.isoformat(),
                 }
             } if daily else {"partition_key": connection.id}  # fmt: skip
             result = defs.resolve_job_def(f"{connection.provider}_sync").execute_in_process(
@@ -295,8 +298,8 @@ def demo(days: int) -> None:
             )
             if not result.success:
                 _fail(f"the demo sync of {connection.id} failed; see the log above")
-            click.echo(_demo_progress(connection, result, len(day_keys) if daily else None))
-    click.echo(f"materialised {len(day_keys)} day(s) for " + ", ".join(c.id for c in connections) + ":")
+            click.echo(_demo_progress(connection, result, days if daily else None))
+    click.echo(f"materialised {days} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")
     click.echo(f"DATABASE_URL={settings.redact_url(env.database_url)}")

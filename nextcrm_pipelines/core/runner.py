@@ -41,6 +41,7 @@ from nextcrm_pipelines.core.sync import (
     SyncResult,
     SyncWindow,
     close_abandoned_logs,
+    rows_created_in,
     sync_windows,
 )
 from nextcrm_pipelines.core.vault import SecretBox
@@ -52,6 +53,11 @@ log = logging.getLogger(__name__)
 SYNC_WORKERS_ENV = "NEXTCRM_SYNC_WORKERS"
 # Fewer windows than this sync in one process: starting a helper costs about half a second.
 PARALLEL_MIN_WINDOWS = 4
+
+
+# The `application_name` of a session syncing for a Dagster run: "nextcrm run <run id>", so a run that finds
+# the connection's lock taken can say which run holds it.
+HOLDER_PREFIX = "nextcrm run "
 
 
 class ConnectionUnavailable(RuntimeError):
@@ -95,7 +101,7 @@ def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = T
         conn.execute("SELECT pg_advisory_lock(%s)", (key,))
     elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:
         conn.rollback()
-        raise ConnectionBusy(f"connection {connection_id!r} is being synced by {_holder(conn, connection_id)}")
+        raise ConnectionBusy(f"connection {connection_id!r} is being synced by {_holder(conn, key)}")
     conn.commit()
     try:
         yield
@@ -105,20 +111,21 @@ def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = T
         conn.commit()
 
 
-def _holder(conn: psycopg.Connection, connection_id: str) -> str:
-    """Who holds a connection's lock, as the sync logs tell it: the newest running sync's run and asset."""
+def _holder(conn: psycopg.Connection, key: int) -> str:
+    """Who holds a connection's lock: the session's `application_name` names the run (see `open_connection`)."""
     row = conn.execute(
-        sql.SQL(
-            "SELECT run_id, asset, started_at FROM {} WHERE connection_id = %s AND status = 'running' "
-            "ORDER BY started_at DESC LIMIT 1"
-        ).format(table("integration_sync_logs")),
-        (connection_id,),
+        "SELECT a.application_name, a.backend_start FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = %s LIMIT 1",
+        (key,),
     ).fetchone()
     conn.rollback()
-    if row is None or row[0] is None:
-        return "another process"
-    run_id, asset, started = row
-    return f"run {run_id} ({asset}, since {started.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)"
+    if row is None:
+        return "another process (it may just have finished)"
+    name, since = row
+    if name.startswith(HOLDER_PREFIX):
+        return f"run {name[len(HOLDER_PREFIX) :]} (connected since {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)"
+    return f"another process ({name or 'unnamed'}, connected since {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC)"
 
 
 def windows_done(
@@ -166,6 +173,12 @@ def windows_held_whole(
     return {row[0] for row in rows}
 
 
+def rows_in(database_url: str, schema: str, entity: EntitySpec, connection_id: str, window: SyncWindow) -> int:
+    """Rows of one connection's entity whose partition column falls in `window`: a partition's row count."""
+    with psycopg.connect(libpq_url(database_url)) as conn:
+        return rows_created_in(conn, schema, entity, connection_id, window)
+
+
 def database_now(database_url: str) -> datetime:
     """The database's clock: rows written after this moment carry a later `synced_at`."""
     with psycopg.connect(libpq_url(database_url)) as conn:
@@ -200,6 +213,7 @@ def open_connection(
     lock: bool = True,
     rate_share: float = 1.0,
     wait: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[tuple[psycopg.Connection, Connection, Any, RequestStats]]:
     """Check and lock one connection, open its client; yields (session, connection, client, stats).
 
@@ -210,7 +224,8 @@ def open_connection(
     """
     box = box or SecretBox.from_environment()
     stats = RequestStats()
-    with psycopg.connect(libpq_url(database_url)) as conn:
+    # `run_id` names the session after its Dagster run, so a run that finds the connection taken can say whose.
+    with psycopg.connect(libpq_url(database_url), application_name=_session_name(run_id)) as conn:
         connection = vault.get_connection(conn, connection_id)
         if connection.provider != provider.name:
             raise ConnectionUnavailable(f"connection {connection_id!r} is a {connection.provider} connection")
@@ -250,6 +265,11 @@ def open_connection(
 # Opens one connection's client the way `open_connection` does (same keywords, same yield): the Dagster
 # resource `ProviderClients` passes its own, so a test can hand the assets a different client.
 Opener = Callable[..., AbstractContextManager[tuple[psycopg.Connection, Connection, Any, RequestStats]]]
+
+
+def _session_name(run_id: str | None) -> str:
+    """The Postgres `application_name` of a sync's session: its run, when a Dagster run started it."""
+    return f"{HOLDER_PREFIX}{run_id}"[:63] if run_id else "nextcrm-pipelines"
 
 
 def sync_workers(provider: Provider, window_count: int, workers: int | None = None) -> int:
@@ -333,7 +353,7 @@ def _sync_group(
     with (
         (job.opener or open_connection)(
             database_url=job.database_url, provider=provider, connection_id=job.connection_id, box=job.box,
-            lock=job.lock, rate_share=job.rate_share, wait=job.wait,
+            lock=job.lock, rate_share=job.rate_share, wait=job.wait, run_id=job.run_id,
         ) as (conn, _, client, stats),
         alongside(),
     ):  # fmt: skip
@@ -498,7 +518,7 @@ def sweep_connection(
     """Run the entity's deletion sweep for one connection (see `core.sweep`); raises if it failed."""
     entity = provider.entity(entity_name)
     with (opener or open_connection)(database_url=database_url, provider=provider, connection_id=connection_id,
-                                     box=box) as (
+                                     box=box, run_id=run_id) as (
         conn, _, client, stats,
     ):  # fmt: skip
         result = sweep_deletions(conn=conn, schema=schema, provider=provider.name, entity=entity,

@@ -259,7 +259,7 @@ def close_abandoned_logs(conn: psycopg.Connection, schema: str, connection_id: s
     return closed
 
 
-def _rows_created_in(conn: psycopg.Connection, schema: str, entity: EntitySpec, connection_id: str,
+def rows_created_in(conn: psycopg.Connection, schema: str, entity: EntitySpec, connection_id: str,
                     window: SyncWindow) -> int:  # fmt: skip
     """Rows of the connection that belong to the window: the partition's row count."""
     row = conn.execute(
@@ -394,7 +394,7 @@ def sync_windows(
             )
         else:
             result.status = "success"
-        result.rows_in_window = _rows_created_in(conn, schema, entity, connection_id, result.window)
+        result.rows_in_window = rows_created_in(conn, schema, entity, connection_id, result.window)
         finish_log(conn, schema, result)
 
     producer.start()

@@ -12,14 +12,18 @@ every other provider; the mix is printed) it measures
     its partition-key validation), run requests counted;
   - the UI's partitions page of one asset: the webserver's `PartitionHealthQuery` (what the page asks
     for) and the asset's partition counts, timed over HTTP;
-  - one hour's syncs through the daemon: the schedules' run requests of a sample of `--sample-runs`
-    connections submitted as queued runs to `dagster-daemon run`; submit to all done, each run's wall and
-    CPU time, the Postgres connections in use (sampled), then extrapolated to N;
+  - one hour's syncs through the daemon: the schedules' run requests (one ranged run per block of
+    connections, `--sample-runs all` of them, or a sample) submitted as queued runs to `dagster-daemon run`;
+    submit to all done, each run's wall and CPU time, the Postgres connections in use (sampled), and,
+    for a sample, extrapolated to N;
+  - a backfill of one connection x `BACKFILL_DAYS` days of one asset, launched through the webserver's
+    `launchPartitionBackfill` as the UI's backfill dialog does: the mutation, the backfill daemon until
+    the backfill's run(s) are submitted, and until done; then the partitions page's queries again;
   - in process, at 10, 100 and 1,000 connections and for four partition shapes (connection x day,
     connection x month, connection only, day only): key count, listing every key, validating one key,
     and one run request per connection for the current period, built and validated.
 
-    python benchmarks/many_connections.py [--connections 1000] [--sample-runs 40] [--database-url URL]
+    python benchmarks/many_connections.py [--connections 1000] [--sample-runs all|K] [--database-url URL]
                                           [--stripe-share 0.9] [--shapes-only] [--skip-shapes]
 
 Every server it starts listens on 127.0.0.1 and is stopped at the end, also on errors and Ctrl-C.
@@ -31,6 +35,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -41,7 +46,7 @@ import threading
 import time
 import warnings
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +65,9 @@ SHAPE_SIZES = (10, 100, 1000)
 DATA_DAYS = 3
 OTHERS = ("paypal", "billionmail", "xero", "quickbooks", "myob", "mautic")
 TERMINAL = {"SUCCESS", "FAILURE", "CANCELED"}
+BACKFILL_DAYS = 30
+# A backfill is done once its status leaves these (Dagster's BulkActionStatus values).
+BACKFILL_IN_PROGRESS = {"REQUESTED", "CANCELING", "FAILING"}
 
 # The query the asset's Partitions tab sends (Dagster UI 1.13, `usePartitionHealthData`).
 PARTITION_HEALTH_QUERY = """
@@ -107,6 +115,18 @@ query Schedules($repo: RepositorySelector!) {
 STOP_SCHEDULE = """
 mutation Stop($id: String!) {
   stopRunningSchedule(id: $id) { __typename ... on PythonError { message } }
+}
+"""
+# What the UI's "Launch backfill" button sends for partitions of an asset (`LAUNCH_PARTITION_BACKFILL_MUTATION`).
+LAUNCH_BACKFILL = """
+mutation LaunchPartitionBackfill($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on UnauthorizedError { message }
+  }
 }
 """
 DAEMON_HEALTH_QUERY = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
@@ -239,6 +259,16 @@ class Webserver:
         if result["__typename"] != "LaunchRunSuccess":
             raise RuntimeError(f"launching {job_name} failed: {result}")
         return result["run"]["runId"]
+
+    def launch_backfill(self, asset: str, partition_names: list[str]) -> tuple[str, float]:
+        """Launch a backfill of `partition_names` of one asset as the UI's dialog does; its id and seconds."""
+        params = {"assetSelection": [{"path": [asset]}], "partitionNames": partition_names, "fromFailure": False,
+                  "tags": []}  # fmt: skip
+        data, seconds, _ = self.query(LAUNCH_BACKFILL, {"backfillParams": params})
+        result = data["launchPartitionBackfill"]
+        if result["__typename"] != "LaunchBackfillSuccess":
+            raise RuntimeError(f"launching a backfill of {asset} failed: {result}")
+        return result["backfillId"], seconds
 
     def daemon_healthy(self) -> bool:
         data, _, _ = self.query(DAEMON_HEALTH_QUERY)
@@ -449,8 +479,11 @@ def schedule_ticks(instance: Any, defs: Any) -> dict[str, Any]:
     return out
 
 
-def sample_requests(requests: list[tuple[str, str, dict[str, str], str]], k: int) -> list:
-    """`k` run requests in proportion to each provider's share (at least one of each provider present)."""
+def sample_requests(requests: list[tuple[str, str, dict[str, str], str]], k: int | None) -> list:
+    """`k` run requests in proportion to each provider's share (at least one of each provider present);
+    all of them when `k` is None or not fewer than the requests."""
+    if k is None or k >= len(requests):
+        return list(requests)
     by_provider: dict[str, list] = defaultdict(list)
     for request in requests:
         by_provider[request[0]].append(request)
@@ -500,10 +533,10 @@ class Sampler(threading.Thread):
                 self.stop.wait(self.interval)
 
     def run_workers(self) -> list[int]:
-        """Processes a code server started for runs (not multiprocessing's resource trackers): the run workers."""
+        """Processes a code server started for runs (not code servers, nor multiprocessing's resource trackers)."""
         servers = {pid for pid, p in self.processes.items() if " grpc" in p["cmdline"]}
-        return [pid for pid, p in self.processes.items()
-                if p["ppid"] in servers and "resource_tracker" not in p["cmdline"]]  # fmt: skip
+        return [pid for pid, p in self.processes.items() if p["ppid"] in servers and pid not in servers
+                and "resource_tracker" not in p["cmdline"]]  # fmt: skip
 
     def run_cpu(self) -> list[float]:
         """CPU seconds of each run: a run worker (a child of a code server) with its step processes."""
@@ -518,52 +551,63 @@ class Sampler(threading.Thread):
         return [self.processes[w]["own"] + max(self.processes[w]["reaped"], tree(w)) for w in workers]
 
 
-def run_sample(webserver: Webserver, env: dict[str, str], work: Path, requests: list, database_url: str,
-               instance: Any, sandbox_pid: int | None) -> dict[str, Any]:  # fmt: skip
-    """Submit the sampled run requests as queued runs to `dagster-daemon run`; time them until all are done."""
-    import dagster as dg
-
-    from benchmarks.cpu import CpuMeter, postmaster_pid
-
+@contextlib.contextmanager
+def running_daemon(webserver: Webserver, env: dict[str, str], work: Path) -> Any:
+    """`dagster-daemon run` until the block ends: yields its process and the seconds until it was healthy."""
     command = [str(Path(sys.executable).with_name("dagster-daemon")), "run", "-w", str(ROOT / "workspace.yaml")]
     daemon = start_server(command, env, work / "daemon.log")
     try:
         started = time.perf_counter()
         deadline = time.monotonic() + 300
         while not webserver.daemon_healthy():
-            if daemon.poll() is not None:
-                raise RuntimeError(f"dagster-daemon exited:\n{(work / 'daemon.log').read_text()[-3000:]}")
+            _check_daemon(daemon, work)
             if time.monotonic() > deadline:
                 raise TimeoutError("the daemon did not report healthy")
             time.sleep(0.5)
-        daemon_ready = time.perf_counter() - started
-        idle = Sampler(database_url, daemon.pid)
-        idle.start()
-        time.sleep(3)
-        idle.stop.set()
-        idle.join()
-        sampler = Sampler(database_url, daemon.pid)
-        sampler.start()
-        meter = CpuMeter({"sandbox": sandbox_pid} if sandbox_pid else {}, postmaster_pid(database_url))
-        before = meter.sample()
-        started = time.perf_counter()
-        run_ids = {webserver.launch(job, {**tags, "dagster/schedule_name": schedule}): provider
-                   for provider, job, tags, schedule in requests}  # fmt: skip
-        submitted = time.perf_counter() - started
-        while True:
-            records = instance.get_run_records(dg.RunsFilter(run_ids=list(run_ids)))
-            if len(records) == len(run_ids) and all(r.dagster_run.status.value in TERMINAL for r in records):
-                break
-            if daemon.poll() is not None:
-                raise RuntimeError(f"dagster-daemon exited:\n{(work / 'daemon.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        total = time.perf_counter() - started
-        spent = meter.spent(before, meter.sample())
-        sampler.stop.set()
-        sampler.join()
-        ticks = webserver.sensor_ticks("connections_sensor")
+        yield daemon, time.perf_counter() - started
     finally:
         stop_server(daemon)
+
+
+def _check_daemon(daemon: subprocess.Popen, work: Path) -> None:
+    if daemon.poll() is not None:
+        raise RuntimeError(f"dagster-daemon exited:\n{(work / 'daemon.log').read_text()[-3000:]}")
+
+
+def run_sample(webserver: Webserver, daemon: subprocess.Popen, work: Path, requests: list, database_url: str,
+               instance: Any, sandbox_pid: int | None) -> dict[str, Any]:  # fmt: skip
+    """Submit the run requests as queued runs to the running daemon; time them until all are done."""
+    import dagster as dg
+
+    from benchmarks.cpu import CpuMeter, postmaster_pid
+
+    idle = Sampler(database_url, daemon.pid)
+    idle.start()
+    time.sleep(3)
+    idle.stop.set()
+    idle.join()
+    sampler = Sampler(database_url, daemon.pid)
+    sampler.start()
+    meter = CpuMeter({"sandbox": sandbox_pid} if sandbox_pid else {}, postmaster_pid(database_url))
+    before = _cpu_sample(meter)
+    started = time.perf_counter()
+    run_ids, launches = {}, []
+    for provider, job, tags, schedule in requests:
+        launched = time.perf_counter()
+        run_ids[webserver.launch(job, {**tags, "dagster/schedule_name": schedule})] = provider
+        launches.append(time.perf_counter() - launched)
+    submitted = time.perf_counter() - started
+    while True:
+        records = instance.get_run_records(dg.RunsFilter(run_ids=list(run_ids)))
+        if len(records) == len(run_ids) and all(r.dagster_run.status.value in TERMINAL for r in records):
+            break
+        _check_daemon(daemon, work)
+        time.sleep(0.5)
+    total = time.perf_counter() - started
+    spent = meter.spent(before, _cpu_sample(meter))
+    sampler.stop.set()
+    sampler.join()
+    ticks = webserver.sensor_ticks("connections_sensor")
     walls = [r.end_time - r.start_time for r in records if r.start_time and r.end_time]
     queued = [r.start_time - r.create_timestamp.timestamp() for r in records if r.start_time]
     by_provider: dict[str, list[float]] = defaultdict(list)
@@ -575,8 +619,8 @@ def run_sample(webserver: Webserver, env: dict[str, str], work: Path, requests: 
     return {
         "runs": len(records),
         "statuses": dict(Counter(r.dagster_run.status.value for r in records)),
-        "daemon_ready_s": daemon_ready,
         "submit_s": submitted,
+        "launch_run_s": _spread(launches),
         "submit_to_all_done_s": total,
         "run_wall_s": _spread(walls),
         "queued_s": _spread(queued),
@@ -589,6 +633,102 @@ def run_sample(webserver: Webserver, env: dict[str, str], work: Path, requests: 
         "pg_sessions_server_max": max(s[1] for s in sampler.sessions),
         "pg_sessions_idle": max(s[0] for s in idle.sessions),
         "connections_sensor_daemon_ticks_s": _spread(daemon_ticks),
+    }
+
+
+def backfill_one_connection(webserver: Webserver, daemon: subprocess.Popen, work: Path, instance: Any,
+                            database_url: str, sandbox_pid: int | None) -> dict[str, Any]:  # fmt: skip
+    """A backfill of the first Stripe connection x the last `BACKFILL_DAYS` days of `UI_ASSET`, launched
+    through the webserver as the UI's dialog does: the mutation, the backfill daemon until its run(s) are
+    submitted, and until the backfill is done; the run(s)' wall and CPU, Postgres CPU meanwhile."""
+    import dagster as dg
+
+    from benchmarks.cpu import CpuMeter, postmaster_pid
+    from nextcrm_pipelines.partitions import connections_partitions_name
+
+    connection = instance.get_dynamic_partitions(connections_partitions_name("stripe"))[0]
+    today = datetime.now(UTC).date()
+    days = [(today - timedelta(days=back)).isoformat() for back in range(BACKFILL_DAYS - 1, -1, -1)]
+    keys = [f"{connection}|{day}" for day in days]
+    sampler = Sampler(database_url, daemon.pid)
+    sampler.start()
+    meter = CpuMeter({"sandbox": sandbox_pid} if sandbox_pid else {}, postmaster_pid(database_url))
+    before = _cpu_sample(meter)
+    started = time.perf_counter()
+    backfill_id, mutation_s = webserver.launch_backfill(UI_ASSET, keys)
+    submitted_s = runs_done_s = None
+    while True:
+        backfill = instance.get_backfill(backfill_id)
+        records = instance.get_run_records(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+        if records and submitted_s is None:
+            submitted_s = time.perf_counter() - started
+        runs_done = all(r.dagster_run.status.value in TERMINAL for r in records)
+        if records and runs_done and runs_done_s is None:
+            runs_done_s = time.perf_counter() - started
+        if backfill is not None and backfill.status.value not in BACKFILL_IN_PROGRESS and runs_done:
+            break
+        _check_daemon(daemon, work)
+        time.sleep(0.25)
+    done_s = time.perf_counter() - started
+    spent = meter.spent(before, _cpu_sample(meter))
+    sampler.stop.set()
+    sampler.join()
+    # The backfill daemon's own lines about this backfill, with their times (how long it evaluated).
+    log = re.sub(r"\x1b\[[0-9;]*m", "", (work / "daemon.log").read_text(errors="replace"))
+    lines = [line[:160] for line in log.splitlines() if backfill_id in line]
+    return {
+        "asset": UI_ASSET,
+        "partitions": len(keys),
+        "first_key": keys[0],
+        "last_key": keys[-1],
+        "mutation_s": mutation_s,
+        "to_runs_submitted_s": submitted_s,
+        "to_runs_done_s": runs_done_s,
+        "to_done_s": done_s,
+        "status": backfill.status.value,
+        "runs": len(records),
+        "run_statuses": dict(Counter(r.dagster_run.status.value for r in records)),
+        "run_ranges": [_run_partitions(r.dagster_run) for r in records[:5]],
+        "run_wall_s": _spread([r.end_time - r.start_time for r in records if r.start_time and r.end_time]),
+        "run_cpu_s": _spread(sampler.run_cpu()),
+        "cpu_s_during_backfill": {k: None if v is None else round(v, 1) for k, v in spent.items()},
+        "daemon": _daemon_log_times(lines),
+        "daemon_log": lines[:12],
+    }
+
+
+def _run_partitions(run: Any) -> str | None:
+    """A run's partition, or its range as `start..end`."""
+    tags = run.tags
+    if "dagster/asset_partition_range_start" in tags:
+        return f"{tags['dagster/asset_partition_range_start']}..{tags.get('dagster/asset_partition_range_end')}"
+    return tags.get("dagster/partition")
+
+
+def _cpu_sample(meter: Any, tries: int = 5) -> dict[str, float | None]:
+    """A CPU sample, taken again when Postgres could not be read (a backend ending while it was listed)."""
+    for _ in range(tries - 1):
+        sample = meter.sample()
+        if sample.get("postgres") is not None or meter.postmaster is None:
+            return sample
+        time.sleep(0.1)
+    return meter.sample()
+
+
+def _daemon_log_times(lines: list[str]) -> dict[str, float | None]:
+    """Seconds, from the daemon's log lines about one backfill, from its first evaluation to its first
+    submitted run, and of its longest evaluation (whole seconds: the log's resolution)."""
+    stamped = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            stamped.append((datetime.strptime(line[:25], "%Y-%m-%d %H:%M:%S %z").timestamp(), line))
+    starts = [t for t, line in stamped if "Evaluating asset backfill" in line]
+    ends = [t for t, line in stamped if "completed iteration" in line]
+    submitted = [t for t, line in stamped if "Submitted run" in line]
+    evaluations = [end - start for start, end in zip(starts, ends, strict=False)]
+    return {
+        "first_evaluation_to_submitted_s": submitted[0] - starts[0] if starts and submitted else None,
+        "longest_evaluation_s": max(evaluations) if evaluations else None,
     }
 
 
@@ -720,11 +860,12 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"hourly schedules: one tick each, {schedule['run_requests']:,} run requests in {schedule['seconds']:.2f}s ("
           + ", ".join(f"{p} {v['run_requests']} in {v['seconds']:.2f}s" for p, v in schedule["providers"].items()
                       if v["run_requests"]) + ")")  # fmt: skip
-    if "ui" in report:
-        ui = report["ui"]
-        health, stats = ui["partition_health"], ui["partition_stats"]
+    for key, when in (("ui_before_runs", "before the runs"), ("ui", "after the runs and the backfill")):
+        if key not in report:
+            continue
+        health, stats = report[key]["partition_health"], report[key]["partition_stats"]
         print(
-            f"UI partitions page of {UI_ASSET}: PartitionHealthQuery {health['median_s']:.2f}s median "
+            f"UI partitions page of {UI_ASSET}, {when}: PartitionHealthQuery {health['median_s']:.2f}s median "
             f"(first {health['first_s']:.2f}s, {health['bytes']:,} bytes, keys {health['keys_by_dimension']}); "
             f"partitionStats {stats['median_s']:.2f}s median (first {stats['first_s']:.2f}s) {stats['stats']}"
         )
@@ -734,7 +875,8 @@ def print_report(report: dict[str, Any]) -> None:
               f"done {runs['submit_to_all_done_s']:.1f}s ({runs['runs'] / runs['submit_to_all_done_s'] * 3600:,.0f} "
               f"runs/hour at max_concurrent_runs={report['max_concurrent_runs']})")  # fmt: skip
         print(f"  per run wall {runs['run_wall_s']}; queued {runs['queued_s']}")
-        print(f"  per run CPU (run worker + step processes) {runs['run_cpu_s']}")
+        print(f"  per run CPU (the run worker and any step processes) {runs['run_cpu_s']}; "
+              f"launchRun per request {runs['launch_run_s']}")  # fmt: skip
         print(f"  mean wall by provider {runs['run_wall_by_provider_s']}")
         print(f"  CPU seconds while the runs went: {runs['cpu_s_during_runs']}")
         print(f"  Postgres sessions on this database: max {runs['pg_sessions_max']} while runs execute "
@@ -742,10 +884,21 @@ def print_report(report: dict[str, Any]) -> None:
               f"{runs['pg_sessions_server_max']}")  # fmt: skip
         print(f"  connections_sensor ticks in the daemon (no change): {runs['connections_sensor_daemon_ticks_s']}")
         extra = report["extrapolated"]
-        print(f"extrapolated (from the {runs['runs']}-run sample, same mix) to one hour of {n:,} connections: "
-              f"{extra['run_requests']:,} runs, {extra['hours_at_measured_rate']:.2f} h at the measured rate; "
-              f"{extra['cpu_hours']:.2f} CPU-hours of run processes "
-              f"({extra['cores_to_finish_in_an_hour']:.1f} cores busy for the hour)")  # fmt: skip
+        whole = "measured: all of" if runs["runs"] == extra["run_requests"] else (
+            f"extrapolated from the {runs['runs']}-run sample (same mix) to")  # fmt: skip
+        print(f"one hour's syncs, {whole} the hour's {extra['run_requests']:,} runs for {n:,} connections: "
+              f"{extra['hours_at_measured_rate'] * 60:.1f} min at the measured rate; "
+              f"{extra['cpu_per_run_s']:.1f} CPU-s per run, {extra['cpu_hours']:.2f} CPU-hours of run processes "
+              f"({extra['cores_to_finish_in_an_hour']:.2f} cores busy for the hour)")  # fmt: skip
+    if "backfill" in report:
+        b = report["backfill"]
+        print(f"backfill of {b['partitions']} partitions of {b['asset']} ({b['first_key']} .. {b['last_key']}) "
+              f"through launchPartitionBackfill: mutation {b['mutation_s']:.2f}s, to run(s) submitted "
+              f"{b['to_runs_submitted_s'] or float('nan'):.1f}s, run(s) done "
+              f"{b['to_runs_done_s'] or float('nan'):.1f}s, "
+              f"backfill done {b['to_done_s']:.1f}s; {b['status']}, "
+              f"{b['runs']} run(s) {b['run_statuses']}, run wall {b['run_wall_s']}, run CPU {b['run_cpu_s']}, "
+              f"CPU seconds meanwhile {b['cpu_s_during_backfill']}; daemon (from its log) {b['daemon']}")  # fmt: skip
     if report.get("shapes"):
         print_shapes(report["shapes"])
     print(json.dumps(report, default=str))
@@ -776,7 +929,8 @@ def measure(args: argparse.Namespace, database_url: str, work: Path) -> dict[str
     from nextcrm_pipelines.partitions import connections_partitions_name
 
     mix = connection_mix(args.connections, args.stripe_share)
-    report: dict[str, Any] = {"connections": args.connections, "mix": mix, "sample_runs": args.sample_runs}
+    sample_runs = "all" if args.sample_runs is None else args.sample_runs
+    report: dict[str, Any] = {"connections": args.connections, "mix": mix, "sample_runs": sample_runs}
     report["max_concurrent_runs"] = yaml.safe_load((ROOT / "dagster.yaml").read_text())["concurrency"]["runs"][
         "max_concurrent_runs"
     ]
@@ -808,22 +962,45 @@ def measure(args: argparse.Namespace, database_url: str, work: Path) -> dict[str
                 report["schedules_stopped"] = webserver.stop_schedules()
                 report["ui_before_runs"] = ui_queries(webserver)
                 print(f"UI queries before runs {report['ui_before_runs']}", flush=True)
-                if args.sample_runs:
-                    sample = sample_requests(schedule["requests"], args.sample_runs)
-                    report["sample_mix"] = dict(Counter(r[0] for r in sample))
-                    print(f"submitting {len(sample)} runs {report['sample_mix']} to dagster-daemon", flush=True)
-                    report["runs"] = run_sample(webserver, env, work, sample, database_url, instance, sandbox.pid)
-                    report["extrapolated"] = extrapolate(report["runs"], schedule["run_requests"])
+                if args.sample_runs != 0 or args.backfill:
+                    with running_daemon(webserver, env, work) as (daemon, ready_s):
+                        report["daemon_ready_s"] = ready_s
+                        if args.sample_runs != 0:
+                            sample = sample_requests(schedule["requests"], args.sample_runs)
+                            report["sample_mix"] = dict(Counter(r[0] for r in sample))
+                            print(f"submitting {len(sample)} of {schedule['run_requests']} run requests "
+                                  f"{report['sample_mix']} to dagster-daemon", flush=True)  # fmt: skip
+                            report["runs"] = run_sample(webserver, daemon, work, sample, database_url, instance,
+                                                        sandbox.pid)  # fmt: skip
+                            report["extrapolated"] = extrapolate(report["runs"], schedule["run_requests"])
+                            print(f"runs {report['runs']}", flush=True)
+                        if args.backfill:
+                            report["backfill"] = backfill_one_connection(webserver, daemon, work, instance,
+                                                                         database_url, sandbox.pid)  # fmt: skip
+                            print(f"backfill {report['backfill']}", flush=True)
                 report["ui"] = ui_queries(webserver)
             finally:
                 webserver.close()
     return report
 
 
+def _sample_size(value: str) -> int | None:
+    """`all` (None: every run request of the hour) or a whole number of run requests."""
+    if value == "all":
+        return None
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 'all' or a whole number, got {value!r}")
+    return int(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--connections", type=int, default=1000)
-    parser.add_argument("--sample-runs", type=int, default=40, help="runs launched through the daemon (0: none)")
+    parser.add_argument("--sample-runs", type=_sample_size, default=None, metavar="all|K",
+                        help="run requests of one hour launched through the daemon: all (default), a sample of K"
+                             " in the providers' proportions, or 0 for none")  # fmt: skip
+    parser.add_argument("--no-backfill", dest="backfill", action="store_false",
+                        help=f"skip the backfill of one connection x {BACKFILL_DAYS} days")  # fmt: skip
     parser.add_argument("--stripe-share", type=float, default=0.9, help="share of Stripe connections")
     parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL"),
                         help="a Postgres server to use (fresh schemas) instead of the embedded one")  # fmt: skip

@@ -40,7 +40,7 @@ def build_sync_job(provider: Provider):
         sync_job_name(provider.name),
         selection=dg.AssetSelection.groups(provider.name),
         description=f"Sync every {provider.name} entity for one connection"
-        + (" x day." if provider.daily else " (the whole list)."),
+        + (" x month, day by day." if provider.daily else " (the whole list)."),
     )
 
 

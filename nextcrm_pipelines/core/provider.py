@@ -81,7 +81,7 @@ class Provider:
 
     @property
     def daily(self) -> bool:
-        """Whether the provider's entities are partitioned by connection x day (else by connection)."""
+        """Whether the provider's entities sync day by day, partitioned by connection x month (else by connection)."""
         return all(entity.daily for entity in self.entities)
 
     def entity(self, name: str) -> EntitySpec:

@@ -2,7 +2,9 @@
 
 Shared by the Dagster assets, the CLI and the benchmarks so they exercise the same path. A
 session-level advisory lock per connection keeps two syncs of one connection from overlapping,
-however they were launched (Dagster's tag concurrency limit covers runs; this covers the rest).
+however they were launched. Dagster runs take it without waiting (`wait=False`): a run must not sit
+in a run slot behind another run, so it reports the connection busy, naming the run that holds it
+(each sync's session carries its run id as `application_name`).
 
 A backfill of a provider that allows it (`Provider.parallel_windows`) syncs its windows in several
 processes under that one lock: one Python process cannot keep both the client work (parsing,

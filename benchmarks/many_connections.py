@@ -644,12 +644,13 @@ def backfill_one_connection(webserver: Webserver, daemon: subprocess.Popen, work
     import dagster as dg
 
     from benchmarks.cpu import CpuMeter, postmaster_pid
-    from nextcrm_pipelines.partitions import connections_partitions_name
+    from nextcrm_pipelines.partitions import connections_partitions_name, partition_key_of
 
     connection = instance.get_dynamic_partitions(connections_partitions_name("stripe"))[0]
     today = datetime.now(UTC).date()
-    days = [(today - timedelta(days=back)).isoformat() for back in range(BACKFILL_DAYS - 1, -1, -1)]
-    keys = [f"{connection}|{day}" for day in days]
+    days = [today - timedelta(days=back) for back in range(BACKFILL_DAYS - 1, -1, -1)]
+    # The partitions holding those days (months: one or two keys), as the UI's dialog would list them.
+    keys = list(dict.fromkeys(partition_key_of(True, connection, day) for day in days))
     sampler = Sampler(database_url, daemon.pid)
     sampler.start()
     meter = CpuMeter({"sandbox": sandbox_pid} if sandbox_pid else {}, postmaster_pid(database_url))

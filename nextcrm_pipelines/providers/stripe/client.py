@@ -26,6 +26,7 @@ import functools
 import http.client
 import re
 import select
+import socket
 import ssl
 import threading
 import time
@@ -176,6 +177,8 @@ class _PacedTransport(stripe.HTTPClient):
             if connection.sock is None:
                 connection.connect()
                 connection.sock.settimeout(self._read_timeout)
+                # As urllib3 does: a request in two segments must not wait for the server's delayed ACK.
+                connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if isinstance(body, str):
                 body = body.encode()  # http.client would encode it as Latin-1
             connection.request(method, target, body=body or None, headers=headers)

@@ -21,8 +21,9 @@ from pydantic import Field
 
 from nextcrm_pipelines.assets import RECENT_DAYS, RECENT_SCOPE, SCOPE_TAG, describe_sync
 from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.provider import Provider
-from nextcrm_pipelines.core.runner import database_now, rows_changed_since, sweep_connection
+from nextcrm_pipelines.core.runner import database_now, reauth_hint, rows_changed_since, sweep_connection
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.partitions import connections_partitions_name, month_key, partition_key_of, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
@@ -70,6 +71,27 @@ def connection_blocks(ordered: list[str], active: set[str], size: int) -> list[t
     return blocks
 
 
+def connect_hint(provider: Provider) -> str:
+    """The command that connects a first account of `provider`."""
+    if provider.oauth is not None and provider.discover_tenants is not None:
+        return f"`nextcrm-pipelines connect {provider.name}`"
+    return f'`nextcrm-pipelines connections add {provider.name} --name "Account name"`'
+
+
+def skipped_connections(provider: Provider, stored: list[Connection], partitioned: set[str]) -> list[str]:
+    """Why each connection the hourly runs leave out is left out, with what brings it back."""
+    reasons = []
+    for connection in stored:
+        if connection.status == "needs_reauth":
+            reasons.append(f"{connection.id}: needs_reauth, {reauth_hint(provider, connection)}")
+        elif connection.status != "active":
+            reasons.append(f"{connection.id}: {connection.status}, enable it with "
+                           f"`nextcrm-pipelines connections enable {connection.id}`")  # fmt: skip
+        elif connection.id not in partitioned:
+            reasons.append(f"{connection.id}: no partition yet (the connections sensor adds it within a minute)")
+    return reasons
+
+
 def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
     @dg.schedule(
         name=f"{provider.name}_hourly",
@@ -83,11 +105,18 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
     def _hourly(context: dg.ScheduleEvaluationContext, mirror: MirrorDatabase):
         scheduled = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
         with psycopg.connect(mirror.url()) as conn:
-            active = {c.id for c in vault.list_connections(conn, provider=provider.name, status="active")}
+            stored = vault.list_connections(conn, provider=provider.name)
+        active = {c.id for c in stored if c.status == "active"}
         ordered = context.instance.get_dynamic_partitions(connections_partitions_name(provider.name))
         blocks = connection_blocks(list(ordered), active, connections_per_run())
+        skipped = skipped_connections(provider, stored, set(ordered))
         if not blocks:
-            return dg.SkipReason(f"no active {provider.name} connection has a partition yet")
+            return dg.SkipReason(
+                f"no {provider.name} connection to sync"
+                + (": " + "; ".join(skipped) if skipped else f" (none is connected: {connect_hint(provider)})")
+            )
+        for reason in skipped:  # the tick's log, beside its run requests
+            context.log.info(f"skipped {reason}")
         # The months holding the recent days (two around a month's start); the run syncs only those days.
         first_day = max(scheduled.date() - timedelta(days=RECENT_DAYS - 1), date.fromisoformat(sync_start_date()))
         months = (month_key(first_day), month_key(scheduled.date()))

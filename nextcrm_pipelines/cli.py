@@ -340,7 +340,8 @@ def webhooks_configure(connection_id: str, base_url: str) -> None:
 
 
 @webhooks_group.command("replay")
-@click.option("--provider", "provider_name", type=click.Choice(sorted(PROVIDERS)), help="Only this provider's events.")
+@click.option("--provider", "provider_name", help="Only this provider's events.",
+              type=click.Choice(sorted(name for name, p in PROVIDERS.items() if p.webhooks is not None)))  # fmt: skip
 @click.option("--connection", "connection_id", help="Only this connection's events.")
 @click.option("--event", "event_ids", multiple=True, help="Only these provider event ids (repeatable).")
 @click.option("--status", "statuses", multiple=True, default=("dead",), show_default=True,

@@ -391,3 +391,31 @@ def test_each_asset_shows_its_tables_columns_as_the_database_has_them(database_u
             ]
             assert [c.name for c in metadata["dagster/column_schema"].columns] == stored, table_name
             assert metadata["dagster/table_name"].endswith(f".{table_name}")
+
+
+def test_an_hourly_tick_with_nothing_to_sync_names_each_connection_and_what_brings_it_back(
+    database_url, schema, stripe_connection
+):
+    from nextcrm_pipelines.core import connections as vault
+
+    expired = stripe_connection("sk_test_expired", name="Expired Key")
+    off = stripe_connection("sk_test_off", name="Switched Off")
+    with psycopg.connect(database_url) as conn:
+        vault.set_status(conn, expired.id, "needs_reauth", "HTTP 401")
+        vault.set_status(conn, off.id, "disabled")
+    schedule = defs.resolve_schedule_def("stripe_hourly")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("stripe"), [expired.id, off.id])
+        with dg.build_schedule_context(
+            instance=instance,
+            scheduled_execution_time=datetime(2026, 11, 26, 14, 7, tzinfo=UTC),
+            resources={"mirror": defs.resources["mirror"]},
+            repository_def=defs.get_repository_def(),
+        ) as context:
+            result = schedule.evaluate_tick(context)
+    assert not result.run_requests
+    assert result.skip_message.startswith("no stripe connection to sync: ")
+    assert f"{expired.id}: needs_reauth, store a working key with `nextcrm-pipelines connections add" in (
+        result.skip_message
+    )
+    assert f"{off.id}: disabled, enable it with `nextcrm-pipelines connections enable {off.id}`" in result.skip_message

@@ -118,3 +118,9 @@ def test_a_secret_box_handed_to_a_helper_process_still_opens_what_it_sealed():
     sealed = SecretBox([old]).encrypt("stripe-acme", {"api_key": "sk_test_x"})
     box = pickle.loads(pickle.dumps(SecretBox([new, old])))
     assert box.decrypt("stripe-acme", sealed).get("api_key") == "sk_test_x"
+
+
+def test_webhook_replay_offers_only_providers_that_send_webhooks():
+    refused = CliRunner().invoke(main, ["webhooks", "replay", "--provider", "myob"])
+    assert refused.exit_code == 2 and "'myob' is not one of" in refused.output
+    assert "billionmail" not in CliRunner().invoke(main, ["webhooks", "replay", "--help"]).output

@@ -251,7 +251,7 @@ def _demo_progress(connection: Connection, result: dg.ExecuteInProcessResult, da
 @main.command("demo")
 @click.option("--days", default=DEMO_DAYS, show_default=True, help="How many recent days to materialise.")
 def demo(days: int) -> None:
-    """Embedded Postgres + sandbox + a demo Stripe connection; materialise recent days; print counts."""
+    """Embedded Postgres + sandbox + one demo account per provider (seven); sync recent days; print counts."""
     import dagster as dg
 
     from nextcrm_pipelines import environment

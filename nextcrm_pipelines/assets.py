@@ -21,20 +21,20 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import dagster as dg
+import psycopg
 
 from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import (
     ConnectionUnavailable,
     day_window,
-    rows_in,
     snapshot_window,
     sweep_connection,
     sync_partitions,
     windows_done,
     windows_held_whole,
 )
-from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow
+from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow, rows_created_in
 from nextcrm_pipelines.dagster_tables import table_metadata
 from nextcrm_pipelines.partitions import provider_partitions, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
@@ -203,54 +203,65 @@ def build_entity_asset(
         by_connection: dict[str, list[_Partition]] = defaultdict(list)
         for partition in planned:
             by_connection[partition.connection_id].append(partition)
-        for connection_id, partitions in sorted(by_connection.items()):
-            done = windows_done(url, schema, entity.name, connection_id, family) if entity.daily else set()
-            if since is not None and entity.daily:
-                done |= {w.start for p in partitions for w in p.windows if w.start.date() < since}
-            if recent and entity.daily:
-                starts = {w.start for p in partitions for w in p.windows}
-                done |= windows_held_whole(url, schema, entity.name, connection_id, starts)
-            todo = [(p, w) for p in partitions for w in p.windows if w.start not in done]
-            for partition in partitions:
-                partition.skipped = sum(w.start in done for w in partition.windows)
-            if not todo:
-                continue
-            try:
-                synced = sync_partitions(
-                    database_url=url, schema=schema, provider=provider, entity_name=entity.name,
-                    connection_id=connection_id, windows=[w for _, w in todo], partitions=[p.key for p, _ in todo],
-                    box=box, run_id=context.run.run_id, wait=False, opener=clients.opener(),
-                )  # fmt: skip
-                if not entity.daily and entity.name in provider.id_sweeps and synced[0].status != "failed":
-                    swept = sweep_connection(database_url=url, schema=schema, provider=provider,
-                                             entity_name=entity.name, connection_id=connection_id, box=box,
-                                             run_id=context.run.run_id, opener=clients.opener())  # fmt: skip
-                    context.log.info(f"{entity.name} {connection_id}: {swept.counts.updated} flagged deleted upstream")
-                    synced[0].counts.updated += swept.counts.updated
-            except NOT_RETRYABLE as exc:
-                if recent and isinstance(exc, ConnectionUnavailable):
-                    context.log.warning(f"{entity.name} {connection_id}: left for the next run - {exc}")
-                    for partition in partitions:
-                        partition.skipped = len(partition.windows)
-                    continue
+        # One autocommit session for the step's reads of the sync logs and row counts (each connection's
+        # sync opens its own): a block of 50 connections would otherwise open hundreds of sessions.
+        with psycopg.connect(url, autocommit=True) as reads:
+            for connection_id, partitions in sorted(by_connection.items()):
+                done = windows_done(reads, schema, entity.name, connection_id, family) if entity.daily else set()
+                if since is not None and entity.daily:
+                    done |= {w.start for p in partitions for w in p.windows if w.start.date() < since}
+                if recent and entity.daily:
+                    starts = {w.start for p in partitions for w in p.windows}
+                    done |= windows_held_whole(reads, schema, entity.name, connection_id, starts)
+                todo = [(p, w) for p in partitions for w in p.windows if w.start not in done]
                 for partition in partitions:
-                    partition.error, partition.retryable = str(exc), False
-                context.log.error(f"{entity.name} {connection_id}: {exc}")
-                continue
-            for (partition, _), result in zip(todo, synced, strict=True):
-                partition.results.append(result)
-                log = context.log.error if result.status == "failed" else context.log.info
-                log(f"{entity.name} {partition.key}: {describe_sync(result)}")
-            for partition in partitions:
-                if partition.results and not partition.failed:
-                    metadata = partition_metadata(partition.results)
-                    if partition.span is not None:  # the rows of the whole month, not only of the days synced now
-                        metadata["dagster/row_count"] = rows_in(url, schema, entity, connection_id, partition.span)
-                    yield dg.AssetMaterialization(
-                        asset_key=context.asset_key,
-                        partition=partition.key,
-                        metadata={**metadata, "days_synced": len(partition.results), "days_skipped": partition.skipped},
-                    )
+                    partition.skipped = sum(w.start in done for w in partition.windows)
+                if not todo:
+                    continue
+                try:
+                    synced = sync_partitions(
+                        database_url=url, schema=schema, provider=provider, entity_name=entity.name,
+                        connection_id=connection_id, windows=[w for _, w in todo], partitions=[p.key for p, _ in todo],
+                        box=box, run_id=context.run.run_id, wait=False, opener=clients.opener(),
+                    )  # fmt: skip
+                    if not entity.daily and entity.name in provider.id_sweeps and synced[0].status != "failed":
+                        swept = sweep_connection(database_url=url, schema=schema, provider=provider,
+                                                 entity_name=entity.name, connection_id=connection_id, box=box,
+                                                 run_id=context.run.run_id, opener=clients.opener())  # fmt: skip
+                        context.log.info(
+                            f"{entity.name} {connection_id}: {swept.counts.updated} flagged deleted upstream"
+                        )
+                        synced[0].counts.updated += swept.counts.updated
+                except NOT_RETRYABLE as exc:
+                    if recent and isinstance(exc, ConnectionUnavailable):
+                        context.log.warning(f"{entity.name} {connection_id}: left for the next run - {exc}")
+                        for partition in partitions:
+                            partition.skipped = len(partition.windows)
+                        continue
+                    for partition in partitions:
+                        partition.error, partition.retryable = str(exc), False
+                    context.log.error(f"{entity.name} {connection_id}: {exc}")
+                    continue
+                for (partition, _), result in zip(todo, synced, strict=True):
+                    partition.results.append(result)
+                    log = context.log.error if result.status == "failed" else context.log.info
+                    log(f"{entity.name} {partition.key}: {describe_sync(result)}")
+                for partition in partitions:
+                    if partition.results and not partition.failed:
+                        metadata = partition_metadata(partition.results)
+                        if partition.span is not None:  # the rows of the whole month, not only of the days synced now
+                            metadata["dagster/row_count"] = rows_created_in(
+                                reads, schema, entity, connection_id, partition.span
+                            )
+                        yield dg.AssetMaterialization(
+                            asset_key=context.asset_key,
+                            partition=partition.key,
+                            metadata={
+                                **metadata,
+                                "days_synced": len(partition.results),
+                                "days_skipped": partition.skipped,
+                            },
+                        )
         failed = [p for p in planned if p.failed]
         if failed:
             raise dg.Failure(

@@ -130,8 +130,9 @@ def _hourly_dates(instance: dg.DagsterInstance, when: datetime, database_url: st
     assert {request.tags[f"dagster/asset_partition_range_{edge}"].split("|")[1] for edge in ("start", "end")} == {
         month_key(d) for d in days
     }
-    held = windows_held_whole(database_url, schema, "stripe_payments", connection_id,
-                              [day_window(d).start for d in days])  # fmt: skip
+    with psycopg.connect(database_url) as conn:
+        held = windows_held_whole(conn, schema, "stripe_payments", connection_id,
+                                  [day_window(d).start for d in days])  # fmt: skip
     return [str(d) for d in days if day_window(d).start not in held]
 
 

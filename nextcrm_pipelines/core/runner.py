@@ -43,7 +43,6 @@ from nextcrm_pipelines.core.sync import (
     SyncResult,
     SyncWindow,
     close_abandoned_logs,
-    rows_created_in,
     sync_windows,
 )
 from nextcrm_pipelines.core.vault import SecretBox
@@ -131,54 +130,46 @@ def _holder(conn: psycopg.Connection, key: int) -> str:
 
 
 def windows_done(
-    database_url: str, schema: str, entity_name: str, connection_id: str, run_ids: Collection[str]
+    conn: psycopg.Connection, schema: str, entity_name: str, connection_id: str, run_ids: Collection[str]
 ) -> set[datetime]:
     """Start times of the windows of one connection's entity that a sync of one of `run_ids` finished
     (`success`, or `partial` with its lost records logged): a retry or re-execution skips them."""
     if not run_ids:
         return set()
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        rows = conn.execute(
-            sql.SQL(
-                "SELECT DISTINCT window_start FROM {} WHERE connection_id = %s AND asset = %s "
-                "AND run_id = ANY(%s) AND status IN ('success', 'partial')"
-            ).format(table("integration_sync_logs", schema)),
-            (connection_id, entity_name, list(run_ids)),
-        ).fetchall()
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT DISTINCT window_start FROM {} WHERE connection_id = %s AND asset = %s "
+            "AND run_id = ANY(%s) AND status IN ('success', 'partial')"
+        ).format(table("integration_sync_logs", schema)),
+        (connection_id, entity_name, list(run_ids)),
+    ).fetchall()
     return {row[0] for row in rows}
 
 
 def windows_held_whole(
-    database_url: str, schema: str, entity_name: str, connection_id: str, starts: Collection[datetime]
+    conn: psycopg.Connection, schema: str, entity_name: str, connection_id: str, starts: Collection[datetime]
 ) -> set[datetime]:
     """Which of the day windows starting at `starts` the mirror holds whole for one connection's entity:
     the newest finished sync of the day succeeded, began after the day ended and saw all of it (no
     reporting lag cut it short). The hourly runs skip those and sync the rest."""
     if not starts:
         return set()
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        rows = conn.execute(
-            sql.SQL(
-                """
-                SELECT window_start FROM (
-                    SELECT window_start, window_end, status, started_at,
-                           row_number() OVER (PARTITION BY window_start ORDER BY started_at DESC, id DESC) AS newest
-                    FROM {}
-                    WHERE connection_id = %s AND asset = %s AND status <> 'running' AND window_start = ANY(%s)
-                ) AS syncs
-                WHERE newest = 1 AND status = 'success'
-                  AND started_at >= window_start + interval '1 day' AND window_end >= window_start + interval '1 day'
-                """
-            ).format(table("integration_sync_logs", schema)),
-            (connection_id, entity_name, list(starts)),
-        ).fetchall()
+    rows = conn.execute(
+        sql.SQL(
+            """
+            SELECT window_start FROM (
+                SELECT window_start, window_end, status, started_at,
+                       row_number() OVER (PARTITION BY window_start ORDER BY started_at DESC, id DESC) AS newest
+                FROM {}
+                WHERE connection_id = %s AND asset = %s AND status <> 'running' AND window_start = ANY(%s)
+            ) AS syncs
+            WHERE newest = 1 AND status = 'success'
+              AND started_at >= window_start + interval '1 day' AND window_end >= window_start + interval '1 day'
+            """
+        ).format(table("integration_sync_logs", schema)),
+        (connection_id, entity_name, list(starts)),
+    ).fetchall()
     return {row[0] for row in rows}
-
-
-def rows_in(database_url: str, schema: str, entity: EntitySpec, connection_id: str, window: SyncWindow) -> int:
-    """Rows of one connection's entity whose partition column falls in `window`: a partition's row count."""
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        return rows_created_in(conn, schema, entity, connection_id, window)
 
 
 def database_now(database_url: str) -> datetime:

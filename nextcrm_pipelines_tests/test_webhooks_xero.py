@@ -10,6 +10,7 @@ runs Xero's intent-to-receive check against the real receiver, which a wrong web
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -179,8 +180,9 @@ def test_an_invoice_xero_no_longer_knows_is_flagged_deleted(hooked, sandbox):
     assert_mirror_equals_export(hook.account, hook.database_url, hook.schema)
 
 
-def test_intent_to_receive_passes_against_our_receiver_and_a_wrong_key_fails_it(hooked):
+def test_intent_to_receive_passes_against_our_receiver_and_a_wrong_key_fails_it(hooked, caplog):
     hook = hooked()
+    caplog.set_level(logging.INFO, logger="nextcrm_pipelines.webhooks.app")
     good = hook.subscribe()
     checks = good["intent_to_receive"]
     assert good["status"] == "OK" and all(c["passed"] for c in checks)
@@ -188,6 +190,11 @@ def test_intent_to_receive_passes_against_our_receiver_and_a_wrong_key_fails_it(
     assert {(c["signed"], c["status"]) for c in checks} == {("correctly", 200), ("incorrectly", 401)}
     assert sum(XERO_RETRY_DELAYS) / 3600 == pytest.approx(24, abs=0.5)
     assert hook.inbox() == []  # the empty-events payloads are answered, not stored
+    # The check is logged as what it is: Xero's deliberately mis-signed deliveries are not an attack.
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "nextcrm_pipelines.webhooks.app"]
+    assert said and all(level == logging.INFO and "intent-to-receive" in text for level, text in said), said
+    assert any("answered 401 as Xero expects" in text for _, text in said)
+    assert any("answered 200" in text for _, text in said)
 
     wrong = hook.subscribe(key="not-the-key-our-receiver-holds")
     assert (wrong["status"], wrong["enabled"]) == ("failed", False)

@@ -46,7 +46,7 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.vault import SecretBox, StaleKey, VaultError
 from nextcrm_pipelines.providers import PROVIDERS
-from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnavailable, VerifyContext
+from nextcrm_pipelines.webhooks.verify import InvalidSignature, VerificationUnavailable, VerifyContext, WebhookSpec
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ class _TooLarge(Exception):
 
 class _TooSlow(Exception):
     pass
+
+
+def _is_handshake(spec: WebhookSpec, body: bytes) -> bool:
+    """Whether a body is the provider's subscription check (Xero's intent-to-receive), not an event delivery."""
+    try:
+        return bool(spec.handshake(orjson.loads(body)))
+    except Exception:
+        return False
 
 
 def _reply(status: int, message: str | None = None) -> Response:
@@ -365,7 +373,14 @@ def build_app(
                     raise
                 await verify(spec, fresh, headers, body)
         except InvalidSignature as exc:
-            log.warning("webhook for %r refused: %s", connection_id, exc)
+            if entry is not None and entry.provider == name and _is_handshake(spec, body):
+                # Xero's intent-to-receive check sends some deliveries signed wrongly on purpose and expects 401.
+                log.info("%s intent-to-receive check for %r: a delivery not signed with the stored key, answered 401 "
+                         "as Xero expects for its deliberately mis-signed ones (if Xero reports the check failed, "
+                         "store the app's key with `nextcrm-pipelines webhooks configure %s`)",
+                         name, connection_id, connection_id)  # fmt: skip
+            else:
+                log.warning("webhook for %r refused: %s", connection_id, exc)
             return _reply(401, "invalid signature")
         except VerificationUnavailable as exc:
             log.warning("webhook for %r not verified yet: %s", connection_id, exc)
@@ -386,6 +401,8 @@ def build_app(
         try:
             payload = orjson.loads(body)
             if spec.handshake(payload):
+                log.info("%s intent-to-receive check for %r: a correctly signed delivery, answered 200", name,
+                         connection_id)  # fmt: skip
                 return _reply(200)
             events = spec.events(payload)
             if any(len(event.event_id) > MAX_EVENT_ID_CHARS for event in events):

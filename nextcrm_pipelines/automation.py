@@ -12,16 +12,18 @@
 
 import os
 from collections import defaultdict
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 import dagster as dg
 import psycopg
+from psycopg import sql
 from pydantic import Field
 
 from nextcrm_pipelines.assets import RECENT_DAYS, RECENT_SCOPE, SCOPE_TAG, describe_sync
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import database_now, reauth_hint, rows_changed_since, sweep_connection
 from nextcrm_pipelines.core.sync import EntitySpec
@@ -184,13 +186,39 @@ def materialize_changed_partitions(
     missing = sorted(set(connection_ids) - set(context.instance.get_dynamic_partitions(name)))
     if missing and changed:
         context.instance.add_dynamic_partitions(name, missing)
+    held = partition_row_counts(database_url, schema, entity, sorted({key.split("|")[0] for key in changed}))
     materialized = 0
     for key, count in sorted(changed.items()):
+        # The row count is what the partition holds now (as a sync reports it), beside what this run changed.
+        row_count = {"dagster/row_count": held.get(key, 0), "rows_changed": count}
         context.log_event(
-            dg.AssetMaterialization(asset_key=entity.name, partition=key, metadata={**metadata, "rows_changed": count})
+            dg.AssetMaterialization(asset_key=entity.name, partition=key, metadata={**metadata, **row_count})
         )
         materialized += 1
     return materialized
+
+
+def partition_row_counts(
+    database_url: str, schema: str, entity: EntitySpec, connection_ids: list[str]
+) -> dict[str, int]:
+    """Rows each partition of the connections holds (by month of the partition column, from the first day synced)."""
+    if not connection_ids:
+        return {}
+    if entity.daily:
+        first = datetime.combine(date.fromisoformat(sync_start_date()), time(), tzinfo=UTC)
+        query = sql.SQL(
+            "SELECT connection_id, to_char({c} AT TIME ZONE 'UTC', 'YYYY-MM-01'), count(*) FROM {t} "
+            "WHERE connection_id = ANY(%s) AND {c} >= %s GROUP BY 1, 2"
+        ).format(t=table(entity.table.name, schema), c=sql.Identifier(entity.partition_column))
+        params: tuple[Any, ...] = (connection_ids, first)
+    else:
+        query = sql.SQL("SELECT connection_id, NULL, count(*) FROM {} WHERE connection_id = ANY(%s) GROUP BY 1").format(
+            table(entity.table.name, schema)
+        )
+        params = (connection_ids,)
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(query, params).fetchall()
+    return {(f"{connection_id}|{key}" if entity.daily else connection_id): int(n) for connection_id, key, n in rows}
 
 
 def sweep_job_name(provider: str) -> str:

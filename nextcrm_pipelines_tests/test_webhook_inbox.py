@@ -144,6 +144,16 @@ def test_one_bad_event_fails_alone_and_unused_types_are_processed_and_counted(da
                                                              for d in days}  # fmt: skip
         assert {r.asset_materialization.metadata["source"].value for r in materialized} == {"webhooks"}
         assert sum(r.asset_materialization.metadata["rows_changed"].value for r in materialized) == 2
+        # The partition page's row count is the month's rows in the table, not what this run changed.
+        with psycopg.connect(database_url) as conn:
+            by_month = dict(conn.execute(
+                sql.SQL("SELECT to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-01'), count(*) FROM {} "
+                        "WHERE connection_id = %s GROUP BY 1").format(table("stripe_payments", schema)),
+                (connection_id,),
+            ).fetchall())  # fmt: skip
+        assert {r.partition_key: r.asset_materialization.metadata["dagster/row_count"].value for r in materialized} == {
+            f"{connection_id}|{month}": count for month, count in by_month.items()
+        }
     assert set(payments(database_url, schema)) == {"ch_good_1", "ch_good_2"}
     statuses = {event_id: (status, error) for event_id, _, status, _, error in inbox_rows(database_url, schema)}
     assert statuses["evt_good_1"] == ("processed", None) and statuses["evt_good_2"] == ("processed", None)

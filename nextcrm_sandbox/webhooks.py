@@ -210,6 +210,37 @@ class WebhookOutbox:
         if self._thread is not None:
             self._thread.join(timeout=self.timeout + 1)
 
+    # --- saved state (``sandbox.state``) ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Subscriptions, queued deliveries (due times relative to now) and attempts, taken under the lock so the
+        delivery thread cannot change them meanwhile; a delivery being sent at that moment is not kept."""
+        with self._cond:
+            state = {k: v for k, v in self.__dict__.items() if k not in ("_cond", "_thread", "_in_flight")}
+            now = time.monotonic()
+            state["_queue"] = [(d.due - now, d.seq, d.subscription, d.body, d.number) for d in self._queue]
+            state["_subscriptions"] = dict(self._subscriptions)
+            state["attempts"] = list(self.attempts)
+            state["_closed"] = False
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        now = time.monotonic()
+        queue = [_Delivery(now + max(0.0, left), seq, sub, body, number) for left, seq, sub, body, number in
+                 state.pop("_queue")]  # fmt: skip
+        self.__dict__.update(state)
+        heapq.heapify(queue)
+        self._queue = queue
+        self._cond = threading.Condition()
+        self._thread = None
+        self._in_flight = 0
+
+    def resume(self) -> None:
+        """Start sending the deliveries a restored outbox holds (once the whole sandbox is back)."""
+        with self._cond:
+            if self._queue and not self._closed:
+                self._start()
+
     # --- internals -------------------------------------------------------------------------------------
 
     def _subscription(self, sub_id: str) -> Subscription:

@@ -191,7 +191,11 @@ class MauticSandbox:
         self.by_route: Counter[str] = Counter()
         self.by_status: Counter[str] = Counter()
         self.total = 0
-        self.webhooks = MauticWebhooks(clock, lambda account: account in self.installations)
+        self.webhooks = MauticWebhooks(clock, self._known_account)
+
+    def _known_account(self, account: str) -> bool:
+        # A method, not a lambda: the webhooks keep it and are saved with the sandbox's state.
+        return account in self.installations
 
     # --- installations ------------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import itertools
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -75,8 +76,13 @@ def mautic_signature(secret: str, body: bytes) -> str:
     return base64.b64encode(hmac.new(secret.encode(), body, hashlib.sha256).digest()).decode()
 
 
+def _sign(secret: str, site_url: str, body: bytes, unix_now: int) -> dict[str, str]:
+    return {"Webhook-Signature": mautic_signature(secret, body), "X-Origin-Base-URL": site_url}
+
+
 def _signer(secret: str, site_url: str) -> Signer:
-    return lambda body, unix_now: {"Webhook-Signature": mautic_signature(secret, body), "X-Origin-Base-URL": site_url}
+    # A partial of a module function, not a closure: subscriptions are saved with the sandbox's state.
+    return partial(_sign, secret, site_url)
 
 
 @dataclass

@@ -32,6 +32,11 @@ class _App:
     def limits(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _APP_LIMIT_FIELDS}
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Saved with the sandbox's state (``sandbox.state``) with both windows closed: they are on this boot's
+        # monotonic clock, which a restored process (perhaps after a reboot) does not share.
+        return {**self.__dict__, "second_started": 0.0, "second_count": 0, "day_started": 0.0, "day_count": 0}
+
     def take(self) -> str | None:
         """Count one call in fixed real-time windows; ``"day"``/``"second"`` when a limit refuses it."""
         now = time.monotonic()

@@ -86,6 +86,10 @@ class _Window:
         self.start = -math.inf
         self.count = 0
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Saved with the sandbox's state (``sandbox.state``) closed: ``start`` is on this boot's monotonic clock.
+        return _Window, ()
+
     def take(self, limit: int, length: float, now: float) -> float | None:
         """Count one request; ``None`` if allowed, else seconds until the window resets."""
         if not limit:
@@ -222,6 +226,10 @@ class PayPalSandbox:
         self._hooks: dict[str, _Hook] = {}  # webhook id -> subscription
         self._events: dict[str, dict[str, bytes]] = {}  # account id -> event id -> the body as sent
         self._public: str | None = None  # this server's base URL, learnt from the requests it serves
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The saved state (``sandbox.state``) without this server's base URL: a restarted server learns its own."""
+        return {**self.__dict__, "_public": None}
 
     # --- accounts -----------------------------------------------------------------------------------------
 
@@ -620,12 +628,13 @@ class PayPalSandbox:
                 "PAYPAL-TRANSMISSION-SIG": signature, "PAYPAL-CERT-URL": self._cert_url(name),
                 "PAYPAL-AUTH-ALGO": AUTH_ALGO}  # fmt: skip
 
-    def _signer(self, webhook_id: str) -> Signer:
-        def sign(body: bytes, now: int) -> dict[str, str]:
-            hook = self._hooks.get(webhook_id)
-            return self.sign(body, webhook_id, now, hook.cert if hook else None)
+    def _sign_hook(self, webhook_id: str, body: bytes, now: int) -> dict[str, str]:
+        hook = self._hooks.get(webhook_id)
+        return self.sign(body, webhook_id, now, hook.cert if hook else None)
 
-        return sign
+    def _signer(self, webhook_id: str) -> Signer:
+        # A partial of a method, not a closure: subscriptions are saved with the sandbox's state.
+        return partial(self._sign_hook, webhook_id)
 
     def _new_hook(self, account_id: str, url: str, webhook_id: str | None, event_types: Any,
                   cert: str | None = None) -> _Hook:  # fmt: skip

@@ -11,6 +11,7 @@ import secrets
 import threading
 import zlib
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -31,6 +32,10 @@ class _Cert:
     pem: bytes
     key: rsa.RSAPrivateKey = field(repr=False)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # RSA keys do not pickle: the sandbox's saved state holds the key as PEM.
+        return _restore_cert, (self.name, self.kind, self.pem, _key_pem(self.key))
+
 
 class MessageCerts:
     """The sandbox's stand-in for PayPal's signing PKI: a CA of its own and leaf certificates for
@@ -48,6 +53,27 @@ class MessageCerts:
         self._leaf_key: rsa.RSAPrivateKey | None = None
         self.certs: dict[str, _Cert] = {}
         self.current = ""
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Keys and the CA as PEM (neither pickles) and no lock: the sandbox's state is saved with its certificates,
+        so a connection that trusts this CA keeps verifying deliveries after a restart."""
+        with self._lock:
+            state = {name: value for name, value in self.__dict__.items() if name != "_lock"}
+        for name in ("_ca_key", "_leaf_key"):
+            if state[name] is not None:
+                state[name] = _key_pem(state[name])
+        if state["_ca"] is not None:
+            state["_ca"] = state["_ca"].public_bytes(serialization.Encoding.PEM)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        for name in ("_ca_key", "_leaf_key"):
+            if state[name] is not None:
+                setattr(self, name, _load_key(state[name]))
+        if state["_ca"] is not None:
+            self._ca = x509.load_pem_x509_certificate(state["_ca"])
 
     def _ready(self) -> None:
         with self._lock:
@@ -133,6 +159,21 @@ class MessageCerts:
         except (binascii.Error, ValueError, InvalidSignature):
             return False
         return True
+
+
+def _key_pem(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+def _load_key(pem: bytes) -> rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    assert isinstance(key, rsa.RSAPrivateKey)
+    return key
+
+
+def _restore_cert(name: str, kind: str, pem: bytes, key_pem: bytes) -> _Cert:
+    return _Cert(name, kind, pem, _load_key(key_pem))
 
 
 # (days from now) validity of leaf certificates

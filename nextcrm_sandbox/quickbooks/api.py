@@ -92,6 +92,10 @@ class _Window:
         self.start = -math.inf
         self.count = 0
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Saved with the sandbox's state (``sandbox.state``) closed: ``start`` is on this boot's monotonic clock.
+        return _Window, ()
+
     def room(self, limit: int | None, length: float, now: float) -> bool:
         if not limit:
             return True
@@ -133,6 +137,10 @@ class _Runtime:
     peak_concurrency: int = 0
     requests: int = 0
     throttled: int = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A restored sandbox (``sandbox.state``) has no request in flight.
+        return {**self.__dict__, "active": 0}
 
 
 _TENANT_FIELDS = frozenset(

@@ -9,6 +9,7 @@ import hashlib
 import hmac
 import uuid
 from collections.abc import Sequence
+from functools import partial
 
 import orjson
 
@@ -66,11 +67,11 @@ def cloudevents_batches(company: QuickBooksCompany, changes: Sequence[DataChange
     return [orjson.dumps(events[i : i + step]) for i in range(0, len(events), step)]
 
 
+def _intuit_sign(key: bytes, body: bytes, at: int) -> dict[str, str]:
+    return {"intuit-signature": base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode()}
+
+
 def intuit_signer(verifier_token: str) -> Signer:
-    """``intuit-signature``: base64 HMAC-SHA256 of the exact body with the app's verifier token."""
-    key = verifier_token.encode()
-
-    def sign(body: bytes, at: int) -> dict[str, str]:
-        return {"intuit-signature": base64.b64encode(hmac.new(key, body, hashlib.sha256).digest()).decode()}
-
-    return sign
+    """``intuit-signature``: base64 HMAC-SHA256 of the exact body with the app's verifier token (a partial, not
+    a closure, so subscriptions are saved with the sandbox's state)."""
+    return partial(_intuit_sign, verifier_token.encode())

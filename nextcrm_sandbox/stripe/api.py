@@ -51,6 +51,11 @@ class _TokenBucket:
         self.tokens = self.capacity
         self.last = time.monotonic()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Saved with the sandbox's state (``sandbox.state``) as a full bucket: ``last`` is on this boot's
+        # monotonic clock, which a restored process (perhaps after a reboot) does not share.
+        return _TokenBucket, (self.rate,)
+
     def take(self) -> bool:
         if self.rate <= 0:
             return True

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Sequence
+from functools import partial
 
 from nextcrm_sandbox.webhooks import Signer
 
@@ -26,8 +27,10 @@ def stripe_signature(body: bytes, at: int, secrets: Sequence[str]) -> str:
     return ",".join([f"t={at}", *(f"v1={digest}" for digest in v1)])
 
 
-def _signer(secrets: tuple[str, ...], offset: int) -> Signer:
-    def sign(body: bytes, now: int) -> dict[str, str]:
-        return {"Stripe-Signature": stripe_signature(body, now + offset, secrets)}
+def _sign(secrets: tuple[str, ...], offset: int, body: bytes, now: int) -> dict[str, str]:
+    return {"Stripe-Signature": stripe_signature(body, now + offset, secrets)}
 
-    return sign
+
+def _signer(secrets: tuple[str, ...], offset: int) -> Signer:
+    # A partial of a module function, not a closure: subscriptions are saved with the sandbox's state.
+    return partial(_sign, secrets, offset)

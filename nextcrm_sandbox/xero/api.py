@@ -88,6 +88,10 @@ class _Window:
         self.start: float | None = None
         self.count = 0
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Saved with the sandbox's state (``sandbox.state``) closed: ``start`` is on this boot's monotonic clock.
+        return _Window, (self.limit, self.length)
+
     def _roll(self, t: float) -> None:
         if self.start is None or t - self.start >= self.length:
             self.start = t
@@ -135,6 +139,10 @@ class _TenantRuntime:
     requests: int = 0
     rate_limited: Counter[str] = field(default_factory=Counter)
     server_errors: int = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A restored sandbox (``sandbox.state``) has no request in flight.
+        return {**self.__dict__, "inflight": 0}
 
 
 @dataclass
@@ -206,10 +214,18 @@ class XeroSandbox:
         self.stats_by_status: Counter[str] = Counter()
         self.webhooks = XeroWebhooks(
             clock,
-            app_of_tenant=lambda tid: rt.tenant.client_id if (rt := self.tenants.get(tid.lower())) else None,
-            known_app=lambda client_id: client_id in self.oauth.clients,
+            app_of_tenant=self._app_of_tenant,
+            known_app=self._known_app,
             time_scale=webhook_time_scale,
         )
+
+    # Methods, not lambdas: the webhooks keep them and are saved with the sandbox's state.
+    def _app_of_tenant(self, tenant_id: str) -> str | None:
+        rt = self.tenants.get(tenant_id.lower())
+        return rt.tenant.client_id if rt else None
+
+    def _known_app(self, client_id: str) -> bool:
+        return client_id in self.oauth.clients
 
     # --- tenants ----------------------------------------------------------------------------------------
 

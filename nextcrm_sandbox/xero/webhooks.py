@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio.to_thread
@@ -89,8 +90,13 @@ def xero_signature(key: str, body: bytes) -> str:
     return base64.b64encode(hmac.new(key.encode(), body, hashlib.sha256).digest()).decode()
 
 
+def _sign(key: str, body: bytes, unix_now: int) -> dict[str, str]:
+    return {"x-xero-signature": xero_signature(key, body)}
+
+
 def _signer(key: str) -> Signer:
-    return lambda body, unix_now: {"x-xero-signature": xero_signature(key, body)}
+    # A partial of a module function, not a closure: subscriptions are saved with the sandbox's state.
+    return partial(_sign, key)
 
 
 def _event_date(ms: int) -> str:

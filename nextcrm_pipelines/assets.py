@@ -13,9 +13,10 @@ not wait for it inside a run slot; it reports that connection's partitions faile
 the run that holds it (a scheduled run leaves them to its next tick instead).
 """
 
+import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import dagster as dg
 import psycopg
 
-from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted
+from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, ProviderError
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import (
     ConnectionUnavailable,
@@ -34,11 +35,18 @@ from nextcrm_pipelines.core.runner import (
     windows_done,
     windows_held_whole,
 )
-from nextcrm_pipelines.core.sync import EntitySpec, SyncResult, SyncWindow, rows_created_in
+from nextcrm_pipelines.core.sync import EntitySpec, NotTried, SyncResult, SyncWindow, describe_result, rows_created_in
 from nextcrm_pipelines.dagster_tables import table_metadata
 from nextcrm_pipelines.partitions import provider_partitions, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
+# A sync step that failed for a reason a retry can fix (a provider's outage, 5xx beyond the HTTP client's
+# own retries, a lost database connection) runs again after about 30 s, 1.5 min and 3.5 min (+-30 s, so
+# the runs of many connections do not come back at once): about five minutes, the span of a provider's
+# usual brief outage. Each attempt fails fast when the provider cannot be reached at all (three connection
+# attempts within a few seconds, then the connection's other days are not tried), and says in the run's
+# log what failed and when the next attempt comes; the last names the cause. Days a retry finds finished
+# are not synced again, and the hourly schedule re-reads any day still not held whole.
 SYNC_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 # Set by the hourly schedule: the run keeps recent partitions current. It syncs only the days not yet
 # held whole (today, and days whose last sync failed, lost records or saw only part of the day), and
@@ -59,16 +67,64 @@ COUNTERS = (
 NOT_RETRYABLE = (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted)
 
 
-def describe_sync(result: SyncResult) -> str:
-    """One synced window as a log line: its status, counts, requests, window and error (never record contents)."""
-    counts, stats = result.counts, result.stats
-    return (
-        f"{result.status}, {result.total} records ({result.rows_in_window} in the window): {counts.inserted} inserted, "
-        f"{counts.updated} updated, {counts.unchanged} unchanged, {counts.failed} failed; {stats.requests} requests, "
-        f"{stats.retries} retries, {stats.rate_limit_waits} rate-limit waits; "
-        f"window {result.window.start.isoformat()} .. {result.window.end.isoformat()}, {result.duration:.1f} s"
-        + (f" - {result.error}" if result.error else "")
-    )
+def describe_sync(result: SyncResult, *, connection: bool = False) -> str:
+    """One synced window as a one-line sentence for the run's log, e.g. "2026-12-03 stripe_payments: 105
+    records (104 new, 1 unchanged), 3 requests, 0.4 s" (see `core.sync.describe_result`); `connection`
+    puts the connection id first, for runs that hold several connections."""
+    return describe_result(result, connection=connection)
+
+
+def _log_results(context: dg.AssetExecutionContext, results: list[SyncResult], connection: bool) -> None:
+    """Log each synced window in one line; a run of windows not tried (the provider was unreachable) in one."""
+    index = 0
+    while index < len(results):
+        result = results[index]
+        if not isinstance(result.exception, NotTried):
+            (context.log.error if result.status == "failed" else context.log.info)(
+                describe_sync(result, connection=connection)
+            )
+            index += 1
+            continue
+        end = index
+        while end + 1 < len(results) and isinstance(results[end + 1].exception, NotTried):
+            end += 1
+        first, last = result.window.start.date(), results[end].window.start.date()
+        when = f"{first} .. {last}" if end > index else str(first)
+        head = f"{result.connection_id} {when}" if connection else when
+        days = end - index + 1
+        context.log.error(f"{head} {result.entity}: FAILED: not tried ({days} day{'s' if days != 1 else ''}) "
+                          "after the provider could not be reached")  # fmt: skip
+        index = end + 1
+
+
+def _seconds(seconds: float) -> str:
+    """A wait in seconds, as a person would say it: "~0.2 s", "~43 s", "~3.5 min"."""
+    if seconds >= 120:
+        return f"~{seconds / 60:.1f} min"
+    return f"~{seconds:.0f} s" if seconds >= 10 else f"~{seconds:.1f} s"
+
+
+def _attempt_failed(context: dg.AssetExecutionContext, policy: dg.RetryPolicy | None, started: float, cause: str,
+                    metadata: Mapping[str, Any] | None = None, retryable: bool = True,
+                    advice: str = "") -> Exception:  # fmt: skip
+    """What ends a failed attempt of a sync step (begun at `started`, `time.monotonic()`), in place of
+    Dagster's own retry: with attempts left, a `RetryRequested` after logging "attempt 1 of 4 failed after
+    1.6 s: <cause>; next attempt in ~30 s" (the wait drawn from `policy` as Dagster would); otherwise the
+    final `Failure`, which names the cause (Dagster's policy would end with only "Exceeded max_retries"),
+    followed by `advice` (what the user can do)."""
+    attempt = context.retry_number + 1
+    attempts = policy.max_retries + 1 if policy is not None else 1
+    took = f"after {time.monotonic() - started:.1f} s"
+    if retryable and attempt < attempts:
+        assert policy is not None
+        wait = policy.calculate_delay(attempt)
+        context.log.warning(f"attempt {attempt} of {attempts} failed {took}: {cause}; next attempt in {_seconds(wait)}")
+        retry = dg.RetryRequested(max_retries=policy.max_retries, seconds_to_wait=wait)
+        retry.__cause__ = dg.Failure(cause, metadata=metadata)
+        return retry
+    if attempts > 1 and (retryable or attempt > 1):
+        cause = f"attempt {attempt} of {attempts} failed {took}: {cause}"
+    return dg.Failure(cause + advice, metadata=metadata, allow_retries=False)
 
 
 def partition_metadata(results: list[SyncResult]) -> dict[str, Any]:
@@ -110,8 +166,21 @@ class _Partition:
         return self.error is not None or any(r.status == "failed" for r in self.results)
 
     def reason(self) -> str:
-        errors = [f"{r.window.start.date()}: {r.error}" for r in self.results if r.status == "failed"]
-        return self.error or "; ".join(errors)
+        """Why the partition failed: each failed day and its cause; the days not tried after the provider
+        could not be reached are counted, not listed."""
+        if self.error:
+            return self.error
+        failed = [r for r in self.results if r.status == "failed"]
+        errors = [f"{r.window.start.date()}: {_cause(r)}" for r in failed if not isinstance(r.exception, NotTried)]
+        not_tried = sum(isinstance(r.exception, NotTried) for r in failed)
+        if not_tried:
+            errors.append(f"{not_tried} more day{'s' if not_tried != 1 else ''} not tried")
+        return "; ".join(errors)
+
+
+def _cause(result: SyncResult) -> str:
+    """A failed window's error as raised (it names provider, connection and cause), else as logged."""
+    return str(result.exception) if result.exception is not None else str(result.error)
 
 
 def _planned(partitions_def: dg.PartitionsDefinition, entity: EntitySpec, keys: list[str]) -> list[_Partition]:
@@ -195,6 +264,31 @@ def build_entity_asset(
     def _sync(
         context: dg.AssetExecutionContext, mirror: MirrorDatabase, clients: ProviderClients
     ) -> Iterator[dg.AssetMaterialization]:
+        started = time.monotonic()
+        try:
+            planned = yield from _sync_step(context, mirror, clients)
+        except (dg.Failure, dg.RetryRequested, dg.DagsterError):
+            raise
+        except Exception as exc:  # a lost database, a helper process that died: retried like a provider's outage
+            raise _attempt_failed(context, retry_policy, started, f"{type(exc).__name__}: {exc}") from exc
+        failed = [p for p in planned if p.failed]
+        if failed:
+            cause = f"{len(failed)} of {len(planned)} partition(s) failed: " + "; ".join(
+                f"{p.key}: {p.reason()}" for p in failed[:5]
+            )
+            others = "the other partitions are materialised, " if len(failed) < len(planned) else ""
+            raise _attempt_failed(
+                context, retry_policy, started, cause,
+                metadata={"failed_partitions": ", ".join(p.key for p in failed[:100])},
+                retryable=any(p.retryable for p in failed),
+                advice=f" ({others}committed data stays; re-execute from failure to sync only what failed)",
+            )  # fmt: skip
+
+    def _sync_step(
+        context: dg.AssetExecutionContext, mirror: MirrorDatabase, clients: ProviderClients
+    ) -> Generator[dg.AssetMaterialization, None, list[_Partition]]:
+        """Sync the run's partitions, connection by connection, materialising each partition as it is
+        done; returns them all, the failed ones with their causes."""
         url, schema, box = mirror.url(), mirror.schema(), mirror.secret_box()
         recent = context.run.tags.get(SCOPE_TAG) == RECENT_SCOPE
         since = run_since(context.run.tags, datetime.now(UTC).date())
@@ -203,6 +297,8 @@ def build_entity_asset(
         by_connection: dict[str, list[_Partition]] = defaultdict(list)
         for partition in planned:
             by_connection[partition.connection_id].append(partition)
+        # Log lines name the connection only when the run holds several.
+        several = len(by_connection) > 1
         # One autocommit session for the step's reads of the sync logs and row counts (each connection's
         # sync opens its own): a block of 50 connections would otherwise open hundreds of sessions.
         with psycopg.connect(url, autocommit=True) as reads:
@@ -242,10 +338,14 @@ def build_entity_asset(
                         partition.error, partition.retryable = str(exc), False
                     context.log.error(f"{entity.name} {connection_id}: {exc}")
                     continue
+                except ProviderError as exc:  # before any window (a client that could not open): retryable
+                    for partition in partitions:
+                        partition.error = str(exc)
+                    context.log.error(f"{entity.name} {connection_id}: {exc}")
+                    continue
                 for (partition, _), result in zip(todo, synced, strict=True):
                     partition.results.append(result)
-                    log = context.log.error if result.status == "failed" else context.log.info
-                    log(f"{entity.name} {partition.key}: {describe_sync(result)}")
+                _log_results(context, synced, several)
                 for partition in partitions:
                     if partition.results and not partition.failed:
                         metadata = partition_metadata(partition.results)
@@ -262,15 +362,7 @@ def build_entity_asset(
                                 "days_skipped": partition.skipped,
                             },
                         )
-        failed = [p for p in planned if p.failed]
-        if failed:
-            raise dg.Failure(
-                f"{len(failed)} of {len(planned)} partition(s) failed; the others are materialised and committed "
-                "data stays; re-execute from failure to sync only what failed: "
-                + "; ".join(f"{p.key}: {p.reason()}" for p in failed[:5]),
-                metadata={"failed_partitions": ", ".join(p.key for p in failed[:100])},
-                allow_retries=any(p.retryable for p in failed),
-            )
+        return planned
 
     return _sync
 

@@ -27,6 +27,7 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import database_now, reauth_hint, rows_changed_since, sweep_connection
 from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.health import health_tick
 from nextcrm_pipelines.partitions import connections_partitions_name, month_key, partition_key_of, sync_start_date
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
@@ -140,26 +141,51 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
     return _hourly
 
 
+# Partition keys named at most in one tick's log line (the rest are counted).
+NAMED_KEYS = 20
+
+
+def _keys(keys: list[str]) -> str:
+    named = ", ".join(repr(key) for key in keys[:NAMED_KEYS])
+    return named + (f" and {len(keys) - NAMED_KEYS} more" if len(keys) > NAMED_KEYS else "")
+
+
 def build_connections_sensor(providers: list[Provider]) -> dg.SensorDefinition:
+    """Keeps the connection partitions equal to `integration_connections` (saying what it added and removed, and
+    why) and records each connection's health when it changes (see `nextcrm_pipelines.health`)."""
+
     @dg.sensor(
         name="connections_sensor",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Keep each provider's connection partitions in step with integration_connections.",
+        description="Keep each provider's connection partitions in step with integration_connections, and record "
+        "each connection's health (<provider>_connection_health) when it changes.",
     )
     def _connections(context: dg.SensorEvaluationContext, mirror: MirrorDatabase) -> dg.SensorResult:
         with psycopg.connect(mirror.url()) as conn:
             stored = vault.list_connections(conn)
         requests: list[dg.AddDynamicPartitionsRequest | dg.DeleteDynamicPartitionsRequest] = []
+        notes = []
         for provider in providers:
             name = connections_partitions_name(provider.name)
             wanted = {c.id for c in stored if c.provider == provider.name}
             present = set(context.instance.get_dynamic_partitions(name))
-            if wanted - present:
-                requests.append(dg.AddDynamicPartitionsRequest(name, sorted(wanted - present)))
-            if present - wanted:
-                requests.append(dg.DeleteDynamicPartitionsRequest(name, sorted(present - wanted)))
-        return dg.SensorResult(dynamic_partitions_requests=requests)
+            added, removed = sorted(wanted - present), sorted(present - wanted)
+            if added:
+                requests.append(dg.AddDynamicPartitionsRequest(name, added))
+                notes.append(f"added {len(added)} partition(s) to {name} for new connections: {_keys(added)}")
+            if removed:
+                # A key typed into the UI's "add partition" dialog is no connection: nothing could sync it.
+                requests.append(dg.DeleteDynamicPartitionsRequest(name, removed))
+                notes.append(f"removed partition(s) {_keys(removed)} from {name}: no such {provider.name} connection; "
+                             f"add connections with `nextcrm-pipelines connections add` or `connect`, not the "
+                             f"partition dialog")  # fmt: skip
+        health = health_tick(context.instance, providers, stored, context.cursor)
+        for note in notes + health.notes:
+            context.log.info(note)
+        summary = "; ".join(notes + health.notes) or f"no change ({len(stored)} connection(s))"
+        return dg.SensorResult(dynamic_partitions_requests=requests, asset_events=health.events,
+                               cursor=health.cursor, skip_reason=summary)  # fmt: skip
 
     return _connections
 
@@ -247,7 +273,7 @@ def build_sweep_job(provider: Provider) -> dg.JobDefinition:
                     failures.append(f"{connection.id}: {exc}")
                     continue
                 flagged += result.counts.updated
-                context.log.info(f"{entity_name} sweep of {connection.id}: {result.summary()}")
+                context.log.info(f"sweep: {describe_sync(result, connection=True)}")
                 materialize_changed_partitions(
                     context, provider, provider.entity(entity_name), [connection.id], since, url, schema,
                     {"source": "deletion sweep", "ids_listed": result.total, "sync_log_id": result.sync_log_id},
@@ -323,7 +349,7 @@ def build_webhook_job(provider: Provider) -> dg.JobDefinition:
                                 run_id=context.run_id, limit=config.max_events, box=mirror.secret_box(),
                                 opener=clients.opener())  # fmt: skip
         for result in outcome.results:
-            context.log.info(f"{result.entity} {result.connection_id}: {describe_sync(result)}")
+            context.log.info(describe_sync(result, connection=True))
         counts = outcome.counts
         metadata = {"processed": outcome.processed, "failed": outcome.failed, "dead": outcome.dead,
                     "held": outcome.held, "skipped_types": outcome.skipped, "inserted": counts.inserted,

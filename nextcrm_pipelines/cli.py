@@ -20,7 +20,7 @@ from nextcrm_pipelines.core.vault import SecretBox, VaultError
 from nextcrm_pipelines.providers import PROVIDERS, get_provider
 
 if TYPE_CHECKING:
-    pass
+    from nextcrm_pipelines.core.provider import Provider
 
 
 def _fail(message: str) -> None:
@@ -97,6 +97,23 @@ def connections_group() -> None:
     """Connected provider accounts (secrets encrypted at rest)."""
 
 
+def _read_secrets(spec: Provider) -> dict[str, str]:
+    """The provider's secret fields from their environment variables, else a hidden prompt (optional ones
+    only from the environment), with its fixed secrets."""
+    secrets: dict[str, str] = {}
+    for field in spec.secret_fields:
+        value = os.environ.get(field.env_var)
+        if not value and field.optional:
+            continue
+        if not value:
+            if not sys.stdin.isatty():
+                _fail(f"set {field.env_var} (or run interactively to be prompted)")
+            value = click.prompt(field.prompt, hide_input=True)
+        secrets[field.name] = value.strip()
+    secrets.update(spec.fixed_secrets)
+    return secrets
+
+
 @connections_group.command("add")
 @click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.secret_fields)))
 @click.option("--name", "display_name", required=True, help="Display name of the account.")
@@ -109,17 +126,7 @@ def connections_add(provider: str, display_name: str, external_tenant: str | Non
     from nextcrm_pipelines import environment
 
     spec = get_provider(provider)
-    secrets: dict[str, str] = {}
-    for field in spec.secret_fields:
-        value = os.environ.get(field.env_var)
-        if not value and field.optional:
-            continue
-        if not value:
-            if not sys.stdin.isatty():
-                _fail(f"set {field.env_var} (or run interactively to be prompted)")
-            value = click.prompt(field.prompt, hide_input=True)
-        secrets[field.name] = value.strip()
-    secrets.update(spec.fixed_secrets)
+    secrets = _read_secrets(spec)
     if spec.base_url_env and not base_url:
         base_url = os.environ.get(spec.base_url_env, "").strip() or None
         if not base_url:
@@ -199,19 +206,65 @@ def connect_command(provider: str, display_name: str | None, base_url: str | Non
 
 @connections_group.command("list")
 def connections_list() -> None:
-    """List connections and their sync state (never their secrets)."""
+    """List connections, their sync state and, for one that cannot sync, the command that fixes it (never secrets)."""
     from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core.runner import reauth_hint
 
     env = environment.prepare()
     with psycopg.connect(env.database_url) as conn:
         rows = vault.list_connections(conn)
     if not rows:
-        click.echo("no connections yet: add one with `nextcrm-pipelines connections add stripe --name ...`")
+        click.echo("no connections yet: add one with `nextcrm-pipelines connections add stripe --name ...` "
+                   "or `nextcrm-pipelines connect xero`")  # fmt: skip
         return
-    click.echo(f"{'id':32} {'provider':10} {'status':13} {'last sync':10} {'last synced at':25} error")
+    width = min(max(len(c.id) for c in rows), 40)
+    named = min(max(len(c.display_name) for c in rows), 30)
+    click.echo(f"{'id':{width}} {'name':{named}} {'provider':11} {'status':13} {'last sync':12} "
+               f"{'last synced at':25} error / fix")  # fmt: skip
     for c in rows:
         synced = c.last_synced_at.isoformat(timespec="seconds") if c.last_synced_at else "-"
-        click.echo(f"{c.id:32} {c.provider:10} {c.status:13} {c.sync_status:10} {synced:25} {c.last_error or ''}")
+        # The stored error's cause, and the one command that fixes this connection now.
+        fix = {"needs_reauth": reauth_hint(get_provider(c.provider), c),
+               "disabled": f"enable it with `{vault.enable_command(c.id)}`"}.get(c.status)  # fmt: skip
+        note = "; ".join(part for part in (vault.error_cause(c.last_error), fix) if part)
+        name = c.display_name if len(c.display_name) <= named else c.display_name[: named - 1] + "~"
+        click.echo(f"{c.id:{width}} {name:{named}} {c.provider:11} {c.status:13} {c.sync_status:12} {synced:25} "
+                   f"{note}")  # fmt: skip
+
+
+@connections_group.command("set-secret")
+@click.argument("connection_id")
+def connections_set_secret(connection_id: str) -> None:
+    """Store new credentials in a connection (API key, login or client credentials) and make it active again.
+
+    Reads the provider's secret fields like `connections add` does (environment variables, else a hidden
+    prompt) and updates this connection's row: its id, name, settings and history stay.
+    """
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core.oauth import TOKEN_FIELDS
+    from nextcrm_pipelines.core.runner import authorised_in_browser, reauth_command
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        try:
+            connection = vault.get_connection(conn, connection_id)
+        except vault.ConnectionNotFound as exc:
+            _fail(str(exc))
+            raise
+    spec = get_provider(connection.provider)
+    if not spec.secret_fields or authorised_in_browser(spec, connection):
+        _fail(f"connection {connection_id} was authorised in a browser: re-authorise it with "
+              f"`{reauth_command(spec, connection)}`")  # fmt: skip
+    secrets, box = _read_secrets(spec), _box()
+    with psycopg.connect(env.database_url) as conn:
+        # A token the old credentials got is dropped: the next sync asks for one with the new ones.
+        updated = vault.replace_credentials(conn, connection_id, secrets, box, drop=TOKEN_FIELDS)
+    if updated.status == "active":
+        click.echo(f"stored new credentials for {connection_id} ({updated.provider}, {updated.display_name!r}); "
+                   "it is active, its error cleared, and the next sync uses them")  # fmt: skip
+    else:
+        click.echo(f"stored new credentials for {connection_id}; it stays {updated.status} "
+                   f"(`{vault.enable_command(connection_id)}` resumes its syncs)")  # fmt: skip
 
 
 def _set_status(connection_id: str, status: str) -> None:
@@ -373,6 +426,7 @@ def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: da
     """Sync days of one connection outside Dagster (same engine, same sync logs)."""
     from nextcrm_pipelines import environment
     from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.core.sync import describe_result
     from nextcrm_pipelines.partitions import partition_key_of
 
     env = environment.prepare()
@@ -388,8 +442,8 @@ def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: da
             connection_id=connection_id, windows=[day_window(d) for d in days],
             partitions=[partition_key_of(provider.daily, connection_id, d) for d in days],
         )  # fmt: skip
-        for day, result in zip(days, results, strict=True):
-            click.echo(f"{name} {day}: {result.summary()}" + (f" - {result.error}" if result.error else ""))
+        for result in results:
+            click.echo(describe_result(result))  # the line a Dagster run logs for the day
             failed += result.status == "failed"
     if failed:
         _fail(f"{failed} partition(s) failed; committed data stays, re-run to finish")

@@ -14,6 +14,7 @@ from nextcrm_pipelines.automation import (
     build_webhook_job,
     build_webhook_sensor,
 )
+from nextcrm_pipelines.health import build_health_asset, build_health_check
 from nextcrm_pipelines.providers import PROVIDERS
 from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 
@@ -21,7 +22,8 @@ from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 def build_definitions(
     clients: ProviderClients | None = None, retry_policy: dg.RetryPolicy | None = SYNC_RETRY_POLICY
 ) -> dg.Definitions:
-    """Every provider's assets, jobs, schedules and sensors, sharing the `mirror` and `clients` resources.
+    """Every provider's assets (and its connection health with its check), jobs, schedules and sensors, sharing
+    the `mirror` and `clients` resources.
 
     Callers take jobs, schedules and sensors with `defs.resolve_job_def` (and `resolve_*_def`): the sync
     jobs are asset jobs that only the resolved repository holds as `JobDefinition`s. `clients` replaces the
@@ -31,7 +33,9 @@ def build_definitions(
     swept = [p for p in providers if p.id_sweeps and p.daily]
     applied = [p for p in providers if p.webhooks is not None and p.webhooks.apply is not None]
     return dg.Definitions(
-        assets=[a for p in providers for a in build_provider_assets(p, retry_policy)],
+        assets=[a for p in providers for a in build_provider_assets(p, retry_policy)]
+        + [build_health_asset(p) for p in providers],
+        asset_checks=[build_health_check(p) for p in providers],
         jobs=[build_sync_job(p) for p in providers]
         + [build_sweep_job(p) for p in swept]
         + [build_webhook_job(p) for p in applied],

@@ -135,4 +135,6 @@ def test_refused_credentials_mark_the_connection_with_the_fix(
     assert leaked not in str(failure.value)
     with psycopg.connect(database_url) as conn:
         stored = vault.get_connection(conn, connection.id)
-    assert stored.status == "needs_reauth" and f"{name} --name" in stored.last_error and leaked not in stored.last_error
+    fix = f"`nextcrm-pipelines connections set-secret {connection.id}`"  # its own row, not a second connection
+    assert stored.status == "needs_reauth" and stored.last_error.endswith(fix) and leaked not in stored.last_error
+    assert stored.last_error.count("nextcrm-pipelines") == 1

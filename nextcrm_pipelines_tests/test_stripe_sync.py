@@ -597,14 +597,16 @@ def test_wrong_api_key_fails_with_a_clear_message_and_marks_the_connection(
         sync_days(database_url, schema, connection.id, "stripe_payments", days_back(sandbox_now(sandbox).date(), 0))
     message = str(failure.value)
     assert "stripe connection 'stripe-acme'" in message and "HTTP 401" in message
-    assert "connections add stripe" in message
+    # One hint, the one that fixes this connection (a second `connections add` would make another connection).
+    assert message.endswith("; store working credentials with `nextcrm-pipelines connections set-secret stripe-acme`")
+    assert message.count("nextcrm-pipelines") == 1
     assert "sk_test_this_key_is_wrong_12345" not in message and "2345" not in message
     with psycopg.connect(database_url) as conn:
         status, error = conn.execute(
             sql.SQL("SELECT status, last_error FROM {} WHERE id = %s").format(table("integration_connections", schema)),
             (connection.id,),
         ).fetchone()
-    assert status == "needs_reauth" and "HTTP 401" in error
+    assert status == "needs_reauth" and error == message  # the cause and its one fix
 
 
 def test_a_wrong_key_met_by_a_helper_process_fails_the_same_way(database_url, schema, sandbox, stripe_connection):

@@ -206,27 +206,38 @@ def connect(
     connections = []
     with psycopg.connect(libpq_url(database_url)) as conn:
         for tenant in tenants:
-            display = tenant.name if not name else name if len(tenants) == 1 else f"{name} - {tenant.name}"
-            try:
-                held = vault.get_connection(conn, vault.connection_id_for(spec.provider, display))
-            except vault.ConnectionNotFound:
-                held = None
-            if held is not None and held.external_tenant not in (None, tenant.external_id):
-                raise ConnectError(
-                    f"connection {held.id!r} already belongs to another {spec.provider} tenant "
-                    f"({held.external_tenant}); choose another name with --name"
+            # Re-authorising an account updates its connections (matched by tenant and API address), keeping
+            # their ids (the partition keys), names and settings; a new account gets a connection of its own.
+            # A name given (the hints give the connection's own) picks that one; another name is a new connection.
+            held = vault.connections_of_tenant(conn, spec.provider, tenant.external_id, base_url)
+            if name and len(tenants) == 1:
+                held = [c for c in held if c.display_name == name]
+            targets = [(c.id, c.display_name, c.settings) for c in held]
+            if not held:
+                display = tenant.name if not name else name if len(tenants) == 1 else f"{name} - {tenant.name}"
+                try:
+                    named = vault.get_connection(conn, vault.connection_id_for(spec.provider, display))
+                except vault.ConnectionNotFound:
+                    named = None
+                if named is not None and named.external_tenant not in (None, tenant.external_id):
+                    raise ConnectError(
+                        f"connection {named.id!r} already belongs to another {spec.provider} tenant "
+                        f"({named.external_tenant}); choose another name with --name"
+                    )
+                targets = [(None, display, named.settings if named is not None else {})]
+            for connection_id, display, kept in targets:
+                connections.append(
+                    vault.add_connection(
+                        conn,
+                        provider=spec.provider,
+                        display_name=display,
+                        secrets={**app.secrets(), **stored, **tenant.secrets},
+                        box=box,
+                        external_tenant=tenant.external_id,
+                        base_url=base_url,
+                        settings={**kept, **(connection_settings or {}), **tenant.settings, "token_group": group},
+                        connection_id=connection_id,
+                        token_expires_at=datetime.fromtimestamp(expires, UTC) if expires else None,
+                    )
                 )
-            connections.append(
-                vault.add_connection(
-                    conn,
-                    provider=spec.provider,
-                    display_name=display,
-                    secrets={**app.secrets(), **stored, **tenant.secrets},
-                    box=box,
-                    external_tenant=tenant.external_id,
-                    base_url=base_url,
-                    settings={**(connection_settings or {}), **tenant.settings, "token_group": group},
-                    token_expires_at=datetime.fromtimestamp(expires, UTC) if expires else None,
-                )
-            )
     return connections

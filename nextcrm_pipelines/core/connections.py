@@ -11,6 +11,8 @@ encrypted under a key that a finished rotation lets the operator drop.
 from __future__ import annotations
 
 import re
+import shlex
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -50,6 +52,47 @@ class Connection:
     token_version: int = 0
     token_expires_at: datetime | None = None
     created_at: datetime | None = None
+
+
+# Every command that fixes a connection starts so; a stored error holds at most one of them (see `error_cause`).
+COMMAND = "nextcrm-pipelines"
+_FIX_MARK = f"`{COMMAND} "
+
+
+def set_secret_command(connection_id: str) -> str:
+    """The command that stores new credentials (API key, login, client credentials) in this connection's row."""
+    return f"{COMMAND} connections set-secret {shlex.quote(connection_id)}"
+
+
+def enable_command(connection_id: str) -> str:
+    """The command that resumes syncing a disabled connection."""
+    return f"{COMMAND} connections enable {shlex.quote(connection_id)}"
+
+
+def connect_command(connection: Connection) -> str:
+    """The OAuth flow that re-authorises this connection: `connect` updates the row of the tenant the grant
+    reaches (see `core.connect`), keeping its id; the name and base URL keep it on the same account."""
+    command = f"{COMMAND} connect {connection.provider} --name {shlex.quote(connection.display_name)}"
+    return command + (f" --base-url {shlex.quote(connection.base_url)}" if connection.base_url else "")
+
+
+def fix_hint(command: str, by_browser: bool) -> str:
+    """The one hint a stored error of a refused connection ends with."""
+    return f"reconnect with `{command}`" if by_browser else f"store working credentials with `{command}`"
+
+
+def error_cause(message: str | None) -> str | None:
+    """A stored error without the hints it carries (`cause; store ... with `command``): the cause alone, so a
+    caller can add the one hint that fixes the connection now (rows written before may hold several)."""
+    if not message:
+        return message
+    parts = [part for part in message.split("; ") if _FIX_MARK not in part]
+    return "; ".join(parts) or None
+
+
+def has_fix(message: str | None) -> bool:
+    """Whether a stored error already names the command that fixes its connection."""
+    return bool(message) and _FIX_MARK in message
 
 
 def slugify(text: str) -> str:
@@ -171,6 +214,27 @@ def load_secrets(conn: psycopg.Connection, connection_id: str, box: SecretBox) -
 def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[str, str], box: SecretBox) -> None:
     """Merge `updates` into a connection's stored secrets under the row lock token refreshes take,
     so a refresh running at the same time is neither lost nor overwritten; commits."""
+    _write_secrets(conn, connection_id, updates, box)
+
+
+def replace_credentials(
+    conn: psycopg.Connection, connection_id: str, updates: dict[str, str], box: SecretBox, drop: Collection[str] = ()
+) -> Connection:
+    """Store new credentials in a connection's own row (`connections set-secret`): merge `updates` into its
+    secrets, forget `drop` (a cached token of the old credentials), clear its last error and make a
+    `needs_reauth` connection active again (a disabled one stays disabled); commits. Returns it as stored."""
+    _write_secrets(conn, connection_id, updates, box, drop=drop, reactivate=True)
+    return get_connection(conn, connection_id)
+
+
+def _write_secrets(
+    conn: psycopg.Connection,
+    connection_id: str,
+    updates: dict[str, str],
+    box: SecretBox,
+    drop: Collection[str] = (),
+    reactivate: bool = False,
+) -> None:
     t = table("integration_connections")
     under = lock_current_key(conn, box)
     row = conn.execute(sql.SQL("SELECT secrets_encrypted FROM {t} WHERE id = %s FOR UPDATE").format(t=t),
@@ -179,9 +243,35 @@ def update_secrets(conn: psycopg.Connection, connection_id: str, updates: dict[s
         conn.rollback()
         raise ConnectionNotFound(f"no connection {connection_id!r}")
     current = dict(box.decrypt(connection_id, row[0]).reveal()) if row[0] else {}
-    conn.execute(sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(t=t),
-                 (box.encrypt(connection_id, {**current, **updates}, under), connection_id))  # fmt: skip
+    merged = {name: value for name, value in {**current, **updates}.items() if name not in drop or name in updates}
+    sealed = box.encrypt(connection_id, merged, under)
+    if reactivate:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {t} SET secrets_encrypted = %s, last_error = NULL, token_version = token_version + 1, "
+                "status = CASE WHEN status = 'needs_reauth' THEN 'active' ELSE status END, updated_at = now() "
+                "WHERE id = %s"
+            ).format(t=t),
+            (sealed, connection_id),
+        )
+    else:
+        conn.execute(sql.SQL("UPDATE {t} SET secrets_encrypted = %s, updated_at = now() WHERE id = %s").format(t=t),
+                     (sealed, connection_id))  # fmt: skip
     conn.commit()
+
+
+def connections_of_tenant(
+    conn: psycopg.Connection, provider: str, external_tenant: str, base_url: str | None
+) -> list[Connection]:
+    """The connections of one provider account (tenant) at one API address: what re-authorising it updates."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT {cols} FROM {t} WHERE provider = %s AND external_tenant = %s "
+            "AND base_url IS NOT DISTINCT FROM %s ORDER BY created_at, id"
+        ).format(cols=sql.SQL(_COLUMNS), t=table("integration_connections")),
+        (provider, external_tenant, base_url),
+    ).fetchall()
+    return [Connection(*row) for row in rows]
 
 
 def merge_settings(conn: psycopg.Connection, connection_id: str, updates: dict[str, Any]) -> None:
@@ -190,6 +280,21 @@ def merge_settings(conn: psycopg.Connection, connection_id: str, updates: dict[s
         sql.SQL("UPDATE {t} SET settings = settings || %s, updated_at = now() WHERE id = %s").format(
             t=table("integration_connections")),
         (Jsonb(updates), connection_id),
+    ).rowcount  # fmt: skip
+    conn.commit()
+    if not done:
+        raise ConnectionNotFound(f"no connection {connection_id!r}")
+
+
+def set_base_url(
+    conn: psycopg.Connection, connection_id: str, base_url: str, external_tenant: str | None = None
+) -> None:
+    """Point a connection at another address of the same account (a sandbox served on another port), and its
+    tenant too when that is the account's address (a Mautic installation's URL); commits."""
+    done = conn.execute(
+        sql.SQL("UPDATE {t} SET base_url = %s, external_tenant = coalesce(%s, external_tenant), updated_at = now() "
+                "WHERE id = %s").format(t=table("integration_connections")),
+        (base_url, external_tenant, connection_id),
     ).rowcount  # fmt: skip
     conn.commit()
     if not done:

@@ -4,15 +4,22 @@ One pooled `httpx.Client` per provider client; a client-side token bucket at the
 published rate; retries with exponential backoff and full jitter on connection errors, 5xx and
 429, honouring `Retry-After` and provider hints; a time budget per logical request, so a provider
 that keeps failing fails that request instead of hanging while a long, healthy sync is never cut
-short; errors that name provider, connection, endpoint and status (never a credential). Counters
+short; errors that name provider, connection, endpoint and status (never a credential). A request
+that gets no answer names the URL (without its query) and a plain cause ("connection refused", "name
+not resolved", "timed out waiting for an answer after 30 s"); a host that cannot be connected to at all
+is tried only `connect_attempts` times, so a provider that is down fails a sync in seconds. Counters
 feed the sync log and Dagster metadata.
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
+import http.client
 import math
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +34,9 @@ RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 
 class ProviderError(RuntimeError):
     """A provider call failed for good. Carries where it failed; never secrets or bodies with them."""
+
+    # Whether the message repeats the endpoint after the connection (an unreachable error names its URL instead).
+    names_endpoint = True
 
     def __init__(
         self,
@@ -44,7 +54,7 @@ class ProviderError(RuntimeError):
         # The provider's answer, for callers that read its error body (never part of the message).
         self.response: httpx.Response | None = None
         where = f"{provider} connection {connection_id!r}" if connection_id else provider
-        detail = f" {endpoint}" if endpoint else ""
+        detail = f" {endpoint}" if endpoint and self.names_endpoint else ""
         code = f" -> HTTP {status}" if status is not None else ""
         super().__init__(f"{where}{detail}{code}: {message}")
 
@@ -70,6 +80,99 @@ class DailyLimitExhausted(ProviderError):
 
 class BudgetExhausted(ProviderError):
     """One request's retries ran out of time (a provider that keeps failing or throttling)."""
+
+
+class NoAnswer(ProviderError):
+    """A request got no answer (timed out, connection reset or closed) however often it was tried; the
+    message names its URL and the cause."""
+
+    names_endpoint = False
+
+
+class ProviderUnreachable(NoAnswer):
+    """No connection to the provider could be opened (refused, name not resolved, connect timeout, TLS
+    handshake): the request never reached it. The sync stops trying the connection's other days, since
+    each would wait the same way; the Dagster step's retry comes back later."""
+
+
+def safe_url(url: str | httpx.URL) -> str:
+    """A URL as scheme://host[:port]/path: no query string (it may carry ids or tokens), no user or password."""
+    try:
+        parsed = httpx.URL(str(url))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return "<an unreadable URL>"
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host  # an IPv6 address
+    port = f":{parsed.port}" if parsed.port is not None else ""
+    return f"{parsed.scheme}://{host}{port}{parsed.path}"
+
+
+# errno values that name a cause in plain words.
+_ERRNO_CAUSES = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.ECONNABORTED: "connection aborted",
+    errno.EPIPE: "connection closed while sending",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.EHOSTDOWN: "host down",
+    errno.ENETDOWN: "network down",
+    errno.EADDRNOTAVAIL: "address not available",
+}
+# Exceptions raised while opening a connection: nothing was sent, the host is not answering at all.
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and the exceptions behind it (causes, then contexts), outermost first, each once."""
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not e for e in seen) and len(seen) < 10:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def is_connect_failure(exc: BaseException) -> bool:
+    """Whether a transport error happened while opening the connection (refused, name not resolved,
+    connect timeout, TLS handshake): the provider never saw the request."""
+    return isinstance(exc, _CONNECT_ERRORS)
+
+
+def transport_cause(exc: BaseException, *, connect_timeout: float | None = None, read_timeout: float | None = None,
+                    connecting: bool | None = None) -> str:  # fmt: skip
+    """A transport error's cause in plain words ("connection refused", "timed out waiting for an answer
+    after 30 s", "name not resolved", "TLS handshake failed: ...", "connection reset"), read from the
+    exception chain's types and errno; else the innermost message. `connecting` says whether the error
+    came while opening the connection (default: read from httpx's exception types). Never a URL's query
+    or a credential: messages of socket and TLS errors carry neither."""
+    chain = _chain(exc)
+    if connecting is None:
+        connecting = any(is_connect_failure(e) for e in chain)
+    for error in chain:
+        if isinstance(error, socket.gaierror):
+            return "name not resolved"
+        if isinstance(error, ssl.SSLCertVerificationError):
+            return f"TLS handshake failed: {error.verify_message or 'certificate not trusted'}"
+        if isinstance(error, ssl.SSLError):
+            return f"TLS handshake failed: {error.reason or error.strerror or 'protocol error'}"
+        if isinstance(error, (httpx.TimeoutException, TimeoutError)):
+            limit = connect_timeout if connecting else read_timeout
+            what = "connecting timed out" if connecting else "timed out waiting for an answer"
+            return f"{what} after {limit:g} s" if limit else what
+        if isinstance(error, http.client.RemoteDisconnected) or (
+            isinstance(error, httpx.RemoteProtocolError) and "without sending" in str(error)
+        ):
+            return "connection closed without an answer"
+        if isinstance(error, OSError) and error.errno in _ERRNO_CAUSES:
+            return _ERRNO_CAUSES[error.errno]
+        if isinstance(error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(error, ConnectionResetError):
+            return "connection reset"
+    innermost = chain[-1]
+    text = str(innermost).strip()
+    return f"{type(innermost).__name__}: {text}"[:300] if text else type(innermost).__name__
 
 
 @dataclass
@@ -142,6 +245,9 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     budget_seconds: float = 600.0
+    # Attempts when no connection could be opened at all (refused, name not resolved, connect timeout):
+    # a host that is down does not come back within seconds, and the step's own retry comes back later.
+    connect_attempts: int = 3
 
 
 DEFAULT_RETRY = RetryPolicy()
@@ -220,6 +326,7 @@ class HttpClient:
         provider: str,
         connection_id: str | None,
         base_url: str,
+        name: str | None = None,
         headers: Mapping[str, str] | None = None,
         auth: httpx.Auth | None = None,
         requests_per_second: float = 0,
@@ -230,8 +337,11 @@ class HttpClient:
         retry_hint: Callable[[httpx.Response], float | None] | None = None,
     ):
         self.provider = provider
+        # The provider as people write it ("QuickBooks"), for messages.
+        self.name = name or provider
         self.connection_id = connection_id
         self.retry = retry or DEFAULT_RETRY
+        self._timeouts = (min(10.0, timeout), timeout)
         self.stats = stats or RequestStats()
         self.limiter = RateLimiter(requests_per_second)
         # classify(response) names what a provider's answer means beyond its status: "daily_limit"
@@ -243,7 +353,7 @@ class HttpClient:
             base_url=base_url,
             headers=dict(headers or {}),
             auth=auth,
-            timeout=httpx.Timeout(timeout, connect=min(10.0, timeout)),
+            timeout=httpx.Timeout(timeout, connect=self._timeouts[0]),
             limits=httpx.Limits(max_connections=10, max_keepalive_connections=10),
         )
 
@@ -264,6 +374,24 @@ class HttpClient:
             raise self._error(budget.exhausted(attempt, seconds), endpoint, status, BudgetExhausted)
         time.sleep(seconds)
 
+    def _unreachable(self, exc: httpx.TransportError, endpoint: str, path: str, attempt: int, budget: Budget,
+                     next_wait: float | None = None) -> ProviderError:  # fmt: skip
+        """The error of a request that got no answer: where it went, why, and how long it was tried."""
+        try:
+            url = safe_url(exc.request.url)
+        except RuntimeError:  # an error raised before a request was built
+            url = safe_url(str(self._client.base_url).rstrip("/") + "/" + path.lstrip("/"))
+        connect_timeout, read_timeout = self._timeouts
+        cause = transport_cause(exc, connect_timeout=connect_timeout, read_timeout=read_timeout)
+        message = f"could not reach {self.name} at {url}: {cause}"
+        if next_wait is None:
+            message += f" ({attempt} attempt{'s' if attempt != 1 else ''} over {budget.spent():.1f} s)"
+            cls: type[ProviderError] = ProviderUnreachable if is_connect_failure(exc) else NoAnswer
+        else:
+            message += f"; {budget.exhausted(attempt, next_wait)}"
+            cls = ProviderUnreachable if is_connect_failure(exc) else BudgetExhausted
+        return self._error(message, endpoint, None, cls)
+
     def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         """Send one logical request; retry what is retryable within its budget; raise `ProviderError` on failure."""
         endpoint = f"{method.upper()} {path}"
@@ -277,9 +405,14 @@ class HttpClient:
             try:
                 response = self._client.request(method, path, **kwargs)
             except httpx.TransportError as exc:
-                if attempt >= self.retry.max_attempts:
-                    raise self._error(f"{type(exc).__name__} after {attempt} attempts", endpoint, None) from exc
-                self._sleep(backoff_delay(attempt, self.retry), budget, attempt, endpoint, None)
+                # A host that refuses or cannot be found is tried a few times only (`connect_attempts`).
+                limit = self.retry.connect_attempts if is_connect_failure(exc) else self.retry.max_attempts
+                if attempt >= min(limit, self.retry.max_attempts):
+                    raise self._unreachable(exc, endpoint, path, attempt, budget) from exc
+                delay = backoff_delay(attempt, self.retry)
+                if delay > budget.remaining():
+                    raise self._unreachable(exc, endpoint, path, attempt, budget, delay) from exc
+                time.sleep(delay)
                 continue
             verdict = self._classify(response) if self._classify else None
             if verdict == "daily_limit":

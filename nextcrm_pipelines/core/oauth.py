@@ -32,9 +32,25 @@ from authlib.oauth2.rfc6749 import OAuth2Token
 from authlib.oauth2.rfc6749.parameters import prepare_token_request
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import Connection, lock_current_key, set_status
+from nextcrm_pipelines.core.connections import (
+    Connection,
+    connect_command,
+    fix_hint,
+    lock_current_key,
+    set_secret_command,
+    set_status,
+)
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.http import DEFAULT_RETRY, AuthenticationFailed, ProviderError, backoff_delay
+from nextcrm_pipelines.core.http import (
+    DEFAULT_RETRY,
+    AuthenticationFailed,
+    ProviderError,
+    ProviderUnreachable,
+    backoff_delay,
+    is_connect_failure,
+    safe_url,
+    transport_cause,
+)
 from nextcrm_pipelines.core.settings import libpq_url
 from nextcrm_pipelines.core.vault import SecretBox, Secrets, VaultError
 
@@ -154,14 +170,19 @@ def token_request(
     auth = ClientAuth(client_id, client_secret, spec.client_auth)
     _, send_headers, body = auth.prepare("POST", url, send_headers, body)
     endpoint = f"POST {spec.token[1]}"
-    attempts = 4
+    attempts, began = 4, time.monotonic()
     for attempt in range(1, attempts + 1):
         try:
             response = http.post(url, content=body, headers=send_headers)
         except httpx.TransportError as exc:
-            if attempt == attempts:
-                raise ProviderError(f"token endpoint unreachable ({type(exc).__name__})", provider=spec.provider,
-                                    endpoint=endpoint) from exc  # fmt: skip
+            unreachable = is_connect_failure(exc)  # refused, not resolved: tried fewer times
+            if attempt >= (min(attempts, DEFAULT_RETRY.connect_attempts) if unreachable else attempts):
+                cause = transport_cause(exc, connect_timeout=http.timeout.connect, read_timeout=http.timeout.read)
+                raise (ProviderUnreachable if unreachable else ProviderError)(
+                    f"could not reach the token endpoint at {safe_url(url)}: {cause} "
+                    f"({attempt} attempts over {time.monotonic() - began:.1f} s)",
+                    provider=spec.provider, endpoint=endpoint,
+                ) from exc  # fmt: skip
             time.sleep(backoff_delay(attempt, DEFAULT_RETRY))
             continue
         if response.status_code >= 500 and attempt < attempts:
@@ -192,9 +213,9 @@ def token_request(
 
 
 def reconnect_hint(connection: Connection, by_credentials: bool = False) -> str:
-    """The command that re-authorises a connection (client-credentials ones get new credentials)."""
-    verb = "connections add" if by_credentials else "connect"
-    return f'nextcrm-pipelines {verb} {connection.provider} --name "{connection.display_name}"'
+    """The command that re-authorises this connection: new client credentials stored in its own row
+    (`connections set-secret <id>`), or the OAuth flow, which updates the row of the tenant it reaches."""
+    return set_secret_command(connection.id) if by_credentials else connect_command(connection)
 
 
 class TokenManager:
@@ -299,7 +320,7 @@ class TokenManager:
             # Client-credentials connections (PayPal, Mautic machine-to-machine) ask for a new token.
             by_credentials = stored.get("grant_type") == "client_credentials"
             if not refresh_token and not by_credentials:
-                raise self._needs_reauth(conn, list(by_id), "no refresh token is stored")
+                raise self._needs_reauth(conn, rows, "no refresh token is stored")
             grant = {"grant_type": "client_credentials"} if by_credentials else {
                 "grant_type": "refresh_token", "refresh_token": str(refresh_token)}  # fmt: skip
             try:
@@ -314,7 +335,7 @@ class TokenManager:
                 )
             except AuthenticationFailed as exc:
                 reason = str(exc).split(": ", 1)[-1]
-                raise self._needs_reauth(conn, list(by_id), reason, by_credentials) from None
+                raise self._needs_reauth(conn, rows, reason, by_credentials) from None
             fresh = token_secrets(token, now=self._clock())
             if refresh_token:
                 fresh.setdefault("refresh_token", refresh_token)
@@ -328,7 +349,7 @@ class TokenManager:
                 )
             for sibling in unreadable:
                 message = (f"its secrets cannot be decrypted with the configured keys, so the refresh of its token "
-                           f"group left it out; reconnect with `{reconnect_hint(sibling)}`")  # fmt: skip
+                           f"group left it out; {fix_hint(reconnect_hint(sibling), by_browser=True)}")  # fmt: skip
                 set_status(conn, sibling.id, "needs_reauth", message)
                 log.warning("%s connection %s: left out of its token group's refresh (secrets cannot be decrypted)",
                             self.spec.provider, sibling.id)  # fmt: skip
@@ -339,16 +360,23 @@ class TokenManager:
         return str(fresh["access_token"])
 
     def _needs_reauth(
-        self, conn: psycopg.Connection, ids: list[str], reason: str, by_credentials: bool = False
+        self, conn: psycopg.Connection, rows: list[tuple[Any, ...]], reason: str, by_credentials: bool = False
     ) -> AuthenticationFailed:
-        fix = reconnect_hint(self.connection, by_credentials)
-        message = f"authorisation is no longer valid ({reason}); reconnect with `{fix}`"
-        conn.execute(
-            sql.SQL(
-                "UPDATE {t} SET status = 'needs_reauth', last_error = %s, updated_at = now() WHERE id = ANY(%s)"
-            ).format(t=table("integration_connections")),
-            (message, ids),
-        )
+        """Mark the grant's connections `needs_reauth`, each with the command that fixes that connection."""
+        cause = f"authorisation is no longer valid ({reason})"
+        message = ""
+        for cid, _, name in rows:
+            row = Connection(id=cid, provider=self.connection.provider, display_name=name,
+                             base_url=self.connection.base_url)  # fmt: skip
+            stored = f"{cause}; {fix_hint(reconnect_hint(row, by_credentials), by_browser=not by_credentials)}"
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {t} SET status = 'needs_reauth', last_error = %s, updated_at = now() WHERE id = %s"
+                ).format(t=table("integration_connections")),
+                (stored, cid),
+            )
+            if cid == self.connection.id:
+                message = stored
         conn.commit()
         return AuthenticationFailed(message, provider=self.spec.provider, connection_id=self.connection.id)
 

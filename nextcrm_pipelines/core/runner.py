@@ -82,12 +82,23 @@ def snapshot_window() -> SyncWindow:
     return SyncWindow(SNAPSHOT_START, datetime.now(UTC))
 
 
+def authorised_in_browser(provider: Provider, connection: Connection) -> bool:
+    """Whether the connection was authorised through the OAuth flow (`connect`), not with stored credentials:
+    OAuth providers without credential fields, and Mautic connections `connect` made (they carry a token group)."""
+    if provider.oauth is None or provider.discover_tenants is None:
+        return False
+    return not provider.secret_fields or "token_group" in (connection.settings or {})
+
+
+def reauth_command(provider: Provider, connection: Connection) -> str:
+    """The command that gives this connection working credentials again, in its own row: `connections
+    set-secret <id>` for API keys, logins and client credentials, else the `connect` flow for its tenant."""
+    return reconnect_hint(connection, by_credentials=not authorised_in_browser(provider, connection))
+
+
 def reauth_hint(provider: Provider, connection: Connection) -> str:
-    """What the user runs to give a connection working credentials again."""
-    if provider.oauth is not None and provider.discover_tenants is not None:
-        return f"reconnect with `{reconnect_hint(connection)}`"
-    command = f'nextcrm-pipelines connections add {provider.name} --name "{connection.display_name}"'
-    return f"store a working key with `{command}`"
+    """What the user runs to give a connection working credentials again (the one hint its error carries)."""
+    return vault.fix_hint(reauth_command(provider, connection), authorised_in_browser(provider, connection))
 
 
 @contextmanager
@@ -245,8 +256,13 @@ def open_connection(
                 yield conn, connection, client, stats
         except AuthenticationFailed as exc:
             conn.rollback()
-            if vault.get_connection(conn, connection_id).status != "needs_reauth":
-                vault.set_status(conn, connection_id, "needs_reauth", f"{exc}; {reauth_hint(provider, connection)}")
+            if not vault.has_fix(str(exc)):  # the error names its cause; it gets the one command that fixes it
+                exc.args = (f"{exc}; {reauth_hint(provider, connection)}",)
+            stored = vault.get_connection(conn, connection_id)
+            # A token refresh already marked it (with its fix); a failed window's sync outcome may have replaced
+            # that error since with the bare cause, which gets the fix back.
+            if stored.status != "needs_reauth" or not vault.has_fix(stored.last_error):
+                vault.set_status(conn, connection_id, "needs_reauth", str(exc))
                 conn.commit()
             log.error("%s", exc)
             raise

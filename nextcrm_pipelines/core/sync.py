@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -26,7 +26,7 @@ from psycopg import sql
 
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.http import RequestStats
+from nextcrm_pipelines.core.http import ProviderUnreachable, RequestStats
 from nextcrm_pipelines.core.upsert import BatchCounts, FailedRecord, Row, TableSpec, UpsertWriter
 
 log = logging.getLogger(__name__)
@@ -126,8 +126,51 @@ class SyncResult:
         }
 
 
+def _plural(count: int, word: str, plural: str | None = None) -> str:
+    return f"{count} {word if count == 1 else plural or word + 's'}"
+
+
+def describe_result(result: SyncResult, *, connection: bool = False) -> str:
+    """One synced window as a short line for run logs and the CLI, e.g. "2026-12-03 stripe_payments:
+    105 records (104 new, 1 unchanged), 3 requests, 0.4 s": counts that are zero are left out, a
+    whole-list read says "whole list" for its day, a failed window leads with "FAILED: <cause>".
+    `connection` puts the connection id first (for runs that hold several). Never record contents."""
+    from nextcrm_pipelines.core.runner import SNAPSHOT_START  # the runner imports this module
+
+    window = result.window
+    if window.start == SNAPSHOT_START:
+        when = "whole list"
+    elif window.end - window.start > timedelta(days=1):
+        when = f"{window.start.date()} .. {(window.end - timedelta(microseconds=1)).date()}"
+    else:
+        when = str(window.start.date())
+    head = f"{result.connection_id} {when}" if connection else when
+    counts, stats = result.counts, result.stats
+    parts = [(counts.inserted, "new"), (counts.updated, "updated"), (counts.unchanged, "unchanged"),
+             (counts.failed, "failed")]  # fmt: skip
+    detail = ", ".join(f"{n} {label}" for n, label in parts if n)
+    figures = [_plural(result.total, "record") + (f" ({detail})" if detail else ""), _plural(stats.requests, "request")]
+    if stats.retries:
+        figures.append(_plural(stats.retries, "retry", "retries"))
+    if stats.rate_limit_waits:
+        figures.append(_plural(stats.rate_limit_waits, "rate-limit wait"))
+    figures.append(f"{result.duration:.2f} s" if result.duration < 0.1 else f"{result.duration:.1f} s")
+    line = f"{head} {result.entity}: "
+    if result.status == "failed":
+        cause = str(result.exception) if result.exception is not None else result.error
+        return f"{line}FAILED: {cause}; " + ", ".join(figures)
+    if result.status == "partial":
+        return f"{line}PARTIAL: {result.error}; " + ", ".join(figures)
+    return line + ", ".join(figures)
+
+
 class _Stop(Exception):
     """The writer gave up; the producer stops fetching."""
+
+
+class NotTried(RuntimeError):
+    """A window left unsynced because an earlier window of the same sync found the provider unreachable:
+    fetching it would only have waited the same way. A later sync (the step's retry) reads it."""
 
 
 Fetch = Callable[[SyncWindow], Iterable[list[Record]]]
@@ -161,14 +204,17 @@ def _produce(
     out: queue.Queue,
     stop: threading.Event,
     fatal: tuple[type[BaseException], ...],
+    fetch_started: dict[int, float],
+    unreachable: tuple[type[BaseException], ...] = (),
 ) -> None:
     """Fetch the pages of each window `claim` hands out, map records to rows and hand over batches,
-    window by window.
+    window by window, noting in `fetch_started` when each window's fetch began.
 
     Messages: ("rows", i, rows, failures, from a `Changes` page), ("end", i, request counts, error or
     None), then None.
     A window whose fetch fails ends with its error and the next window starts, unless the error is
-    `fatal` (bad credentials: every later window would fail the same way).
+    `fatal` (bad credentials: every later window would fail the same way). After an `unreachable`
+    error (the provider could not be reached) the later windows end at once, `NotTried`, without a request.
     """
 
     def put(item: Any) -> None:
@@ -180,14 +226,20 @@ def _produce(
                 continue
         raise _Stop
 
+    down: BaseException | None = None
     try:
         while not stop.is_set() and (index := claim()) is not None:
             window = windows[index]
+            fetch_started[index] = time.monotonic()
             before = stats.as_dict()
             error: BaseException | None = None
             batch: list[Row] = []
             failures: list[FailedRecord] = []
             changes = False
+            if down is not None:
+                skipped = NotTried(f"not tried after the provider could not be reached: {down}")
+                put(("end", index, dict.fromkeys(before, 0), skipped))
+                continue
             try:
                 for page in fetch(window):
                     if isinstance(page, Coverage):
@@ -211,6 +263,8 @@ def _produce(
                 raise
             except Exception as exc:
                 error = exc
+                if isinstance(exc, unreachable):
+                    down = exc
             put(("rows", index, batch, failures, changes))
             after = stats.as_dict()
             put(("end", index, {k: after[k] - before[k] for k in after}, error))
@@ -227,13 +281,16 @@ def _produce(
 
 
 def start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str, connection_id: str,
-               window: SyncWindow, run_id: str | None, partition: str | None) -> int:  # fmt: skip
+              window: SyncWindow, run_id: str | None, partition: str | None, elapsed: float = 0.0) -> int:  # fmt: skip
+    """Open a window's sync log row (`running`); `elapsed` dates its start back to when its work began
+    (the fetch may have run, or failed, before the row is written), on the database's clock."""
     row = conn.execute(
         sql.SQL(
-            "INSERT INTO {t} (connection_id, provider, asset, partition, window_start, window_end, run_id, status) "
-            "VALUES (%s, %s, %s, %s, %s, %s, %s, 'running') RETURNING id"
+            "INSERT INTO {t} (connection_id, provider, asset, partition, window_start, window_end, run_id, status, "
+            "started_at) VALUES (%s, %s, %s, %s, %s, %s, %s, 'running', now() - make_interval(secs => %s)) "
+            "RETURNING id"
         ).format(t=table("integration_sync_logs", schema)),
-        (connection_id, provider, entity, partition, window.start, window.end, run_id),
+        (connection_id, provider, entity, partition, window.start, window.end, run_id, max(0.0, elapsed)),
     ).fetchone()
     conn.commit()
     return int(row[0])
@@ -342,6 +399,7 @@ def sync_windows(
     queue_depth: int = QUEUE_DEPTH,
     fatal: tuple[type[BaseException], ...] = (),
     claim: Claim | None = None,
+    unreachable: tuple[type[BaseException], ...] = (ProviderUnreachable,),
 ) -> list[SyncResult]:
     """Sync each window of one connection's entity over `conn`, fetching the next while writing.
 
@@ -351,38 +409,49 @@ def sync_windows(
     Each window gets its own sync log row and result; every committed batch stays if the process
     dies. A window whose fetch failed is logged `failed` with its error (in `result.error`) and
     the others go on; a `fatal` fetch error or a database error stops the run and is raised after
-    the windows seen so far are logged. A window that only lost malformed records ends `partial`.
+    the windows seen so far are logged. After an `unreachable` error (no connection to the provider
+    could be opened) the remaining windows are logged `failed` as `NotTried` at once, without a request.
+    A window that only lost malformed records ends `partial`.
+
+    A window's duration runs from when its fetch began (or the previous window ended, if later: the
+    next window is fetched while one is written) to its log's completion, failures included: the
+    windows' durations add up to the time the sync took.
     """
     partitions = partitions or [None] * len(windows)
     # Batches commit without waiting for the disk; each window's log commit (durable) flushes them.
     writer = UpsertWriter(conn, entity.table, connection_id, schema, durable=False)
     handoff: queue.Queue = queue.Queue(maxsize=queue_depth)
     stop = threading.Event()
+    # When the producer began fetching each window (time.monotonic()), by window index.
+    fetch_started: dict[int, float] = {}
     producer = threading.Thread(
         target=_produce,
-        args=(windows, claim or in_order(len(windows)), fetch, entity, stats, batch_size, handoff, stop, fatal),
+        args=(windows, claim or in_order(len(windows)), fetch, entity, stats, batch_size, handoff, stop, fatal,
+              fetch_started, unreachable),
         name=f"fetch-{entity.name}",
         daemon=True,
-    )
+    )  # fmt: skip
     results: list[SyncResult] = []
     current: SyncResult | None = None
     current_index = -1
     started = 0.0
+    # When the previous window's log was completed: the next window's time starts no earlier.
+    last_finished = 0.0
     raised: BaseException | None = None
 
     def begin(index: int) -> SyncResult:
         nonlocal started
-        started = time.monotonic()
+        now = time.monotonic()
+        started = max(fetch_started.get(index, now), last_finished)
         result = SyncResult(entity=entity.name, connection_id=connection_id, window=windows[index], index=index)
-        result.sync_log_id = start_log(
-            conn, schema, provider, entity.name, connection_id, windows[index], run_id, partitions[index]
-        )
+        result.sync_log_id = start_log(conn, schema, provider, entity.name, connection_id, windows[index], run_id,
+                                       partitions[index], elapsed=now - started)  # fmt: skip
         results.append(result)
         return result
 
     def finish(result: SyncResult, counts: dict[str, float], error: BaseException | None) -> None:
+        nonlocal last_finished
         result.stats.add(**counts)
-        result.duration = time.monotonic() - started
         if error is not None:
             result.status = "failed"
             result.error = f"{type(error).__name__}: {error}"[:2000]
@@ -395,6 +464,8 @@ def sync_windows(
         else:
             result.status = "success"
         result.rows_in_window = rows_created_in(conn, schema, entity, connection_id, result.window)
+        last_finished = time.monotonic()
+        result.duration = last_finished - started
         finish_log(conn, schema, result)
 
     producer.start()

@@ -44,6 +44,7 @@ class BillionMailApi:
         settings = connection.settings or {}
         self.http = HttpClient(
             provider="billionmail",
+            name="BillionMail",
             connection_id=connection.id,
             base_url=connection.base_url.rstrip("/"),
             headers={"Accept": "application/json"},

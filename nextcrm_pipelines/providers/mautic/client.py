@@ -85,6 +85,7 @@ class MauticApi:
         settings = connection.settings or {}
         self.http = HttpClient(
             provider="mautic",
+            name="Mautic",
             connection_id=connection.id,
             base_url=connection.base_url.rstrip("/"),
             headers={"Accept": "application/json"},

@@ -113,6 +113,7 @@ class MyobApi:
         )
         self.http = HttpClient(
             provider="myob",
+            name="MYOB",
             connection_id=connection.id,
             base_url=str(uri),
             headers=_headers(ctx.tokens.client_id, ctx.tokens.secret("cftoken")),

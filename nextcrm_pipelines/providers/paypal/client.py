@@ -86,6 +86,7 @@ class PayPalApi:
         settings = connection.settings or {}
         self.http = HttpClient(
             provider="paypal",
+            name="PayPal",
             connection_id=connection.id,
             base_url=OAUTH.url("api", "", connection.base_url, mode=settings.get("mode")),
             headers={"Accept": "application/json"},

@@ -96,13 +96,14 @@ class QuickBooksApi:
             raise ValueError("the QuickBooks client needs the connection's token manager")
         connection = ctx.connection
         if not connection.external_tenant:
-            raise AuthenticationFailed("the connection has no QuickBooks realm id; reconnect it",
+            raise AuthenticationFailed("the connection has no QuickBooks realm id",
                                        provider="quickbooks", connection_id=connection.id)  # fmt: skip
         settings = connection.settings or {}
         root = api_root(connection.base_url, str(settings.get("environment", "sandbox")))
         wait = float(settings.get("throttle_wait_seconds", THROTTLE_WAIT_SECONDS))
         self.http = HttpClient(
             provider="quickbooks",
+            name="QuickBooks",
             connection_id=connection.id,
             base_url=f"{root}/v3/company/{connection.external_tenant}",
             headers={"Accept": "application/json"},

@@ -43,12 +43,16 @@ from nextcrm_pipelines.core.http import (
     AuthenticationFailed,
     Budget,
     BudgetExhausted,
+    NoAnswer,
     ProviderError,
+    ProviderUnreachable,
     RateLimiter,
     RequestStats,
     RetryPolicy,
     backoff_delay,
     retry_after_seconds,
+    safe_url,
+    transport_cause,
 )
 from nextcrm_pipelines.core.paging import PageCursors
 from nextcrm_pipelines.core.sync import Changes, Record, SyncWindow
@@ -66,6 +70,15 @@ _BODY_FOR_SDK = b"{}"
 _ERROR_FIELDS = ("type", "code", "message", "param")
 # A reused keep-alive connection the server closed fails like this before any answer: safe to send a GET again.
 _STALE_CONNECTION = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+class _ConnectFailed(OSError):
+    """No connection to Stripe could be opened (refused, name not resolved, connect timeout, TLS handshake):
+    nothing was sent. Its cause is the socket or TLS error."""
+
+
+class _Unreachable(stripe.APIConnectionError):
+    """The SDK's connection error for a request that could not open a connection."""
 
 
 def redact_keys(text: str) -> str:
@@ -112,12 +125,14 @@ class _PacedTransport(stripe.HTTPClient):
 
     name = "nextcrm-http.client"
 
-    def __init__(self, limiter: RateLimiter, stats: RequestStats, timeout: float):
+    def __init__(self, limiter: RateLimiter, stats: RequestStats, timeout: float, connect_attempts: int = 3):
         super().__init__()
         self._limiter = limiter
         self._stats = stats
         self._connect_timeout = min(10.0, timeout)
         self._read_timeout = timeout
+        # Attempts of one request that may fail to open a connection before the SDK is told not to retry.
+        self._connect_attempts = connect_attempts
         # Seconds spent waiting for the limiter, so a request's time budget can leave pacing out.
         self.paced_seconds = 0.0
         self._per_thread = threading.local()
@@ -130,8 +145,18 @@ class _PacedTransport(stripe.HTTPClient):
         self._stats.add(requests=1, throttle_seconds=waited)
         try:
             status, response_headers, body = self._exchange(method.upper(), url, headers, post_data)
+        except _ConnectFailed as exc:
+            # A host that refuses or cannot be found is tried `connect_attempts` times, not the SDK's six.
+            failures = getattr(self._per_thread, "connect_failures", 0) + 1
+            self._per_thread.connect_failures = failures
+            cause = transport_cause(exc.__cause__ or exc, connect_timeout=self._connect_timeout, connecting=True)
+            raise _Unreachable(f"could not reach Stripe at {safe_url(url)}: {cause}",
+                               should_retry=failures < self._connect_attempts) from exc  # fmt: skip
         except (OSError, http.client.HTTPException) as exc:
-            raise stripe.APIConnectionError(f"could not reach Stripe: {type(exc).__name__}", should_retry=True) from exc
+            cause = transport_cause(exc, read_timeout=self._read_timeout, connecting=False)
+            raise stripe.APIConnectionError(f"could not reach Stripe at {safe_url(url)}: {cause}",
+                                            should_retry=True) from exc  # fmt: skip
+        self._per_thread.connect_failures = 0
         if status == 429:
             self._stats.add(rate_limit_waits=1)
         if 200 <= status < 300:
@@ -139,6 +164,10 @@ class _PacedTransport(stripe.HTTPClient):
             self._per_thread.body = body
             return _BODY_FOR_SDK, status, response_headers
         return _error_body_for_sdk(body, status), status, response_headers
+
+    def begin_request(self) -> None:
+        """Start counting this thread's failed connection attempts afresh: a new logical request begins."""
+        self._per_thread.connect_failures = 0
 
     def take_body(self) -> bytes | None:
         """The body of this thread's last successful response, once; None when there is none to take."""
@@ -175,7 +204,10 @@ class _PacedTransport(stripe.HTTPClient):
             if connection.sock is not None and _dropped(connection.sock):
                 connection.close()
             if connection.sock is None:
-                connection.connect()
+                try:
+                    connection.connect()
+                except OSError as exc:
+                    raise _ConnectFailed(str(exc)) from exc
                 connection.sock.settimeout(self._read_timeout)
                 # As urllib3 does: a request in two segments must not wait for the server's delayed ACK.
                 connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -222,7 +254,7 @@ class StripeApi:
         api_key = secrets.get("api_key")
         if not api_key:
             raise AuthenticationFailed(
-                "no API key stored; reconnect with `nextcrm-pipelines connections add stripe`",
+                "no API key stored",
                 provider=PROVIDER,
                 connection_id=connection.id,
             )
@@ -231,7 +263,7 @@ class StripeApi:
         self.retry = retry
         livemode = api_key.startswith(("sk_live_", "rk_live_"))
         rate = float(connection.settings.get("requests_per_second", DEFAULT_RATE[livemode])) * rate_share
-        self._transport = _PacedTransport(RateLimiter(rate), self.stats, timeout)
+        self._transport = _PacedTransport(RateLimiter(rate), self.stats, timeout, retry.connect_attempts)
         options: dict[str, Any] = {}
         if connection.base_url:
             options["base_addresses"] = {"api": connection.base_url.rstrip("/")}
@@ -256,8 +288,6 @@ class StripeApi:
     def _error(self, exc: stripe.StripeError, path: str) -> ProviderError:
         message = redact_keys(getattr(exc, "user_message", None) or str(exc) or type(exc).__name__)
         cls = AuthenticationFailed if isinstance(exc, stripe.AuthenticationError) else ProviderError
-        if cls is AuthenticationFailed:
-            message = f"{message}; store a valid key with `nextcrm-pipelines connections add stripe`"
         return cls(message, provider=PROVIDER, connection_id=self.connection.id, endpoint=f"GET {path}",
                    status=getattr(exc, "http_status", None))  # fmt: skip
 
@@ -271,11 +301,12 @@ class StripeApi:
 
     def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
         budget = Budget(self.retry.budget_seconds)
-        paced, sent = self._transport.paced_seconds, self.stats.requests
+        paced, sent, began = self._transport.paced_seconds, self.stats.requests, time.monotonic()
         attempt = 0
         while True:
             attempt += 1
             try:
+                self._transport.begin_request()
                 self._transport.take_body()  # nothing left over from a request that failed
                 self._client.raw_request("get", path, usage=["nextcrm_sync"], **params)
                 return self._page(self._transport.take_body(), path)
@@ -291,6 +322,14 @@ class StripeApi:
                                           connection_id=self.connection.id, endpoint=f"GET {path}",
                                           status=exc.http_status) from None  # fmt: skip
                 time.sleep(delay)
+            except stripe.APIConnectionError as exc:
+                # No answer at all: say where, why, and how long it was tried.
+                attempts = self.stats.requests - sent
+                message = (f"{exc.user_message} ({attempts} attempt{'s' if attempts != 1 else ''} over "
+                           f"{time.monotonic() - began:.1f} s)")  # fmt: skip
+                cls = ProviderUnreachable if isinstance(exc, _Unreachable) else NoAnswer
+                raise cls(message, provider=PROVIDER, connection_id=self.connection.id,
+                          endpoint=f"GET {path}") from None  # fmt: skip
             except stripe.StripeError as exc:
                 raise self._error(exc, path) from None
 

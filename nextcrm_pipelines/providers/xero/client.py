@@ -84,11 +84,12 @@ class XeroApi:
             raise ValueError("the Xero client needs the connection's token manager")
         connection = ctx.connection
         if not connection.external_tenant:
-            raise AuthenticationFailed("the connection has no Xero tenant id; reconnect it", provider="xero",
+            raise AuthenticationFailed("the connection has no Xero tenant id", provider="xero",
                                        connection_id=connection.id)  # fmt: skip
         settings = connection.settings or {}
         self.http = HttpClient(
             provider="xero",
+            name="Xero",
             connection_id=connection.id,
             base_url=OAUTH.url("api", "/api.xro/2.0", connection.base_url),
             headers={"Accept": "application/json", "xero-tenant-id": connection.external_tenant},

@@ -18,8 +18,14 @@ install: $(STAMP)
 demo: install
 	$(BIN)/nextcrm-sandbox demo
 
+# `make dev UI_PORT=3001 SANDBOX_PORT=12112 WEBHOOK_PORT=8788` runs a second instance beside the first.
+UI_PORT ?= 3000
+SANDBOX_PORT ?= 12111
+WEBHOOK_PORT ?= 8787
+
 dev: install
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nextcrm-sandbox dev
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nextcrm-sandbox dev \
+		--ui-port $(UI_PORT) --sandbox-port $(SANDBOX_PORT) --webhook-port $(WEBHOOK_PORT)
 
 test: install
 	$(BIN)/ruff check .

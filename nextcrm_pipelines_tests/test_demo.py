@@ -6,8 +6,10 @@ lines (dict reprs) and no warnings.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -15,6 +17,7 @@ from click.testing import CliRunner
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.partitions import month_key
 from nextcrm_pipelines_tests.accounting import free_port
 from nextcrm_pipelines_tests.test_dagster import DAGSTER_OWN_WARNING
 from nextcrm_sandbox import cli
@@ -71,3 +74,42 @@ def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothin
                       synced[0])  # fmt: skip
     assert stripe and int(stripe[1]) >= int(stripe[2]) == sum(stored.values())
     assert lines[-1] == f"DATABASE_URL={database_url}"
+
+
+def test_a_second_demo_keeps_the_sandbox_and_its_changes_and_the_partitions_start_with_the_demo_data(
+    database_url, demo_environment, tmp_path, monkeypatch: pytest.MonkeyPatch
+):
+    import stripe
+
+    from nextcrm_sandbox.server import SandboxServer
+
+    schema = demo_environment
+    monkeypatch.setenv("NEXTCRM_SYNC_START_DATE", "")  # unset for the demo; restored after the test
+    first = CliRunner().invoke(cli.main, ["demo", "--days", "2"], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    # The partitions begin with the month the demo's 30 days of data begin in, kept for later runs.
+    start = (tmp_path / "data" / "demo-start-date").read_text().strip()
+    assert start == month_key(datetime.now(UTC).date() - timedelta(days=cli.DEMO_HISTORY_DAYS))
+    assert os.environ["NEXTCRM_SYNC_START_DATE"] == start
+
+    # A refund made in the sandbox between two demos (as in `make dev`) is still there for the second one.
+    with SandboxServer(state_dir=tmp_path / "data" / "sandbox") as sandbox:
+        client = stripe.StripeClient(cli.DEMO_API_KEY, base_addresses={"api": sandbox.url}, max_network_retries=0)
+        today = int(datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0).timestamp())
+        charge = next(c for c in client.v1.charges.list({"limit": 100, "created": {"gte": today - 86400}})
+                      if c.paid and not c.refunded)  # fmt: skip
+        client.v1.refunds.create({"charge": charge.id, "amount": 100})
+    second = CliRunner().invoke(cli.main, ["demo", "--days", "2"], catch_exceptions=False)
+    assert second.exit_code == 0, second.output
+    assert "sandbox: kept the restored" in second.output
+    stripe_line = next(line for line in second.output.splitlines() if line.startswith("synced stripe-demo-stripe"))
+    assert re.search(r" 0 inserted, 1 updated, \d+ unchanged, 0 failed", stripe_line), stripe_line
+    for name in DEMO_CONNECTIONS[1:]:  # the same accounts, their tokens still good: nothing new, nothing failed
+        line = next(line for line in second.output.splitlines() if line.startswith(f"synced {name}:"))
+        assert re.search(r" 0 inserted, .* 0 failed", line), line
+    with psycopg.connect(database_url) as conn:
+        refunded = conn.execute(
+            sql.SQL("SELECT amount_refunded FROM {} WHERE id = %s").format(table("stripe_payments", schema)),
+            (charge.id,),
+        ).fetchone()
+    assert refunded is not None and refunded[0] > 0

@@ -171,7 +171,8 @@ class _Partition:
         if self.error:
             return self.error
         failed = [r for r in self.results if r.status == "failed"]
-        errors = [f"{r.window.start.date()}: {_cause(r)}" for r in failed if not isinstance(r.exception, NotTried)]
+        errors = [_cause(r) if self.span is None else f"{r.window.start.date()}: {_cause(r)}"  # whole list: no day
+                  for r in failed if not isinstance(r.exception, NotTried)]  # fmt: skip
         not_tried = sum(isinstance(r.exception, NotTried) for r in failed)
         if not_tried:
             errors.append(f"{not_tried} more day{'s' if not_tried != 1 else ''} not tried")

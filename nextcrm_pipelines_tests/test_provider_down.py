@@ -217,3 +217,13 @@ def test_an_unreachable_provider_behind_the_shared_http_client_is_named_with_its
         message,
     ), message
     assert "pw-never-shown" not in message and "?" not in message and result.stats.requests == 3
+    # Through Dagster, the whole-list partition's failure names the cause, not a day of its window (1970-01-01).
+    defs = build_definitions(retry_policy=None)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("billionmail"), [connection.id])
+        run = defs.resolve_job_def("billionmail_sync").execute_in_process(
+            instance=instance, partition_key=connection.id, raise_on_error=False
+        )
+    (failure,) = [e for e in run.all_events if e.event_type_value == "STEP_FAILURE"]
+    description = failure.step_failure_data.user_failure_data.description
+    assert f"{connection.id}: billionmail connection" in description and "1970" not in description, description

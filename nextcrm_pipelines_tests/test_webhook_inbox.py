@@ -188,3 +188,24 @@ def test_replay_requeues_dead_events_and_the_next_tick_applies_them(database_url
     assert payments(database_url, schema) == {"ch_dead": (Decimal("9.00"), Decimal("0.00"))}
     statuses = {event_id: status for event_id, _, status, _, _ in inbox_rows(database_url, schema)}
     assert statuses == {"evt_dead": "processed", "body:x": "dead"}
+
+
+def test_an_oauth_connection_without_a_tenant_names_the_command_that_reconnects_it(database_url, schema, box):
+    import pytest
+
+    from nextcrm_pipelines.webhooks.inbox import ApplyContext
+
+    with psycopg.connect(database_url) as conn:
+        connection = vault.add_connection(
+            conn,
+            provider="quickbooks",
+            display_name="Books Without Realm",
+            box=box,
+            secrets={"refresh_token": "r"},
+            base_url="http://127.0.0.1:9/quickbooks",
+        )
+        context = ApplyContext(conn=conn, schema=schema, connection_id=connection.id, database_url=database_url,
+                               provider="quickbooks", box=box)  # fmt: skip
+        with pytest.raises(ValueError, match="has no tenant id") as raised:
+            context.tenant()
+    assert "reconnect with `nextcrm-pipelines connect quickbooks --name 'Books Without Realm'" in str(raised.value)

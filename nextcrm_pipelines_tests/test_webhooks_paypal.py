@@ -15,6 +15,7 @@ when the connection asks for it.
 from __future__ import annotations
 
 import base64
+import logging
 import socket
 import threading
 import time
@@ -465,6 +466,23 @@ def test_online_verification_asks_paypal(database_url, schema, box, sandbox, hoo
         assert post(online.target(base), spaced, control.sign_webhook(spaced, online.webhook_id)) == 401
     assert control.stats()["by_route"]["POST /v1/notifications/verify-webhook-signature"] == asked + 4
     assert [r[1] for r in inbox_rows(database_url, schema, "paypal")] == ["CHECKOUT.ORDER.APPROVED"] * 2
+
+
+def test_refused_credentials_during_online_verification_answer_503_and_name_the_fix(
+    database_url, schema, box, sandbox, hooked, caplog
+):
+    online = hooked(sandbox, settings={"webhook_verification": "online", "webhook_ca_pem": None})
+    with psycopg.connect(database_url) as conn:  # the app's secret changed at PayPal: ours is refused
+        vault.update_secrets(conn, online.connection.id, {"client_secret": "not-the-secret"}, box)
+    body = webhook_event()
+    caplog.set_level(logging.WARNING, logger="nextcrm_pipelines.webhooks.app")
+    with receiver(database_url, schema, box) as base:
+        online.subscribe(base)
+        assert post(online.target(base), body, online.control.sign_webhook(body, online.webhook_id)) == 503
+    said = [r.getMessage() for r in caplog.records if r.name == "nextcrm_pipelines.webhooks.app"]
+    assert any(f"`nextcrm-pipelines connections set-secret {online.connection.id}`" in m for m in said), said
+    assert not any("not-the-secret" in m for m in said)
+    assert inbox_rows(database_url, schema, "paypal") == []  # nothing stored: PayPal delivers it again
 
 
 def test_sandbox_payment_resources_conform_to_paypal_openapi(sandbox, hooked):

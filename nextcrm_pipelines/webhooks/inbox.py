@@ -30,7 +30,13 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import Connection, get_connection, load_secrets
+from nextcrm_pipelines.core.connections import (
+    Connection,
+    connect_command,
+    fix_hint,
+    get_connection,
+    load_secrets,
+)
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import ProviderError, RequestStats
 from nextcrm_pipelines.core.runner import ConnectionBusy, ConnectionUnavailable
@@ -112,9 +118,11 @@ class ApplyContext:
 
     def tenant(self) -> str:
         """The connection's external tenant (Xero tenant id, QuickBooks realm id): events name theirs."""
-        tenant = self.connection().external_tenant
-        if not tenant:
-            raise ValueError(f"{self.provider} connection {self.connection_id!r} has no tenant id; reconnect it")
+        connection = self.connection()
+        if not connection.external_tenant:
+            raise ValueError(f"{self.provider} connection {self.connection_id!r} has no tenant id; "
+                             f"{fix_hint(connect_command(connection), by_browser=True)}")  # fmt: skip
+        tenant = connection.external_tenant
         return tenant
 
     def _writer(self, spec: TableSpec) -> UpsertWriter:

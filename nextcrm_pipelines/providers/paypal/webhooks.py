@@ -70,7 +70,7 @@ from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 from psycopg import sql
 
-from nextcrm_pipelines.core.connections import Connection
+from nextcrm_pipelines.core.connections import Connection, fix_hint, set_secret_command
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed, HttpClient, ProviderError, RetryPolicy
 from nextcrm_pipelines.core.oauth import BearerAuth, TokenManager
@@ -397,7 +397,9 @@ def _verify_online(ctx: VerifyContext, sent: Transmission) -> None:
     try:
         response = http.send("POST", "/v1/notifications/verify-webhook-signature", content=payload)
     except AuthenticationFailed:
-        raise VerificationUnavailable("PayPal refused the connection's credentials; reconnect it") from None
+        raise VerificationUnavailable(
+            f"PayPal refused the connection's credentials; {fix_hint(set_secret_command(connection.id), False)}"
+        ) from None
     except ProviderError as exc:
         if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (408, 429):
             raise InvalidSignature(f"PayPal refused to verify the delivery ({exc.status})") from None

@@ -309,3 +309,31 @@ def test_sigterm_stops_every_process_and_a_refund_survives_a_restart_on_other_po
     finally:
         if again.proc.poll() is None:
             again.kill_tree()
+
+
+def test_a_childs_dagster_errors_reach_the_terminal_as_one_line_each_and_their_traces_the_log_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nextcrm_sandbox.cli import _ChildSpec, _Supervisor
+
+    said = [
+        "2026-12-07 03:07:05 +0000 - dagster - INFO - stripe_sync - run - routine progress",
+        "2026-12-07 03:07:05 +0000 - dagster - ERROR - stripe_sync - run - STEP_FAILURE - step failed.",
+        "Traceback (most recent call last):",
+        '  File "assets.py", line 280, in _sync',
+        "dagster._core.definitions.events.Failure: the cause",
+        "2026-12-07 03:07:06 +0000 - dagster - WARNING - stripe_sync - run - attempt 1 of 4 failed; next in ~30 s",
+    ]
+    script = "import sys; sys.stdout.write(sys.argv[1])"
+    supervisor = _Supervisor(tmp_path / "logs", tmp_path)
+    child = supervisor.start(
+        _ChildSpec(
+            "code-server", "the code server", [sys.executable, "-c", script, "\n".join(said) + "\n"], dict(os.environ)
+        )
+    )
+    assert child.proc is not None and child.proc.wait(timeout=30) == 0
+    _wait_until(lambda: child.log_path.read_text().count("\n") == len(said), 10, "the whole output in the log file")
+    time.sleep(0.3)
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[code-server]")]
+    assert printed == [f"[code-server] {said[1]}", f"[code-server] {said[5]}"]
+    assert child.log_path.read_text().splitlines() == said

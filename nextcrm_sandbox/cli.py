@@ -520,6 +520,9 @@ STOP_SECONDS = 10.0
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Routine lines (uvicorn's and Dagster's INFO, the sandbox's ready line) go to the child's log file only.
 _ROUTINE = re.compile(r"^(INFO|DEBUG):|\s-\s(INFO|DEBUG)\s-\s|^" + re.escape(READY_PREFIX))
+# The first line of one of Dagster's log records; the lines after it, up to the next, belong to it (a step
+# failure's stack trace): the terminal gets the record's first line, the log file all of it.
+_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - ")
 
 
 class _StopRequested(Exception):
@@ -662,12 +665,18 @@ class _Supervisor:
     def _pump(self, child: _Child, proc: subprocess.Popen[bytes]) -> None:
         """Copy a child's output to its log file, and all but routine lines to the terminal."""
         assert proc.stdout is not None
+        in_record = False  # inside a Dagster log record, after its first line
         with child.log_path.open("ab") as log:
             for raw in proc.stdout:
                 log.write(raw)
                 log.flush()
                 line = raw.decode("utf-8", "replace").rstrip()
-                if line and not _ROUTINE.search(_ANSI.sub("", line)):
+                plain = _ANSI.sub("", line)
+                if _RECORD.match(plain):
+                    in_record = True
+                elif in_record:
+                    continue  # the rest of a record (its stack trace): in the log file only
+                if line and not _ROUTINE.search(plain):
                     with self._lock:
                         click.echo(f"[{child.spec.name}] {line}")
 

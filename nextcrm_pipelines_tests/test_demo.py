@@ -44,6 +44,7 @@ def demo_environment(database_url, schema, secret_key, tmp_path, monkeypatch: py
     for name in ("NEXTCRM_DAGSTER_STORAGE_URL", "NEXTCRM_DAGSTER_ARTIFACTS", "NEXTCRM_DAGSTER_COMPUTE_LOGS"):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv("MYOB_COMPANY_FILE_USERNAME", "Administrator")
+    monkeypatch.setenv("NEXTCRM_SYNC_START_DATE", "")  # unset for the demo, which sets it; restored afterwards
     return schema
 
 
@@ -77,14 +78,13 @@ def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothin
 
 
 def test_a_second_demo_keeps_the_sandbox_and_its_changes_and_the_partitions_start_with_the_demo_data(
-    database_url, demo_environment, tmp_path, monkeypatch: pytest.MonkeyPatch
+    database_url, demo_environment, tmp_path
 ):
     import stripe
 
     from nextcrm_sandbox.server import SandboxServer
 
     schema = demo_environment
-    monkeypatch.setenv("NEXTCRM_SYNC_START_DATE", "")  # unset for the demo; restored after the test
     first = CliRunner().invoke(cli.main, ["demo", "--days", "2"], catch_exceptions=False)
     assert first.exit_code == 0, first.output
     # The partitions begin with the month the demo's 30 days of data begin in, kept for later runs.

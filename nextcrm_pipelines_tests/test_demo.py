@@ -74,6 +74,9 @@ def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothin
     stripe = re.match(r"synced stripe-demo-stripe: (\d+) records, (\d+) inserted, \d+ updated, \d+ unchanged, 0 failed",
                       synced[0])  # fmt: skip
     assert stripe and int(stripe[1]) >= int(stripe[2]) == sum(stored.values())
+    assert lines[-2] == f"partitions begin with the month of {os.environ['NEXTCRM_SYNC_START_DATE']} " + (
+        "(NEXTCRM_SYNC_START_DATE; see the README)"
+    )
     assert lines[-1] == f"DATABASE_URL={database_url}"
 
 

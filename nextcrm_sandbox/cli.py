@@ -506,6 +506,9 @@ def demo(days: int) -> None:
     click.echo(f"materialised {days} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")
+    from nextcrm_pipelines.partitions import sync_start_date
+
+    click.echo(f"partitions begin with the month of {sync_start_date()} (NEXTCRM_SYNC_START_DATE; see the README)")
     click.echo(f"DATABASE_URL={settings.redact_url(env.database_url)}")
 
 

@@ -337,3 +337,27 @@ def test_a_childs_dagster_errors_reach_the_terminal_as_one_line_each_and_their_t
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[code-server]")]
     assert printed == [f"[code-server] {said[1]}", f"[code-server] {said[5]}"]
     assert child.log_path.read_text().splitlines() == said
+
+
+def test_children_do_not_outlive_a_supervisor_that_is_killed(tmp_path: Path) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the parent-death signal is Linux's")
+    script = (
+        "import os, sys, time\n"
+        "from pathlib import Path\n"
+        "from nextcrm_sandbox.cli import _ChildSpec, _Supervisor\n"
+        "supervisor = _Supervisor(Path(sys.argv[1]), Path(sys.argv[1]))\n"
+        "child = supervisor.start(_ChildSpec('sleeper', 'a sleeper', ['sleep', '120'], dict(os.environ)))\n"
+        "print(child.proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    supervisor = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert supervisor.stdout is not None
+        child = int(supervisor.stdout.readline())
+        assert _alive({child}) == {child}
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+        _wait_until(lambda: not _alive({child}), 10, "the child stopped with its supervisor")
+    finally:
+        supervisor.kill()

@@ -594,6 +594,22 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """What a child runs before its program: SIGTERM when `dev` dies however it dies (even SIGKILL), so no
+    child outlives it (Linux's PR_SET_PDEATHSIG; elsewhere the signals `dev` sends on its way out suffice).
+    The C function is looked up here, in `dev`, so the forked child only calls it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def stop_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+    return stop_with_parent
+
+
 def _signal_group(pgid: int, signum: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
@@ -611,6 +627,7 @@ class _Supervisor:
         self._stop_requested: str | None = None
         self._spawning = False
         self._lock = threading.Lock()
+        self._stop_with_parent = _parent_death_signal()
         log_dir.mkdir(parents=True, exist_ok=True)
 
     def say(self, message: str) -> None:
@@ -656,6 +673,7 @@ class _Supervisor:
             child.proc = subprocess.Popen(
                 child.spec.argv, cwd=self.cwd, env=child.spec.env, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self._stop_with_parent,
             )  # fmt: skip
             child.started = time.monotonic()
         finally:

@@ -361,3 +361,15 @@ def test_children_do_not_outlive_a_supervisor_that_is_killed(tmp_path: Path) -> 
         _wait_until(lambda: not _alive({child}), 10, "the child stopped with its supervisor")
     finally:
         supervisor.kill()
+
+
+def test_make_dev_passes_its_port_variables_to_the_dev_server() -> None:
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    planned = subprocess.run(["make", "-n", "-o", "install", "dev", "UI_PORT=3101", "SANDBOX_PORT=12191",
+                              "WEBHOOK_PORT=8791"], cwd=settings.PROJECT_ROOT, capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    assert re.search(r"nextcrm-sandbox dev\s+(\\\s+)?--ui-port 3101 --sandbox-port 12191 --webhook-port 8791", planned)
+    defaults = subprocess.run(["make", "-n", "-o", "install", "dev"], cwd=settings.PROJECT_ROOT, capture_output=True,
+                              text=True, check=True).stdout  # fmt: skip
+    assert re.search(r"--ui-port 3000 --sandbox-port 12111 --webhook-port 8787", defaults), defaults

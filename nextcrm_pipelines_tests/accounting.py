@@ -64,6 +64,11 @@ PROFILES = {
     "quickbooks_invoices": Profile("quickbooks", "quickbooks_invoices", "invoice", "Id",
                                    lambda raw: raw.get("TotalAmt"), {"invoices": 120, "customers": 30, "days": 6},
                                    {"throttle_wait_seconds": 0.2}),
+    "quickbooks_customers": Profile("quickbooks", "quickbooks_customers", "customer", "Id", None,
+                                    {"invoices": 30, "customers": 120, "days": 6}, {"throttle_wait_seconds": 0.2}),
+    "quickbooks_payments": Profile("quickbooks", "quickbooks_payments", "payment", "Id",
+                                   lambda raw: raw.get("TotalAmt"), {"invoices": 220, "customers": 30, "days": 6},
+                                   {"throttle_wait_seconds": 0.2}),
     "myob_invoices": Profile("myob", "myob_invoices", "invoice", "UID", _myob_total,
                              {"invoices": 120, "customers": 30, "days": 6, "requests_per_second": 0}),
 }  # fmt: skip

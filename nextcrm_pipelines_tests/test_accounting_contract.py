@@ -62,7 +62,8 @@ def test_a_record_updated_exactly_at_midnight_lands_in_one_day_once(database_url
     account = connect_account(sandbox, database_url, box, profile, invoices=10, contacts=10, customers=10)
     today = sandbox_now(sandbox).date()
     midnight = datetime(today.year, today.month, today.day, tzinfo=UTC) - timedelta(days=1)
-    entity = "contact" if profile.entity == "xero_contacts" else "invoice"
+    entity = {"xero_contacts": "contact", "quickbooks_customers": "customer",
+              "quickbooks_payments": "payment"}.get(profile.entity, "invoice")  # fmt: skip
     record = account.control.add_record(account.tenant_id, entity, updated_at=midnight.timestamp())
     record_id = str(record.get(profile.id_field) or record.get("record", {}).get(profile.id_field))
     before, on = sync_range(database_url, schema, account, [midnight.date() - timedelta(days=1), midnight.date()])

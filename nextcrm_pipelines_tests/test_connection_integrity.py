@@ -23,6 +23,7 @@ ENTITY_TABLES = [t.name for t in project_metadata().sorted_tables if is_entity(t
 _FILLER = {
     "text": "x", "numeric": 0, "boolean": False, "integer": 0, "bigint": 0, "date": datetime(2026, 1, 1).date(),
     "timestamp with time zone": datetime(2026, 1, 1, tzinfo=UTC), "jsonb": psycopg.types.json.Jsonb({}), "bytea": b"",
+    "ARRAY": [],
 }  # fmt: skip
 
 

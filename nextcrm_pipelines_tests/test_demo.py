@@ -68,7 +68,8 @@ def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothin
     counts = dict(re.findall(rf"^  {schema}\.(\w+): (\d+) rows$", printed, flags=re.MULTILINE))
     with psycopg.connect(database_url) as conn:
         stored = {name: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table(name, schema))).fetchone()[0]
-                  for name in ("stripe_payments", "stripe_subscriptions")}  # fmt: skip
+                  for name in ("stripe_payments", "stripe_subscriptions", "stripe_customers",
+                               "stripe_invoices")}  # fmt: skip
     assert {name: int(counts[name]) for name in stored} == stored and stored["stripe_payments"] > 0
     # A fresh schema: each row of the Stripe tables was inserted once, by this run.
     stripe = re.match(r"synced stripe-demo-stripe: (\d+) records, (\d+) inserted, \d+ updated, \d+ unchanged, 0 failed",

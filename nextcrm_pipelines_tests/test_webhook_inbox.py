@@ -127,7 +127,7 @@ def test_one_bad_event_fails_alone_and_unused_types_are_processed_and_counted(da
     connection_id = stripe_connection(database_url, box)
     broken = {"id": "ch_broken", "object": "charge", "currency": "usd"}  # no amount: cannot be mapped
     events = [stripe_event("evt_good_1", charge("ch_good_1", 500)), stripe_event("evt_broken", broken),
-              stripe_event("evt_customer", {"id": "cus_9", "object": "customer"}, kind="customer.created"),
+              stripe_event("evt_product", {"id": "prod_9", "object": "product"}, kind="product.created"),
               stripe_event("evt_good_2", charge("ch_good_2", 700))]  # fmt: skip
     with psycopg.connect(database_url) as conn:
         for event in events:
@@ -157,7 +157,7 @@ def test_one_bad_event_fails_alone_and_unused_types_are_processed_and_counted(da
     assert set(payments(database_url, schema)) == {"ch_good_1", "ch_good_2"}
     statuses = {event_id: (status, error) for event_id, _, status, _, error in inbox_rows(database_url, schema)}
     assert statuses["evt_good_1"] == ("processed", None) and statuses["evt_good_2"] == ("processed", None)
-    assert statuses["evt_customer"] == ("processed", None)  # kept, counted as skipped, not an error
+    assert statuses["evt_product"] == ("processed", None)  # kept, counted as skipped, not an error
     assert statuses["evt_broken"][0] == "failed" and "KeyError" in statuses["evt_broken"][1]
     with psycopg.connect(database_url) as conn:
         log = conn.execute(

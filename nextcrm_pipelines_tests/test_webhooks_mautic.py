@@ -229,9 +229,10 @@ def test_contact_edits_and_deletes_bring_campaign_counts_to_the_live_figures(dat
             before[cid]["name"], before[cid]["published"], before[cid]["source_updated_at"], False)  # fmt: skip
     statuses = [(kind, status) for _, kind, status, _, _ in inbox_rows(database_url, schema, "mautic")]
     assert statuses == [(UPDATED, "processed"), (DELETED, "processed")]
-    # The edit rewrote the one campaign whose count moved; the delete re-read every campaign (a deleted
-    # contact's memberships are gone) and rewrote the ones it had been in.
-    assert webhook_logs(database_url, schema) == [(connection.id, "success", 1, 0, 1),
+    # The edit stored the contact (only campaigns were synced here) and rewrote the one campaign whose count
+    # moved; the delete re-read every campaign (a deleted contact's memberships are gone) and rewrote the ones
+    # it had been in.
+    assert webhook_logs(database_url, schema) == [(connection.id, "success", 1, 1, 1),
                                                   (connection.id, "success", 1, 0, len(left))]  # fmt: skip
 
 

@@ -51,6 +51,7 @@ MIRROR_COMMENTS = {
 # binary form (see `upsert.JSONB_BINARY_VERSION`): the column's type, not the client's, decides.
 _COPY_TYPES = {
     "TEXT": "text",
+    "TEXT[]": "text[]",
     "NUMERIC": "numeric",
     "BOOLEAN": "bool",
     "INTEGER": "int4",

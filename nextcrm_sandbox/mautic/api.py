@@ -68,7 +68,13 @@ from nextcrm_sandbox.mautic.webhooks import MauticWebhooks
 from nextcrm_sandbox.oauth import AccessDenied, OAuthError
 
 # API writes: route kind -> the status a success answers with.
-_WRITES = {"contact_new": 201, "contact_edit": 200, "contact_delete": 200, "campaign_member": 200}
+_WRITES = {
+    "contact_new": 201,
+    "contact_edit": 200,
+    "contact_delete": 200,
+    "campaign_member": 200,
+    "segment_member": 200,
+}
 _NUMBER_FIELDS = frozenset(alias for _id, alias, _label, kind, _group in _CONTACT_FIELDS if kind == "number")
 _DATE_FIELDS = frozenset(alias for _id, alias, _label, kind, _group in _CONTACT_FIELDS if kind == "datetime")
 _TEXT_FIELDS = frozenset(alias for _id, alias, _label, _kind, _group in _CONTACT_FIELDS) - _NUMBER_FIELDS
@@ -87,6 +93,9 @@ class _Faults:
     rate_limited: int = 0
     latency_ms: float = 0.0
     insert_during_paging: int = 0
+    # List requests answered as if their `where[]` clauses on `id` were absent (a proxy or plugin that drops
+    # them): paging by id then gets the same page again.
+    repeat_pages: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -95,10 +104,13 @@ class _Faults:
             "rate_limited": self.rate_limited,
             "latency_ms": self.latency_ms,
             "insert_during_paging": self.insert_during_paging,
+            "repeat_pages": self.repeat_pages,
         }
 
     def active(self) -> bool:
-        return bool(self.server_errors or self.rate_limited or self.latency_ms or self.insert_during_paging)
+        return bool(
+            self.server_errors or self.rate_limited or self.latency_ms or self.insert_during_paging or self.repeat_pages
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,6 +315,11 @@ class MauticSandbox:
                 self._api("campaign_member"),
                 methods=["POST"],
             ),
+            Route(
+                f"{base}/api/segments/{{rid:int}}/contact/{{lead:int}}/{{action:str}}",
+                self._api("segment_member"),
+                methods=["POST"],
+            ),
             Route(f"{base}/api/{{entity}}/{{rid:int}}", self._api("one"), methods=["GET"]),
             Route(f"{base}/api/{{entity}}", self._api("list"), methods=["GET"]),
             Route(f"{base}/api/{{rest:path}}", self._api("unknown"), methods=every),
@@ -327,6 +344,11 @@ class MauticSandbox:
             Route(f"{a}/export/{{entity}}", control_endpoint(self._control_export), methods=["GET"]),
             Route(
                 f"{a}/campaigns/{{rid:int}}/contacts/{{lead:int}}/{{action:str}}",
+                control_endpoint(self._control_membership),
+                methods=["POST"],
+            ),
+            Route(
+                f"{a}/segments/{{rid:int}}/contacts/{{lead:int}}/{{action:str}}",
                 control_endpoint(self._control_membership),
                 methods=["POST"],
             ),
@@ -371,6 +393,7 @@ class MauticSandbox:
                 "contact_edit": "/api/contacts/{id}/edit",
                 "contact_delete": "/api/contacts/{id}/delete",
                 "campaign_member": "/api/campaigns/{id}/contact/{contactId}/{action}",
+                "segment_member": "/api/segments/{id}/contact/{contactId}/{action}",
                 "unknown": "/api/(unknown)",
             }[route_kind]
             if inst is None:
@@ -435,6 +458,10 @@ class MauticSandbox:
             inserts = inst.knobs["insert_during_paging"] + (faults.insert_during_paging if faults else 0)
             for _ in range(inserts):
                 inst.create(entity, self.clock())
+            if faults is not None and faults.repeat_pages > 0 and isinstance(params.get("where"), dict):
+                faults.repeat_pages -= 1
+                where = {k: c for k, c in params["where"].items() if not (isinstance(c, dict) and c.get("col") == "id")}
+                params = {**params, "where": where}
             return inst.list_entities(entity, params, user["id"] if user else None)
         if kind == "one":
             assert entity is not None
@@ -450,7 +477,7 @@ class MauticSandbox:
     async def _write(self, request: Request, inst: MauticInstallation, kind: str) -> tuple[int, dict[str, Any]]:
         """The contact and campaign-membership writes (as Mautic documents them): ``/new`` 201, PATCH 404s on a missing
         contact while PUT creates it, membership add/remove ``{"success": 1}``; contact changes send their webhooks,
-        membership changes none (Mautic has no webhook event for them)."""
+        membership changes (campaigns and segments) none (Mautic has no webhook event for them)."""
         rid = request.path_params.get("rid")
         now = self.clock()
         contacts = inst.tables["contacts"]
@@ -462,6 +489,15 @@ class MauticSandbox:
             if rid not in inst.tables["campaigns"] or lead not in contacts:
                 raise ApiError(404, MSG_NOT_FOUND)
             (inst.join if action == "add" else inst.leave)(rid, lead, now)
+            return _WRITES[kind], {"success": 1}
+        if kind == "segment_member":
+            action, lead = request.path_params["action"], request.path_params["lead"]
+            if action not in ("add", "remove"):
+                path = request.url.path[len(inst.base_path) :]
+                raise ApiError(404, f"Requested URL not found: {path}", kind="kernel")
+            if rid not in inst.tables["segments"] or lead not in contacts:
+                raise ApiError(404, MSG_NOT_FOUND)
+            (inst.segment_join if action == "add" else inst.segment_leave)(rid, lead, now)
             return _WRITES[kind], {"success": 1}
         if kind == "contact_delete":
             if rid not in contacts:
@@ -817,15 +853,20 @@ class MauticSandbox:
         return inst.render(entity, inst.update(entity, rid, fields, when))
 
     async def _control_membership(self, request: Request) -> Any:
-        """Add a contact to a campaign or remove it, as a user would in Mautic (no webhook is sent: there is none)."""
+        """Add a contact to a campaign or segment or remove it, as a user would in Mautic (no webhook is sent: there
+        is none)."""
         inst = self._inst(request.path_params["account"])
         rid, lead, action = request.path_params["rid"], request.path_params["lead"], request.path_params["action"]
+        entity = "segments" if request.url.path.split("/")[-5] == "segments" else "campaigns"
         if action not in ("add", "remove"):
             raise ControlError(404, f"unknown membership action {action!r}: add or remove")
-        if rid not in inst.tables["campaigns"]:
-            raise ControlError(404, f"no campaigns record {rid}")
+        if rid not in inst.tables[entity]:
+            raise ControlError(404, f"no {entity} record {rid}")
         if lead not in inst.tables["contacts"]:
             raise ControlError(404, f"no contacts record {lead}")
+        if entity == "segments":
+            changed = (inst.segment_join if action == "add" else inst.segment_leave)(rid, lead, self.clock())
+            return {"segment": rid, "contact": lead, "action": action, "changed": changed}
         changed = (inst.join if action == "add" else inst.leave)(rid, lead, self.clock())
         return {"campaign": rid, "contact": lead, "action": action, "changed": changed}
 
@@ -842,7 +883,7 @@ class MauticSandbox:
         if account is not None:
             account = self._inst(str(account)).id
         faults = self._faults.setdefault(account, _Faults())
-        for name in ("server_errors", "rate_limited", "insert_during_paging"):
+        for name in ("server_errors", "rate_limited", "insert_during_paging", "repeat_pages"):
             if name in body:
                 setattr(faults, name, int_field(body, name, 0))
         if "server_error_status" in body:

@@ -101,7 +101,8 @@ class MauticControl(WebhookControl):
         return self._call("DELETE", f"/accounts/{account_id}/records/{entity}/{record_id}")
 
     def export(self, account_id: str, entity: str) -> dict[str, Any]:
-        """``{"records", "deleted_ids"}`` for campaigns, contacts, segments, emails or campaign_contacts."""
+        """``{"records", "deleted_ids"}`` for campaigns, contacts, segments, emails, campaign_contacts or
+        segment_contacts."""
         return self._call("GET", f"/accounts/{account_id}/export/{entity}")
 
     def add_to_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
@@ -111,6 +112,14 @@ class MauticControl(WebhookControl):
     def remove_from_campaign(self, account_id: str, campaign_id: int, contact_id: int) -> dict[str, Any]:
         """Remove a contact from a campaign (kept as manually removed); Mautic sends no webhook for it."""
         return self._call("POST", f"/accounts/{account_id}/campaigns/{campaign_id}/contacts/{contact_id}/remove")
+
+    def add_to_segment(self, account_id: str, segment_id: int, contact_id: int) -> dict[str, Any]:
+        """Add a contact to a segment as a user would (re-adds a removed one); Mautic sends no webhook for it."""
+        return self._call("POST", f"/accounts/{account_id}/segments/{segment_id}/contacts/{contact_id}/add")
+
+    def remove_from_segment(self, account_id: str, segment_id: int, contact_id: int) -> dict[str, Any]:
+        """Remove a contact from a segment (kept as manually removed); Mautic sends no webhook for it."""
+        return self._call("POST", f"/accounts/{account_id}/segments/{segment_id}/contacts/{contact_id}/remove")
 
     # --- webhooks -----------------------------------------------------------------------------------------
 

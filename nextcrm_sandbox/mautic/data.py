@@ -41,6 +41,7 @@ from nextcrm_sandbox.mautic.model import (
     _MULTI,
     _ONE,
     _ORM_ONLY,
+    _SEGMENT_MEMBER_COLUMNS,
     CAMPAIGN_CONTACTS_LIMIT,
     CODE_TTL,
     CONTACT_COUNT_TTL,
@@ -1190,12 +1191,79 @@ class MauticInstallation:
 
     def stats(self, table: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """``GET /api/stats/{table}`` (``StatsApiController``): ``{"total", "stats": [rows]}``; an unknown table
-        answers the tables and columns there are. Only ``campaign_leads`` is kept: every membership row, the
-        manually removed ones included."""
+        answers the tables and columns there are. Two are kept: ``campaign_leads`` (every campaign membership row,
+        the manually removed ones included) and ``lead_lists_leads`` (segment memberships)."""
+        if table == "lead_lists_leads":
+            total, rows = self._segment_member_rows(params)
+            return {"total": total, "stats": rows}
         if table != "campaign_leads":
-            return {"availableTables": ["campaign_leads"], "tableColumns": {"campaign_leads": list(_MEMBER_COLUMNS)}}
+            return {
+                "availableTables": ["campaign_leads", "lead_lists_leads"],
+                "tableColumns": {"campaign_leads": list(_MEMBER_COLUMNS),
+                                 "lead_lists_leads": list(_SEGMENT_MEMBER_COLUMNS)},
+            }  # fmt: skip
         total, rows = self._member_rows(params, campaign_id=None, default_limit=CAMPAIGN_CONTACTS_LIMIT)
         return {"total": total, "stats": rows}
+
+    def _segment_member_rows(self, params: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
+        """``lead_lists_leads`` rows matching ``where[]``, sorted by ``order[]``, one ``start``/``limit`` page: the
+        total (a string, as DBAL counts it) and the rows (strings)."""
+
+        def resolve(name: str) -> _Column:
+            col = _SEGMENT_MEMBER_COLUMNS.get(name.split(".", 1)[-1])
+            if col is None:
+                raise _server_error()
+            return col
+
+        where = params.get("where")
+        preds = self.where("segments", where, resolve) if isinstance(where, dict) else []
+        rows = [
+            (sid, lid, m)
+            for sid in sorted(self.segment_leads)
+            for lid, m in sorted(self.segment_leads[sid].items())
+            if all(p((sid, lid, m)) for p in preds)
+        ]
+        order = params.get("order")
+        for clause in reversed(_values(order) if isinstance(order, dict) else []):
+            if not isinstance(clause, dict) or not clause.get("col"):
+                raise _server_error()
+            col = resolve(str(clause["col"]))
+            desc = str(clause.get("dir") or "ASC").upper() == "DESC"
+            rows.sort(
+                key=lambda row, col=col: (0, 0) if col.get(self, row) is None else (1, col.get(self, row)), reverse=desc
+            )
+        start = max(0, _php_int(params.get("start"), 0))
+        limit = max(0, _php_int(params.get("limit"), CAMPAIGN_CONTACTS_LIMIT))
+        return str(len(rows)), [
+            {
+                "leadlist_id": str(sid),
+                "lead_id": str(lid),
+                "date_added": _db_datetime(m.added),
+                "manually_removed": "1" if m.manually_removed else "0",
+                "manually_added": "1" if m.manually_added else "0",
+            }
+            for sid, lid, m in rows[start : start + limit]
+        ]
+
+    def segment_join(self, segment_id: int, contact_id: int, at: int) -> bool:
+        """``ListModel::addLead`` (manual): add or re-add the contact; False if it already was in. No webhook, and
+        the contact's ``dateModified`` stays (Mautic does not save the contact)."""
+        members = self.segment_leads.setdefault(segment_id, {})
+        member = members.get(contact_id)
+        if member is not None and not member.manually_removed:
+            return False
+        members[contact_id] = _Member(at, manually_added=True)
+        self._touch()
+        return True
+
+    def segment_leave(self, segment_id: int, contact_id: int, at: int) -> bool:
+        """``ListModel::removeLead`` (manual): the row stays, manually removed; False if it was not in."""
+        member = self.segment_leads.get(segment_id, {}).get(contact_id)
+        if member is None or member.manually_removed:
+            return False
+        member.manually_removed, member.manually_added = True, False
+        self._touch()
+        return True
 
     def _member_rows(
         self, params: Mapping[str, Any], *, campaign_id: int | None, default_limit: int
@@ -1295,6 +1363,8 @@ class MauticInstallation:
 
     def export(self, entity: str) -> dict[str, Any]:
         """Every current record in full API shape, and the ids deleted so far."""
+        if entity == "segment_contacts":
+            return {"records": self._segment_member_rows({"limit": str(10**9)})[1], "deleted_ids": []}
         if entity == "campaign_contacts":
             rows = []
             for cid in sorted(self.campaign_leads):

@@ -371,6 +371,14 @@ _MEMBER_COLUMNS: dict[str, _Column] = {
     "date_last_exited": _Column("date", lambda inst, row: row[2].exited),
     "rotation": _Column("int", lambda inst, row: row[2].rotation),
 }
+# ``lead_lists_leads`` (segment membership) rows: (segment id, contact id, membership).
+_SEGMENT_MEMBER_COLUMNS: dict[str, _Column] = {
+    "leadlist_id": _Column("int", lambda inst, row: row[0]),
+    "lead_id": _Column("int", lambda inst, row: row[1]),
+    "date_added": _Column("date", lambda inst, row: row[2].added),
+    "manually_removed": _Column("bool", lambda inst, row: row[2].manually_removed),
+    "manually_added": _Column("bool", lambda inst, row: row[2].manually_added),
+}
 _CATCH_ALL: dict[str, tuple[str, ...]] = {
     "campaigns": ("name", "description"),
     "segments": ("name", "alias"),
@@ -484,6 +492,14 @@ def _predicate(inst: MauticInstallation, expr: str, column: _Column, raw: Any) -
             raw = items[0]
         else:
             positive = expr == "in"
+            if kind != "date":  # plain equality: one set lookup per row (a page of ids is 1,000 values)
+                wanted_set = set(wanted)
+
+                def member_of(row: Any) -> bool:
+                    value = _comparable(kind, get(inst, row))
+                    return value is not None and (value in wanted_set) == positive
+
+                return member_of
 
             def member(row: Any) -> bool:
                 value = _comparable(kind, get(inst, row))

@@ -1,22 +1,24 @@
-"""Local emulator of QuickBooks Online (Intuit Accounting API v3): OAuth, query, read-one and CDC.
+"""Local emulator of QuickBooks Online (Intuit Accounting API v3): OAuth, query, batch, read-one and CDC.
 
-The demo and the tests point the real QuickBooks client code at this package instead of Intuit, so it
-reproduces what that code relies on: Intuit's OAuth 2.0 flow (Basic client authentication only, one
-realm per authorisation, ``realmId`` on the redirect, refresh tokens that rotate about once a day and
-keep working for 24 hours after being superseded, ``x_refresh_token_expires_in``), the SQL-like query
-endpoint (``SELECT * | COUNT(*) FROM Invoice|Customer``, ``MetaData.LastUpdatedTime`` windows,
-``Active IN (true, false)``, ``ORDERBY``, 1-based ``STARTPOSITION``, ``MAXRESULTS`` capped at 1000, active
-customers only by default, ``"QueryResponse": {}`` when nothing matches), read-one by ``Id``, Change Data
-Capture with its 30-day look-back and 1,000-object cap and ``status: "Deleted"`` stubs for hard-deleted
-invoices, JSON or XML by ``Accept``, the ``Fault`` error envelope (lower-case ``fault`` for 401/403), and
-the throttles (500 requests a minute, 10 a second, 10 at once per realm → 429 with fault 3001 and no
+The demo and the tests point the real QuickBooks client code at this package instead of Intuit, so it reproduces
+what that code relies on: Intuit's OAuth 2.0 flow (client credentials in HTTP Basic or in the form body, the OpenID
+discovery documents intuit-oauth reads, one realm per authorisation, ``realmId`` on the redirect, refresh tokens
+that rotate about once a day and keep working for 24 hours after being superseded, ``x_refresh_token_expires_in``),
+the SQL-like query endpoint (``SELECT * | COUNT(*) FROM Invoice|Customer|Payment|Account``,
+``MetaData.LastUpdatedTime`` windows, ``Active IN (true, false)``, ``ORDERBY``, 1-based ``STARTPOSITION``,
+``MAXRESULTS`` capped at 1000, active customers only by default, ``"QueryResponse": {}`` when nothing matches),
+read-one by ``Id``, Change Data Capture with its 30-day look-back and 1,000-object cap and ``status: "Deleted"``
+stubs for hard-deleted invoices and payments and merged-away customers, ``/batch`` (up to 30 queries), JSON or XML
+by ``Accept``, the ``Fault`` error envelope (lower-case ``fault`` for 401/403; also for every route not emulated),
+and the throttles (500 requests a minute, 10 a second, 10 at once per realm → 429 with fault 3001 and no
 ``Retry-After``).
 
 Intuit's hosts are mapped to path prefixes of the sandbox server: ``/quickbooks/appcenter`` (authorize),
-``/quickbooks/oauth`` (token), ``/quickbooks/developer`` (revoke) and ``/quickbooks/api`` (both the
-production and the sandbox API host). Companies (realms) are generated deterministically from a seed;
-the control API under ``/_sandbox/quickbooks`` creates them, applies edits, voids, hard deletes, merges and
-deactivations on the sandbox clock, injects faults and reports statistics.
+``/quickbooks/oauth`` (token, jwks), ``/quickbooks/developer`` (revoke), ``/quickbooks/devsite``
+(developer.intuit.com: the discovery documents) and ``/quickbooks/api`` (both the production and the sandbox API
+host). Companies (realms) are generated deterministically from a seed; the control API under
+``/_sandbox/quickbooks`` creates them, applies edits, voids, hard deletes, merges and deactivations (of invoices,
+payments and customers) on the sandbox clock, injects faults and reports statistics.
 
 Webhooks: ``POST /_sandbox/quickbooks/webhooks`` subscribes a receiver URL to an app's realms (``app``, as
 Intuit configures one endpoint per app) or to one ``realm``, with the app's ``verifier_token`` and a payload

@@ -1,6 +1,6 @@
-"""``QuickBooksSandbox``: realms with their throttles, faults and statistics, Intuit's OAuth flow, the query,
-read-one and CDC routes under ``/quickbooks/api``, webhook delivery and the control API under
-``/_sandbox/quickbooks``."""
+"""``QuickBooksSandbox``: realms with their throttles, faults and statistics, Intuit's OAuth flow and OpenID
+discovery documents, the query, batch, read-one and CDC routes under ``/quickbooks/api``, Intuit's ``Fault`` for
+every route it does not emulate, webhook delivery and the control API under ``/_sandbox/quickbooks``."""
 
 from __future__ import annotations
 
@@ -51,10 +51,15 @@ from nextcrm_sandbox.quickbooks.model import (
     ACCESS_TTL,
     API_PREFIX,
     AUTHORIZE_PATH,
+    BATCH_MAX_ITEMS,
     CDC_MAX_DAYS,
     CDC_MAX_OBJECTS,
     CONTROL_PREFIX,
+    DISCOVERY_PATHS,
+    HOSTS,
+    JWKS_PATH,
     MIN_MINOR_VERSION,
+    PREFIX,
     REFRESH_GRACE,
     REFRESH_HARD_TTL,
     REFRESH_ROTATE_AFTER,
@@ -62,12 +67,14 @@ from nextcrm_sandbox.quickbooks.model import (
     REVOKE_PATH,
     TOKEN_PATH,
     QueryError,
+    _batch_too_large,
     _not_found,
     _parse_offset,
     _parse_when,
     _system_fault,
     _throttled,
     _unsupported_operation,
+    discovery_document,
 )
 from nextcrm_sandbox.quickbooks.query import parse_query
 from nextcrm_sandbox.quickbooks.render import to_xml
@@ -158,6 +165,7 @@ _TENANT_FIELDS = frozenset(
         "home_currency",
         "currencies",
         "deleted_invoices",
+        "deleted_payment_share",
         "inactive_share",
         "requests_per_minute",
         "requests_per_second",
@@ -168,7 +176,18 @@ _TENANT_FIELDS = frozenset(
         "cdc_max_objects",
     }
 )
-_CHANGE_FIELDS = ("edits", "voids", "deletes", "creates", "archives", "customer_edits", "customer_creates")
+_CHANGE_FIELDS = (
+    "edits",
+    "voids",
+    "deletes",
+    "creates",
+    "archives",
+    "customer_edits",
+    "customer_creates",
+    "customer_merges",
+    "payment_voids",
+    "payment_deletes",
+)
 _FAULT_FIELDS = frozenset(
     {"tenant", "server_errors", "server_error_status", "rate_limited", "day_limit_exhausted", "latency_ms"}
 )
@@ -184,7 +203,9 @@ def _entity_of(name: Any) -> str:
         return "Invoice"
     if key in ("customer", "contact"):
         return "Customer"
-    raise ControlError(400, "entity must be invoice or customer (contact)")
+    if key == "payment":
+        return "Payment"
+    raise ControlError(400, "entity must be invoice, customer (contact) or payment")
 
 
 def _wants_json(request: Request) -> bool:
@@ -193,6 +214,9 @@ def _wants_json(request: Request) -> bool:
 
 def _tid() -> str:
     return secrets.token_hex(16)
+
+
+_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
 
 
 class QuickBooksSandbox:
@@ -207,7 +231,7 @@ class QuickBooksSandbox:
             rotate=True,
             rotate_after=REFRESH_ROTATE_AFTER,
             grace=REFRESH_GRACE,
-            client_auth=frozenset({"basic"}),
+            client_auth=frozenset({"basic", "body"}),  # client_secret_basic and client_secret_post
             pkce=False,
             token_type="bearer",
             refresh_hard_ttl=REFRESH_HARD_TTL,
@@ -285,6 +309,7 @@ class QuickBooksSandbox:
             "currencies": [home, *[c for c in currencies if c != home]],
             "deleted_invoices": _int_field(body, "deleted_invoices", invoices // 50),
             "inactive_share": number_field(body, "inactive_share", 0.08),
+            "deleted_payment_share": number_field(body, "deleted_payment_share", 0.02),
             "requests_per_minute": _int_field(body, "requests_per_minute", 500),
             "requests_per_second": _int_field(body, "requests_per_second", 10),
             "max_concurrent": _int_field(body, "max_concurrent", 10),
@@ -432,17 +457,23 @@ class QuickBooksSandbox:
         api = f"{API_PREFIX}/v3/company/{{realm}}"
         control = CONTROL_PREFIX
         invoices = f"{control}/tenants/{{tenant}}/invoices"
+        payments = f"{control}/tenants/{{tenant}}/payments"
         return [
             Route(AUTHORIZE_PATH, self.oauth.authorize_endpoint(self._subject_for), methods=["GET"]),
             Route(TOKEN_PATH, self.oauth.token_endpoint, methods=["POST"]),
             Route(REVOKE_PATH, self._revoke, methods=["POST"]),
+            *(Route(path, self._discovery(env), methods=["GET"]) for env, path in DISCOVERY_PATHS.items()),
+            Route(JWKS_PATH, self._jwks, methods=["GET"]),
             Route(f"{api}/query", self._api("query"), methods=["GET", "POST"]),
+            Route(f"{api}/batch", self._api("batch"), methods=["POST"]),
             Route(f"{api}/cdc", self._api("cdc"), methods=["GET"]),
             Route(f"{api}/invoice/{{oid}}", self._api("invoice"), methods=["GET"]),
             Route(f"{api}/customer/{{oid}}", self._api("customer"), methods=["GET"]),
+            Route(f"{api}/payment/{{oid}}", self._api("payment"), methods=["GET"]),
+            Route(f"{api}/account/{{oid}}", self._api("account"), methods=["GET"]),
             Route(f"{api}/companyinfo/{{oid}}", self._api("companyinfo"), methods=["GET"]),
-            Route(f"{api}/{{rest:path}}", self._api(None), methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
-            Route(f"{API_PREFIX}/{{rest:path}}", self._not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
+            Route(f"{api}/{{rest:path}}", self._api(None), methods=_METHODS),
+            Route(f"{PREFIX}/{{rest:path}}", self._not_found, methods=_METHODS),
             *self.oauth.control_routes(control),
             Route(f"{control}/clients", self._control_clients, methods=["POST"]),
             Route(f"{control}/tenants", self._control_tenants, methods=["GET", "POST"]),
@@ -453,14 +484,41 @@ class QuickBooksSandbox:
             Route(f"{control}/tenants/{{tenant}}/export/{{entity}}", self._control_export, methods=["GET"]),
             Route(f"{invoices}/merge", self._control_merge, methods=["POST"]),
             Route(f"{invoices}/{{oid}}/{{action}}", self._control_invoice_action, methods=["POST"]),
+            Route(f"{control}/tenants/{{tenant}}/customers/merge", self._control_merge_customers, methods=["POST"]),
+            Route(f"{payments}/{{oid}}/{{action}}", self._control_payment_action, methods=["POST"]),
             *webhook_control_routes(control, self.webhooks, self._webhook_signer),
             Route(f"{control}/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route(f"{control}/stats", self._control_stats, methods=["GET"]),
         ]
 
     async def _not_found(self, request: Request) -> Response:
-        self._count(f"{request.method} (unknown)", 404)
-        return Response(b"Not Found", status_code=404, headers={"content-type": "text/plain", "intuit_tid": _tid()})
+        """Any other path on Intuit's hosts: its ``Fault`` (405 on a path served for other methods, else 404)."""
+        path = request.url.path
+        status = 405 if path in self._fixed_paths() else 404
+        prefix, _, rest = path[len(PREFIX) + 1 :].partition("/")
+        relative = f"/{rest}"
+        err = _unsupported_operation(relative, f"{HOSTS.get(prefix, HOSTS['api'])}{relative}")
+        err.status = status
+        stamp = dt.datetime.fromtimestamp(self._now_precise(), dt.UTC).isoformat(timespec="milliseconds")
+        return self._render(request, status, {"Fault": err.fault(), "time": stamp}, f"{request.method} (unknown)")
+
+    @staticmethod
+    def _fixed_paths() -> set[str]:
+        return {AUTHORIZE_PATH, TOKEN_PATH, REVOKE_PATH, JWKS_PATH, *DISCOVERY_PATHS.values()}
+
+    def _discovery(self, environment: str) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            origin = str(request.base_url).rstrip("/")
+            self._count(f"GET discovery ({environment})", 200)
+            return json_response(200, discovery_document(origin, environment))
+
+        endpoint.__name__ = f"quickbooks_discovery_{environment}"
+        return endpoint
+
+    async def _jwks(self, request: Request) -> Response:
+        """Intuit's signing keys: the emulator issues no ID tokens, so none."""
+        self._count("GET jwks", 200)
+        return json_response(200, {"keys": []})
 
     def _count(self, route: str, status: int) -> None:
         self.stats["requests"] += 1
@@ -622,8 +680,10 @@ class QuickBooksSandbox:
             return {"QueryResponse": company.query(parse_query(sql or ""))}
         if kind == "cdc":
             return {"CDCResponse": [{"QueryResponse": self._cdc(request, company)}]}
-        if kind in ("invoice", "customer") and oid is not None:
-            entity = "Invoice" if kind == "invoice" else "Customer"
+        if kind == "batch":
+            return {"BatchItemResponse": self._batch(company, await request.body())}
+        if kind in ("invoice", "customer", "payment", "account") and oid is not None:
+            entity = kind.capitalize()
             rec = company.table(entity).get(oid)
             if rec is None:
                 raise _not_found()
@@ -635,6 +695,32 @@ class QuickBooksSandbox:
         path = request.url.path[len(API_PREFIX) :]
         full = f"https://quickbooks.api.intuit.com{path}"
         raise _unsupported_operation(path, full)
+
+    def _batch(self, company: QuickBooksCompany, raw: bytes) -> list[dict[str, Any]]:
+        """``BatchItemRequest`` (at most 30 items): each ``Query`` answered as ``/query`` would, in its own
+        ``Fault`` when it fails; writes are not emulated (an ``Unsupported Operation`` fault per item)."""
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            raise QueryError("2010", "Request has invalid or unsupported property", "Invalid JSON body") from None
+        items = body.get("BatchItemRequest") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+            raise QueryError("2010", "Request has invalid or unsupported property",
+                             "Property Name:BatchItemRequest")  # fmt: skip
+        if len(items) > BATCH_MAX_ITEMS:
+            raise _batch_too_large(len(items))
+        answers: list[dict[str, Any]] = []
+        for item in items:
+            answer: dict[str, Any] = {"bId": item.get("bId")}
+            try:
+                if not isinstance(item.get("Query"), str):
+                    operation = item.get("operation") or "query"
+                    raise _unsupported_operation(f"/batch ({operation})", "batch item")
+                answer["QueryResponse"] = company.query(parse_query(item["Query"]))
+            except QueryError as err:
+                answer["Fault"] = err.fault()
+            answers.append(answer)
+        return answers
 
     def _cdc(self, request: Request, company: QuickBooksCompany) -> list[dict[str, Any]]:
         raw_entities = request.query_params.get("entities", "")
@@ -755,7 +841,7 @@ class QuickBooksSandbox:
             if body.get("entity") is not None:
                 entity = _entity_of(body["entity"])
             else:
-                entity = "Invoice" if oid in company.invoices else "Customer"
+                entity = company.entity_of(oid) or "Invoice"
             if oid not in company.table(entity):
                 raise ControlError(404, f"no {entity.lower()} {oid}")
             fields = body.get("fields") or {}
@@ -795,6 +881,38 @@ class QuickBooksSandbox:
             except LookupError as err:
                 raise ControlError(404, str(err)) from None
             return {"merged": merged, "deleted_id": source}
+
+        return await _control(handle)(request)
+
+    async def _control_merge_customers(self, request: Request) -> Response:
+        async def handle(request: Request) -> Any:
+            company = self._rt(request.path_params["tenant"]).company
+            body = await read_json_object(request)
+            reject_unknown_fields(body, ("from", "into", "updated_at"), "merge")
+            source, target = body.get("from"), body.get("into")
+            if not isinstance(source, str) or not isinstance(target, str):
+                raise ControlError(400, "from and into must be customer ids")
+            try:
+                merged = company.merge_customers(source, target, self._updated_at(body))
+            except LookupError as err:
+                raise ControlError(404, str(err)) from None
+            return {"merged": merged, "deleted_id": source}
+
+        return await _control(handle)(request)
+
+    async def _control_payment_action(self, request: Request) -> Response:
+        async def handle(request: Request) -> Any:
+            company = self._rt(request.path_params["tenant"]).company
+            oid, action = request.path_params["oid"], request.path_params["action"]
+            if action not in ("void", "delete"):
+                raise ControlError(404, f"no payment action {action!r} (void or delete)")
+            if oid not in company.payments:
+                raise ControlError(404, f"no payment {oid}")
+            at = self._updated_at(await read_json_object(request))
+            if action == "void":
+                return company.void_payment(oid, at)
+            company.delete_payment(oid, at)
+            return {"deleted": oid}
 
         return await _control(handle)(request)
 

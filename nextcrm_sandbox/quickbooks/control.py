@@ -54,7 +54,8 @@ class QuickBooksControl(WebhookControl):
         return self._call("GET", "/oauth")
 
     def changes(self, tenant: str, **counts: int) -> dict[str, list[str]]:
-        """Apply edits, voids, deletes, creates, archives (and customer_edits, customer_creates) now."""
+        """Apply edits, voids, deletes, creates, archives (and customer_edits, customer_creates, customer_merges,
+        payment_voids, payment_deletes) now."""
         return self._call("POST", f"/tenants/{tenant}/changes", json=counts)
 
     def add_record(
@@ -64,7 +65,7 @@ class QuickBooksControl(WebhookControl):
         fields: Mapping[str, Any] | None = None,
         updated_at: float | None = None,
     ) -> dict[str, Any]:
-        """Create an invoice or customer (at ``updated_at``) and return it as the API would."""
+        """Create an invoice, customer or payment (at ``updated_at``) and return it as the API would."""
         body: dict[str, Any] = {"entity": entity, "fields": dict(fields or {})}
         if updated_at is not None:
             body["updated_at"] = updated_at
@@ -87,7 +88,7 @@ class QuickBooksControl(WebhookControl):
         return self._call("PATCH", f"/tenants/{tenant}/records/{record_id}", json=body)
 
     def export(self, tenant: str, entity: str) -> dict[str, Any]:
-        """``{"records": [...], "deleted_ids": [...]}`` for ``invoice`` or ``customer``."""
+        """``{"records": [...], "deleted_ids": [...]}`` for ``invoice``, ``customer`` or ``payment``."""
         return self._call("GET", f"/tenants/{tenant}/export/{entity}")
 
     def void_invoice(self, tenant: str, invoice_id: str, updated_at: float | None = None) -> dict[str, Any]:
@@ -106,6 +107,23 @@ class QuickBooksControl(WebhookControl):
         if updated_at is not None:
             body["updated_at"] = updated_at
         return self._call("POST", f"/tenants/{tenant}/invoices/merge", json=body)
+
+    def merge_customers(self, tenant: str, source: str, into: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Merge customer ``source`` into ``into``: ``{"merged": <into as the API shows it>, "deleted_id": source}``."""
+        body: dict[str, Any] = {"from": source, "into": into}
+        if updated_at is not None:
+            body["updated_at"] = updated_at
+        return self._call("POST", f"/tenants/{tenant}/customers/merge", json=body)
+
+    def void_payment(self, tenant: str, payment_id: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Void one payment (at ``updated_at``): the invoices it paid are owed again; returns it as the API shows it."""
+        body = {} if updated_at is None else {"updated_at": updated_at}
+        return self._call("POST", f"/tenants/{tenant}/payments/{payment_id}/void", json=body)
+
+    def delete_payment(self, tenant: str, payment_id: str, updated_at: float | None = None) -> dict[str, Any]:
+        """Hard-delete one payment (at ``updated_at``): the invoices it paid are owed again."""
+        body = {} if updated_at is None else {"updated_at": updated_at}
+        return self._call("POST", f"/tenants/{tenant}/payments/{payment_id}/delete", json=body)
 
     def subscribe_webhooks(
         self,

@@ -1,5 +1,6 @@
-"""``QuickBooksCompany``: one realm generated deterministically from a seed (customers, invoices, currencies),
-the control API's changes recorded as ``DataChange``s, and the query, read-one and Change Data Capture reads."""
+"""``QuickBooksCompany``: one realm generated deterministically from a seed (customers, invoices, the payments
+that paid them, a chart of accounts, currencies), the control API's changes recorded as ``DataChange``s, and the
+query, read-one and Change Data Capture reads."""
 
 from __future__ import annotations
 
@@ -69,6 +70,26 @@ _CITIES = (
     ("Monlo Park", "CA", "94304"),
 )
 _STREETS = ("Finch St.", "Cypress Rd.", "Maple Ave.", "Oak Dr.", "Main St.", "Hill Ct.", "Lakeside Blvd.")
+# A chart of accounts as Intuit's sample companies have it: (Id, Name, Classification, AccountType, AccountSubType).
+# Invoice lines credit 79 and 86; payments go to 4 (Undeposited Funds) or 35 (Checking).
+_ACCOUNTS = (
+    ("1", "Services", "Revenue", "Income", "ServiceFeeIncome"),
+    ("2", "Opening Balance Equity", "Equity", "Equity", "OpeningBalanceEquity"),
+    ("3", "Retained Earnings", "Equity", "Equity", "RetainedEarnings"),
+    ("4", "Undeposited Funds", "Asset", "Other Current Asset", "UndepositedFunds"),
+    ("7", "Advertising", "Expense", "Expense", "AdvertisingPromotional"),
+    ("33", "Accounts Payable (A/P)", "Liability", "Accounts Payable", "AccountsPayable"),
+    ("35", "Checking", "Asset", "Bank", "Checking"),
+    ("36", "Savings", "Asset", "Bank", "Savings"),
+    ("57", "Office Expenses", "Expense", "Expense", "OfficeGeneralAdministrativeExpenses"),
+    ("79", "Sales of Product Income", "Revenue", "Income", "SalesOfProductIncome"),
+    ("80", "Cost of Goods Sold", "Expense", "Cost of Goods Sold", "SuppliesMaterialsCogs"),
+    ("84", "Accounts Receivable (A/R)", "Asset", "Accounts Receivable", "AccountsReceivable"),
+    ("86", "Discounts given", "Revenue", "Income", "DiscountsRefundsGiven"),
+    ("89", "Arizona Dept. of Revenue Payable", "Liability", "Other Current Liability", "SalesTaxPayable"),
+)
+# The entities a company holds records of (each with times, each queryable and in Change Data Capture).
+ENTITIES = ("Invoice", "Customer", "Payment", "Account")
 _MEMOS = (
     "Thank you for your business and have a great day!",
     "Payment due on receipt. Thanks!",
@@ -116,7 +137,8 @@ class DataChange:
 
 
 class QuickBooksCompany:
-    """One QuickBooks company (realm): customers and invoices in API shape, hard-delete log, times, knobs.
+    """One QuickBooks company (realm): customers, invoices, payments and accounts in API shape, the log of
+    hard-deleted (and merged-away) records per entity, times, knobs.
 
     Every change made after generation is reported to ``on_change`` (the emulator's webhooks), one list
     per call that made it, as QuickBooks reports the changes of one aggregation window together.
@@ -138,8 +160,13 @@ class QuickBooksCompany:
         # Id -> API record; times kept apart as floats (created, last updated) in unix seconds.
         self.invoices: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, dict[str, Any]] = {}
-        self.times: dict[str, dict[str, list[float]]] = {"Invoice": {}, "Customer": {}}
+        self.payments: dict[str, dict[str, Any]] = {}
+        self.accounts: dict[str, dict[str, Any]] = {}
+        self.times: dict[str, dict[str, list[float]]] = {entity: {} for entity in ENTITIES}
         self.deleted: dict[str, float] = {}  # hard-deleted invoice id -> time of the delete
+        # Per entity: ids gone from queries (hard-deleted, or merged away) -> when; Change Data Capture's stubs.
+        self.removed: dict[str, dict[str, float]] = {"Invoice": self.deleted, "Customer": {}, "Payment": {},
+                                                     "Account": {}}  # fmt: skip
         self.next_id = 1
         self.next_doc = 1001
         self.version = 0
@@ -173,8 +200,16 @@ class QuickBooksCompany:
         return self._local_day(ts)[0]
 
     def table(self, entity: str) -> dict[str, dict[str, Any]]:
-        """The records of ``Invoice`` or ``Customer``."""
-        return self.invoices if entity == "Invoice" else self.customers
+        """The records of ``Invoice``, ``Customer``, ``Payment`` or ``Account``."""
+        return {"Invoice": self.invoices, "Customer": self.customers, "Payment": self.payments,
+                "Account": self.accounts}[entity]  # fmt: skip
+
+    def entity_of(self, oid: str) -> str | None:
+        """The entity holding record ``oid`` (the emulator never gives two entities one id), if any."""
+        for entity in ("Invoice", "Customer", "Payment"):
+            if oid in self.table(entity):
+                return entity
+        return None
 
     def _alloc_id(self, gap: int = 0) -> str:
         oid = str(self.next_id + gap)
@@ -214,6 +249,11 @@ class QuickBooksCompany:
             "deleted_invoices": len(self.deleted),
             "voided_invoices": sum(1 for r in self.invoices.values() if r.get("PrivateNote") == "Voided"),
             "inactive_customers": sum(1 for r in self.customers.values() if not r.get("Active", True)),
+            "merged_customers": len(self.removed["Customer"]),
+            "payments": len(self.payments),
+            "deleted_payments": len(self.removed["Payment"]),
+            "voided_payments": sum(1 for r in self.payments.values() if r.get("PrivateNote") == "Voided"),
+            "accounts": len(self.accounts),
         }
 
     # --- generation -------------------------------------------------------------------------------------
@@ -246,6 +286,7 @@ class QuickBooksCompany:
             oid = self._new_invoice(rng, cid, created, now, gap=rng.pick((0, 0, 0, 1, 2)))
             if k in deleted_slots:
                 self.deleted[oid] = created + rng.random() * (now - created)
+                self._orphan_payments(oid, self.deleted[oid])
                 self._drop_invoice(oid)
             else:
                 balances[cid] += _cents(self.invoices[oid]["Balance"])
@@ -256,7 +297,25 @@ class QuickBooksCompany:
             if rng.random() < inactive_share:
                 created, _ = self.times["Customer"][cid]
                 self._deactivate(cid, created + rng.random() * (now - created))
+        self._generate_accounts(start)
+        # Hard-deleted payments, drawn apart so that the invoices and customers stay those of the seed.
+        later = _Rng(f"quickbooks-payments:{self.seed}")
+        share = spec.get("deleted_payment_share", 0.02)
+        for pid in [pid for pid in self.payments if later.random() < share]:
+            created = self.times["Payment"][pid][1]
+            self._remove_payment(pid, created + later.random() * (now - created))
         self._touch()
+
+    def _generate_accounts(self, at: float) -> None:
+        currency = {"value": self.home_currency, "name": _CURRENCY_NAMES[self.home_currency]}
+        for oid, name, classification, kind, subtype in _ACCOUNTS:
+            self.accounts[oid] = {
+                "Name": name, "SubAccount": False, "FullyQualifiedName": name, "Active": True,
+                "Classification": classification, "AccountType": kind, "AccountSubType": subtype,
+                "CurrentBalance": 0, "CurrentBalanceWithSubAccounts": 0, "CurrencyRef": dict(currency),
+                "domain": "QBO", "sparse": False, "Id": oid, "SyncToken": "0", "MetaData": {},
+            }  # fmt: skip
+            self._set_times("Account", oid, at, at)
 
     def _new_customer(
         self, rng: _Rng, created: float, currencies: list[str], names: set[str], now: float, *, fresh: bool = False
@@ -433,10 +492,10 @@ class QuickBooksCompany:
             roll = rng.random()
             later = created + rng.random() * (now - created)
             if roll < 0.45:
-                self._pay(rec, total, rng)
+                self._pay(rec, total, rng, later)
                 updated = later
             elif roll < 0.55:
-                self._pay(rec, rng.between(1, max(2, total)), rng)
+                self._pay(rec, rng.between(1, max(2, total)), rng, later)
                 updated = later
             elif roll < 0.6:
                 self._void_record(rec)
@@ -449,14 +508,100 @@ class QuickBooksCompany:
         self._set_times("Invoice", oid, created, updated)
         return oid
 
-    def _pay(self, rec: dict[str, Any], cents: int, rng: _Rng) -> None:
+    def _pay(self, rec: dict[str, Any], cents: int, rng: _Rng, at: float) -> str | None:
+        """Receive a payment of ``cents`` (at most the balance) against invoice ``rec`` at ``at``; its id."""
         balance = _cents(rec["Balance"])
         cents = min(cents, balance)
         if cents <= 0:
-            return
+            return None
         self._set_balance(rec, balance - cents)
-        rec["LinkedTxn"] = [*rec["LinkedTxn"], {"TxnId": str(self.next_id + rng.between(0, 3)), "TxnType": "Payment"}]
+        pid = str(self.next_id + rng.between(0, 3))
+        rec["LinkedTxn"] = [*rec["LinkedTxn"], {"TxnId": pid, "TxnType": "Payment"}]
         self.next_id += 3
+        self._new_payment(pid, rec, cents, at)
+        return pid
+
+    def _new_payment(self, pid: str, invoice: Mapping[str, Any], cents: int, at: float) -> None:
+        """A received payment applied to one invoice (no draws from the generator: the seed's data stays put)."""
+        cid = invoice["CustomerRef"]["value"]
+        number = int(pid)
+        rec: dict[str, Any] = {
+            "CustomerRef": {"value": cid, "name": self.customers[cid]["DisplayName"]},
+            "DepositToAccountRef": {"value": "4" if number % 3 else "35"},
+            "TotalAmt": _money(cents),
+            "UnappliedAmt": 0.0,
+            "ProcessPayment": False,
+            "domain": "QBO",
+            "sparse": False,
+            "Id": pid,
+            "SyncToken": "0",
+            "MetaData": {},
+            "TxnDate": self._date(at),
+            "CurrencyRef": dict(invoice["CurrencyRef"]),
+            "PaymentRefNum": str(4000 + number),
+            "Line": [{"Amount": _money(cents), "LinkedTxn": [{"TxnId": invoice["Id"], "TxnType": "Invoice"}]}],
+        }
+        if "ExchangeRate" in invoice:
+            rec["ExchangeRate"] = invoice["ExchangeRate"]
+        self.payments[pid] = rec
+        self._set_times("Payment", pid, at, at)
+
+    def _invoices_paid_by(self, pid: str) -> list[tuple[str, int]]:
+        """(invoice id, cents) of each line of payment ``pid`` applied to an invoice still there."""
+        found = []
+        for line in self.payments[pid].get("Line") or []:
+            for link in line.get("LinkedTxn") or []:
+                if link.get("TxnType") == "Invoice" and link.get("TxnId") in self.invoices:
+                    found.append((link["TxnId"], _cents(line.get("Amount"))))
+        return found
+
+    def _unapply(self, pid: str, at: float) -> list[str]:
+        """Give the invoices payment ``pid`` paid their balance back (a payment voided or deleted); their ids."""
+        touched = []
+        for iid, cents in self._invoices_paid_by(pid):
+            invoice = self.invoices[iid]
+            self._set_balance(invoice, _cents(invoice["Balance"]) + cents)
+            self._adjust_customer(invoice["CustomerRef"]["value"], cents, at)
+            invoice["LinkedTxn"] = [t for t in invoice["LinkedTxn"] if t.get("TxnId") != pid]
+            invoice["SyncToken"] = str(int(invoice["SyncToken"]) + 1)
+            created, updated = self.times["Invoice"][iid]
+            self._set_times("Invoice", iid, created, max(updated, at))
+            touched.append(iid)
+        return touched
+
+    def _remove_payment(self, pid: str, at: float) -> list[str]:
+        touched = self._unapply(pid, at)
+        del self.payments[pid]
+        del self.times["Payment"][pid]
+        self.removed["Payment"][pid] = at
+        return touched
+
+    def _orphan_payments(self, iid: str, at: float, into: str | None = None) -> list[str]:
+        """Payments applied to invoice ``iid``, which is going away: moved to invoice ``into`` (a merge) or
+        left unapplied (a delete), each with a new ``SyncToken`` and update time; their ids."""
+        changed = []
+        for link in self.invoices[iid].get("LinkedTxn") or []:
+            pid = link.get("TxnId")
+            rec = self.payments.get(pid) if link.get("TxnType") == "Payment" else None
+            if rec is None:
+                continue
+            for line in rec.get("Line") or []:
+                if any(t.get("TxnId") == iid for t in line.get("LinkedTxn") or []):
+                    if into is None:
+                        rec["UnappliedAmt"] = _money(_cents(rec.get("UnappliedAmt")) + _cents(line.get("Amount")))
+                        line["LinkedTxn"] = [t for t in line["LinkedTxn"] if t.get("TxnId") != iid]
+                    else:
+                        line["LinkedTxn"] = [{**t, "TxnId": into} if t.get("TxnId") == iid else t
+                                             for t in line["LinkedTxn"]]  # fmt: skip
+            rec["Line"] = [line for line in rec["Line"] if line.get("LinkedTxn") or into is not None]
+            rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
+            created, updated = self.times["Payment"][pid]
+            self._set_times("Payment", pid, created, max(updated, at))
+            changed.append(pid)
+        if into is not None:
+            moved = [t for t in self.invoices[iid].get("LinkedTxn") or [] if t.get("TxnType") == "Payment"]
+            self.invoices[into]["LinkedTxn"] = [*self.invoices[into]["LinkedTxn"], *moved]
+        return changed
 
     def _set_balance(self, rec: dict[str, Any], cents: int) -> None:
         rec["Balance"] = _money(cents)
@@ -492,17 +637,25 @@ class QuickBooksCompany:
         rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
         self._set_times("Customer", cid, self.times["Customer"][cid][0], when)
 
-    def _adjust_customer(self, cid: str, delta_cents: int) -> None:
+    def _adjust_customer(self, cid: str, delta_cents: int, at: float | None = None) -> None:
+        """Move a customer's open balance; at ``at`` (after generation) that is a change of the customer: its
+        update time moves, and a change being reported reports it too (a balance is a field like any other)."""
         customer = self.customers.get(cid)
         if customer is None or delta_cents == 0:
             return
         value = _money(_cents(customer.get("Balance")) + delta_cents)
         customer["Balance"] = customer["BalanceWithJobs"] = value
+        if at is not None:
+            created, updated = self.times["Customer"][cid]
+            self._set_times("Customer", cid, created, max(updated, at))
+            if self._depth:
+                self._record("Customer", "Update", cid, at)
 
     # --- changes (control API) --------------------------------------------------------------------------
 
     def apply_changes(self, changes: Mapping[str, int], now: float) -> dict[str, list[str]]:
-        """Edit, void, hard-delete and create invoices; deactivate, edit and create customers; at ``now``."""
+        """Edit, void, hard-delete and create invoices; deactivate, edit, create and merge customers; void and
+        hard-delete payments; at ``now``."""
         with self._reporting():
             return self._apply_changes(changes, now)
 
@@ -516,6 +669,9 @@ class QuickBooksCompany:
             "archived": [],
             "customers_edited": [],
             "customers_created": [],
+            "customers_merged": [],
+            "payments_voided": [],
+            "payments_deleted": [],
         }
         live = [oid for oid, rec in self.invoices.items() if rec.get("PrivateNote") != "Voided"]
         rng.shuffle(live)
@@ -557,9 +713,25 @@ class QuickBooksCompany:
                 break
             cid = rng.pick(targets)
             oid = self._new_invoice(rng, cid, now, now, fresh=True)
-            self._adjust_customer(cid, _cents(self.invoices[oid]["Balance"]))
+            self._adjust_customer(cid, _cents(self.invoices[oid]["Balance"]), now)
             self._record("Invoice", "Create", oid, now)
             out["created"].append(oid)
+        payments = [pid for pid, rec in self.payments.items() if rec.get("PrivateNote") != "Voided"]
+        rng.shuffle(payments)
+        voids, deletes = changes.get("payment_voids", 0), changes.get("payment_deletes", 0)
+        for pid in payments[:voids]:
+            self.void_payment(pid, now)
+            out["payments_voided"].append(pid)
+        for pid in payments[voids : voids + deletes]:
+            self.delete_payment(pid, now)
+            out["payments_deleted"].append(pid)
+        for _ in range(changes.get("customer_merges", 0)):
+            active = [cid for cid, rec in self.customers.items() if rec.get("Active", True)]
+            if len(active) < 2:
+                break
+            source, target = rng.sample(active, 2)
+            self.merge_customers(source, target, now)
+            out["customers_merged"].append(source)
         self._touch()
         return out
 
@@ -572,8 +744,10 @@ class QuickBooksCompany:
         if balance > 0 and roll < 0.5:
             paid = balance if rng.random() < 0.7 else rng.between(1, balance + 1)
             before = balance
-            self._pay(rec, paid, rng)
-            self._adjust_customer(rec["CustomerRef"]["value"], _cents(rec["Balance"]) - before)
+            pid = self._pay(rec, paid, rng, now)
+            self._adjust_customer(rec["CustomerRef"]["value"], _cents(rec["Balance"]) - before, now)
+            if pid is not None:
+                self._record("Payment", "Create", pid, now)
         elif roll < 0.75:
             rec["CustomerMemo"] = {"value": rng.pick(_MEMOS)}
             rec["EmailStatus"] = "EmailSent"
@@ -588,8 +762,11 @@ class QuickBooksCompany:
         """Void: zero amounts and quantities, ``Voided`` private note, new ``SyncToken`` and update time."""
         with self._reporting():
             rec = self.invoices[oid]
-            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
+            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]), now)
             self._void_record(rec)
+            for pid in self._orphan_payments(oid, now):
+                self._record("Payment", "Update", pid, now)
+            rec["LinkedTxn"] = [t for t in rec["LinkedTxn"] if t.get("TxnType") != "Payment"]
             rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
             self._set_times("Invoice", oid, self.times["Invoice"][oid][0], now)
             self._touch()
@@ -599,7 +776,9 @@ class QuickBooksCompany:
         """Hard delete: gone from query and read-one, kept as a ``Deleted`` stub for CDC."""
         with self._reporting():
             rec = self.invoices[oid]
-            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]))
+            self._adjust_customer(rec["CustomerRef"]["value"], -_cents(rec["Balance"]), now)
+            for pid in self._orphan_payments(oid, now):
+                self._record("Payment", "Update", pid, now)
             self._drop_invoice(oid)
             self.deleted[oid] = now
             self._touch()
@@ -639,21 +818,78 @@ class QuickBooksCompany:
                 rec["HomeTotalAmt"] = _money(_home_cents(total, round(rec["ExchangeRate"] * 10000)))
             moved_balance = _cents(old["Balance"])
             self._set_balance(rec, _cents(rec["Balance"]) + moved_balance)
-            self._adjust_customer(old["CustomerRef"]["value"], -moved_balance)
-            self._adjust_customer(rec["CustomerRef"]["value"], moved_balance)
+            self._adjust_customer(old["CustomerRef"]["value"], -moved_balance, now)
+            self._adjust_customer(rec["CustomerRef"]["value"], moved_balance, now)
             rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
             self._set_times("Invoice", target, self.times["Invoice"][target][0], now)
+            for pid in self._orphan_payments(source, now, into=target):
+                self._record("Payment", "Update", pid, now)
             self._drop_invoice(source)
             self.deleted[source] = now
             self._touch()
             self._record("Invoice", "Merge", target, now, deleted_id=source)
         return rec
 
+    def void_payment(self, pid: str, now: float) -> dict[str, Any]:
+        """Void: the invoices it paid are owed again; amounts zeroed, ``Voided`` private note, new ``SyncToken``."""
+        with self._reporting():
+            rec = self.payments[pid]
+            for iid in self._unapply(pid, now):
+                self._record("Invoice", "Update", iid, now)
+            rec["TotalAmt"] = rec["UnappliedAmt"] = 0.0
+            for line in rec.get("Line") or []:
+                line["Amount"] = 0.0
+            rec["PrivateNote"] = "Voided"
+            rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
+            self._set_times("Payment", pid, self.times["Payment"][pid][0], now)
+            self._touch()
+            self._record("Payment", "Void", pid, now)
+        return rec
+
+    def delete_payment(self, pid: str, now: float) -> None:
+        """Hard delete: the invoices it paid are owed again; gone from queries, a ``Deleted`` stub for CDC."""
+        with self._reporting():
+            for iid in self._remove_payment(pid, now):
+                self._record("Invoice", "Update", iid, now)
+            self._touch()
+            self._record("Payment", "Delete", pid, now)
+
+    def merge_customers(self, source: str, target: str, now: float) -> dict[str, Any]:
+        """Merge customer ``source`` into ``target`` at ``now``: its invoices and payments (and balance) move to
+        ``target``; ``source`` leaves the queries and Change Data Capture reports it ``Deleted``."""
+        if source == target:
+            raise ValueError("a customer cannot be merged into itself")
+        for cid in (source, target):
+            if cid not in self.customers:
+                raise LookupError(f"no customer {cid}")
+        into = self.customers[target]
+        with self._reporting():
+            for entity in ("Invoice", "Payment"):
+                for oid, rec in self.table(entity).items():
+                    if rec["CustomerRef"]["value"] == source:
+                        rec["CustomerRef"] = {"value": target, "name": into["DisplayName"]}
+                        rec["SyncToken"] = str(int(rec["SyncToken"]) + 1)
+                        self._set_times(entity, oid, self.times[entity][oid][0], now)
+                        self._record(entity, "Update", oid, now)
+            self._adjust_customer(target, _cents(self.customers[source].get("Balance")))
+            into["SyncToken"] = str(int(into["SyncToken"]) + 1)
+            self._set_times("Customer", target, self.times["Customer"][target][0], now)
+            del self.customers[source]
+            del self.times["Customer"][source]
+            self.removed["Customer"][source] = now
+            self._touch()
+            self._record("Customer", "Merge", target, now, deleted_id=source)
+        return into
+
     # --- control records --------------------------------------------------------------------------------
 
     def add_record(self, entity: str, fields: Mapping[str, Any], updated_at: float) -> dict[str, Any]:
-        """Create an invoice or customer at ``updated_at`` with ``fields`` overriding the generated values."""
+        """Create an invoice, customer or payment at ``updated_at`` with ``fields`` overriding the generated values.
+
+        A payment pays an open invoice's whole balance (``{"invoice": id}`` names it, else one is picked)."""
         rng = self._rng
+        if entity == "Payment":
+            return self._add_payment(fields, updated_at)
         if entity == "Customer":
             names = {rec["DisplayName"] for rec in self.customers.values()}
             currencies = self.spec["currencies"]
@@ -669,13 +905,38 @@ class QuickBooksCompany:
             elif cid not in self.customers:
                 raise ValueError(f"no customer {cid}")
             oid = self._new_invoice(rng, cid, updated_at, updated_at, fresh=True)
-            self._adjust_customer(cid, _cents(self.invoices[oid]["Balance"]))
         rec = self.table(entity)[oid]
         rec.update({k: v for k, v in fields.items() if k not in ("Id", "MetaData")})
         self._set_times(entity, oid, updated_at, updated_at)
-        self._touch()
         with self._reporting():
             self._record(entity, "Create", oid, updated_at)
+            if entity == "Invoice":
+                self._adjust_customer(rec["CustomerRef"]["value"], _cents(rec["Balance"]), updated_at)
+        self._touch()
+        return rec
+
+    def _add_payment(self, fields: Mapping[str, Any], updated_at: float) -> dict[str, Any]:
+        iid = fields.get("invoice")
+        if iid is None:
+            owed = [i for i, rec in self.invoices.items() if _cents(rec["Balance"]) > 0]
+            if not owed:
+                raise ValueError("the company has no open invoice to pay")
+            iid = self._rng.pick(owed)
+        invoice = self.invoices.get(str(iid))
+        if invoice is None or _cents(invoice["Balance"]) <= 0:
+            raise ValueError(f"no open invoice {iid}")
+        with self._reporting():
+            cents = _cents(invoice["Balance"])
+            pid = self._pay(invoice, cents, self._rng, updated_at)
+            assert pid is not None
+            self._adjust_customer(invoice["CustomerRef"]["value"], -cents, updated_at)
+            invoice["SyncToken"] = str(int(invoice["SyncToken"]) + 1)
+            self._set_times("Invoice", invoice["Id"], self.times["Invoice"][invoice["Id"]][0], updated_at)
+            rec = self.payments[pid]
+            rec.update({k: v for k, v in fields.items() if k not in ("Id", "MetaData", "invoice")})
+            self._touch()
+            self._record("Payment", "Create", pid, updated_at)
+            self._record("Invoice", "Update", invoice["Id"], updated_at)
         return rec
 
     def update_record(self, entity: str, oid: str, fields: Mapping[str, Any], updated_at: float) -> dict[str, Any]:
@@ -692,10 +953,10 @@ class QuickBooksCompany:
         return rec
 
     def export(self, entity: str) -> dict[str, Any]:
-        """Every current record (full API shape) and the ids hard-deleted so far."""
+        """Every current record (full API shape) and the ids hard-deleted (or merged away) so far."""
         table = self.table(entity)
         records = [table[oid] for oid in sorted(table, key=int)]
-        deleted = sorted(self.deleted, key=int) if entity == "Invoice" else []
+        deleted = sorted(self.removed[entity], key=int)
         return {"records": records, "deleted_ids": deleted}
 
     def company_info(self) -> dict[str, Any]:
@@ -807,7 +1068,7 @@ class QuickBooksCompany:
             return hit
         table = self.table(q.entity)
         preds = [self._predicate(q.entity, c) for c in q.where]
-        if q.entity == "Customer" and not any(c.field.lower() == "active" for c in q.where):
+        if q.entity in ("Customer", "Account") and not any(c.field.lower() == "active" for c in q.where):
             preds.append(lambda oid, rec: bool(rec.get("Active", True)))
         ids = sorted(table, key=int)
         if preds:
@@ -825,7 +1086,7 @@ class QuickBooksCompany:
         if entity is None:
             raise _validation_error(f"Invalid entity name: {q.entity}")
         q = Query(entity, q.count, q.fields, q.where, q.order, q.start, q.max_results)
-        if entity not in ("Invoice", "Customer"):
+        if entity not in ENTITIES:
             if entity == "CompanyInfo" and not q.where:
                 rows = [self.company_info()]
                 if q.count:
@@ -853,22 +1114,21 @@ class QuickBooksCompany:
         """CDC blocks: per entity the changed records (full) and deleted stubs, oldest first, ``cap`` overall."""
         found: list[tuple[float, int, str, dict[str, Any]]] = []
         for entity in entities:
-            if entity not in ("Invoice", "Customer"):
+            if entity not in ENTITIES:
                 continue
             table = self.table(entity)
             for oid, (_created, updated) in self.times[entity].items():
                 if math.floor(updated) >= since:
                     found.append((math.floor(updated), int(oid), entity, table[oid]))
-            if entity == "Invoice":
-                for oid, when in self.deleted.items():
-                    if math.floor(when) >= since:
-                        stub = {
-                            "domain": "QBO",
-                            "status": "Deleted",
-                            "Id": oid,
-                            "MetaData": {"LastUpdatedTime": self.stamp(when)},
-                        }
-                        found.append((math.floor(when), int(oid), entity, stub))
+            for oid, when in self.removed[entity].items():
+                if math.floor(when) >= since:
+                    stub = {
+                        "domain": "QBO",
+                        "status": "Deleted",
+                        "Id": oid,
+                        "MetaData": {"LastUpdatedTime": self.stamp(when)},
+                    }
+                    found.append((math.floor(when), int(oid), entity, stub))
         found.sort(key=lambda row: (row[0], row[1]))
         found = found[:cap]
         blocks: list[dict[str, Any]] = []

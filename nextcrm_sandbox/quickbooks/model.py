@@ -13,6 +13,23 @@ CONTROL_PREFIX = "/_sandbox/quickbooks"
 AUTHORIZE_PATH = f"{PREFIX}/appcenter/connect/oauth2"
 TOKEN_PATH = f"{PREFIX}/oauth/oauth2/v1/tokens/bearer"
 REVOKE_PATH = f"{PREFIX}/developer/v2/oauth2/tokens/revoke"
+JWKS_PATH = f"{PREFIX}/oauth/op/v1/jwks"
+# intuit-oauth's AuthClient reads these (intuitlib/config.py DISCOVERY_URL), on developer.intuit.com.
+DISCOVERY_PATHS = {
+    "sandbox": f"{PREFIX}/devsite/.well-known/openid_sandbox_configuration/",
+    "production": f"{PREFIX}/devsite/.well-known/openid_configuration/",
+}
+# The path prefix of each Intuit host (the reverse of the client's host map), for faults that name a full URL.
+HOSTS = {
+    "appcenter": "https://appcenter.intuit.com",
+    "oauth": "https://oauth.platform.intuit.com",
+    "developer": "https://developer.api.intuit.com",
+    "devsite": "https://developer.intuit.com",
+    "accounts": "https://accounts.platform.intuit.com",
+    "sandbox-accounts": "https://sandbox-accounts.platform.intuit.com",
+    "api": "https://quickbooks.api.intuit.com",
+}
+BATCH_MAX_ITEMS = 30
 
 ACCESS_TTL = 3600
 REFRESH_TTL = 8_726_400  # what Intuit reports as x_refresh_token_expires_in; enforced as the idle lifetime
@@ -32,10 +49,10 @@ _XML_CT = "application/xml;charset=UTF-8"
 _XMLNS = "http://schema.intuit.com/finance/v3"
 
 # Entities the emulator serves; other real QuickBooks entities answer as an empty company.
-_SERVED = ("Invoice", "Customer", "CompanyInfo")
+_SERVED = ("Invoice", "Customer", "Payment", "Account", "CompanyInfo")
 _KNOWN_EMPTY_TEXT = (
-    "Account Bill BillPayment Budget Class CreditMemo Department Deposit Employee Estimate Item "
-    "JournalEntry Payment PaymentMethod Preferences Purchase PurchaseOrder RefundReceipt SalesReceipt "
+    "Bill BillPayment Budget Class CreditMemo Department Deposit Employee Estimate Item "
+    "JournalEntry PaymentMethod Preferences Purchase PurchaseOrder RefundReceipt SalesReceipt "
     "TaxCode TaxRate Term TimeActivity Transfer Vendor VendorCredit"
 )
 _KNOWN_EMPTY = tuple(_KNOWN_EMPTY_TEXT.split())
@@ -106,6 +123,33 @@ def _system_fault(status: int) -> QueryError:
         "few minutes and try again. If the problem persists, contact customer support.",
         status=status,
         fault_type="SystemFault",
+    )
+
+
+def discovery_document(origin: str, environment: str) -> dict[str, Any]:
+    """Intuit's OpenID discovery document, its URLs on the sandbox server at ``origin``."""
+    accounts = "sandbox-accounts" if environment == "sandbox" else "accounts"
+    return {
+        "issuer": "https://oauth.platform.intuit.com/op/v1",
+        "authorization_endpoint": f"{origin}{AUTHORIZE_PATH}",
+        "token_endpoint": f"{origin}{TOKEN_PATH}",
+        "userinfo_endpoint": f"{origin}{PREFIX}/{accounts}/v1/openid_connect/userinfo",
+        "revocation_endpoint": f"{origin}{REVOKE_PATH}",
+        "jwks_uri": f"{origin}{JWKS_PATH}",
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "email", "profile", "address", "phone"],
+        "token_endpoint_auth_methods_supported": ["client_secret_post", "client_secret_basic"],
+        "claims_supported": ["aud", "exp", "iat", "iss", "realmid", "sub"],
+    }
+
+
+def _batch_too_large(count: int) -> QueryError:
+    return QueryError(
+        "2010",
+        "Request has invalid or unsupported property",
+        f"Property Name:BatchItemRequest holds {count} items; a batch holds at most {BATCH_MAX_ITEMS}",
     )
 
 

@@ -263,6 +263,26 @@ _QUERYABLE: dict[str, dict[str, str]] = {
         "fullyqualifiedname": "FullyQualifiedName",
         "balance": "Balance",
     },
+    "Payment": {
+        "id": "Id",
+        "metadata.lastupdatedtime": "MetaData.LastUpdatedTime",
+        "metadata.createtime": "MetaData.CreateTime",
+        "txndate": "TxnDate",
+        "customerref": "CustomerRef",
+        "paymentrefnum": "PaymentRefNum",
+        "totalamt": "TotalAmt",
+    },
+    "Account": {
+        "id": "Id",
+        "metadata.lastupdatedtime": "MetaData.LastUpdatedTime",
+        "metadata.createtime": "MetaData.CreateTime",
+        "active": "Active",
+        "name": "Name",
+        "fullyqualifiedname": "FullyQualifiedName",
+        "accounttype": "AccountType",
+        "accountsubtype": "AccountSubType",
+        "classification": "Classification",
+    },
 }
 _FIELD_KINDS = {
     "metadata.lastupdatedtime": "datetime",

@@ -1,9 +1,12 @@
-"""``StripeAccount``: one emulated account's generated objects, the events feed, list and retrieve reads with
-filters, cursors and expansions, and the mutations (charges, refunds, subscription updates and cancels)."""
+"""``StripeAccount``: one emulated account's generated objects, the events feed, list, retrieve and search
+reads with filters, cursors and expansions, and the mutations (charges, refunds, subscription updates and
+cancels, customers, invoices and their lifecycle)."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import re
 import time
 from bisect import bisect_right
@@ -13,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from nextcrm_sandbox.stripe import billing
 from nextcrm_sandbox.stripe.data import (
     _CARD_TEMPLATE,
     _CHARGE_TEMPLATE,
@@ -50,6 +54,7 @@ from nextcrm_sandbox.stripe.model import (
     SUBSCRIPTION_STATUSES,
     StripeError,
     _missing,
+    _unknown_param,
 )
 from nextcrm_sandbox.stripe.params import (
     _as_bool,
@@ -60,7 +65,10 @@ from nextcrm_sandbox.stripe.params import (
     _created_bounds,
     _metadata_update,
 )
+from nextcrm_sandbox.stripe.search import parse_query
 from nextcrm_sandbox.stripe.store import Row, _Collection, _dump, _event_blob, _list_envelope
+
+_ACCOUNT_NAME = "NextCRM Sandbox"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +96,7 @@ class StripeAccount:
         customers: int | None = None,
         days: float = 90,
         now: int | None = None,
+        invoices: int | None = None,
     ) -> None:
         if charges < 0 or subscriptions < 0:
             raise ValueError("charges and subscriptions must be >= 0")
@@ -104,9 +113,16 @@ class StripeAccount:
             raise ValueError("customers must be >= 1")
         self._rng = _Rng(seed)
         self._ids = _Ids(self._rng)
+        self.account_id = "acct_1" + self._ids.tag + hashlib.sha256(api_key.encode()).hexdigest()[:5]
         self._prices = self._make_prices()
         rows_cus, rows_ch, rows_re, rows_sub, rows_evt = self._generate(n_customers, charges, subscriptions)
+        n_invoices = min(1000, max(10, charges // 20)) if invoices is None else invoices
+        if n_invoices < 0:
+            raise ValueError("invoices must be >= 0")
+        self._billing = billing.InvoiceSeeder(seed, self.now, self.livemode, self.account_id, _ACCOUNT_NAME)
+        rows_inv = self._generate_billing(rows_cus, rows_ch, rows_sub, rows_evt, n_invoices)
         self.customers = _Collection("/v1/customers", rows_cus)
+        self.invoices = _Collection("/v1/invoices", rows_inv)
         self.charges = _Collection("/v1/charges", rows_ch)
         self.refunds = _Collection("/v1/refunds", rows_re)
         self.subscriptions = _Collection("/v1/subscriptions", rows_sub)
@@ -117,6 +133,7 @@ class StripeAccount:
             "customers": self.customers,
             "refunds": self.refunds,
             "events": self.events,
+            "invoices": self.invoices,
         }
 
     # --- generation -------------------------------------------------------------------------------------
@@ -204,7 +221,7 @@ class StripeAccount:
             )
             customers.append(c)
             blob = _dump(self._customer_dict(c, rng))
-            rows_cus.append((created, c.id, blob, (c.email,)))
+            rows_cus.append((created, c.id, blob, (c.email, False)))
             if created >= horizon:
                 add_event(created, "customer.created", blob)
 
@@ -273,6 +290,74 @@ class StripeAccount:
             if status == "canceled" and sub["canceled_at"] >= horizon:
                 add_event(sub["canceled_at"], "customer.subscription.deleted", blob)
         return rows_cus, rows_ch, rows_re, rows_sub, events
+
+    def _generate_billing(
+        self, rows_cus: list[Row], rows_ch: list[Row], rows_sub: list[Row], events: list[Row], n_invoices: int
+    ) -> list[Row]:
+        """Invoices (each subscription's latest, then ``n_invoices`` one-off ones), a few customers updated
+        and a few deleted, from the billing seed; their events (inside retention) join ``events``.
+
+        ``rows_cus`` is updated in place. A deleted customer had no subscription and nothing after its deletion.
+        """
+        seeder = self._billing
+        rng, ids, now, lm = seeder.rng, seeder.ids, self.now, self.livemode
+        horizon = now - EVENT_RETENTION_SECONDS
+
+        def add_event(created: int, type_: str, obj: bytes, previous: dict[str, Any] | None = None) -> None:
+            if created < horizon:
+                return
+            eid = ids.long("evt_1")
+            blob = _event_blob(event_id=eid, created=created, type=type_, obj=obj, livemode=lm, previous=previous,
+                               request_id=None, idempotency_key=None)  # fmt: skip
+            events.append((created, eid, blob, (type_,)))
+
+        customers = {r[1]: orjson.loads(r[2]) for r in rows_cus}
+        by_created = sorted(customers.values(), key=lambda c: (c["created"], c["id"]))
+        created_at = [c["created"] for c in by_created]
+        rows_inv: list[Row] = []
+        last_use: dict[str, int] = {}
+        for created, _, _, meta in rows_ch:
+            cid = meta[5]
+            if cid is not None and last_use.get(cid, 0) < created:
+                last_use[cid] = created
+
+        def keep(seeded: billing.SeededInvoice) -> None:
+            inv = seeded.invoice
+            for at, type_, snapshot, previous in seeded.history:
+                add_event(at, type_, snapshot, previous)
+            last = max(at for at, *_ in seeded.history)
+            last_use[inv["customer"]] = max(last_use.get(inv["customer"], 0), last)
+            rows_inv.append((inv["created"], inv["id"], _dump(inv), self._invoice_meta(inv, seeded.deleted)))
+
+        subscribed = set()
+        for r in rows_sub:
+            sub = orjson.loads(r[2])
+            subscribed.add(sub["customer"])
+            keep(seeder.subscription_invoice(sub, customers[sub["customer"]]))
+        start = now - int(self.days * _DAY)
+        for _ in range(n_invoices if by_created else 0):
+            created = start + rng.below(max(1, now - start))
+            k = bisect_right(created_at, created)
+            customer = by_created[rng.below(k)] if k else by_created[0]
+            keep(seeder.one_off_invoice(customer, max(created, customer["created"])))
+
+        for n, (created, cid, blob, meta) in enumerate(rows_cus):
+            x = rng.random()
+            if x < 0.05 and created < now - 2:
+                # The customer's details change once: a new phone number.
+                at = created + 1 + rng.below(now - created - 1)
+                c = customers[cid]
+                previous = {"phone": c["phone"]}
+                c["phone"] = f"+1555{rng.digits(7)}"
+                blob = _dump(c)
+                add_event(at, "customer.updated", blob, previous)
+                rows_cus[n] = (created, cid, blob, meta)
+            elif x < 0.08 and cid not in subscribed:
+                after = max(created, last_use.get(cid, created)) + 1
+                if after < now - 1:
+                    add_event(after + rng.below(now - 1 - after), "customer.deleted", blob)
+                    rows_cus[n] = (created, cid, blob, (meta[0], True))
+        return rows_inv
 
     def _customer_dict(self, c: _Customer, rng: _Rng) -> dict[str, Any]:
         return {
@@ -510,6 +595,7 @@ class StripeAccount:
             "billing_cycle_anchor": anchor,
             "billing_cycle_anchor_config": None,
             "billing_mode": {"type": "classic"},
+            "billing_schedules": [],
             "billing_thresholds": None,
             "cancel_at": cancel_at,
             "cancel_at_period_end": cancel_at_period_end,
@@ -537,6 +623,7 @@ class StripeAccount:
             },
             "latest_invoice": ids.long("in_1"),
             "livemode": self.livemode,
+            "managed_payments": None,
             "metadata": {},
             "next_pending_invoice_item_invoice": None,
             "on_behalf_of": None,
@@ -586,6 +673,12 @@ class StripeAccount:
         )
 
     @staticmethod
+    def _invoice_meta(inv: Mapping[str, Any], deleted: bool = False) -> tuple[Any, ...]:
+        parent = inv.get("parent") or {}
+        subscription = (parent.get("subscription_details") or {}).get("subscription")
+        return (inv["status"], inv["customer"], subscription, inv["collection_method"], deleted, inv["due_date"])
+
+    @staticmethod
     def _subscription_meta(sub: Mapping[str, Any]) -> tuple[Any, ...]:
         return (
             sub["status"],
@@ -628,7 +721,7 @@ class StripeAccount:
         sel = self._selection(resource, coll, params)
         positions, has_more = coll.page(sel, low, high, limit, after, before)
         if expand:
-            chunks = [self._expand_charge(coll.blob(i), expand) for i in positions]
+            chunks = [self._expand(resource, coll.blob(i), expand) for i in positions]
         else:
             chunks = [coll.blob(i) for i in positions]
         return _list_envelope(coll.url, chunks, has_more)
@@ -681,8 +774,31 @@ class StripeAccount:
             if params.get("price"):
                 narrow(coll.group(4).get(_as_str(params["price"], "price"), []))
         elif resource == "customers":
+            narrow(coll.view(("live",), lambda m: not m[1]))  # deleted customers leave the list
             if params.get("email"):
                 narrow(coll.group(0).get(_as_str(params["email"], "email"), []))
+        elif resource == "invoices":
+            narrow(coll.view(("live",), lambda m: not m[4]))  # so do deleted drafts
+            status = params.get("status") or None
+            if status is not None:
+                if status not in billing.INVOICE_STATUSES:
+                    raise StripeError(400, "Invalid status: must be one of " + ", ".join(billing.INVOICE_STATUSES),
+                                      param="status")  # fmt: skip
+                narrow(coll.view(("status", status), lambda m, s=status: m[0] == s))
+            if params.get("customer"):
+                narrow(coll.group(1).get(_as_str(params["customer"], "customer"), []))
+            if params.get("subscription"):
+                narrow(coll.group(2).get(_as_str(params["subscription"], "subscription"), []))
+            if params.get("collection_method"):
+                method = _as_str(params["collection_method"], "collection_method")
+                if method not in ("charge_automatically", "send_invoice"):
+                    raise StripeError(400, "Invalid collection_method: must be one of charge_automatically, "
+                                      "send_invoice", param="collection_method")  # fmt: skip
+                narrow(coll.view(("collection_method", method), lambda m, c=method: m[3] == c))
+            if params.get("due_date") not in (None, ""):
+                due_low, due_high = _created_bounds(params["due_date"])
+                narrow([i for i, m in enumerate(coll.meta) if m[5] is not None and (due_low is None or m[5] >= due_low)
+                        and (due_high is None or m[5] <= due_high)])  # fmt: skip
         elif resource == "refunds":
             if params.get("charge"):
                 narrow(coll.group(0).get(_as_str(params["charge"], "charge"), []))
@@ -707,26 +823,77 @@ class StripeAccount:
                 narrow([])
         return sel
 
-    @staticmethod
-    def _expansions(resource: str, params: Mapping[str, Any], prefix: str) -> frozenset[str]:
-        """Validated ``expand`` paths; charges can expand ``customer`` and ``refunds``, nothing else can."""
+    _EXPANDABLE = {
+        "charges": frozenset({"customer", "refunds"}),
+        "customers": frozenset({"sources", "subscriptions"}),
+        "subscriptions": frozenset(
+            {"customer", "latest_invoice", "plan.tiers", "items.data.plan.tiers", "items.data.price.tiers"}
+        ),
+        "invoices": frozenset({"customer"}),
+    }
+
+    @classmethod
+    def _expansions(cls, resource: str, params: Mapping[str, Any], prefix: str) -> frozenset[str]:
+        """Validated ``expand`` paths (``data.``-prefixed on lists); what each resource can expand is in
+        ``_EXPANDABLE``."""
         if not params.get("expand"):
             return frozenset()
         wanted = set()
+        allowed = cls._EXPANDABLE.get(resource, frozenset())
         for path in _as_list(params["expand"], "expand"):
             name = path[len(prefix) :] if path.startswith(prefix) else None
-            if resource != "charges" or name not in ("customer", "refunds"):
+            if name not in allowed:
                 raise StripeError(400, f"This property cannot be expanded ({path}).", param="expand")
             wanted.add(name)
         return frozenset(wanted)
+
+    def _customer_json(self, cid: str) -> dict[str, Any] | None:
+        """A customer as the API shows it (the deleted stub for a deleted one), None when unknown."""
+        i = self.customers.pos.get(cid)
+        if i is None:
+            return None
+        if self.customers.meta[i][1]:
+            return {"id": cid, "object": "customer", "deleted": True}
+        return orjson.loads(self.customers.blob(i))
+
+    def _expand(self, resource: str, blob: bytes, fields: frozenset[str]) -> bytes:
+        if resource == "charges":
+            return self._expand_charge(blob, fields)
+        obj = orjson.loads(blob)
+        if "customer" in fields and isinstance(obj.get("customer"), str):
+            obj["customer"] = self._customer_json(obj["customer"]) or obj["customer"]
+        if resource == "customers":
+            if "sources" in fields:
+                # Cards are PaymentMethods here (``invoice_settings.default_payment_method``): no legacy sources.
+                obj["sources"] = {"object": "list", "data": [], "has_more": False, "total_count": 0,
+                                  "url": f"/v1/customers/{obj['id']}/sources"}  # fmt: skip
+            if "subscriptions" in fields:
+                subs = self.subscriptions
+                positions = [i for i in sorted(subs.group(3).get(obj["id"], []), reverse=True)
+                             if subs.meta[i][0] not in _ENDED_STATUSES]  # fmt: skip
+                obj["subscriptions"] = {"object": "list", "data": [orjson.loads(subs.blob(i)) for i in positions],
+                                        "has_more": False, "total_count": len(positions),
+                                        "url": f"/v1/customers/{obj['id']}/subscriptions"}  # fmt: skip
+        if resource == "subscriptions":
+            if "latest_invoice" in fields and isinstance(obj.get("latest_invoice"), str):
+                i = self.invoices.pos.get(obj["latest_invoice"])
+                if i is not None:
+                    obj["latest_invoice"] = orjson.loads(self.invoices.blob(i))
+            # Per-unit prices have no tiers: the expanded field is there, and null.
+            if "plan.tiers" in fields and isinstance(obj.get("plan"), dict):
+                obj["plan"]["tiers"] = None
+            for item in obj["items"]["data"]:
+                if "items.data.plan.tiers" in fields:
+                    item["plan"]["tiers"] = None
+                if "items.data.price.tiers" in fields:
+                    item["price"]["tiers"] = None
+        return orjson.dumps(obj)
 
     def _expand_charge(self, blob: bytes, fields: frozenset[str]) -> bytes:
         obj = orjson.loads(blob)
         cid = obj.get("customer")
         if "customer" in fields and isinstance(cid, str):
-            i = self.customers.pos.get(cid)
-            if i is not None:
-                obj["customer"] = orjson.loads(self.customers.blob(i))
+            obj["customer"] = self._customer_json(cid) or cid
         if "refunds" in fields:
             refunds = self.refunds
             positions = sorted(refunds.group(0).get(obj["id"], []), reverse=True)
@@ -748,8 +915,12 @@ class StripeAccount:
         i = coll.pos.get(oid)
         if i is None or (resource == "events" and coll.created[i] < now - EVENT_RETENTION_SECONDS):
             raise _missing(_OBJECT_NAMES[resource], oid)
+        if resource == "invoices" and coll.meta[i][4]:
+            raise _missing("invoice", oid)  # a deleted draft is gone
+        if resource == "customers" and coll.meta[i][1]:
+            return orjson.dumps({"id": oid, "object": "customer", "deleted": True})
         expand = self._expansions(resource, params, "")
-        return self._expand_charge(coll.blob(i), expand) if expand else coll.blob(i)
+        return self._expand(resource, coll.blob(i), expand) if expand else coll.blob(i)
 
     def export(self, resource: str) -> list[dict[str, Any]]:
         """Compact ground truth of every object (any status), newest first, for comparing mirrors."""
@@ -782,6 +953,37 @@ class StripeAccount:
                 }
                 for i in range(len(s) - 1, -1, -1)
                 for m in (s.meta[i],)
+            ]
+        if resource == "customers":
+            c = self.customers
+            return [
+                {
+                    "id": c.ids[i],
+                    "created": c.created[i],
+                    "deleted": c.meta[i][1],
+                    "currency": obj.get("currency"),
+                    "email": obj.get("email"),
+                }
+                for i in range(len(c) - 1, -1, -1)
+                for obj in (orjson.loads(c.blob(i)),)
+            ]
+        if resource == "invoices":
+            v = self.invoices
+            return [
+                {
+                    "id": v.ids[i],
+                    "created": v.created[i],
+                    "status": m[0],
+                    "customer": m[1],
+                    "subscription": m[2],
+                    "deleted": m[4],
+                    "currency": obj["currency"],
+                    "total": obj["total"],
+                    "amount_paid": obj["amount_paid"],
+                    "amount_due": obj["amount_due"],
+                }
+                for i in range(len(v) - 1, -1, -1)
+                for m, obj in ((v.meta[i], orjson.loads(v.blob(i))),)
             ]
         raise KeyError(resource)
 
@@ -845,9 +1047,7 @@ class StripeAccount:
         year_now = dt.datetime.fromtimestamp(now, tz=dt.UTC).year
         if params.get("customer"):
             cid = _as_str(params["customer"], "customer")
-            i = self.customers.pos.get(cid)
-            if i is None:
-                raise _missing("customer", cid, param="customer", status=400)
+            i = self._live_customer(cid, "customer", 400)
             cust = self._customer_from_blob(orjson.loads(self.customers.blob(i)), year_now)
         metadata = _metadata_update({}, params["metadata"]) if "metadata" in params else {}
         description = _as_str(params["description"], "description") if params.get("description") else None
@@ -864,10 +1064,39 @@ class StripeAccount:
         )
         if params.get("receipt_email"):
             ch["receipt_email"] = _as_str(params["receipt_email"], "receipt_email")
+        if params.get("source"):
+            self._charge_from_token(ch, _as_str(params["source"], "source"))
         blob = _dump(ch)
         self.charges.insert(now, ch["id"], blob, self._charge_meta(ch))
         self._emit(now, "charge.succeeded", blob, request or _RequestInfo())
         return self._expand_charge(blob, expand) if expand else blob
+
+    # Stripe's test tokens: brand, last four digits and funding of the card each one stands for.
+    _TEST_TOKENS = {
+        "tok_visa": ("visa", "4242", "credit"),
+        "tok_visa_debit": ("visa", "5556", "debit"),
+        "tok_mastercard": ("mastercard", "4444", "credit"),
+        "tok_amex": ("amex", "8431", "credit"),
+        "tok_discover": ("discover", "1117", "credit"),
+    }
+
+    def _charge_from_token(self, ch: dict[str, Any], token: str) -> None:
+        """A charge paid with a card token: the card's own details, and billing details left empty (a token
+        made from a card number alone carries no name, email or address, and Stripe invents none)."""
+        if token not in self._TEST_TOKENS:
+            raise StripeError(400, f"No such token: '{token}'", code="resource_missing", param="source")
+        brand, last4, funding = self._TEST_TOKENS[token]
+        ch["billing_details"] = {
+            "address": dict.fromkeys(("city", "country", "line1", "line2", "postal_code", "state")),
+            "email": None,
+            "name": None,
+            "phone": None,
+            "tax_id": None,
+        }
+        card = ch["payment_method_details"]["card"]
+        checks = {"address_line1_check": None, "address_postal_code_check": None, "cvc_check": None}
+        card.update(brand=brand, network=brand, last4=last4, funding=funding, country="US", checks=checks)
+        ch["payment_method"] = "card_" + self._ids.rng.text(24)
 
     def _customer_from_blob(self, c: dict[str, Any], year_now: int) -> _Customer:
         address = c.get("address") or _address(self._rng, "US")
@@ -1022,3 +1251,364 @@ class StripeAccount:
         self.subscriptions.replace(i, blob, self._subscription_meta(sub))
         self._emit(now, "customer.subscription.updated", blob, request or _RequestInfo(), previous)
         return blob
+
+    # --- customers --------------------------------------------------------------------------------------
+
+    _CUSTOMER_FIELDS = ("name", "email", "phone", "description")
+    _CUSTOMER_CREATE = frozenset({*_CUSTOMER_FIELDS, "metadata", "address", "balance", "expand"})
+
+    def _customer_changes(self, cus: dict[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+        """Apply the writable fields in ``params`` to ``cus``; returns ``previous_attributes``."""
+        previous: dict[str, Any] = {}
+
+        def change(name: str, value: Any) -> None:
+            if cus.get(name) != value:
+                previous[name] = cus.get(name)
+                cus[name] = value
+
+        for name in self._CUSTOMER_FIELDS:
+            if name in params:
+                change(name, _as_str(params[name], name) or None)
+        if "balance" in params:
+            change("balance", _as_int(params["balance"], "balance"))
+        if "address" in params:
+            address = params["address"]
+            if address == "":
+                change("address", None)
+            elif isinstance(address, dict):
+                known = ("city", "country", "line1", "line2", "postal_code", "state")
+                unknown = set(address) - set(known)
+                if unknown:
+                    raise _unknown_param(f"address[{sorted(unknown)[0]}]")
+                base = cus.get("address") or dict.fromkeys(known)
+                change("address", {k: (address[k] or None) if k in address else base.get(k) for k in known})
+            else:
+                raise StripeError(400, "Invalid object: address must be a hash", param="address")
+        if "metadata" in params:
+            change("metadata", _metadata_update(cus.get("metadata") or {}, params["metadata"]))
+        return previous
+
+    def create_customer(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None) -> bytes:
+        """``POST /v1/customers``: a customer created at ``now``; emits ``customer.created``."""
+        _check_params(params, self._CUSTOMER_CREATE)
+        ids, rng = self._billing.ids, self._billing.rng
+        cus: dict[str, Any] = {
+            "id": ids.short("cus_"),
+            "object": "customer",
+            "address": None,
+            "balance": 0,
+            "created": now,
+            "currency": None,
+            "default_source": None,
+            "delinquent": False,
+            "description": None,
+            "discount": None,
+            "email": None,
+            "invoice_prefix": f"{rng.getrandbits(32):08X}",
+            "invoice_settings": {
+                "custom_fields": None,
+                "default_payment_method": None,
+                "footer": None,
+                "rendering_options": None,
+            },
+            "livemode": self.livemode,
+            "metadata": {},
+            "name": None,
+            "next_invoice_sequence": 1,
+            "phone": None,
+            "preferred_locales": [],
+            "shipping": None,
+            "tax_exempt": "none",
+            "test_clock": None,
+        }
+        self._customer_changes(cus, params)
+        blob = _dump(cus)
+        self.customers.insert(now, cus["id"], blob, (cus["email"], False))
+        self._emit(now, "customer.created", blob, request or _RequestInfo())
+        return blob
+
+    def _live_customer(self, cid: str, param: str = "id", status: int = 404) -> int:
+        i = self.customers.pos.get(cid)
+        if i is None or self.customers.meta[i][1]:
+            raise _missing("customer", cid, param=param, status=status)
+        return i
+
+    def update_customer(
+        self, cid: str, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
+    ) -> bytes:
+        """``POST /v1/customers/<id>``: emits ``customer.updated`` with ``previous_attributes`` when something
+        changed."""
+        _check_params(params, self._CUSTOMER_CREATE)
+        i = self._live_customer(cid)
+        cus = orjson.loads(self.customers.blob(i))
+        previous = self._customer_changes(cus, params)
+        if not previous:
+            return self.customers.blob(i)
+        blob = _dump(cus)
+        self.customers.replace(i, blob, (cus["email"], False))
+        self._emit(now, "customer.updated", blob, request or _RequestInfo(), previous)
+        return blob
+
+    def delete_customer(self, cid: str, *, now: int, request: _RequestInfo | None = None) -> bytes:
+        """``DELETE /v1/customers/<id>``: its live subscriptions are canceled first (each emits
+        ``customer.subscription.deleted``), then ``customer.deleted`` carries its last state."""
+        i = self._live_customer(cid)
+        req = request or _RequestInfo()
+        subs = self.subscriptions
+        for k in list(subs.group(3).get(cid, [])):
+            if subs.meta[k][0] not in _ENDED_STATUSES:
+                self.cancel_subscription(subs.ids[k], {}, now=now, request=req)
+        blob = self.customers.blob(i)
+        self.customers.replace(i, blob, (self.customers.meta[i][0], True))
+        self._emit(now, "customer.deleted", blob, req)
+        return orjson.dumps({"id": cid, "object": "customer", "deleted": True})
+
+    # --- invoices ---------------------------------------------------------------------------------------
+
+    _INVOICE_CREATE = frozenset(
+        {"customer", "description", "collection_method", "days_until_due", "metadata", "auto_advance", "currency",
+         "pending_invoice_items_behavior", "expand"}
+    )  # fmt: skip
+    _INVOICE_UPDATE = frozenset({"description", "metadata", "auto_advance", "footer", "expand"})
+
+    def _invoice(self, iid: str) -> tuple[int, dict[str, Any]]:
+        i = self.invoices.pos.get(iid)
+        if i is None or self.invoices.meta[i][4]:
+            raise _missing("invoice", iid)
+        return i, orjson.loads(self.invoices.blob(i))
+
+    def _store_invoice(self, i: int, inv: dict[str, Any], steps: list[tuple[str, dict[str, Any] | None]], now: int,
+                       request: _RequestInfo | None, deleted: bool = False) -> bytes:  # fmt: skip
+        blob = _dump(inv)
+        self.invoices.replace(i, blob, self._invoice_meta(inv, deleted))
+        for step, previous in steps:
+            for event_type in billing.STEP_EVENTS.get(step, (step,)):
+                self._emit(now, event_type, blob, request or _RequestInfo(), previous)
+        return blob
+
+    def create_invoice(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None,
+                       lines: list[tuple[str, int, int]] | None = None) -> bytes:  # fmt: skip
+        """``POST /v1/invoices``: a draft for ``customer`` created at ``now`` (no items: the sandbox keeps no
+        pending invoice items; ``lines`` of (description, unit amount, quantity) is for the control API);
+        emits ``invoice.created``."""
+        _check_params(params, self._INVOICE_CREATE)
+        if not params.get("customer"):
+            raise StripeError(400, "Missing required param: customer.", code="parameter_missing", param="customer")
+        cid = _as_str(params["customer"], "customer")
+        customer = orjson.loads(self.customers.blob(self._live_customer(cid, "customer", 400)))
+        method = _as_str(params.get("collection_method") or "charge_automatically", "collection_method")
+        if method not in ("charge_automatically", "send_invoice"):
+            raise StripeError(400, "Invalid collection_method: must be one of charge_automatically, send_invoice",
+                              param="collection_method")  # fmt: skip
+        days_until_due = None
+        if method == "send_invoice":
+            if params.get("days_until_due", "") == "":
+                raise StripeError(400, "Missing required param: days_until_due.", code="parameter_missing",
+                                  param="days_until_due")  # fmt: skip
+            days_until_due = _as_int(params["days_until_due"], "days_until_due", minimum=0, maximum=730)
+        elif params.get("days_until_due", "") != "":
+            raise StripeError(400, "You may only specify days_until_due when collection_method is send_invoice.",
+                              param="days_until_due")  # fmt: skip
+        currency = _as_str(params.get("currency") or customer.get("currency") or "usd", "currency").lower()
+        seeder = self._billing
+        iid = seeder.ids.long("in_1")
+        items = [billing.line_item(seeder.ids, iid, amount=unit * qty, currency=currency, description=desc,
+                                   quantity=qty, period=(now, now), livemode=self.livemode)
+                 for desc, unit, qty in lines or []]  # fmt: skip
+        inv = billing.invoice_dict(
+            iid, customer, created=now, currency=currency, lines=items, livemode=self.livemode,
+            account_name=_ACCOUNT_NAME, collection_method=method, days_until_due=days_until_due,
+            description=_as_str(params["description"], "description") or None if params.get("description") else None,
+            metadata=_metadata_update({}, params["metadata"]) if "metadata" in params else {},
+        )  # fmt: skip
+        if "auto_advance" in params:
+            inv["auto_advance"] = _as_bool(params["auto_advance"], "auto_advance")
+        blob = _dump(inv)
+        self.invoices.insert(now, iid, blob, self._invoice_meta(inv))
+        self._emit(now, "invoice.created", blob, request or _RequestInfo())
+        return blob
+
+    def update_invoice(
+        self, iid: str, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
+    ) -> bytes:
+        """``POST /v1/invoices/<id>`` (``description``, ``metadata``, ``auto_advance``, ``footer``): emits
+        ``invoice.updated`` with ``previous_attributes`` when something changed."""
+        _check_params(params, self._INVOICE_UPDATE)
+        i, inv = self._invoice(iid)
+        if inv["status"] in ("paid", "void") and set(params) - {"metadata", "expand"}:
+            raise StripeError(400, f"You can only update the metadata of a {inv['status']} invoice.",
+                              code="invoice_not_editable")  # fmt: skip
+        previous: dict[str, Any] = {}
+        for name in ("description", "footer"):
+            if name in params:
+                value = _as_str(params[name], name) or None
+                if value != inv[name]:
+                    previous[name], inv[name] = inv[name], value
+        if "auto_advance" in params:
+            flag = _as_bool(params["auto_advance"], "auto_advance")
+            if flag != inv["auto_advance"]:
+                previous["auto_advance"], inv["auto_advance"] = inv["auto_advance"], flag
+        if "metadata" in params:
+            metadata = _metadata_update(inv["metadata"], params["metadata"])
+            if metadata != inv["metadata"]:
+                previous["metadata"], inv["metadata"] = inv["metadata"], metadata
+        if not previous:
+            return self.invoices.blob(i)
+        return self._store_invoice(i, inv, [("invoice.updated", previous)], now, request)
+
+    def _finalize(self, inv: dict[str, Any], now: int) -> list[tuple[str, dict[str, Any] | None]]:
+        customer = orjson.loads(self.customers.blob(self.customers.pos[inv["customer"]]))
+        i = self.customers.pos[inv["customer"]]
+        number = f"{customer.get('invoice_prefix') or 'INV'}-{customer.get('next_invoice_sequence') or 1:04d}"
+        customer["next_invoice_sequence"] = (customer.get("next_invoice_sequence") or 1) + 1
+        self.customers.replace(i, _dump(customer), self.customers.meta[i])  # no event: Stripe sends none for this
+        finalized = billing.finalize(inv, now, number, self.account_id)
+        steps: list[tuple[str, dict[str, Any] | None]] = [("finalize", finalized)]
+        if inv["amount_due"] == 0:
+            steps.append(("pay", billing.pay(inv, now)))
+        return steps
+
+    def invoice_action(
+        self, iid: str, action: str, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
+    ) -> bytes:
+        """``POST /v1/invoices/<id>/{finalize,pay,void,mark_uncollectible,send}``, with Stripe's state rules.
+
+        ``pay`` with ``payment_method=pm_card_chargeDeclined`` (or ``source=tok_chargeDeclined``) fails the
+        attempt: ``invoice.payment_failed`` is emitted and the answer is Stripe's 402 ``card_declined``.
+        """
+        allowed = {
+            "finalize": {"auto_advance", "expand"},
+            "pay": {"payment_method", "source", "paid_out_of_band", "off_session", "forgive", "mandate", "expand"},
+            "void": {"expand"},
+            "mark_uncollectible": {"expand"},
+            "send": {"expand"},
+        }
+        if action not in allowed:
+            raise StripeError(404, f"Unrecognized request URL (POST: /v1/invoices/{iid}/{action}). Please see "
+                              "https://stripe.com/docs or we can help at https://support.stripe.com/.")  # fmt: skip
+        _check_params(params, frozenset(allowed[action]))
+        i, inv = self._invoice(iid)
+        status = inv["status"]
+        steps: list[tuple[str, dict[str, Any] | None]] = []
+        if action == "finalize":
+            if status != "draft":
+                raise StripeError(400, "This invoice is already finalized, you can't re-finalize a non-draft "
+                                  "invoice.", code="invoice_not_editable")  # fmt: skip
+            steps = self._finalize(inv, now)
+        elif action == "pay":
+            if status in ("paid", "void"):
+                raise StripeError(400, f"Invoice is already {status}", code="invoice_not_editable")
+            if status == "draft":
+                steps = self._finalize(inv, now)
+            if inv["status"] != "paid":
+                method = str(params.get("payment_method") or params.get("source") or "")
+                if "chargeDeclined" in method:
+                    steps.append(("fail", billing.fail(inv, now)))
+                    self._store_invoice(i, inv, steps, now, request)
+                    raise StripeError(402, "Your card was declined.", type="card_error", code="card_declined",
+                                      param=None)  # fmt: skip
+                steps.append(("pay", billing.pay(inv, now)))
+        elif action == "void":
+            if status not in ("open", "uncollectible"):
+                raise StripeError(400, f"You can only void open or uncollectible invoices; this one is {status}.",
+                                  code="invoice_not_editable")  # fmt: skip
+            steps = [("void", billing.void(inv, now))]
+        elif action == "mark_uncollectible":
+            if status != "open":
+                raise StripeError(400, f"You can only mark open invoices uncollectible; this one is {status}.",
+                                  code="invoice_not_editable")  # fmt: skip
+            steps = [("uncollectible", billing.uncollectible(inv, now))]
+        elif action == "send":
+            if status != "open" or inv["collection_method"] != "send_invoice":
+                raise StripeError(400, "You can only send open invoices whose collection_method is send_invoice.",
+                                  code="invoice_not_editable")  # fmt: skip
+            steps = [("invoice.sent", None)]
+        return self._store_invoice(i, inv, steps, now, request)
+
+    def delete_invoice(self, iid: str, *, now: int, request: _RequestInfo | None = None) -> bytes:
+        """``DELETE /v1/invoices/<id>``: drafts only; emits ``invoice.deleted`` with the draft's last state."""
+        i, inv = self._invoice(iid)
+        if inv["status"] != "draft":
+            raise StripeError(400, "You can only delete draft invoices.", code="invoice_not_editable")
+        self._store_invoice(i, inv, [("delete", None)], now, request, deleted=True)
+        return orjson.dumps({"id": iid, "object": "invoice", "deleted": True})
+
+    # --- the account ------------------------------------------------------------------------------------
+
+    def account_json(self) -> bytes:
+        """``GET /v1/account``: the account the key belongs to."""
+        return orjson.dumps({
+            "id": self.account_id,
+            "object": "account",
+            "business_profile": {"mcc": None, "name": _ACCOUNT_NAME, "product_description": None,
+                                 "support_address": None, "support_email": None, "support_phone": None,
+                                 "support_url": None, "url": None},
+            "business_type": "company",
+            "capabilities": {"card_payments": "active", "transfers": "active"},
+            "charges_enabled": True,
+            "controller": {"type": "account"},
+            "country": "US",
+            "created": self.now - int((self.days + 365) * _DAY),
+            "default_currency": "usd",
+            "details_submitted": True,
+            "email": None,
+            "metadata": {},
+            "payouts_enabled": True,
+            "settings": {"dashboard": {"display_name": _ACCOUNT_NAME, "timezone": "Etc/UTC"},
+                         "payments": {"statement_descriptor": "NEXTCRM"}},
+            "type": "standard",
+        })  # fmt: skip
+
+    def retrieve_account(self, account_id: str, key_mask: str) -> bytes:
+        """``GET /v1/accounts/<id>``: this key's own account; any other id is one the key cannot reach."""
+        if account_id != self.account_id:
+            raise StripeError(403, f"The provided key '{key_mask}' does not have access to account '{account_id}' "
+                              "(or that account does not exist). Application access may have been revoked.",
+                              code="account_invalid")  # fmt: skip
+        return self.account_json()
+
+    # --- search -----------------------------------------------------------------------------------------
+
+    def search(self, resource: str, params: Mapping[str, Any]) -> bytes:
+        """``GET /v1/<resource>/search``: Stripe's search query language (see ``search.py``), newest first,
+        ``limit`` 1-100 (default 10), ``page`` the opaque ``next_page`` of the previous answer."""
+        _check_params(params, frozenset({"query", "limit", "page", "expand"}))
+        if not params.get("query"):
+            raise StripeError(400, "Missing required param: query.", code="parameter_missing", param="query")
+        query = parse_query(resource, _as_str(params["query"], "query"))
+        limit = DEFAULT_LIMIT
+        if params.get("limit", "") != "":
+            limit = _as_int(params["limit"], "limit", minimum=1, maximum=MAX_LIMIT)
+        offset = 0
+        if params.get("page"):
+            try:
+                offset = int(base64.urlsafe_b64decode(_as_str(params["page"], "page").encode()).decode())
+            except (ValueError, UnicodeDecodeError):
+                raise StripeError(400, "Invalid page: the page token is not one this API returned.",
+                                  param="page") from None  # fmt: skip
+        coll = self._collections[resource]
+        live = (lambda i: not coll.meta[i][1]) if resource == "customers" else (
+            (lambda i: not coll.meta[i][4]) if resource == "invoices" else (lambda i: True))  # fmt: skip
+        expand = self._expansions(resource, params, "data.")
+        found: list[bytes] = []
+        seen = 0
+        more = False
+        for i in range(len(coll) - 1, -1, -1):
+            if not live(i):
+                continue
+            blob = coll.blob(i)
+            if not query.matches(orjson.loads(blob)):
+                continue
+            seen += 1
+            if seen <= offset:
+                continue
+            if len(found) == limit:
+                more = True
+                break
+            found.append(self._expand(resource, blob, expand) if expand else blob)
+        next_page = base64.urlsafe_b64encode(str(offset + limit).encode()).decode() if more else None
+        return b"".join((
+            b'{"object":"search_result","data":[', b",".join(found), b'],"has_more":',
+            b"true" if more else b"false", b',"next_page":', orjson.dumps(next_page),
+            b',"url":"', f"/v1/{resource}/search".encode(), b'"}',
+        ))  # fmt: skip

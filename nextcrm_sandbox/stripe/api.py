@@ -37,7 +37,8 @@ from nextcrm_sandbox.stripe.model import (
     StripeError,
     mask_api_key,
 )
-from nextcrm_sandbox.stripe.params import parse_bracket_params
+from nextcrm_sandbox.stripe.params import _as_list, _check_params, parse_bracket_params
+from nextcrm_sandbox.stripe.search import SEARCHABLE
 from nextcrm_sandbox.stripe.webhooks import _WEBHOOK_FIELDS, WEBHOOK_RETRY_DELAYS, _signer
 from nextcrm_sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
@@ -128,8 +129,11 @@ _SERVER_ERROR_BODY = orjson.dumps(
     }
 )
 _ACCOUNT_FIELDS = frozenset(
-    {"api_key", "seed", "charges", "subscriptions", "customers", "days", "requests_per_second", "now"}
+    {"api_key", "seed", "charges", "subscriptions", "customers", "invoices", "days", "requests_per_second", "now"}
 )
+# Starlette routes a function endpoint for GET only unless told the methods: every API route takes them all.
+_ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"]
+_RECORD_FIELDS = frozenset({"api_key", "kind", "at", "params", "lines"})
 _FAULT_FIELDS = frozenset({"api_key", "rate_limit_burst", "server_errors", "latency_ms", "fail_after_requests"})
 
 
@@ -202,6 +206,7 @@ class StripeSandbox:
             "charges": charges,
             "subscriptions": optional_int_field(spec, "subscriptions", 100),
             "customers": optional_int_field(spec, "customers", None, minimum=1),
+            "invoices": optional_int_field(spec, "invoices", None),
             "days": _control_days(spec.get("days", 90)),
             "requests_per_second": rps,
         }
@@ -224,6 +229,7 @@ class StripeSandbox:
             charges=norm["charges"],
             subscriptions=norm["subscriptions"],
             customers=norm["customers"],
+            invoices=norm.get("invoices"),
             days=norm["days"],
             now=norm.get("now", self.clock()),
         )
@@ -253,11 +259,16 @@ class StripeSandbox:
     def routes(self) -> list[BaseRoute]:
         """The ``/v1`` API routes and the ``/_sandbox/stripe`` control routes (no catch-all)."""
         routes: list[BaseRoute] = []
+        # Every method reaches the dispatcher, which answers what it does not emulate with Stripe's 404.
         for res in RESOURCES:
-            routes.append(Route(f"/v1/{res}", self._endpoint(res, False), methods=["GET", "POST", "DELETE"]))
-            routes.append(Route(f"/v1/{res}/{{oid}}", self._endpoint(res, True), methods=["GET", "POST", "DELETE"]))
+            routes.append(Route(f"/v1/{res}", self._endpoint(res, False), methods=_ALL_METHODS))
+            routes.append(Route(f"/v1/{res}/{{oid}}", self._endpoint(res, True), methods=_ALL_METHODS))
         routes += [
+            Route("/v1/invoices/{oid}/{action}", self._endpoint("invoices", True), methods=_ALL_METHODS),
+            Route("/v1/account", self._endpoint("account", False), methods=_ALL_METHODS),
+            Route("/v1/accounts/{oid}", self._endpoint("account", True), methods=_ALL_METHODS),
             Route("/_sandbox/stripe/accounts", self._control_accounts, methods=["GET", "POST"]),
+            Route("/_sandbox/stripe/records", self._control_records, methods=["POST"]),
             Route("/_sandbox/stripe/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route("/_sandbox/stripe/export/{kind}", self._control_export, methods=["GET"]),
             Route("/_sandbox/stripe/stats", self._control_stats, methods=["GET"]),
@@ -297,12 +308,15 @@ class StripeSandbox:
                 self.webhooks.emit(key, body)
 
     def fallback_routes(self) -> list[BaseRoute]:
-        """A ``/v1/{path}`` catch-all answering Stripe's 404 ``Unrecognized request URL``; mount last."""
+        """Catch-alls under ``/v1`` and ``/v2`` answering Stripe's 404 ``Unrecognized request URL`` with its
+        error envelope, whatever the method; mount last."""
 
         async def unknown(request: Request) -> Response:
             return await self._serve(request, None, None)
 
-        return [Route("/v1/{path:path}", unknown, methods=["GET", "POST", "DELETE", "PUT", "PATCH"])]
+        return [
+            Route(path, unknown, methods=_ALL_METHODS) for path in ("/v1", "/v1/{path:path}", "/v2", "/v2/{path:path}")
+        ]
 
     def _endpoint(self, resource: str, with_id: bool) -> Callable[[Request], Any]:
         async def endpoint(request: Request) -> Response:
@@ -386,7 +400,12 @@ class StripeSandbox:
         try:
             params = parse_bracket_params(pairs)
             info = _RequestInfo(rid, idem_key)
-            status, payload = 200, self._dispatch(rt.account, method, path, resource, oid, params, now, info)
+            action = request.path_params.get("action")
+            if resource == "account":
+                status, payload = 200, self._account_route(rt.account, method, path, oid, params, key)
+            else:
+                status, payload = 200, self._dispatch(rt.account, method, path, resource, oid, params, now, info,
+                                                      action)  # fmt: skip
         except StripeError as err:
             status, payload = err.status, err.body()
         except Exception as exc:  # an emulator bug must still answer with Stripe's envelope
@@ -418,12 +437,33 @@ class StripeSandbox:
         params: dict[str, Any],
         now: int,
         info: _RequestInfo,
+        action: str | None = None,
     ) -> bytes:
-        if resource is not None:
+        if resource is not None and action is not None:
+            if method == "POST":
+                return account.invoice_action(oid or "", action, params, now=now, request=info)
+        elif resource is not None:
             if method == "GET":
                 if oid is None:
                     return account.list_page(resource, params, now=now)
-                return account.retrieve(resource, oid, params, now=now)
+                if oid == "search" and resource in SEARCHABLE:
+                    return account.search(resource, params)
+                if oid != "search":
+                    return account.retrieve(resource, oid, params, now=now)
+            if resource == "customers":
+                if method == "POST":
+                    if oid is None:
+                        return account.create_customer(params, now=now, request=info)
+                    return account.update_customer(oid, params, now=now, request=info)
+                if method == "DELETE" and oid is not None:
+                    return account.delete_customer(oid, now=now, request=info)
+            if resource == "invoices":
+                if method == "POST":
+                    if oid is None:
+                        return account.create_invoice(params, now=now, request=info)
+                    return account.update_invoice(oid, params, now=now, request=info)
+                if method == "DELETE" and oid is not None:
+                    return account.delete_invoice(oid, now=now, request=info)
             if method == "POST" and oid is None and resource == "charges":
                 return account.create_charge(params, now=now, request=info)
             if method == "POST" and oid is None and resource == "refunds":
@@ -439,7 +479,55 @@ class StripeSandbox:
             "at https://support.stripe.com/.",
         )
 
+    @staticmethod
+    def _account_route(
+        account: StripeAccount, method: str, path: str, oid: str | None, params: dict[str, Any], key: str
+    ) -> bytes:
+        """``GET /v1/account`` and ``GET /v1/accounts/<id>`` (a key check and connectors start there)."""
+        if method == "GET":
+            _check_params(params, frozenset({"expand"}))
+            if params.get("expand"):
+                raise StripeError(400, f"This property cannot be expanded ({_as_list(params['expand'], 'expand')[0]}).",
+                                  param="expand")  # fmt: skip
+            return account.account_json() if oid is None else account.retrieve_account(oid, mask_api_key(key))
+        raise StripeError(
+            404,
+            f"Unrecognized request URL ({method}: {path}). Please see https://stripe.com/docs or we can help "
+            "at https://support.stripe.com/.",
+        )
+
     # --- control API ------------------------------------------------------------------------------------
+
+    @control_endpoint
+    async def _control_records(self, request: Request) -> Response:
+        """Create a customer or an invoice at a given sandbox time (``at``), through the same code as the API:
+        ``{"api_key", "kind": "customer" | "invoice", "at", "params": {form fields}, "lines": [[description,
+        unit amount, quantity], ...]}`` (lines for invoices only). Its ``*.created`` event has that time."""
+        body = await read_json_object(request)
+        reject_unknown_fields(body, _RECORD_FIELDS, "record")
+        rt = self._runtime_for(body.get("api_key"))
+        kind = body.get("kind")
+        at = optional_int_field(body, "at", None, minimum=None)
+        at = self.clock() if at is None else at
+        params = body.get("params") or {}
+        lines = body.get("lines") or []
+        if not isinstance(params, dict) or not all(isinstance(v, (str, dict, list)) for v in params.values()):
+            raise ControlError(400, "params must be an object of form fields (strings or nested hashes)")
+        if not isinstance(lines, list) or not all(
+            isinstance(ln, list) and len(ln) == 3 and isinstance(ln[0], str) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in ln[1:]) for ln in lines
+        ):  # fmt: skip
+            raise ControlError(400, "lines must be [description, unit amount, quantity] triples")
+        try:
+            if kind == "customer":
+                blob = rt.account.create_customer(params, now=at)
+            elif kind == "invoice":
+                blob = rt.account.create_invoice(params, now=at, lines=[tuple(ln) for ln in lines])
+            else:
+                raise ControlError(400, "kind must be customer or invoice")
+        except StripeError as err:
+            raise ControlError(400, err.message) from None
+        return Response(blob, status_code=200, headers={"content-type": _JSON})
 
     def _runtime_for(self, api_key: Any) -> _Runtime:
         rt = self._runtime.get(api_key) if isinstance(api_key, str) else None
@@ -501,8 +589,8 @@ class StripeSandbox:
     async def _control_export(self, request: Request) -> Response:
         rt = self._runtime_for(request.query_params.get("api_key"))
         kind = request.path_params["kind"]
-        if kind not in ("charges", "subscriptions"):
-            raise ControlError(404, "export kind must be charges or subscriptions")
+        if kind not in ("charges", "subscriptions", "customers", "invoices"):
+            raise ControlError(404, "export kind must be charges, subscriptions, customers or invoices")
         return _json_response(200, rt.account.export(kind))
 
     @control_endpoint

@@ -18,13 +18,14 @@ CUSTOMERS_CAP = 5000
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DAY = 86400
 
-RESOURCES = ("charges", "subscriptions", "customers", "refunds", "events")
+RESOURCES = ("charges", "subscriptions", "customers", "refunds", "events", "invoices")
 _OBJECT_NAMES = {
     "charges": "charge",
     "subscriptions": "subscription",
     "customers": "customer",
     "refunds": "refund",
     "events": "event",
+    "invoices": "invoice",
 }
 SUBSCRIPTION_STATUSES = (
     "incomplete",
@@ -44,6 +45,7 @@ _LIST_PARAMS = {
     "customers": _COMMON_LIST_PARAMS | {"email"},
     "refunds": _COMMON_LIST_PARAMS | {"charge", "payment_intent"},
     "events": _COMMON_LIST_PARAMS | {"type", "types", "delivery_success"},
+    "invoices": _COMMON_LIST_PARAMS | {"customer", "subscription", "status", "collection_method", "due_date"},
 }
 _ZERO_DECIMAL = frozenset({"jpy", "krw", "vnd", "clp", "pyg", "xaf", "xof", "ugx", "bif", "djf", "gnf"})
 

@@ -1,10 +1,18 @@
-"""Mautic: campaigns of a self-hosted install, over OAuth 2.0 (authorisation code or client credentials)."""
+"""Mautic: campaigns, contacts and segments of a self-hosted install, over OAuth 2.0 (authorisation code or
+client credentials)."""
 
 from nextcrm_pipelines.core.provider import Provider, SecretField
 from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.mautic.client import OAUTH, MauticApi, discover_tenants
-from nextcrm_pipelines.providers.mautic.records import CAMPAIGNS_TABLE, campaign_row
+from nextcrm_pipelines.providers.mautic.records import (
+    CAMPAIGNS_TABLE,
+    CONTACTS_TABLE,
+    SEGMENTS_TABLE,
+    campaign_row,
+    contact_row,
+    segment_row,
+)
 from nextcrm_pipelines.providers.mautic.webhooks import WEBHOOKS
 
 CAMPAIGNS = EntitySpec(
@@ -16,11 +24,34 @@ CAMPAIGNS = EntitySpec(
     partition_column="source_updated_at",
 )
 
+CONTACTS = EntitySpec(
+    name="mautic_contacts",
+    table=CONTACTS_TABLE,
+    to_row=contact_row,
+    description="Mautic contacts changed in the day (dateModified, or dateAdded while never modified), with "
+    "name, email, phones, address, points, owner, tags and the ids of the segments they are in; deleted ones "
+    "flagged by the mautic.lead_post_delete webhook and the daily id sweep.",
+    partition_column="source_updated_at",
+)
+
+SEGMENTS = EntitySpec(
+    name="mautic_segments",
+    table=SEGMENTS_TABLE,
+    to_row=segment_row,
+    description="Mautic segments changed in the day (dateModified, or dateAdded while never modified), with "
+    "published state, filters and their live member count; deleted ones flagged by the daily id sweep.",
+    partition_column="source_updated_at",
+)
+
 PROVIDER = Provider(
     name="mautic",
     category="marketing",
-    entities=(CAMPAIGNS,),
-    fetchers={CAMPAIGNS.name: lambda api, window: api.campaigns(window)},
+    entities=(CAMPAIGNS, CONTACTS, SEGMENTS),
+    fetchers={
+        CAMPAIGNS.name: lambda api, window: api.campaigns(window),
+        CONTACTS.name: lambda api, window: api.contacts(window),
+        SEGMENTS.name: lambda api, window: api.segments(window),
+    },
     open_client=MauticApi,
     # `connections add mautic` stores client credentials (machine to machine); `connect mautic` runs
     # the authorisation-code flow against MAUTIC_BASE_URL.
@@ -30,10 +61,14 @@ PROVIDER = Provider(
     ),
     oauth=OAUTH,
     discover_tenants=discover_tenants,
-    id_sweeps={CAMPAIGNS.name: IdSweep(list_ids=lambda api: api.campaign_ids(), is_gone=MauticApi.campaign_gone)},
+    id_sweeps={
+        CAMPAIGNS.name: IdSweep(list_ids=lambda api: api.campaign_ids(), is_gone=MauticApi.campaign_gone),
+        CONTACTS.name: IdSweep(list_ids=lambda api: api.contact_ids(), is_gone=MauticApi.contact_gone),
+        SEGMENTS.name: IdSweep(list_ids=lambda api: api.segment_ids(), is_gone=MauticApi.segment_gone),
+    },
     fixed_secrets={"grant_type": "client_credentials"},
     base_url_env="MAUTIC_BASE_URL",
     webhooks=WEBHOOKS,
 )
 
-__all__ = ["CAMPAIGNS", "PROVIDER", "MauticApi"]
+__all__ = ["CAMPAIGNS", "CONTACTS", "PROVIDER", "SEGMENTS", "MauticApi"]

@@ -13,8 +13,18 @@ per campaign read (its `total`, counted by the stats API at each request). The l
 re-run partition and a webhook refresh store the same figure for the same state, each as it was when
 read, at the same version (`dateModified`, else `dateAdded`), so the later write stands.
 
-Webhook events are thin, so their apply reads by id: campaigns by id as the sync lists them, a single
-campaign (404: gone), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
+Contacts and segments are read the same way, by day and by id. A contact carries the ids of the
+segments it is in (`segmentIds`): one `GET /api/stats/lead_lists_leads` per page of contacts, its
+memberships not manually removed. A segment carries its live member count (`memberCount`): the
+`total` of the same stats table for that segment. Neither a membership change nor a count is a
+change of the record in Mautic: they are current as of the record's last read (its day's sync, or a
+webhook about the contact).
+
+A provider that answers a page it already gave (an id filter it ignores) stops the read with a
+`ProviderError` rather than looping (`core.paging.PageCursors`).
+
+Webhook events are thin, so their apply reads by id: campaigns and contacts by id as the sync lists them,
+a single campaign (404: gone), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
 """
 
 from __future__ import annotations
@@ -27,11 +37,14 @@ from urllib.parse import urlsplit
 from nextcrm_pipelines.core.connect import Tenant, TenantContext
 from nextcrm_pipelines.core.http import HttpClient, ProviderError
 from nextcrm_pipelines.core.oauth import BearerAuth, OAuthSpec
+from nextcrm_pipelines.core.paging import PageCursors
 from nextcrm_pipelines.core.provider import ClientContext
 from nextcrm_pipelines.core.sync import Record, SyncWindow
 from nextcrm_pipelines.providers.mautic.records import changed_at, parse_time
 
 PAGE_SIZE = 100
+# Ids per page when the sweep lists every id of an entity (minimal records: cheap to serve).
+ID_PAGE_SIZE = 1000
 
 OAUTH = OAuthSpec(
     provider="mautic",
@@ -74,7 +87,7 @@ def _stamp(moment: datetime) -> str:
 
 
 class MauticApi:
-    """One Mautic install's campaigns."""
+    """One Mautic install's campaigns, contacts and segments."""
 
     def __init__(self, ctx: ClientContext) -> None:
         if ctx.tokens is None:
@@ -103,19 +116,42 @@ class MauticApi:
 
     def _by_id(self, where: list[tuple[str, str, str]], **extra: str) -> Iterator[list[dict[str, Any]]]:
         """Campaigns matching `where`, in id order, paged by id."""
+        return self._pages("/api/campaigns", "campaigns", where, **extra)
+
+    def _pages(self, path: str, key: str, where: list[tuple[str, str, str]], page_size: int | None = None,
+               **extra: str) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
+        """The records of list `path` (under `key`) matching `where`, in id order, paged by id.
+
+        A page that says more follow (a full one) but ends with an id an earlier page ended with means
+        the provider ignored the id filter: `ProviderError`, not an endless loop.
+        """
+        size = page_size or self.page_size
+        cursors = PageCursors("mautic", name=f"Mautic {path}", connection_id=self.http.connection_id, endpoint=path)
         last = 0
         while True:
-            params: dict[str, str] = {"start": "0", "limit": str(self.page_size), "orderBy": "id",
-                                      "orderByDir": "ASC", **extra}  # fmt: skip
+            params: dict[str, str] = {"start": "0", "limit": str(size), "orderBy": "id", "orderByDir": "ASC", **extra}
             for n, (col, expr, val) in enumerate([*where, ("id", "gt", str(last))]):
                 params.update({f"where[{n}][col]": col, f"where[{n}][expr]": expr, f"where[{n}][val]": val})
-            items = entities(self.http.get_json("/api/campaigns", params=params), "campaigns")
+            items = entities(self.http.get_json(path, params=params), key)
             items.sort(key=lambda raw: int(raw["id"]))
-            if items:
-                yield items
-            if len(items) < self.page_size:
+            fresh = [raw for raw in items if int(raw["id"]) > last]
+            if fresh:
+                yield fresh
+            if len(items) < size:
                 return
-            last = int(items[-1]["id"])
+            last = int(cursors.advance(str(items[-1]["id"]) if items else None))
+
+    def _changed(
+        self, path: str, key: str, window: SyncWindow, columns: tuple[str, str]
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Records of `path` changed in the window: modified in it, then never modified and added in it."""
+        modified_col, added_col = columns
+        start, end = _stamp(window.start), _stamp(window.end)
+        yield from self._pages(path, key, [(modified_col, "gte", start), (modified_col, "lt", end)])
+        for page in self._pages(path, key, [(added_col, "gte", start), (added_col, "lt", end)]):
+            never_modified = [raw for raw in page if parse_time(raw.get("dateModified")) is None]
+            if never_modified:
+                yield never_modified
 
     def campaigns(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Campaigns changed in the window (or, never changed, added in it), each with its live member count."""
@@ -138,6 +174,107 @@ class MauticApi:
             if count is not None:
                 counted.append({**raw, "contactCount": count})
         return counted
+
+    def contacts(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Contacts changed in the window (or, never changed, added in it), each with its segment ids."""
+        for page in self._changed("/api/contacts", "contacts", window, ("date_modified", "date_added")):
+            yield [(raw, changed_at(raw)) for raw in self.with_segment_ids(page)]
+
+    def with_segment_ids(self, contacts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The contacts with `segmentIds` set to the segments they are in now (not manually removed)."""
+        found = self.segments_of_contacts([str(raw["id"]) for raw in contacts])
+        return [{**raw, "segmentIds": sorted(found.get(str(raw["id"]), ()), key=_id_order)} for raw in contacts]
+
+    def segments_of_contacts(self, contact_ids: Collection[str]) -> dict[str, set[str]]:
+        """Contact id -> ids of the segments it is in (`lead_lists_leads` rows not manually removed, paged)."""
+        found: dict[str, set[str]] = {}
+        ordered = sorted(contact_ids, key=_id_order)
+        for start in range(0, len(ordered), self.page_size):
+            chunk = ",".join(ordered[start : start + self.page_size])
+            offset, limit = 0, max(self.page_size, 100)
+            while True:
+                params = {"start": str(offset), "limit": str(limit), "where[0][col]": "lead_id",
+                          "where[0][expr]": "in", "where[0][val]": chunk, "where[1][col]": "manually_removed",
+                          "where[1][expr]": "eq", "where[1][val]": "0", "order[0][col]": "lead_id",
+                          "order[0][dir]": "ASC", "order[1][col]": "leadlist_id", "order[1][dir]": "ASC"}  # fmt: skip
+                rows = entities(self.http.get_json("/api/stats/lead_lists_leads", params=params), "stats")
+                for row in rows:
+                    found.setdefault(str(row["lead_id"]), set()).add(str(row["leadlist_id"]))
+                if len(rows) < limit:
+                    break
+                offset += len(rows)
+        return found
+
+    def contacts_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The contacts with these ids, as the sync reads them (with segment ids); absent ids are left out."""
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(ids, key=_id_order)
+        for start in range(0, len(ordered), self.page_size):
+            chunk = ordered[start : start + self.page_size]
+            params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
+                      "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
+            page = entities(self.http.get_json("/api/contacts", params=params), "contacts")
+            for raw in self.with_segment_ids(page):
+                found[str(raw["id"])] = raw
+        return found
+
+    def contact_ids(self) -> Iterator[list[str]]:
+        """Every contact id, in pages (the deletion sweep)."""
+        for page in self._pages("/api/contacts", "contacts", [], page_size=max(self.page_size, ID_PAGE_SIZE),
+                                minimal="true"):  # fmt: skip
+            yield [str(raw["id"]) for raw in page]
+
+    def contact_gone(self, contact_id: str, stored: dict[str, Any]) -> bool:
+        """Whether Mautic answers 404 for the contact."""
+        return self._gone(f"/api/contacts/{contact_id}")
+
+    def segments(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Segments changed in the window (or, never changed, added in it), each with its live member count."""
+        for page in self._changed("/api/segments", "lists", window, ("dateModified", "dateAdded")):
+            yield [(raw, changed_at(raw)) for raw in self.with_member_totals(page)]
+
+    def with_member_totals(self, segments: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The segments with `memberCount` set to their live member count."""
+        return [{**raw, "memberCount": self.segment_member_count(str(raw["id"]))} for raw in segments]
+
+    def segment_member_count(self, segment_id: str) -> int:
+        """How many contacts the segment has now (`lead_lists_leads` rows not manually removed)."""
+        params = {"start": "0", "limit": "1", "where[0][col]": "leadlist_id", "where[0][expr]": "eq",
+                  "where[0][val]": segment_id, "where[1][col]": "manually_removed", "where[1][expr]": "eq",
+                  "where[1][val]": "0"}  # fmt: skip
+        body = self.http.get_json("/api/stats/lead_lists_leads", params=params)
+        return int(body.get("total") or 0) if isinstance(body, dict) else 0
+
+    def segments_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
+        """The segments with these ids, as the sync reads them (with member counts); absent ids are left out."""
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(ids, key=_id_order)
+        for start in range(0, len(ordered), self.page_size):
+            chunk = ordered[start : start + self.page_size]
+            params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
+                      "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
+            page = entities(self.http.get_json("/api/segments", params=params), "lists")
+            for raw in self.with_member_totals(page):
+                found[str(raw["id"])] = raw
+        return found
+
+    def segment_ids(self) -> Iterator[list[str]]:
+        """Every segment id, in pages (the deletion sweep)."""
+        for page in self._pages("/api/segments", "lists", [], minimal="true"):
+            yield [str(raw["id"]) for raw in page]
+
+    def segment_gone(self, segment_id: str, stored: dict[str, Any]) -> bool:
+        """Whether Mautic answers 404 for the segment."""
+        return self._gone(f"/api/segments/{segment_id}")
+
+    def _gone(self, path: str) -> bool:
+        try:
+            self.http.send("GET", path)
+        except ProviderError as exc:
+            if exc.status == 404:
+                return True
+            raise
+        return False
 
     def campaign_ids(self) -> Iterator[list[str]]:
         for page in self._by_id([], minimal="true"):
@@ -195,10 +332,4 @@ class MauticApi:
 
     def campaign_gone(self, campaign_id: str, stored: dict[str, Any]) -> bool:
         """Whether Mautic answers 404 for the campaign."""
-        try:
-            self.http.send("GET", f"/api/campaigns/{campaign_id}")
-        except ProviderError as exc:
-            if exc.status == 404:
-                return True
-            raise
-        return False
+        return self._gone(f"/api/campaigns/{campaign_id}")

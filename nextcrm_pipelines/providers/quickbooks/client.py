@@ -1,12 +1,14 @@
 """QuickBooks Online Accounting API v3 client: realm per connection, query language, CDC for deletes.
 
-A day's window is read with `SELECT * FROM Invoice WHERE MetaData.LastUpdatedTime >= cursor AND
-< end ORDER BY MetaData.LastUpdatedTime` and `STARTPOSITION`/`MAXRESULTS 1000`, paging by updated
-time (`core.paging`). Hard deletes leave no row to query: for windows inside Change Data Capture's
-30 days, `/cdc?entities=Invoice&changedSince=<start>` supplies `status: "Deleted"` stubs, which become
-tombstones. Webhook re-fetches read many invoices per call (`SELECT * FROM Invoice WHERE Id IN (...)`,
-sent as a `POST /query` body) and ask Change Data Capture whether an id that is no longer found was
-deleted. QuickBooks allows 500 calls a minute and 10 a second per realm and answers 429 (fault
+A day's window of invoices, customers or payments is read with `SELECT * FROM <Entity> WHERE
+MetaData.LastUpdatedTime >= cursor AND < end ORDER BY MetaData.LastUpdatedTime` and
+`STARTPOSITION`/`MAXRESULTS 1000`, paging by updated time (`core.paging`); customers are a name list,
+which answers active rows only unless the query adds `Active IN (true, false)`, so it does. Hard
+deletes (and customers merged into another) leave no row to query: for windows inside Change Data
+Capture's 30 days, `/cdc?entities=<Entity>&changedSince=<start>` supplies `status: "Deleted"` stubs,
+which become tombstones. Webhook re-fetches read many records per call (`SELECT * FROM <Entity> WHERE
+Id IN (...)`, sent as a `POST /query` body) and ask Change Data Capture whether an id that is no longer
+found was deleted. QuickBooks allows 500 calls a minute and 10 a second per realm and answers 429 (fault
 3001) with no `Retry-After`, so the client paces itself and waits the documented minute on a 429.
 """
 
@@ -37,6 +39,9 @@ CDC_MAX_OBJECTS = 1000
 DEFAULT_REQUESTS_PER_SECOND = 8.0  # 500/min and 10/s per realm
 THROTTLE_WAIT_SECONDS = 60.0
 SANDBOX_API = "https://sandbox-quickbooks.api.intuit.com"
+# Name lists answer active rows only unless asked for both; an inactive customer is a deleted one.
+NAME_LISTS = frozenset({"Customer"})
+NAME_LIST_EVERY = " AND Active IN (true, false)"
 
 OAUTH = OAuthSpec(
     provider="quickbooks",
@@ -89,7 +94,7 @@ def discover_tenants(ctx: TenantContext) -> list[Tenant]:
 
 
 class QuickBooksApi:
-    """One company's (realm's) invoices, read window by window."""
+    """One company's (realm's) invoices, customers and payments, read window by window."""
 
     def __init__(self, ctx: ClientContext) -> None:
         if ctx.tokens is None:
@@ -135,72 +140,96 @@ class QuickBooksApi:
 
     def invoices(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Invoices changed in the window, then the window's hard deletes (inside CDC's 30 days)."""
+        yield from self._changed("Invoice", window)
+        yield from self._deleted("Invoice", window)
+
+    def customers(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Customers changed in the window, inactive ones included, then those merged away in it (CDC)."""
+        yield from self._changed("Customer", window)
+        yield from self._deleted("Customer", window)
+
+    def payments(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Payments changed in the window, then the window's hard deletes (inside CDC's 30 days)."""
+        yield from self._changed("Payment", window)
+        yield from self._deleted("Payment", window)
+
+    def _changed(self, entity: str, window: SyncWindow) -> Iterator[list[Record]]:
+        """`entity`'s records updated in the window, paged by updated time (name lists: inactive ones too)."""
+        every = NAME_LIST_EVERY if entity in NAME_LISTS else ""
 
         def fetch(cursor: datetime, page: int) -> list[dict[str, Any]]:
             query = (
-                f"SELECT * FROM Invoice WHERE MetaData.LastUpdatedTime >= '{_iso(cursor)}' "
-                f"AND MetaData.LastUpdatedTime < '{_iso(window.end)}' ORDER BY MetaData.LastUpdatedTime ASC "
+                f"SELECT * FROM {entity} WHERE MetaData.LastUpdatedTime >= '{_iso(cursor)}' "
+                f"AND MetaData.LastUpdatedTime < '{_iso(window.end)}'{every} ORDER BY MetaData.LastUpdatedTime ASC "
                 f"STARTPOSITION {page * self.page_size + 1} MAXRESULTS {self.page_size}"
             )
-            return self._get("/query", query=query).get("QueryResponse", {}).get("Invoice") or []
+            return self._get("/query", query=query).get("QueryResponse", {}).get(entity) or []
 
         yield from updated_keyset_pages(
             fetch, window, page_size=self.page_size, id_of=lambda raw: str(raw["Id"]), updated_of=updated_at
         )
-        yield from self._deleted(window)
 
-    def _changed_since(self, since: datetime) -> list[dict[str, Any]]:
-        """Change Data Capture's invoices (full records and `Deleted` stubs) changed since `since`."""
-        body = self._get("/cdc", entities="Invoice", changedSince=_iso(since))
+    def _changed_since(self, entity: str, since: datetime) -> list[dict[str, Any]]:
+        """Change Data Capture's `entity` records (full records and `Deleted` stubs) changed since `since`."""
+        body = self._get("/cdc", entities=entity, changedSince=_iso(since))
         objects: list[dict[str, Any]] = []
         for cdc in body.get("CDCResponse") or []:
             for response in cdc.get("QueryResponse") or []:
-                objects.extend(response.get("Invoice") or [])
+                objects.extend(response.get(entity) or [])
         if len(objects) >= CDC_MAX_OBJECTS:
-            log.warning("quickbooks connection %s: change data capture since %s hit its %d-object cap; deletions "
-                        "older in that range may be missing", self.http.connection_id, since,
+            log.warning("quickbooks connection %s: change data capture of %s since %s hit its %d-object cap; "
+                        "deletions older in that range may be missing", self.http.connection_id, entity, since,
                         CDC_MAX_OBJECTS)  # fmt: skip
         return objects
 
-    def _deleted(self, window: SyncWindow) -> Iterator[list[Record]]:
+    def _deleted(self, entity: str, window: SyncWindow) -> Iterator[list[Record]]:
         if window.start < datetime.now(UTC) - CDC_RETENTION + timedelta(minutes=5):
             return
-        objects = self._changed_since(window.start)
+        objects = self._changed_since(entity, window.start)
         stubs = [(raw, updated_at(raw)) for raw in objects if is_deleted_stub(raw)]
         in_window = [(raw, at) for raw, at in stubs if window.start <= at < window.end]
         if in_window:
             yield in_window
 
-    def invoices_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
-        """The current state of these invoices, each id asked once and up to a page of ids per query.
+    def records_by_id(self, entity: str, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The current state of these `entity` records, each id asked once and up to a page of ids per query.
 
-        Query and read-one find nothing of a hard-deleted invoice, so an id absent from the answer is
-        gone or unknown; `deleted_invoices` says which.
+        Query and read-one find nothing of a hard-deleted (or merged-away) record, so an id absent from
+        the answer is gone or unknown; `deleted_records` says which. Name lists include inactive rows.
         """
         wanted = sorted({str(i) for i in ids}, key=lambda i: (len(i), i))
         bad = [i for i in wanted if not i.isdigit()]
         if bad:
             raise ValueError(f"QuickBooks ids are numeric strings, not {bad[:3]}")
+        every = NAME_LIST_EVERY if entity in NAME_LISTS else ""
         found: list[dict[str, Any]] = []
         size = min(self.page_size, PAGE_SIZE)
         for start in range(0, len(wanted), size):
             chunk = wanted[start : start + size]
             listed = ", ".join(f"'{i}'" for i in chunk)
-            query = f"SELECT * FROM Invoice WHERE Id IN ({listed}) STARTPOSITION 1 MAXRESULTS {len(chunk)}"
+            query = f"SELECT * FROM {entity} WHERE Id IN ({listed}){every} STARTPOSITION 1 MAXRESULTS {len(chunk)}"
             response = self.http.send("POST", "/query", params={"minorversion": MINOR_VERSION}, content=query,
                                       headers={"Content-Type": "application/text"})  # fmt: skip
-            found.extend(self._body(response, "POST /query").get("QueryResponse", {}).get("Invoice") or [])
+            found.extend(self._body(response, "POST /query").get("QueryResponse", {}).get(entity) or [])
         return found
 
-    def deleted_invoices(self, ids: Collection[str], since: datetime) -> list[dict[str, Any]]:
-        """Change Data Capture's `status: "Deleted"` stubs of these ids deleted since `since`.
+    def deleted_records(self, entity: str, ids: Collection[str], since: datetime) -> list[dict[str, Any]]:
+        """Change Data Capture's `status: "Deleted"` stubs of these `entity` ids deleted since `since`.
 
-        The only way QuickBooks says an invoice is gone; `since` is moved inside CDC's 30-day look-back.
+        The only way QuickBooks says a record is gone; `since` is moved inside CDC's 30-day look-back.
         """
         earliest = datetime.now(UTC) - CDC_RETENTION + timedelta(minutes=5)
         wanted = {str(i) for i in ids}
-        objects = self._changed_since(max(since, earliest))
+        objects = self._changed_since(entity, max(since, earliest))
         return [raw for raw in objects if is_deleted_stub(raw) and str(raw.get("Id")) in wanted]
+
+    def invoices_by_id(self, ids: Iterable[str]) -> list[dict[str, Any]]:
+        """The current state of these invoices (`records_by_id`)."""
+        return self.records_by_id("Invoice", ids)
+
+    def deleted_invoices(self, ids: Collection[str], since: datetime) -> list[dict[str, Any]]:
+        """Change Data Capture's stubs of these invoices deleted since `since` (`deleted_records`)."""
+        return self.deleted_records("Invoice", ids, since)
 
 
 def _iso(moment: datetime) -> str:

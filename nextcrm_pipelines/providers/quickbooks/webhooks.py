@@ -2,18 +2,20 @@
 
 Both payload shapes are read: the legacy `eventNotifications` (entities per realm, no ids: each is
 known by its hash) and the CloudEvents array (`qbo.<entity>.<operation>.v1`, with ids). Events name
-an entity by id only, so applying re-reads the invoices they name (many per query, each id once) and
-upserts them as a sync maps them, never regressing by `MetaData.LastUpdatedTime`: Create, Update,
-Emailed and Void re-read (a void shows as the `voided` status), Delete flags the row deleted as of
-the event's time, Merge flags the merged-away `deletedId` deleted and re-reads the survivor. A hard
-delete leaves nothing to query, so an id that is no longer found counts as deleted only when Change
-Data Capture reports it `Deleted`. One app's webhook carries every realm it is connected to: events
-of another realm than the connection's are skipped, as are entities other than invoices.
+an invoice, customer or payment by id only, so applying re-reads the records they name (one query per
+entity for many ids, each id once) and upserts them as a sync maps them, never regressing by
+`MetaData.LastUpdatedTime`: Create, Update, Emailed and Void re-read (a void shows as the `voided`
+status), Delete flags an invoice or payment deleted as of the event's time (a customer's Delete makes
+it inactive, which a re-read shows), Merge flags the merged-away `deletedId` deleted and re-reads the
+survivor. A hard delete leaves nothing to query, so an id that is no longer found counts as deleted
+only when Change Data Capture reports it `Deleted`. One app's webhook carries every realm it is
+connected to: events of another realm than the connection's are skipped, as are other entities.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -21,8 +23,16 @@ from typing import Any
 from psycopg import sql
 
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.upsert import BatchCounts, Row
-from nextcrm_pipelines.providers.quickbooks.records import INVOICES_TABLE, invoice_row, updated_at
+from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec
+from nextcrm_pipelines.providers.quickbooks.records import (
+    CUSTOMERS_TABLE,
+    INVOICES_TABLE,
+    PAYMENTS_TABLE,
+    customer_row,
+    invoice_row,
+    payment_row,
+    updated_at,
+)
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow
 from nextcrm_pipelines.webhooks.verify import InboxEvent, WebhookSpec, base64_hmac_verifier, hash_of, parse_time
 
@@ -35,8 +45,26 @@ OPERATIONS = {
     "void": "Void", "voided": "Void", "emailed": "Emailed",
 }  # fmt: skip
 REFETCHED = frozenset({"Create", "Update", "Void", "Emailed", "Merge"})
-# How far before an event Change Data Capture is asked for the deletion of an invoice it names.
+# How far before an event Change Data Capture is asked for the deletion of a record it names.
 CDC_LEEWAY = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Mirrored:
+    """An entity whose events are applied: its QuickBooks name, table and mapping."""
+
+    entity: str
+    table: TableSpec
+    to_row: Callable[[dict[str, Any], datetime], Row]
+    # What a Delete event means: a hard delete (a tombstone now) or, for name lists, made inactive (re-read).
+    delete_is_final: bool = True
+
+
+MIRRORED = {
+    "invoice": Mirrored("Invoice", INVOICES_TABLE, invoice_row),
+    "customer": Mirrored("Customer", CUSTOMERS_TABLE, customer_row, delete_is_final=False),
+    "payment": Mirrored("Payment", PAYMENTS_TABLE, payment_row),
+}
 
 
 @dataclass(frozen=True)
@@ -100,24 +128,25 @@ def events(payload: Any) -> list[InboxEvent]:
     return found
 
 
-def deleted_stub(invoice_id: str, at: datetime) -> dict[str, Any]:
-    """What Change Data Capture says of a hard-deleted invoice, for an id a Delete or Merge event names."""
-    return {"domain": "QBO", "status": "Deleted", "Id": invoice_id, "MetaData": {"LastUpdatedTime": at.isoformat()}}
+def deleted_stub(record_id: str, at: datetime) -> dict[str, Any]:
+    """What Change Data Capture says of a hard-deleted (or merged-away) record, for an id a Delete or Merge
+    event names."""
+    return {"domain": "QBO", "status": "Deleted", "Id": record_id, "MetaData": {"LastUpdatedTime": at.isoformat()}}
 
 
-def _already_deleted(context: ApplyContext, ids: set[str]) -> set[str]:
-    """The ids whose stored row already says the invoice was hard-deleted."""
+def _already_deleted(context: ApplyContext, spec: TableSpec, ids: set[str]) -> set[str]:
+    """The ids whose stored row already says the record was hard-deleted."""
     found = context.conn.execute(
         sql.SQL("SELECT id FROM {} WHERE connection_id = %s AND id = ANY(%s) AND status = %s").format(
-            table(INVOICES_TABLE.name, context.schema)
+            table(spec.name, context.schema)
         ),
-        (context.connection_id, sorted(ids), INVOICES_TABLE.deleted_status),
+        (context.connection_id, sorted(ids), spec.deleted_status),
     ).fetchall()
     return {r[0] for r in found}
 
 
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
-    """Re-read the invoices the events name, flag deleted and merged-away ones, and upsert as a sync would.
+    """Re-read the records the events name, flag deleted and merged-away ones, and upsert as a sync would.
 
     Repeated ids cost one read; events of other realms and of other entities change nothing and are
     counted as skipped. Rows that can be written are written before an id that is neither found nor
@@ -126,8 +155,8 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     realm = context.tenant()
     counts = BatchCounts()
     foreign = 0
-    reread: dict[str, datetime] = {}  # id -> earliest event time naming it
-    rows_out: list[Row] = []
+    reread: dict[str, dict[str, datetime]] = {}  # entity -> id -> earliest event time naming it
+    rows_out: dict[str, list[Row]] = {}
     now = datetime.now(UTC)
     for row in rows:
         try:
@@ -137,37 +166,47 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
         if change.realm != realm:
             foreign += 1
             continue
-        if change.entity.lower() != "invoice" or change.operation not in REFETCHED | {"Delete"}:
+        kind = change.entity.lower()
+        mirrored = MIRRORED.get(kind)
+        if mirrored is None or change.operation not in REFETCHED | {"Delete"}:
             context.skip()
             continue
         at = change.at or row.occurred_at or now
-        if change.operation == "Delete":
-            rows_out.append(invoice_row(deleted_stub(change.id, at), at))
+        out = rows_out.setdefault(kind, [])
+        if change.operation == "Delete" and mirrored.delete_is_final:
+            out.append(mirrored.to_row(deleted_stub(change.id, at), at))
             continue
         if change.operation == "Merge" and change.deleted_id:
-            rows_out.append(invoice_row(deleted_stub(change.deleted_id, at), at))
-        reread[change.id] = min(at, reread.get(change.id, at))
+            out.append(mirrored.to_row(deleted_stub(change.deleted_id, at), at))
+        wanted = reread.setdefault(kind, {})
+        wanted[change.id] = min(at, wanted.get(change.id, at))
     if foreign:
         log.warning("quickbooks webhooks of %s: %d event(s) of another realm skipped", context.connection_id, foreign)
         context.skip(foreign)
-    unexplained: set[str] = set()
-    if reread:
-        api = context.client()
-        found = api.invoices_by_id(reread)
-        rows_out.extend(invoice_row(raw, updated_at(raw)) for raw in found)
-        missing = set(reread) - {str(raw["Id"]) for raw in found} - {r.id for r in rows_out if r.tombstone}
+    unexplained: dict[str, set[str]] = {}
+    api = context.client() if reread else None
+    for kind, wanted in reread.items():
+        mirrored, out = MIRRORED[kind], rows_out[kind]
+        found = api.records_by_id(mirrored.entity, wanted)
+        out.extend(mirrored.to_row(raw, updated_at(raw)) for raw in found)
+        missing = set(wanted) - {str(raw["Id"]) for raw in found} - {r.id for r in out if r.tombstone}
         if missing:
-            since = min(reread[i] for i in missing) - CDC_LEEWAY
-            stubs = api.deleted_invoices(missing, since)
-            rows_out.extend(invoice_row(stub, updated_at(stub)) for stub in stubs)
-            unexplained = missing - {str(stub["Id"]) for stub in stubs}
-            unexplained -= _already_deleted(context, unexplained) if unexplained else set()
-    if rows_out:
-        counts.add(context.upsert(INVOICES_TABLE, rows_out))
+            since = min(wanted[i] for i in missing) - CDC_LEEWAY
+            stubs = api.deleted_records(mirrored.entity, missing, since)
+            out.extend(mirrored.to_row(stub, updated_at(stub)) for stub in stubs)
+            left = missing - {str(stub["Id"]) for stub in stubs}
+            left -= _already_deleted(context, mirrored.table, left) if left else set()
+            if left:
+                unexplained[mirrored.entity] = left
+    for kind, out in rows_out.items():
+        if out:
+            counts.add(context.upsert(MIRRORED[kind].table, out))
     if unexplained:
+        named = "; ".join(f"{entity.lower()}(s) {sorted(ids, key=lambda i: (len(i), i))[:20]}"
+                          for entity, ids in sorted(unexplained.items()))  # fmt: skip
         raise LookupError(
-            f"QuickBooks invoice(s) {sorted(unexplained, key=lambda i: (len(i), i))[:20]} named by webhooks are "
-            "neither found nor reported deleted by Change Data Capture; the events are retried"
+            f"QuickBooks {named} named by webhooks are neither found nor reported deleted by Change Data Capture; "
+            "the events are retried"
         )
     return counts
 

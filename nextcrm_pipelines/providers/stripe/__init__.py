@@ -1,12 +1,16 @@
-"""Stripe: payments (charges) and subscriptions, read with the official SDK."""
+"""Stripe: payments (charges), subscriptions, customers and invoices, read with the official SDK."""
 
 from nextcrm_pipelines.core.provider import Provider, SecretField
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.stripe.client import StripeApi
 from nextcrm_pipelines.providers.stripe.records import (
+    CUSTOMERS_TABLE,
+    INVOICES_TABLE,
     PAYMENTS_TABLE,
     SUBSCRIPTIONS_TABLE,
     charge_row,
+    customer_row,
+    invoice_row,
     subscription_row,
 )
 from nextcrm_pipelines.providers.stripe.webhooks import WEBHOOKS
@@ -23,14 +27,29 @@ SUBSCRIPTIONS = EntitySpec(
     to_row=subscription_row,
     description="Stripe subscriptions created or changed in the day, in every status (canceled included).",
 )
+CUSTOMERS = EntitySpec(
+    name="stripe_customers",
+    table=CUSTOMERS_TABLE,
+    to_row=customer_row,
+    description="Stripe customers created or changed in the day (deleted ones flagged, their last data kept).",
+)
+INVOICES = EntitySpec(
+    name="stripe_invoices",
+    table=INVOICES_TABLE,
+    to_row=invoice_row,
+    description="Stripe invoices created or changed in the day, in every status (void, uncollectible and "
+    "deleted drafts flagged).",
+)
 
 PROVIDER = Provider(
     name="stripe",
     category="payments",
-    entities=(PAYMENTS, SUBSCRIPTIONS),
+    entities=(PAYMENTS, SUBSCRIPTIONS, CUSTOMERS, INVOICES),
     fetchers={
         PAYMENTS.name: lambda api, window: api.charges(window),
         SUBSCRIPTIONS.name: lambda api, window: api.subscriptions(window),
+        CUSTOMERS.name: lambda api, window: api.customers(window),
+        INVOICES.name: lambda api, window: api.invoices(window),
     },
     open_client=lambda ctx: StripeApi(ctx.connection, ctx.secrets, stats=ctx.stats, rate_share=ctx.rate_share),
     secret_fields=(
@@ -43,4 +62,4 @@ PROVIDER = Provider(
     parallel_windows=True,
 )
 
-__all__ = ["PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "StripeApi"]
+__all__ = ["CUSTOMERS", "INVOICES", "PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "StripeApi"]

@@ -3,7 +3,9 @@
 Stripe objects have no updated time (only `created`), so a day's sync lists the objects *created*
 that day and, while the day is inside the 30-day retention of `/v1/events`, the objects *changed*
 that day from the events feed (newest event per object wins). Canceled subscriptions are only
-listed with `status=all`.
+listed with `status=all`. Deleted customers and deleted draft invoices leave the lists: their
+`*.deleted` event is the last word, and its object is marked `"deleted": true`, as Stripe marks a
+deleted object it returns.
 
 Requests go through `StripeClient.raw_request` (with `base_addresses` for a sandbox and
 `max_network_retries` set, since a `StripeClient` retries nothing by default) over our own
@@ -61,6 +63,7 @@ from nextcrm_pipelines.core.vault import Secrets
 PROVIDER = "stripe"
 PAGE_SIZE = 100
 EVENTS_RETENTION = timedelta(days=30)
+CUSTOMER_EVENTS = ("customer.created", "customer.updated", "customer.deleted")
 # Published limits: 100 req/s live, 25 req/s in test mode (https://docs.stripe.com/rate-limits).
 DEFAULT_RATE = {True: 100.0, False: 25.0}
 _KEY_PATTERN = re.compile(r"\b([sr]k|whsec)_(test_|live_)?[A-Za-z0-9*]+")
@@ -259,6 +262,8 @@ class StripeApi:
                 connection_id=connection.id,
             )
         self.connection = connection
+        # Stripe's `limit` is 1 to 100; a smaller page (the `page_size` setting) is for tests.
+        self.page_size = max(1, min(PAGE_SIZE, int(connection.settings.get("page_size", PAGE_SIZE))))
         self.stats = stats or RequestStats()
         self.retry = retry
         livemode = api_key.startswith(("sk_live_", "rk_live_"))
@@ -351,7 +356,7 @@ class StripeApi:
         The time is cut to whole seconds, Stripe's event resolution: a change in the same second as a
         listing then ties with it, and the upsert (which replaces on a version not older) lets the event win.
         """
-        query = {**params, "limit": PAGE_SIZE}
+        query = {**params, "limit": self.page_size}
         cursors = PageCursors(PROVIDER, name="Stripe", connection_id=self.connection.id, endpoint=f"GET {path}")
         while True:
             requested_at = datetime.now(UTC).replace(microsecond=0)
@@ -379,19 +384,22 @@ class StripeApi:
 
     def changed_in(
         self,
-        event_type: str,
+        event_type: str | tuple[str, ...],
         object_type: str,
         window: SyncWindow,
         *,
         listed_at: datetime | None = None,
         listed: set[str] | None = None,
         now: datetime | None = None,
+        mark_deleted: bool = False,
     ) -> Iterator[list[Record]]:
         """Objects changed in the window, from the events feed: the newest event per object wins.
 
+        `event_type` is one type (wildcards allowed) or a tuple of exact types (`types[]`, up to 20).
         Only the part of the window inside Stripe's 30-day events retention is read; older days
         rely on their creation listing, which returns the objects' current state. An event older
         than `listed_at` about an object in `listed` is skipped: that listing saw a later state.
+        With `mark_deleted`, the object of a `*.deleted` event gets `"deleted": true`.
         """
         now = now or datetime.now(UTC)
         oldest = now - EVENTS_RETENTION + timedelta(minutes=5)
@@ -401,28 +409,41 @@ class StripeApi:
         seen: set[str] = set()
         listed = listed or set()
         cutoff = int(listed_at.timestamp()) if listed_at else 0
-        params = {"type": event_type, "created": {"gte": int(start.timestamp()), "lt": int(window.end.timestamp())}}
+        created = {"gte": int(start.timestamp()), "lt": int(window.end.timestamp())}
+        params = {"types": list(event_type), "created": created} if isinstance(event_type, tuple) else {
+            "type": event_type, "created": created}  # fmt: skip
         for events, _ in self.list_pages("/v1/events", params):
             records: list[Record] = []
             for event in events:
                 obj = (event.get("data") or {}).get("object") or {}
                 object_id = obj.get("id")
-                if obj.get("object") != object_type or object_id in seen:
+                # An object without an id (`invoice.upcoming` previews one) is nothing stored.
+                if obj.get("object") != object_type or not object_id or object_id in seen:
                     continue
                 seen.add(object_id)
                 if event["created"] < cutoff and object_id in listed:
                     continue
+                if mark_deleted and str(event.get("type", "")).endswith(".deleted"):
+                    obj = {**obj, "deleted": True}
                 records.append((obj, datetime.fromtimestamp(event["created"], UTC)))
             if records:
                 yield Changes(records)
 
     def _created_then_changed(
-        self, path: str, event_type: str, object_type: str, window: SyncWindow, extra: Mapping[str, Any] | None = None
+        self,
+        path: str,
+        event_type: str | tuple[str, ...],
+        object_type: str,
+        window: SyncWindow,
+        extra: Mapping[str, Any] | None = None,
+        *,
+        mark_deleted: bool = False,
     ) -> Iterator[list[Record]]:
         listed_at = datetime.now(UTC)
         listed: set[str] = set()
         yield from self.created_in(path, window, extra, listed)
-        yield from self.changed_in(event_type, object_type, window, listed_at=listed_at, listed=listed)
+        yield from self.changed_in(event_type, object_type, window, listed_at=listed_at, listed=listed,
+                                   mark_deleted=mark_deleted)  # fmt: skip
 
     def charges(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Charges created in the window, then charges changed in it (refunds, captures, failures)."""
@@ -433,3 +454,16 @@ class StripeApi:
         return self._created_then_changed(
             "/v1/subscriptions", "customer.subscription.*", "subscription", window, {"status": "all"}
         )
+
+    def customers(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Customers created in the window, then those changed or deleted in it.
+
+        `customer.*` would also match `customer.subscription.*`, `customer.source.*` and more, so the
+        three customer events are named.
+        """
+        return self._created_then_changed("/v1/customers", CUSTOMER_EVENTS, "customer", window, mark_deleted=True)
+
+    def invoices(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Invoices created in the window (every status), then those changed in it: finalized, paid,
+        failed, voided, marked uncollectible or (drafts) deleted."""
+        return self._created_then_changed("/v1/invoices", "invoice.*", "invoice", window, mark_deleted=True)

@@ -1,9 +1,12 @@
-"""Stripe JSON -> rows of `stripe_payments` (charges) and `stripe_subscriptions`.
+"""Stripe JSON -> rows of `stripe_payments` (charges), `stripe_subscriptions`, `stripe_customers` and
+`stripe_invoices`.
 
 Amounts are integers in the currency's minor unit and become exact `numeric` major units by the
 currency's exponent (JPY has none). A subscription ended by cancellation (Stripe's
 `DELETE /v1/subscriptions/{id}`, event `customer.subscription.deleted`) or expiry is flagged
-`deleted`; its row stays with its final status.
+`deleted`; its row stays with its final status. A customer or invoice read from its `*.deleted`
+event carries `"deleted": true` (the mark Stripe's deleted objects have) and is flagged `deleted`
+with its last data; so is an invoice that is `void` or `uncollectible`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ ENDED_SUBSCRIPTION_STATUSES = frozenset({"canceled", "incomplete_expired"})
 
 PAYMENTS_TABLE = table_spec(tables.PAYMENTS)
 SUBSCRIPTIONS_TABLE = table_spec(tables.SUBSCRIPTIONS)
+CUSTOMERS_TABLE = table_spec(tables.CUSTOMERS)
+INVOICES_TABLE = table_spec(tables.INVOICES)
+CLOSED_INVOICE_STATUSES = frozenset({"void", "uncollectible"})
 
 
 def timestamp(value: Any) -> datetime | None:
@@ -110,5 +116,92 @@ def subscription_row(raw: dict[str, Any], version: datetime) -> Row:
         created_at=timestamp(raw["created"]),
         version=version,
         deleted=raw["status"] in ENDED_SUBSCRIPTION_STATUSES,
+        raw=raw,
+    )
+
+
+def _deleted_mark(raw: dict[str, Any]) -> bool:
+    return raw.get("deleted") is True
+
+
+def customer_row(raw: dict[str, Any], version: datetime) -> Row:
+    """A customer as a row; `balance` is in its billing currency, null while it has none."""
+    if raw.get("object") != "customer":
+        raise ValueError(f"expected a customer, got object {raw.get('object')!r}")
+    currency = raw.get("currency")
+    currency = currency.lower() if isinstance(currency, str) and currency else None
+    balance = raw.get("balance")
+    address = raw.get("address") or {}
+    return Row.build(
+        raw["id"],
+        CUSTOMERS_TABLE.values(
+            name=raw.get("name"),
+            email=raw.get("email"),
+            phone=raw.get("phone"),
+            description=raw.get("description"),
+            currency=currency,
+            balance=minor_to_major(balance, currency) if balance is not None and currency else None,
+            delinquent=raw.get("delinquent"),
+            address_line1=address.get("line1"),
+            address_line2=address.get("line2"),
+            address_city=address.get("city"),
+            address_state=address.get("state"),
+            address_postal_code=address.get("postal_code"),
+            address_country=address.get("country"),
+            tax_exempt=raw.get("tax_exempt"),
+            livemode=raw.get("livemode"),
+        ),
+        created_at=timestamp(raw["created"]),
+        version=version,
+        deleted=_deleted_mark(raw),
+        raw=raw,
+    )
+
+
+def invoice_subscription(raw: dict[str, Any]) -> str | None:
+    """The invoice's subscription: under `parent.subscription_details` since API version 2025-03-31
+    ("basil"), a top-level `subscription` before."""
+    details = (raw.get("parent") or {}).get("subscription_details") or {}
+    return ref_id(details.get("subscription")) or ref_id(raw.get("subscription"))
+
+
+def invoice_row(raw: dict[str, Any], version: datetime) -> Row:
+    """An invoice as a row, linked to its customer and subscription."""
+    if raw.get("object") != "invoice":
+        raise ValueError(f"expected an invoice, got object {raw.get('object')!r}")
+    currency = _currency(raw)
+    transitions = raw.get("status_transitions") or {}
+    return Row.build(
+        raw["id"],
+        INVOICES_TABLE.values(
+            customer_id=ref_id(raw.get("customer")),
+            subscription_id=invoice_subscription(raw),
+            number=raw.get("number"),
+            status=raw.get("status"),
+            currency=currency,
+            subtotal=minor_to_major(raw.get("subtotal"), currency),
+            total=minor_to_major(raw.get("total"), currency),
+            amount_due=minor_to_major(raw.get("amount_due"), currency),
+            amount_paid=minor_to_major(raw.get("amount_paid"), currency),
+            amount_remaining=minor_to_major(raw.get("amount_remaining"), currency),
+            collection_method=raw.get("collection_method"),
+            billing_reason=raw.get("billing_reason"),
+            customer_name=raw.get("customer_name"),
+            customer_email=raw.get("customer_email"),
+            description=raw.get("description"),
+            attempt_count=raw.get("attempt_count"),
+            due_date=timestamp(raw.get("due_date")),
+            period_start=timestamp(raw.get("period_start")),
+            period_end=timestamp(raw.get("period_end")),
+            finalized_at=timestamp(transitions.get("finalized_at")),
+            paid_at=timestamp(transitions.get("paid_at")),
+            voided_at=timestamp(transitions.get("voided_at")),
+            marked_uncollectible_at=timestamp(transitions.get("marked_uncollectible_at")),
+            hosted_invoice_url=raw.get("hosted_invoice_url"),
+            livemode=raw.get("livemode"),
+        ),
+        created_at=timestamp(raw["created"]),
+        version=version,
+        deleted=_deleted_mark(raw) or raw.get("status") in CLOSED_INVOICE_STATUSES,
         raw=raw,
     )

@@ -1,5 +1,6 @@
 """Stripe webhooks: `Stripe-Signature` (`t=`, one or more `v1=`) over `t.body`, 300 s tolerance; events
-carry the object, which is upserted as of the event's time.
+carry the object, which is upserted as of the event's time. The object of `customer.deleted` and
+`invoice.deleted` is the last state of what was deleted: it is stored marked `"deleted": true`.
 
 Events reach only their own account. A Connect endpoint receives the events of every connected
 account, each naming it in `account`: an event is applied only to the connection whose tenant is that
@@ -17,7 +18,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 from nextcrm_pipelines.core.upsert import BatchCounts
-from nextcrm_pipelines.providers.stripe.records import PAYMENTS_TABLE, SUBSCRIPTIONS_TABLE, charge_row, subscription_row
+from nextcrm_pipelines.providers.stripe.records import (
+    CUSTOMERS_TABLE,
+    INVOICES_TABLE,
+    PAYMENTS_TABLE,
+    SUBSCRIPTIONS_TABLE,
+    charge_row,
+    customer_row,
+    invoice_row,
+    subscription_row,
+)
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow, provider_knows
 from nextcrm_pipelines.webhooks.verify import (
     InboxEvent,
@@ -70,13 +80,13 @@ def _is_ours(context: ApplyContext, event: dict[str, Any]) -> bool:
 
 
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
-    """Upsert the charge or subscription an event carries, as of the event's time (never regressing).
+    """Upsert the charge, subscription, customer or invoice an event carries, as of the event's time
+    (never regressing); a deleted customer or invoice is flagged deleted with its last data.
 
-    Events carrying other objects (`invoice.payment_*` carries an invoice, which no table here holds;
-    its charge and subscription changes arrive as their own events) are counted as skipped, and so are
-    events of another account.
+    Events carrying other objects (refunds, payment intents, an `invoice.upcoming` preview without
+    an id) are counted as skipped, and so are events of another account.
     """
-    payments, subscriptions = [], []
+    payments, subscriptions, customers, invoices = [], [], [], []
     foreign = 0
     for row in rows:
         if not _is_ours(context, row.payload or {}):
@@ -89,12 +99,20 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             payments.append(charge_row(obj, version))
         elif obj.get("object") == "subscription":
             subscriptions.append(subscription_row(obj, version))
+        elif obj.get("object") in ("customer", "invoice") and obj.get("id"):
+            if str(row.event_type or "").endswith(".deleted"):
+                obj = {**obj, "deleted": True}
+            if obj["object"] == "customer":
+                customers.append(customer_row(obj, version))
+            else:
+                invoices.append(invoice_row(obj, version))
         else:
             context.skip()
     if foreign:
         log.warning("stripe webhooks of %s: %d event(s) of another account skipped", context.connection_id, foreign)
     counts = BatchCounts()
-    for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions)):
+    for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions),
+                        (CUSTOMERS_TABLE, customers), (INVOICES_TABLE, invoices)):  # fmt: skip
         if found:
             counts.add(context.upsert(spec, found))
     return counts

@@ -1,0 +1,142 @@
+"""Mautic contacts memory check: peak RSS of syncing 20,000 and 200,000 sandbox contacts.
+
+The sandbox (in its own process) holds two installations of N contacts over D days (the same
+contacts per day at both sizes is not the point: the larger one has ten times the contacts per
+window). Each sync runs in a fresh process through the same `sync_partitions` the assets call, every
+day of the span, and reports its peak RSS: streaming keeps it flat whatever the number of contacts.
+
+    python benchmarks/mautic_contacts_memory.py [--sizes 20000 200000] [--days 10] [--page-size 1000]
+
+`BENCH_DATABASE_URL` points at a Postgres to use; without it an embedded one is started in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LIMIT_MB = 300
+
+
+def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, schema: str, page_size: int) -> dict:
+    """Sync every day of the installation's contacts in this process; counts, seconds and peak RSS."""
+    import httpx
+    import psycopg
+    from cryptography.fernet import Fernet
+
+    os.environ["NEXTCRM_SECRET_KEY"] = Fernet.generate_key().decode()
+    os.environ["NEXTCRM_DB_SCHEMA"] = schema
+    from nextcrm_pipelines.core import connections as vault
+    from nextcrm_pipelines.core import db
+    from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.core.vault import SecretBox
+    from nextcrm_pipelines.providers import get_provider
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    db.upgrade(database_url, schema)
+    box = SecretBox.from_environment()
+    secrets = {"client_id": client_id, "client_secret": f"{client_id}-secret", "grant_type": "client_credentials"}
+    with psycopg.connect(database_url) as conn:
+        connection = vault.add_connection(conn, provider="mautic", display_name="Bench", secrets=secrets, box=box,
+                                          base_url=base_url, settings={"requests_per_second": 0,
+                                                                       "page_size": page_size})  # fmt: skip
+    sandbox = base_url.split("/mautic/")[0]
+    today = datetime.fromtimestamp(httpx.get(f"{sandbox}/_sandbox/clock").json()["now"], UTC).date()
+    windows = [day_window(today - timedelta(days=n)) for n in range(days + 1, -1, -1)]
+    started = time.perf_counter()
+    results = sync_partitions(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                              entity_name="mautic_contacts", connection_id=connection.id, windows=windows,
+                              box=box)  # fmt: skip
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(f'SELECT count(*) FROM "{schema}".mautic_contacts').fetchone()[0]
+        conn.commit()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    return {
+        "rows": rows,
+        "records": sum(r.total for r in results),
+        "failed_windows": sum(r.status == "failed" for r in results),
+        "requests": sum(r.stats.requests for r in results),
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def _run_child(database_url: str, base_url: str, client_id: str, days: int, schema: str, page_size: int) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--child", "--database-url", database_url, "--base-url", base_url,
+         "--client-id", client_id, "--days", str(days), "--schema", schema, "--page-size", str(page_size)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if output.returncode != 0:
+        raise RuntimeError(f"the sync failed (exit code {output.returncode}):\n{output.stderr[-4000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 200_000])
+    parser.add_argument("--days", type=int, default=10)
+    parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--database-url", help=argparse.SUPPRESS)
+    parser.add_argument("--base-url", help=argparse.SUPPRESS)
+    parser.add_argument("--client-id", help=argparse.SUPPRESS)
+    parser.add_argument("--schema", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(sync_contacts(args.database_url, args.base_url, args.client_id, args.days, args.schema,
+                                       args.page_size)))  # fmt: skip
+        return
+
+    from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+    from nextcrm_sandbox.mautic import MauticControl
+    from nextcrm_sandbox.server import SandboxServer
+
+    folder = None
+    database_url = os.environ.get("BENCH_DATABASE_URL")
+    if not database_url:
+        folder = Path(tempfile.mkdtemp(prefix="nextcrm-bench-"))
+        database_url = ensure_embedded_postgres(folder).url
+    report: dict[int, dict] = {}
+    try:
+        with SandboxServer(subprocess=True, startup_timeout=600) as sandbox:
+            control = MauticControl(sandbox)
+            for size in args.sizes:
+                client_id = f"bench-{size}"
+                started = time.perf_counter()
+                account = control.add_account(seed=size, contacts=size, campaigns=5, segments=10, days=args.days,
+                                              clients=[{"client_id": client_id,
+                                                        "client_secret": f"{client_id}-secret"}])  # fmt: skip
+                print(f"{size} contacts ready in {time.perf_counter() - started:.1f}s", flush=True)
+                report[size] = _run_child(database_url, f"{sandbox.url}{account['base_path']}", client_id, args.days,
+                                          f"bench_mautic_{size}", args.page_size)  # fmt: skip
+                print(f"{size} contacts: {report[size]}", flush=True)
+                control.delete_account(account["id"])
+    finally:
+        if folder:
+            stop_embedded_postgres(folder)
+            shutil.rmtree(folder, ignore_errors=True)
+    print("\ncontacts  synced  seconds  peak RSS (MB)")
+    for size, out in report.items():
+        print(f"{size:>8}  {out['rows']:>6}  {out['seconds']:>7}  {out['peak_rss_mb']:>13}")
+    peaks = [out["peak_rss_mb"] for out in report.values()]
+    verdict = "flat and under" if max(peaks) < LIMIT_MB else "NOT under"
+    print(f"largest / smallest peak: {max(peaks) / min(peaks):.2f}x; {verdict} {LIMIT_MB} MB")
+
+
+if __name__ == "__main__":
+    main()

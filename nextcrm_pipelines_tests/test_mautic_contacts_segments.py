@@ -1,0 +1,198 @@
+"""Mautic contacts and segments against the sandbox, over real HTTP and a real Postgres: the provider contract
+(paging to the last page, the mirror equals the sandbox, a re-run changes nothing, a record changed exactly at
+midnight lands in one day, 5xx and 429 survived, deletions flagged by the sweep), segment membership on the
+contact and live member counts on the segment, and paging by id stopping when the provider repeats a page.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from nextcrm_pipelines.core.http import ProviderError
+from nextcrm_pipelines.core.runner import day_window, sweep_connection, sync_partitions
+from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines_tests.accounting import mirror
+from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
+
+ENTITIES = {"mautic_contacts": "contacts", "mautic_segments": "segments"}
+
+
+def run(database_url: str, schema: str, connection, entity: str, days) -> list:
+    return sync_partitions(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                           entity_name=entity, connection_id=connection.id,
+                           windows=[day_window(d) for d in days])  # fmt: skip
+
+
+def memberships(control, account: str) -> dict[str, list[str]]:
+    """Contact id -> the segments it is in now (not manually removed), from the sandbox's own state."""
+    found: dict[str, set[str]] = {}
+    for row in control.export(account, "segment_contacts")["records"]:
+        if row["manually_removed"] == "0":
+            found.setdefault(row["lead_id"], set()).add(row["leadlist_id"])
+    return {lead: sorted(ids, key=int) for lead, ids in found.items()}
+
+
+def member_counts(control, account: str) -> dict[str, int]:
+    counts = Counter(seg for ids in memberships(control, account).values() for seg in ids)
+    return {str(s["id"]): counts.get(str(s["id"]), 0) for s in control.export(account, "segments")["records"]}
+
+
+def assert_mirror_equals_sandbox(control, account: str, database_url: str, schema: str, connection, entity: str):
+    """Every current record mirrored once, as the provider serves it; every other row flagged deleted."""
+    truth = control.export(account, ENTITIES[entity])
+    records = {str(r["id"]): r for r in truth["records"]}
+    rows = mirror(database_url, schema, entity, connection.id)
+    assert set(records) <= set(rows), sorted(set(records) - set(rows))[:3]
+    gone = {rid for rid in set(rows) - set(records) if not rows[rid]["deleted"]}
+    assert not gone and set(rows) - set(records) <= {str(i) for i in truth["deleted_ids"]}
+    for rid, raw in records.items():
+        differs = [key for key, value in raw.items() if rows[rid]["raw"].get(key) != value]
+        assert not differs, f"{entity} {rid} differs in {differs}"
+    if entity == "mautic_contacts":
+        joined = memberships(control, account)
+        assert {rid: rows[rid]["segment_ids"] for rid in records} == {rid: joined.get(rid, []) for rid in records}
+        for rid, raw in records.items():
+            fields = raw["fields"]["all"]
+            assert (rows[rid]["email"], rows[rid]["first_name"], rows[rid]["city"], rows[rid]["points"]) == (
+                fields.get("email"), fields.get("firstname"), fields.get("city"), raw["points"])  # fmt: skip
+    else:
+        counts = member_counts(control, account)
+        assert {rid: rows[rid]["member_count"] for rid in records} == counts
+        assert {rid: rows[rid]["name"] for rid in records} == {rid: r["name"] for rid, r in records.items()}
+    return rows
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_pages_to_the_last_page_equals_the_sandbox_and_a_rerun_changes_nothing(database_url, schema, sandbox,
+                                                                               mautic, entity):  # fmt: skip
+    control, account, connection = mautic("client_credentials", settings={"page_size": 4}, contacts=80, segments=30,
+                                          campaigns=5, days=3)  # fmt: skip
+    days = days_back(sandbox_now(sandbox).date(), 4)
+    results = run(database_url, schema, connection, entity, days)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    assert max(r.total for r in results) > 8 and sum(r.stats.requests for r in results) > 3 * len(days)
+    rows = assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
+    assert sum(r.total for r in results) == len(rows)
+    again = run(database_url, schema, connection, entity, days)
+    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
+    assert sum(r.counts.unchanged for r in again) == len(rows)
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_a_record_changed_exactly_at_midnight_lands_in_one_day(database_url, schema, own_sandbox, mautic, entity):
+    control, account, connection = mautic("client_credentials", server=own_sandbox, contacts=20, segments=6, days=3)
+    today = sandbox_now(own_sandbox).date()
+    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC) - timedelta(days=1)
+    raw = control.add_record(account, ENTITIES[entity], {"firstname": "Midnight"}
+                             if entity == "mautic_contacts" else {}, at=midnight.timestamp())  # fmt: skip
+    before, on = run(database_url, schema, connection, entity, [midnight.date() - timedelta(days=1), midnight.date()])
+    assert before.status == on.status == "success"
+    rows = mirror(database_url, schema, entity, connection.id)
+    assert rows[str(raw["id"])]["source_updated_at"] == midnight
+    earlier = {rid for rid, row in rows.items() if row["source_updated_at"] < midnight}
+    assert str(raw["id"]) not in earlier and before.total == len(earlier)
+    assert on.total == len(rows) - len(earlier)
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_server_errors_and_429_bursts_are_survived(database_url, schema, sandbox, mautic, entity):
+    control, account, connection = mautic("client_credentials", contacts=40, segments=12, days=2)
+    control.set_faults(account=account, server_errors=2, rate_limited=2)
+    try:
+        results = run(database_url, schema, connection, entity, days_back(sandbox_now(sandbox).date(), 2))
+    finally:
+        control.clear_faults(account=account)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    assert sum(r.stats.retries for r in results) >= 4 and sum(r.stats.rate_limit_waits for r in results) >= 2
+    assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_the_sweep_flags_what_mautic_deleted(database_url, schema, sandbox, mautic, entity):
+    control, account, connection = mautic("client_credentials", contacts=30, segments=10, days=2)
+    days = days_back(sandbox_now(sandbox).date(), 2)
+    assert all(r.status == "success" for r in run(database_url, schema, connection, entity, days))
+    victims = [str(r["id"]) for r in control.export(account, ENTITIES[entity])["records"]][1:3]
+    for rid in victims:
+        control.delete_record(account, ENTITIES[entity], int(rid))
+    swept = sweep_connection(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                             entity_name=entity, connection_id=connection.id)  # fmt: skip
+    assert swept.status == "success" and swept.counts.updated == len(victims)
+    rows = mirror(database_url, schema, entity, connection.id)
+    assert sorted(rid for rid, row in rows.items() if row["deleted"]) == sorted(victims)
+    if entity == "mautic_segments":  # the other segments' counts are current once their day is read again
+        run(database_url, schema, connection, entity, days)
+    assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
+
+
+def test_a_membership_change_shows_when_the_contact_and_segment_are_read_again(database_url, schema, sandbox,
+                                                                               mautic):  # fmt: skip
+    control, account, connection = mautic("client_credentials", contacts=30, segments=6, days=2)
+    days = days_back(sandbox_now(sandbox).date(), 2)
+    for entity in ENTITIES:
+        run(database_url, schema, connection, entity, days)
+    segment = str(control.export(account, "segments")["records"][0]["id"])
+    joined = memberships(control, account)
+    outsider = next(str(c["id"]) for c in control.export(account, "contacts")["records"]
+                    if segment not in joined.get(str(c["id"]), []))  # fmt: skip
+    control.add_to_segment(account, int(segment), int(outsider))
+    control.update_record(account, "contacts", int(outsider), {"position": "Buyer"})  # read again: today
+    today = [sandbox_now(sandbox).date()]
+    for entity in ENTITIES:
+        run(database_url, schema, connection, entity, today)
+    contact = mirror(database_url, schema, "mautic_contacts", connection.id)[outsider]
+    assert segment in contact["segment_ids"] and contact["position"] == "Buyer"
+    control.update_record(account, "segments", int(segment), {"description": "Edited"})
+    run(database_url, schema, connection, "mautic_segments", today)
+    counted = mirror(database_url, schema, "mautic_segments", connection.id)[segment]
+    assert counted["member_count"] == member_counts(control, account)[segment]
+
+
+@pytest.mark.parametrize("path", ["contacts", "segments", "campaigns"])
+def test_paging_by_id_stops_when_the_provider_repeats_a_page(database_url, schema, sandbox, mautic, path):
+    entity = f"mautic_{path}"
+    control, account, connection = mautic("client_credentials", settings={"page_size": 3}, contacts=40,
+                                          segments=20, campaigns=20, days=1)  # fmt: skip
+    control.set_faults(account=account, repeat_pages=50)
+    try:
+        results = run(database_url, schema, connection, entity, [sandbox_now(sandbox).date() - timedelta(days=1),
+                                                                  sandbox_now(sandbox).date()])  # fmt: skip
+    finally:
+        control.clear_faults(account=account)
+    failed = [r for r in results if r.status == "failed"]
+    assert failed, "a repeated page must fail the window, not loop"
+    for result in failed:
+        assert isinstance(result.exception, ProviderError) and "same page again" in str(result.exception)
+        assert result.stats.requests < 20  # stopped at the first repeat (plus member counts), not after 50
+
+
+def test_contacts_are_never_named_in_logs_or_errors(database_url, schema, sandbox, mautic, caplog):
+    control, account, connection = mautic("client_credentials", contacts=20, days=1)
+    control.set_faults(account=account, repeat_pages=5)
+    try:
+        results = run(database_url, schema, connection, "mautic_contacts", days_back(sandbox_now(sandbox).date(), 1))
+    finally:
+        control.clear_faults(account=account)
+    said = caplog.text + " ".join(str(r.error) for r in results)
+    people: list[Any] = [c["fields"]["all"].get(k) for c in control.export(account, "contacts")["records"]
+                         for k in ("email", "lastname")]  # fmt: skip
+    assert not [p for p in people if p and p in said]
+
+
+UNEMULATED = [("POST", "/api/segments/new"), ("PUT", "/api/contacts/batch/edit"), ("DELETE", "/api/segments/1/delete"),
+              ("POST", "/api/segments")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("method", "path"), UNEMULATED)
+def test_unemulated_routes_answer_with_mautics_error_envelope(sandbox, mautic, method, path):
+    control, account, connection = mautic("client_credentials", contacts=5, segments=2, days=1)
+    client_id = next(iter(control.account(account)["clients"]))["client_id"]
+    token = control.grant(account, client_id)["token"]["access_token"]
+    response = httpx.request(method, f"{connection.base_url}{path}", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 404 and response.headers["content-type"] == "application/json"
+    assert response.json() == {"errors": [{"message": f"Requested URL not found: {path}", "code": 404, "type": None}]}

@@ -1,0 +1,340 @@
+"""`stripe_customers` and `stripe_invoices` against the sandbox over real HTTP and a real Postgres: the
+contract the other entities keep (paging to the last page, mirror equal to the sandbox, a re-run that
+changes nothing, a record created exactly at midnight in its own day only, 5xx and 429 survived,
+deletes flagged), then each customer and invoice webhook applied, duplicates and newest-first delivery
+ending like one in-order delivery."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import dagster as dg
+import orjson
+import psycopg
+import pytest
+import stripe
+
+from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core.money import minor_to_major
+from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
+from nextcrm_pipelines_tests.test_webhook_receiver import SECRET
+from nextcrm_pipelines_tests.test_webhooks_stripe_e2e import (
+    call,
+    hook_url,
+    hooked_account,
+    hooks,  # noqa: F401 (a fixture)
+    inbox_bodies,
+    mirror_row,
+    mirror_rows,
+    stripe_api,
+)
+from nextcrm_pipelines_tests.webhook_helpers import receiver, tick_and_apply
+from nextcrm_sandbox.server import SandboxServer
+
+ENTITIES = {"stripe_customers": "customers", "stripe_invoices": "invoices"}
+
+
+def sdk(server: SandboxServer, key: str) -> stripe.StripeClient:
+    return stripe.StripeClient(key, base_addresses={"api": server.url}, max_network_retries=0)
+
+
+def expected(server: SandboxServer, key: str, entity: str) -> dict[str, tuple]:
+    """What the mirror must hold per id, from the sandbox's export: deleted customers and deleted drafts
+    included (flagged), void and uncollectible invoices flagged."""
+    truth = server.stripe_export(key, ENTITIES[entity])
+    if entity == "stripe_customers":
+        return {c["id"]: (c["deleted"], c["email"], c["currency"]) for c in truth}
+    return {
+        i["id"]: (
+            i["deleted"] or i["status"] in ("void", "uncollectible"),
+            i["status"],
+            i["customer"],
+            i["subscription"],
+            minor_to_major(i["total"], i["currency"]),
+            minor_to_major(i["amount_paid"], i["currency"]),
+        )
+        for i in truth
+    }
+
+
+def mirrored(database_url: str, schema: str, entity: str, connection_id: str) -> dict[str, tuple]:
+    rows = mirror_rows(database_url, schema, entity, connection_id)
+    if entity == "stripe_customers":
+        return {i: (r["deleted"], r["email"], r["currency"]) for i, r in rows.items()}
+    return {i: (r["deleted"], r["status"], r["customer_id"], r["subscription_id"], r["total"], r["amount_paid"])
+            for i, r in rows.items()}  # fmt: skip
+
+
+def connect(database_url: str, box, server: SandboxServer, key: str, **settings: Any):
+    with psycopg.connect(database_url) as conn:
+        return vault.add_connection(conn, provider="stripe", display_name=f"Billing {uuid.uuid4().hex[:6]}", box=box,
+                                    secrets={"api_key": key}, base_url=server.url, settings=settings)  # fmt: skip
+
+
+def new_account(server: SandboxServer, **spec: Any) -> str:
+    key = f"sk_test_{uuid.uuid4().hex}"
+    server.add_stripe_account(**{"api_key": key, "seed": 31, "charges": 400, "subscriptions": 40, "customers": 150,
+                                 "days": 6, "requests_per_second": 0, **spec})  # fmt: skip
+    return key
+
+
+@pytest.mark.parametrize("entity", list(ENTITIES))
+def test_pages_to_the_last_page_equals_the_sandbox_and_a_rerun_changes_nothing(database_url, schema, box, sandbox,
+                                                                               entity):  # fmt: skip
+    key = new_account(sandbox)
+    connection = connect(database_url, box, sandbox, key, page_size=5)
+    days = days_back(sandbox_now(sandbox).date(), 6)
+    results = sync_days(database_url, schema, connection.id, entity, days)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    truth = expected(sandbox, key, entity)
+    assert mirrored(database_url, schema, entity, connection.id) == truth
+    # Deletes came from the events feed: the deleted ones are in the mirror, flagged, their data kept.
+    assert any(flag for flag, *_ in truth.values()) and not all(flag for flag, *_ in truth.values())
+    busiest = max(r.total for r in results)
+    assert busiest > 5 and sum(r.stats.requests for r in results) > 2 * len(results)
+    again = sync_days(database_url, schema, connection.id, entity, days)
+    assert all(r.status == "success" for r in again)
+    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
+    assert sum(r.counts.unchanged for r in again) == sum(r.total for r in again) > 0
+
+
+@pytest.mark.parametrize("entity", list(ENTITIES))
+def test_a_record_created_exactly_at_midnight_lands_in_its_own_day_once(database_url, schema, box, own_sandbox,
+                                                                        entity):  # fmt: skip
+    key = new_account(own_sandbox, charges=60, subscriptions=4, days=3)
+    connection = connect(database_url, box, own_sandbox, key)
+    today = sandbox_now(own_sandbox).date()
+    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC)
+    customer = own_sandbox.control("POST", "/_sandbox/stripe/records", json={
+        "api_key": key, "kind": "customer", "at": int(midnight.timestamp()) - 3600,
+        "params": {"email": "midnight@example.com", "name": "Night Owl"}})  # fmt: skip
+    record = customer
+    if entity == "stripe_invoices":
+        record = own_sandbox.control("POST", "/_sandbox/stripe/records", json={
+            "api_key": key, "kind": "invoice", "at": int(midnight.timestamp()), "params": {"customer": customer["id"]},
+            "lines": [["Midnight service", 1250, 2]]})  # fmt: skip
+    else:
+        own_sandbox.control(
+            "POST",
+            "/_sandbox/stripe/records",
+            json={
+                "api_key": key,
+                "kind": "customer",
+                "at": int(midnight.timestamp()),
+                "params": {"name": "At Midnight"},
+            },
+        )
+        record = next(c for c in own_sandbox.stripe_export(key, "customers")
+                      if c["created"] == int(midnight.timestamp()))  # fmt: skip
+    (before,) = sync_days(database_url, schema, connection.id, entity, [today - timedelta(days=1)])
+    assert before.status == "success"
+    assert record["id"] not in mirror_rows(database_url, schema, entity, connection.id)
+    (on,) = sync_days(database_url, schema, connection.id, entity, [today])
+    assert on.status == "success"
+    row = mirror_row(database_url, schema, entity, connection.id, record["id"])
+    assert row["created_at"] == midnight
+    if entity == "stripe_invoices":
+        assert (row["total"], row["currency"], row["customer_id"], row["status"]) == (
+            minor_to_major(2500, "usd"),
+            "usd",
+            customer["id"],
+            "draft",
+        )
+    # Synced again, the earlier day still does not take it.
+    (again,) = sync_days(database_url, schema, connection.id, entity, [today - timedelta(days=1)])
+    assert again.counts.inserted == again.counts.updated == 0
+
+
+@pytest.mark.parametrize("entity", list(ENTITIES))
+def test_server_errors_and_429_bursts_are_survived(database_url, schema, box, sandbox, entity):
+    key = new_account(sandbox, days=2)
+    connection = connect(database_url, box, sandbox, key, page_size=10)
+    sandbox.set_stripe_faults(api_key=key, rate_limit_burst=3, server_errors=2)
+    try:
+        results = sync_days(database_url, schema, connection.id, entity, days_back(sandbox_now(sandbox).date(), 2))
+    finally:
+        sandbox.clear_stripe_faults(api_key=key)
+    assert all(r.status == "success" for r in results), [r.error for r in results]
+    assert mirrored(database_url, schema, entity, connection.id) == expected(sandbox, key, entity)
+    assert sum(r.stats.rate_limit_waits for r in results) >= 3
+    assert sum(r.stats.retries for r in results) >= 5
+
+
+def test_deleted_customers_and_closed_or_deleted_invoices_are_flagged(database_url, schema, box, own_sandbox):
+    key = new_account(own_sandbox, charges=200, subscriptions=20, days=3)
+    connection = connect(database_url, box, own_sandbox, key)
+    days = days_back(sandbox_now(own_sandbox).date(), 3)
+    for entity in ENTITIES:
+        sync_days(database_url, schema, connection.id, entity, days)
+    invoices = own_sandbox.stripe_export(key, "invoices")
+    opened = [i for i in invoices if i["status"] == "open" and i["total"] > 0]
+    draft = next(i for i in invoices if i["status"] == "draft" and not i["deleted"])
+    customer = next(c for c in own_sandbox.stripe_export(key, "customers") if not c["deleted"])
+    client = sdk(own_sandbox, key)
+    own_sandbox.advance_clock(5)
+    client.v1.invoices.void_invoice(opened[0]["id"])
+    client.v1.invoices.mark_uncollectible(opened[1]["id"])
+    client.v1.invoices.pay(opened[2]["id"])
+    client.v1.invoices.delete(draft["id"])
+    client.v1.customers.delete(customer["id"])
+    for entity in ENTITIES:
+        assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, entity,
+                                                            [sandbox_now(own_sandbox).date()]))  # fmt: skip
+    rows = mirror_rows(database_url, schema, "stripe_invoices", connection.id)
+    assert (rows[opened[0]["id"]]["status"], rows[opened[0]["id"]]["deleted"]) == ("void", True)
+    assert rows[opened[0]["id"]]["voided_at"] is not None
+    assert (rows[opened[1]["id"]]["status"], rows[opened[1]["id"]]["deleted"]) == ("uncollectible", True)
+    paid = rows[opened[2]["id"]]
+    assert (paid["status"], paid["deleted"], paid["amount_paid"], paid["amount_remaining"]) == (
+        "paid", False, paid["total"], 0)  # fmt: skip
+    gone = rows[draft["id"]]
+    assert (gone["status"], gone["deleted"], gone["raw"]["deleted"]) == ("draft", True, True)
+    customers = mirror_rows(database_url, schema, "stripe_customers", connection.id)
+    assert customers[customer["id"]]["deleted"] is True
+    assert customers[customer["id"]]["email"] == customer["email"]  # its last data kept
+    for entity in ENTITIES:
+        assert mirrored(database_url, schema, entity, connection.id) == expected(own_sandbox, key, entity)
+
+
+def _billing_setup(server: SandboxServer, key: str) -> dict[str, str]:
+    """A customer with four open invoices and a draft, made before the day is synced; returns their ids."""
+    record = "/_sandbox/stripe/records"
+    customer = server.control("POST", record, json={"api_key": key, "kind": "customer",
+                                                    "params": {"email": "billing.test@example.com"}})  # fmt: skip
+    ids = {"customer": customer["id"]}
+    with stripe_api(server, key) as api:
+        for name in ("paid", "failed", "void", "uncollectible", "draft"):
+            invoice = server.control("POST", record, json={"api_key": key, "kind": "invoice",
+                                                           "params": {"customer": customer["id"]},
+                                                           "lines": [[f"{name} work", 4200, 3]]})  # fmt: skip
+            if name != "draft":
+                call(api, "POST", f"/v1/invoices/{invoice['id']}/finalize")
+            ids[name] = invoice["id"]
+    return ids
+
+
+def _billing_changes(ids: dict[str, str]) -> list[tuple[str, str, dict[str, str]]]:
+    """API calls that emit every customer and invoice event type on the invoices of `_billing_setup`."""
+    return [
+        ("POST", f"/v1/customers/{ids['customer']}", {"phone": "+15550001111", "metadata[tier]": "gold"}),
+        ("POST", f"/v1/invoices/{ids['paid']}", {"metadata[step]": "one", "description": "Reviewed"}),
+        ("POST", f"/v1/invoices/{ids['failed']}/pay", {"payment_method": "pm_card_chargeDeclined"}),
+        ("POST", f"/v1/invoices/{ids['paid']}/pay", {}),
+        ("POST", f"/v1/invoices/{ids['failed']}/pay", {}),
+        ("POST", f"/v1/invoices/{ids['void']}/void", {}),
+        ("POST", f"/v1/invoices/{ids['uncollectible']}/mark_uncollectible", {}),
+        ("DELETE", f"/v1/invoices/{ids['draft']}", {}),
+        ("DELETE", f"/v1/customers/{ids['customer']}", {}),
+    ]
+
+
+def _apply(api, method: str, path: str, form: dict[str, str]) -> None:
+    response = api.request(method, path, data=form or None)
+    declined = form.get("payment_method") == "pm_card_chargeDeclined"
+    assert response.status_code == (402 if declined else 200), response.text
+
+
+def test_customer_and_invoice_webhooks_reach_the_tables(database_url, schema, box, own_sandbox, hooks):  # noqa: F811
+    key, (connection,) = hooked_account(own_sandbox, database_url, schema, box)
+    ids = _billing_setup(own_sandbox, key)
+    changes = _billing_changes(ids)
+    days = days_back(sandbox_now(own_sandbox).date(), 1)
+    for entity in ENTITIES:
+        assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, entity, days))
+    with (
+        receiver(database_url, schema, box) as base,
+        dg.instance_for_test() as instance,
+        stripe_api(own_sandbox, key) as api,
+    ):
+        hooks.subscribe_webhooks(key, hook_url(base, connection), SECRET)
+        own_sandbox.advance_clock(2)
+        created = call(api, "POST", "/v1/customers", email="new.customer@example.com", name="New Customer")
+        draft = call(api, "POST", "/v1/invoices", customer=created["id"], collection_method="send_invoice",
+                     days_until_due="14")  # fmt: skip
+        call(api, "POST", f"/v1/invoices/{draft['id']}/finalize")
+        for method, path, form in changes:
+            _apply(api, method, path, form)
+        assert hooks.flush_webhooks()
+        assert len(tick_and_apply(instance, "stripe")) == 1
+        assert all(run.is_success for run in instance.get_runs())
+        served = {name: orjson.loads(api.get(f"/v1/invoices/{ids[name]}").content)
+                  for name in ("paid", "failed", "void", "uncollectible")}  # fmt: skip
+    events = [orjson.loads(raw) for _, status, raw in inbox_bodies(database_url, schema, connection.id)]
+    types = {e["type"] for e in events}
+    assert {"customer.created", "customer.updated", "customer.deleted",
+            "invoice.created", "invoice.finalized", "invoice.updated", "invoice.payment_failed",
+            "invoice.payment_succeeded", "invoice.paid", "invoice.voided", "invoice.marked_uncollectible",
+            "invoice.deleted"} <= types  # fmt: skip
+    assert {status for _, status, _ in inbox_bodies(database_url, schema, connection.id)} == {"processed"}
+
+    new = mirror_row(database_url, schema, "stripe_customers", connection.id, created["id"])
+    assert (new["email"], new["deleted"]) == ("new.customer@example.com", False)
+    # An invoice of nothing (no items) is paid the moment it is finalized, as Stripe does.
+    empty = mirror_row(database_url, schema, "stripe_invoices", connection.id, draft["id"])
+    assert (empty["status"], empty["customer_id"], empty["number"] is not None) == ("paid", created["id"], True)
+    assert (empty["total"], empty["collection_method"], empty["due_date"] is not None) == (0, "send_invoice", True)
+    gone = mirror_row(database_url, schema, "stripe_customers", connection.id, ids["customer"])
+    assert (gone["deleted"], gone["phone"], gone["raw"]["metadata"]) == (True, "+15550001111", {"tier": "gold"})
+    assert gone["email"] == "billing.test@example.com"  # its last data kept
+    for name in ("paid", "failed", "void", "uncollectible"):
+        row = mirror_row(database_url, schema, "stripe_invoices", connection.id, ids[name])
+        assert row["raw"] == served[name]
+        assert row["status"] == {"failed": "paid"}.get(name, name)
+        assert row["deleted"] is (name in ("void", "uncollectible"))
+    assert mirror_row(database_url, schema, "stripe_invoices", connection.id, ids["failed"])["attempt_count"] == 2
+    paid = mirror_row(database_url, schema, "stripe_invoices", connection.id, ids["paid"])
+    assert (paid["description"], paid["raw"]["metadata"], paid["amount_remaining"]) == ("Reviewed", {"step": "one"}, 0)
+    deleted = mirror_row(database_url, schema, "stripe_invoices", connection.id, ids["draft"])
+    assert (deleted["deleted"], deleted["status"]) == (True, "draft")
+
+
+def test_duplicated_newest_first_billing_events_end_like_an_in_order_delivery(
+    database_url,
+    schema,
+    box,
+    own_sandbox,
+    hooks,  # noqa: F811
+):
+    key, (in_order, reordered) = hooked_account(own_sandbox, database_url, schema, box, ("In order", "Reordered"))
+    ids = _billing_setup(own_sandbox, key)
+    changes = _billing_changes(ids)
+    days = days_back(sandbox_now(own_sandbox).date(), 1)
+    for connection in (in_order, reordered):
+        for entity in ENTITIES:
+            assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, entity, days))
+    with (
+        receiver(database_url, schema, box) as base,
+        dg.instance_for_test() as instance,
+        stripe_api(own_sandbox, key) as api,
+    ):
+        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
+        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
+        hooks.hold_webhooks(held)
+        for method, path, form in changes:
+            own_sandbox.advance_clock(2)  # each change strictly newer than the last
+            _apply(api, method, path, form)
+            assert hooks.flush_webhooks()
+            assert len(tick_and_apply(instance, "stripe")) == 1
+        sent = hooks.release_webhooks(held, order="newest-first", copies=3)
+        assert hooks.flush_webhooks()
+        assert len(tick_and_apply(instance, "stripe")) == 1
+        assert all(run.is_success for run in instance.get_runs())
+    assert sent == len(inbox_bodies(database_url, schema, in_order.id)) > len(changes)
+    assert {s for _, s, _ in inbox_bodies(database_url, schema, reordered.id)} == {"processed"}
+    for entity in ENTITIES:
+        expected_rows = mirror_rows(database_url, schema, entity, in_order.id)
+        got = mirror_rows(database_url, schema, entity, reordered.id)
+        for changed in ids.values():
+            if changed in expected_rows:
+                assert got[changed] == expected_rows[changed]  # the whole row, event time and raw included
+        # The rows no event touched differ only by when each connection's sync listed them.
+        assert {i: {k: v for k, v in r.items() if k != "source_updated_at"} for i, r in got.items()} == {
+            i: {k: v for k, v in r.items() if k != "source_updated_at"} for i, r in expected_rows.items()
+        }
+    final = mirror_rows(database_url, schema, "stripe_invoices", in_order.id)
+    assert [final[ids[n]]["status"] for n in ("paid", "failed", "void", "uncollectible")] == [
+        "paid", "paid", "void", "uncollectible"]  # fmt: skip
+    assert final[ids["draft"]]["deleted"] and mirror_rows(database_url, schema, "stripe_customers",
+                                                          in_order.id)[ids["customer"]]["deleted"]  # fmt: skip

@@ -29,7 +29,7 @@ a single campaign (404: gone), and the campaigns contacts belong to or have left
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -207,16 +207,7 @@ class MauticApi:
 
     def contacts_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
         """The contacts with these ids, as the sync reads them (with segment ids); absent ids are left out."""
-        found: dict[str, dict[str, Any]] = {}
-        ordered = sorted(ids, key=_id_order)
-        for start in range(0, len(ordered), self.page_size):
-            chunk = ordered[start : start + self.page_size]
-            params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
-                      "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
-            page = entities(self.http.get_json("/api/contacts", params=params), "contacts")
-            for raw in self.with_segment_ids(page):
-                found[str(raw["id"])] = raw
-        return found
+        return self._listed_by_ids("/api/contacts", "contacts", ids, self.with_segment_ids)
 
     def contact_ids(self) -> Iterator[list[str]]:
         """Every contact id, in pages (the deletion sweep)."""
@@ -247,16 +238,7 @@ class MauticApi:
 
     def segments_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
         """The segments with these ids, as the sync reads them (with member counts); absent ids are left out."""
-        found: dict[str, dict[str, Any]] = {}
-        ordered = sorted(ids, key=_id_order)
-        for start in range(0, len(ordered), self.page_size):
-            chunk = ordered[start : start + self.page_size]
-            params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
-                      "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
-            page = entities(self.http.get_json("/api/segments", params=params), "lists")
-            for raw in self.with_member_totals(page):
-                found[str(raw["id"])] = raw
-        return found
+        return self._listed_by_ids("/api/segments", "lists", ids, self.with_member_totals)
 
     def segment_ids(self) -> Iterator[list[str]]:
         """Every segment id, in pages (the deletion sweep)."""
@@ -282,13 +264,22 @@ class MauticApi:
 
     def campaigns_by_id(self, ids: Collection[str]) -> dict[str, dict[str, Any]]:
         """The campaigns with these ids, as the sync lists them (without member counts); absent ids are left out."""
+        return self._listed_by_ids("/api/campaigns", "campaigns", ids)
+
+    def _listed_by_ids(
+        self, path: str, key: str, ids: Collection[str],
+        complete: Callable[[list[dict[str, Any]]], Iterable[dict[str, Any]]] | None = None,
+    ) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """The records of a list endpoint with these ids (`where id in`, a page of ids per request), each page
+        passed through `complete` (what the sync adds to them); absent ids are left out."""
         found: dict[str, dict[str, Any]] = {}
         ordered = sorted(ids, key=_id_order)
         for start in range(0, len(ordered), self.page_size):
             chunk = ordered[start : start + self.page_size]
             params = {"start": "0", "limit": str(len(chunk)), "orderBy": "id", "orderByDir": "ASC",
                       "where[0][col]": "id", "where[0][expr]": "in", "where[0][val]": ",".join(chunk)}  # fmt: skip
-            for raw in entities(self.http.get_json("/api/campaigns", params=params), "campaigns"):
+            page = entities(self.http.get_json(path, params=params), key)
+            for raw in complete(page) if complete is not None else page:
                 found[str(raw["id"])] = raw
         return found
 

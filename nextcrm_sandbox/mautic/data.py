@@ -20,7 +20,7 @@ import datetime as dt
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -1208,33 +1208,11 @@ class MauticInstallation:
     def _segment_member_rows(self, params: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         """``lead_lists_leads`` rows matching ``where[]``, sorted by ``order[]``, one ``start``/``limit`` page: the
         total (a string, as DBAL counts it) and the rows (strings)."""
-
-        def resolve(name: str) -> _Column:
-            col = _SEGMENT_MEMBER_COLUMNS.get(name.split(".", 1)[-1])
-            if col is None:
-                raise _server_error()
-            return col
-
-        where = params.get("where")
-        preds = self.where("segments", where, resolve) if isinstance(where, dict) else []
-        rows = [
-            (sid, lid, m)
-            for sid in sorted(self.segment_leads)
-            for lid, m in sorted(self.segment_leads[sid].items())
-            if all(p((sid, lid, m)) for p in preds)
-        ]
-        order = params.get("order")
-        for clause in reversed(_values(order) if isinstance(order, dict) else []):
-            if not isinstance(clause, dict) or not clause.get("col"):
-                raise _server_error()
-            col = resolve(str(clause["col"]))
-            desc = str(clause.get("dir") or "ASC").upper() == "DESC"
-            rows.sort(
-                key=lambda row, col=col: (0, 0) if col.get(self, row) is None else (1, col.get(self, row)), reverse=desc
-            )
-        start = max(0, _php_int(params.get("start"), 0))
-        limit = max(0, _php_int(params.get("limit"), CAMPAIGN_CONTACTS_LIMIT))
-        return str(len(rows)), [
+        rows = (
+            (sid, lid, m) for sid in sorted(self.segment_leads) for lid, m in sorted(self.segment_leads[sid].items())
+        )
+        total, page = self._stats_page(params, _SEGMENT_MEMBER_COLUMNS, "segments", rows, CAMPAIGN_CONTACTS_LIMIT)
+        return total, [
             {
                 "leadlist_id": str(sid),
                 "lead_id": str(lid),
@@ -1242,8 +1220,38 @@ class MauticInstallation:
                 "manually_removed": "1" if m.manually_removed else "0",
                 "manually_added": "1" if m.manually_added else "0",
             }
-            for sid, lid, m in rows[start : start + limit]
+            for sid, lid, m in page
         ]
+
+    def _stats_page(
+        self, params: Mapping[str, Any], columns: Mapping[str, _Column], kind: str, rows: Iterable[tuple[Any, ...]],
+        default_limit: int,
+    ) -> tuple[str, list[tuple[Any, ...]]]:  # fmt: skip
+        """A stats table's rows matching ``where[]`` (over ``columns``), sorted by ``order[]``, one
+        ``start``/``limit`` page: the total (a string, as DBAL counts it) and the page; an unknown column is the
+        server error Mautic gives."""
+
+        def resolve(name: str) -> _Column:
+            col = columns.get(name.split(".", 1)[-1])
+            if col is None:
+                raise _server_error()
+            return col
+
+        where = params.get("where")
+        preds = self.where(kind, where, resolve) if isinstance(where, dict) else []
+        kept = [row for row in rows if all(p(row) for p in preds)]
+        order = params.get("order")
+        for clause in reversed(_values(order) if isinstance(order, dict) else []):
+            if not isinstance(clause, dict) or not clause.get("col"):
+                raise _server_error()
+            col = resolve(str(clause["col"]))
+            desc = str(clause.get("dir") or "ASC").upper() == "DESC"
+            kept.sort(
+                key=lambda row, col=col: (0, 0) if col.get(self, row) is None else (1, col.get(self, row)), reverse=desc
+            )
+        start = max(0, _php_int(params.get("start"), 0))
+        limit = max(0, _php_int(params.get("limit"), default_limit))
+        return str(len(kept)), kept[start : start + limit]
 
     def segment_join(self, segment_id: int, contact_id: int, at: int) -> bool:
         """``ListModel::addLead`` (manual): add or re-add the contact; False if it already was in. No webhook, and
@@ -1270,35 +1278,15 @@ class MauticInstallation:
     ) -> tuple[str, list[dict[str, Any]]]:
         """``campaign_leads`` rows matching ``where[]``, sorted by ``order[]``, one ``start``/``limit`` page: the
         total (a string, as DBAL counts it) and the rows (strings). One campaign's hide manual removals."""
-
-        def resolve(name: str) -> _Column:
-            col = _MEMBER_COLUMNS.get(name.split(".", 1)[-1])
-            if col is None:
-                raise _server_error()
-            return col
-
-        where = params.get("where")
-        preds = self.where("campaigns", where, resolve) if isinstance(where, dict) else []
         campaigns = [campaign_id] if campaign_id is not None else sorted(self.campaign_leads)
-        rows = [
+        rows = (
             (cid, lid, m)
             for cid in campaigns
             for lid, m in sorted(self.campaign_leads.get(cid, {}).items())
-            if not (campaign_id is not None and m.manually_removed) and all(p((cid, lid, m)) for p in preds)
-        ]
-        order = params.get("order")
-        for clause in reversed(_values(order) if isinstance(order, dict) else []):
-            if not isinstance(clause, dict) or not clause.get("col"):
-                raise _server_error()
-            col = resolve(str(clause["col"]))
-            desc = str(clause.get("dir") or "ASC").upper() == "DESC"
-            rows.sort(
-                key=lambda row, col=col: (0, 0) if col.get(self, row) is None else (1, col.get(self, row)), reverse=desc
-            )
-        start = max(0, _php_int(params.get("start"), 0))
-        limit = max(0, _php_int(params.get("limit"), default_limit))
-        page = rows[start : start + limit]
-        return str(len(rows)), [
+            if not (campaign_id is not None and m.manually_removed)
+        )
+        total, page = self._stats_page(params, _MEMBER_COLUMNS, "campaigns", rows, default_limit)
+        return total, [
             {
                 "campaign_id": str(cid),
                 "lead_id": str(lid),

@@ -869,31 +869,24 @@ class QuickBooksSandbox:
         return await _control(handle)(request)
 
     async def _control_merge(self, request: Request) -> Response:
-        async def handle(request: Request) -> Any:
-            company = self._rt(request.path_params["tenant"]).company
-            body = await read_json_object(request)
-            reject_unknown_fields(body, ("from", "into", "updated_at"), "merge")
-            source, target = body.get("from"), body.get("into")
-            if not isinstance(source, str) or not isinstance(target, str):
-                raise ControlError(400, "from and into must be invoice ids")
-            try:
-                merged = company.merge_invoices(source, target, self._updated_at(body))
-            except LookupError as err:
-                raise ControlError(404, str(err)) from None
-            return {"merged": merged, "deleted_id": source}
-
-        return await _control(handle)(request)
+        return await self._merge_records(request, "invoice")
 
     async def _control_merge_customers(self, request: Request) -> Response:
+        return await self._merge_records(request, "customer")
+
+    async def _merge_records(self, request: Request, kind: str) -> Response:
+        """Merge one invoice or customer (`from`) into another (`into`), as QuickBooks' merge does."""
+
         async def handle(request: Request) -> Any:
             company = self._rt(request.path_params["tenant"]).company
             body = await read_json_object(request)
             reject_unknown_fields(body, ("from", "into", "updated_at"), "merge")
             source, target = body.get("from"), body.get("into")
             if not isinstance(source, str) or not isinstance(target, str):
-                raise ControlError(400, "from and into must be customer ids")
+                raise ControlError(400, f"from and into must be {kind} ids")
+            merge = company.merge_invoices if kind == "invoice" else company.merge_customers
             try:
-                merged = company.merge_customers(source, target, self._updated_at(body))
+                merged = merge(source, target, self._updated_at(body))
             except LookupError as err:
                 raise ControlError(404, str(err)) from None
             return {"merged": merged, "deleted_id": source}

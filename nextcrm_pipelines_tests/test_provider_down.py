@@ -96,6 +96,34 @@ def test_an_unreachable_stripe_fails_fast_naming_the_url_and_the_cause_and_logs_
     assert "could not reach Stripe" in rows[0][4]
 
 
+def test_processes_sharing_a_backfill_of_a_provider_that_is_down_try_it_once_between_them(
+    database_url, schema, down_stripe, monkeypatch
+):
+    connection, _, port = down_stripe
+    today = datetime.now(UTC).date()
+    days = [today - timedelta(days=n) for n in range(8, 0, -1)]
+    # This process finds the provider down only after its helper has started (a spawned process, with the
+    # real fetcher): were the helper to take a window of its own before then, it would try it too.
+    real_fetch = STRIPE.fetchers["stripe_payments"]
+
+    def late_fetch(client, window):
+        time.sleep(4)
+        yield from real_fetch(client, window)
+
+    monkeypatch.setitem(STRIPE.fetchers, "stripe_payments", late_fetch)
+    results = sync_partitions(database_url=database_url, schema=schema, provider=STRIPE,
+                              entity_name="stripe_payments", connection_id=connection.id,
+                              windows=[day_window(d) for d in days], workers=2)  # fmt: skip
+    assert [r.status for r in results] == ["failed"] * len(days)
+    tried = [r for r in results if r.stats.requests]
+    assert len(tried) == 1 and tried[0].window == day_window(days[0]), [r.error for r in results]
+    assert isinstance(tried[0].exception, ProviderUnreachable)
+    # Every other day, the helper's included, is not tried, and says why with the first one's cause.
+    not_tried = (r"^NotTried: not tried after the provider could not be reached: .*"
+                 rf"could not reach Stripe at http://127\.0\.0\.1:{port}/v1/charges: connection refused")  # fmt: skip
+    assert all(re.search(not_tried, r.error) for r in results[1:]), [r.error for r in results]
+
+
 def test_a_run_against_a_provider_that_is_down_says_when_it_tries_again_and_fails_naming_the_cause(
     database_url, schema, down_stripe
 ):

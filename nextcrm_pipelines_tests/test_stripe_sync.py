@@ -428,6 +428,7 @@ def test_processes_sharing_a_backfill_claim_every_window_exactly_once():
 
     context = multiprocessing.get_context("spawn")
     claims = WindowClaims(90, 3, context)
+    claims.answered()  # the provider answered process 0: the helpers may start
     out = context.Queue()
     processes = [context.Process(target=_claim_all, args=(claims, k, out)) for k in range(3)]
     for process in processes:
@@ -447,6 +448,7 @@ def test_a_process_whose_run_is_done_takes_the_longest_run_left_from_the_back():
 
     claims = WindowClaims(11, 3, multiprocessing.get_context("spawn"))  # runs 0-2, 3-6, 7-10
     first, second, third = (claims.claimer(k) for k in range(3))
+    claims.answered()  # the provider answered process 0: the helpers may start
     assert [first() for _ in range(3)] == [0, 1, 2]
     assert third() == 7
     # Run 1 (3-6) is the longest left: taken from its far end, away from where its owner writes.

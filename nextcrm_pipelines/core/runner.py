@@ -40,6 +40,7 @@ from nextcrm_pipelines.core.sync import (
     BATCH_SIZE,
     Claim,
     EntitySpec,
+    Reachability,
     SyncResult,
     SyncWindow,
     close_abandoned_logs,
@@ -54,6 +55,10 @@ log = logging.getLogger(__name__)
 SYNC_WORKERS_ENV = "NEXTCRM_SYNC_WORKERS"
 # Fewer windows than this sync in one process: starting a helper costs about half a second.
 PARALLEL_MIN_WINDOWS = 4
+# How long a helper waits for the first process's first answer from the provider before it starts anyway.
+HELPER_START_TIMEOUT = 300.0
+# Room for the cause of an unreachable provider shared between processes (a URL and a short reason).
+UNREACHABLE_CAUSE_BYTES = 1024
 
 
 # The `application_name` of a session syncing for a Dagster run: "nextcrm run <run id>", so a run that finds
@@ -355,9 +360,10 @@ def _sync_group(
     provider: Provider,
     alongside: Callable[[], AbstractContextManager[Any]] = nullcontext,
     claim: Claim | None = None,
+    reachability: Reachability | None = None,
 ) -> list[SyncResult]:
-    """Sync `job`'s windows in this process (those `claim` hands out, else all); `alongside` wraps
-    the sync, inside the connection's lock."""
+    """Sync `job`'s windows in this process (those `claim` hands out, else all, with `reachability`
+    shared with the processes that share them); `alongside` wraps the sync, inside the connection's lock."""
     fetch = provider.fetchers[job.entity_name]
     with (
         (job.opener or open_connection)(
@@ -382,10 +388,11 @@ def _sync_group(
             batch_size=job.batch_size,
             fatal=(AuthenticationFailed, DailyLimitExhausted),
             claim=claim,
+            reachability=reachability,
         )
 
 
-class WindowClaims:
+class WindowClaims(Reachability):
     """Hands the windows of one backfill out to `count` processes, shared through shared memory.
 
     Each process starts with its own run of consecutive windows, taken front to back; one whose run
@@ -394,6 +401,11 @@ class WindowClaims:
     helper starts half a second late), and still write far-apart days until they meet: two sessions
     writing neighbouring days at once contend for the same index pages (about a third more Postgres
     CPU, measured on a backfill).
+
+    It is also the processes' shared `Reachability`. Helpers (processes 1 and up) take their first
+    window only once process 0 has had an answer from the provider or found it unreachable: when the
+    provider is down, one window fails naming the cause and every other is `NotTried`, however the
+    processes' starts interleave, rather than one failed window per process.
     """
 
     def __init__(self, window_count: int, count: int, context: Any) -> None:
@@ -401,13 +413,33 @@ class WindowClaims:
         # Run k is [next[k], end[k]): stored as next_0, end_0, next_1, end_1, ...
         self._runs = context.Array("q", [b for k in range(count) for b in (bounds[k], bounds[k + 1])])
         self.count = count
+        self._settled = context.Event()  # process 0 had an answer, or found the provider unreachable
+        self._cause = context.Array("c", UNREACHABLE_CAUSE_BYTES)  # why it was unreachable; empty while it was not
+
+    def answered(self) -> None:
+        self._settled.set()
+
+    def unreachable(self, cause: str) -> None:
+        with self._cause.get_lock():
+            if not self._cause.value:
+                self._cause.value = cause.encode()[: UNREACHABLE_CAUSE_BYTES - 1].decode(errors="ignore").encode()
+        self._settled.set()
+
+    def down(self) -> str | None:
+        with self._cause.get_lock():
+            return self._cause.value.decode() or None
 
     def claimer(self, number: int) -> Claim:
         """The claim of process `number` (0 to count - 1), for use in that process."""
         runs, count = self._runs, self.count
         taking_from = [number]
+        waiting = [number > 0]
 
         def claim() -> int | None:
+            if waiting[0]:
+                # A safety bound only: process 0 settles it at its first answer, or when its fetching ends.
+                self._settled.wait(HELPER_START_TIMEOUT)
+                waiting[0] = False
             with runs.get_lock():
                 run = taking_from[0]
                 if runs[2 * run] >= runs[2 * run + 1]:  # that run is done: help the longest one left
@@ -456,7 +488,8 @@ def _sync_in_processes(job: _Group, provider: Provider, count: int) -> list[Sync
                 process.join(timeout=10)
                 receiver.close()
 
-    own = _sync_group(replace(job, lock=True, rate_share=share), provider, alongside=helpers, claim=claims.claimer(0))
+    own = _sync_group(replace(job, lock=True, rate_share=share), provider, alongside=helpers, claim=claims.claimer(0),
+                      reachability=claims)  # fmt: skip
     return sorted([*own, *results], key=lambda result: result.index)
 
 
@@ -502,7 +535,7 @@ def _helper_main(job: _Group, claims: WindowClaims, number: int, sender: Any) ->
     from nextcrm_pipelines.providers import get_provider
 
     try:
-        results = _sync_group(job, get_provider(job.provider), claim=claims.claimer(number))
+        results = _sync_group(job, get_provider(job.provider), claim=claims.claimer(number), reachability=claims)
         for result in results:
             if result.exception is not None:
                 result.exception = _transferable(result.exception)

@@ -173,6 +173,30 @@ class NotTried(RuntimeError):
     fetching it would only have waited the same way. A later sync (the step's retry) reads it."""
 
 
+class Reachability:
+    """Whether the provider has answered this sync, or could not be reached (and why).
+
+    This one serves a single process; processes sharing a backfill share one
+    (`runner.WindowClaims`), so that once one of them finds the provider down the others try no
+    more windows either.
+    """
+
+    def __init__(self) -> None:
+        self._cause: str | None = None
+
+    def answered(self) -> None:
+        """The provider answered (or a window ended for a reason other than being unreachable)."""
+
+    def unreachable(self, cause: str) -> None:
+        """No connection to the provider could be opened: `cause` says why."""
+        if self._cause is None:
+            self._cause = cause
+
+    def down(self) -> str | None:
+        """Why the provider could not be reached, or None while it could be."""
+        return self._cause
+
+
 Fetch = Callable[[SyncWindow], Iterable[list[Record]]]
 Claim = Callable[[], "int | None"]
 """The index of the next window to sync, or None when none is left (windows shared between processes)."""
@@ -206,6 +230,7 @@ def _produce(
     fatal: tuple[type[BaseException], ...],
     fetch_started: dict[int, float],
     unreachable: tuple[type[BaseException], ...] = (),
+    reachability: Reachability | None = None,
 ) -> None:
     """Fetch the pages of each window `claim` hands out, map records to rows and hand over batches,
     window by window, noting in `fetch_started` when each window's fetch began.
@@ -214,8 +239,10 @@ def _produce(
     None), then None.
     A window whose fetch fails ends with its error and the next window starts, unless the error is
     `fatal` (bad credentials: every later window would fail the same way). After an `unreachable`
-    error (the provider could not be reached) the later windows end at once, `NotTried`, without a request.
+    error (the provider could not be reached) the later windows end at once, `NotTried`, without a request;
+    `reachability` carries that finding (and the first answer) to the processes sharing the windows.
     """
+    reach = reachability or Reachability()
 
     def put(item: Any) -> None:
         while not stop.is_set():
@@ -226,7 +253,6 @@ def _produce(
                 continue
         raise _Stop
 
-    down: BaseException | None = None
     try:
         while not stop.is_set() and (index := claim()) is not None:
             window = windows[index]
@@ -236,12 +262,13 @@ def _produce(
             batch: list[Row] = []
             failures: list[FailedRecord] = []
             changes = False
-            if down is not None:
+            if (down := reach.down()) is not None:
                 skipped = NotTried(f"not tried after the provider could not be reached: {down}")
                 put(("end", index, dict.fromkeys(before, 0), skipped))
                 continue
             try:
                 for page in fetch(window):
+                    reach.answered()
                     if isinstance(page, Coverage):
                         put(("covered", index, page.until))
                         continue
@@ -264,7 +291,8 @@ def _produce(
             except Exception as exc:
                 error = exc
                 if isinstance(exc, unreachable):
-                    down = exc
+                    reach.unreachable(str(exc))
+            reach.answered()
             put(("rows", index, batch, failures, changes))
             after = stats.as_dict()
             put(("end", index, {k: after[k] - before[k] for k in after}, error))
@@ -278,6 +306,8 @@ def _produce(
             put(exc)
         except _Stop:
             return
+    finally:
+        reach.answered()  # processes waiting for this one's first answer go on, whatever happened
 
 
 def start_log(conn: psycopg.Connection, schema: str, provider: str, entity: str, connection_id: str,
@@ -400,6 +430,7 @@ def sync_windows(
     fatal: tuple[type[BaseException], ...] = (),
     claim: Claim | None = None,
     unreachable: tuple[type[BaseException], ...] = (ProviderUnreachable,),
+    reachability: Reachability | None = None,
 ) -> list[SyncResult]:
     """Sync each window of one connection's entity over `conn`, fetching the next while writing.
 
@@ -410,7 +441,8 @@ def sync_windows(
     dies. A window whose fetch failed is logged `failed` with its error (in `result.error`) and
     the others go on; a `fatal` fetch error or a database error stops the run and is raised after
     the windows seen so far are logged. After an `unreachable` error (no connection to the provider
-    could be opened) the remaining windows are logged `failed` as `NotTried` at once, without a request.
+    could be opened) the remaining windows are logged `failed` as `NotTried` at once, without a request
+    (and, through a shared `reachability`, those of the processes sharing the windows).
     A window that only lost malformed records ends `partial`.
 
     A window's duration runs from when its fetch began (or the previous window ended, if later: the
@@ -427,7 +459,7 @@ def sync_windows(
     producer = threading.Thread(
         target=_produce,
         args=(windows, claim or in_order(len(windows)), fetch, entity, stats, batch_size, handoff, stop, fatal,
-              fetch_started, unreachable),
+              fetch_started, unreachable, reachability),
         name=f"fetch-{entity.name}",
         daemon=True,
     )  # fmt: skip

@@ -459,21 +459,24 @@ def schedule_ticks(instance: Any, defs: Any) -> dict[str, Any]:
     """One tick of every provider's hourly schedule now: seconds and run requests (validated, as the daemon)."""
     import dagster as dg
 
-    from nextcrm_pipelines.automation import sync_job_name
+    from nextcrm_pipelines.automation import sync_jobs
     from nextcrm_pipelines.providers import PROVIDERS
 
     now = datetime.now(UTC).replace(minute=7, second=0, microsecond=0)
     out: dict[str, Any] = {"providers": {}, "requests": []}
-    for name in PROVIDERS:
-        schedule = defs.resolve_schedule_def(f"{name}_hourly")
-        with dg.build_schedule_context(instance=instance, scheduled_execution_time=now,
-                                       resources={"mirror": defs.resources["mirror"]},
-                                       repository_def=defs.get_repository_def()) as context:  # fmt: skip
-            started = time.perf_counter()
-            requests = list(schedule.evaluate_tick(context).run_requests or [])
-            seconds = time.perf_counter() - started
-        out["providers"][name] = {"seconds": seconds, "run_requests": len(requests)}
-        out["requests"] += [(name, sync_job_name(name), dict(r.tags), f"{name}_hourly") for r in requests]
+    for name, provider in PROVIDERS.items():
+        seconds, count = 0.0, 0
+        for job in sync_jobs(provider):
+            schedule = defs.resolve_schedule_def(job.schedule)
+            with dg.build_schedule_context(instance=instance, scheduled_execution_time=now,
+                                           resources={"mirror": defs.resources["mirror"]},
+                                           repository_def=defs.get_repository_def()) as context:  # fmt: skip
+                started = time.perf_counter()
+                requests = list(schedule.evaluate_tick(context).run_requests or [])
+                seconds += time.perf_counter() - started
+            count += len(requests)
+            out["requests"] += [(name, job.name, dict(r.tags), job.schedule) for r in requests]
+        out["providers"][name] = {"seconds": seconds, "run_requests": count}
     out["seconds"] = sum(p["seconds"] for p in out["providers"].values())
     out["run_requests"] = len(out["requests"])
     return out

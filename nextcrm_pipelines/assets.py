@@ -236,7 +236,7 @@ def _run_family(context: dg.AssetExecutionContext) -> set[str]:
 def build_entity_asset(
     provider: Provider, entity: EntitySpec, retry_policy: dg.RetryPolicy | None = SYNC_RETRY_POLICY
 ) -> dg.AssetsDefinition:
-    partitions_def = provider_partitions(provider.name, provider.daily)
+    partitions_def = provider_partitions(provider.name, entity.daily)
     # A single-run backfill is deliberate (a range of days is one run in one process); Dagster 1.13 still
     # calls @asset's `backfill_policy` beta and would say so once per asset whenever the code loads.
     with warnings.catch_warnings():

@@ -1,7 +1,8 @@
 """Schedules and sensors built from the registry.
 
 - `<provider>_hourly`: keeps every active connection current, a block of connections per run: each run
-  syncs today and the recent days not yet held whole (see `assets.SCOPE_TAG`).
+  syncs today and the recent days not yet held whole (see `assets.SCOPE_TAG`). A provider that also has
+  whole-list entities reads those in `<provider>_lists_hourly` (a job's assets share one partitioning).
 - `<provider>_daily_sweep`: for providers that hard-delete without a trace (MYOB), compares id sets
   once a day and flags the rows whose record is gone.
 - `<provider>_webhooks_sensor` and `<provider>_apply_webhooks`: verified inbox events applied soon after
@@ -12,6 +13,7 @@
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
@@ -33,19 +35,47 @@ from nextcrm_pipelines.resources import MirrorDatabase, ProviderClients
 from nextcrm_pipelines.webhooks.inbox import apply_pending, due_batch
 
 
-def sync_job_name(provider: str) -> str:
-    return f"{provider}_sync"
+@dataclass(frozen=True)
+class SyncJob:
+    """One of a provider's sync jobs, with the hourly schedule that runs it: the provider's entities of one
+    partitioning (a Dagster job's assets share one partitions definition)."""
+
+    name: str
+    schedule: str
+    daily: bool
+    entities: tuple[EntitySpec, ...]
 
 
-def build_sync_job(provider: Provider):
-    """The asset job that materialises every entity of the provider (its partitions are its assets' own).
-    Definitions resolves it into a job; callers take that with `defs.resolve_job_def`."""
-    return dg.define_asset_job(
-        sync_job_name(provider.name),
-        selection=dg.AssetSelection.groups(provider.name),
-        description=f"Sync every {provider.name} entity for one connection"
-        + (" x month, day by day." if provider.daily else " (the whole list)."),
-    )
+def sync_jobs(provider: Provider) -> list[SyncJob]:
+    """`<provider>_sync` (with `<provider>_hourly`) syncs the provider's entities; a provider that has both
+    daily and whole-list entities syncs the whole-list ones in `<provider>_lists_sync` (`<provider>_lists_hourly`)."""
+    daily, lists = provider.daily_entities, provider.list_entities
+    if not daily or not lists:
+        return [SyncJob(f"{provider.name}_sync", f"{provider.name}_hourly", bool(daily), provider.entities)]
+    return [
+        SyncJob(f"{provider.name}_sync", f"{provider.name}_hourly", True, daily),
+        SyncJob(f"{provider.name}_lists_sync", f"{provider.name}_lists_hourly", False, lists),
+    ]
+
+
+def sync_job_name(provider: Provider, entity: EntitySpec) -> str:
+    """The sync job that materialises `entity`."""
+    return next(job.name for job in sync_jobs(provider) if entity in job.entities)
+
+
+def build_sync_jobs(provider: Provider) -> list[Any]:
+    """The asset jobs that materialise the provider's entities (their partitions are their assets' own).
+    Definitions resolves them into jobs; callers take one with `defs.resolve_job_def` (Dagster names no
+    public type for the unresolved job `define_asset_job` returns)."""
+    return [
+        dg.define_asset_job(
+            job.name,
+            selection=dg.AssetSelection.assets(*(entity.name for entity in job.entities)),
+            description=f"Sync {', '.join(entity.name for entity in job.entities)} for one connection"
+            + (" x month, day by day." if job.daily else " (the whole list)."),
+        )
+        for job in sync_jobs(provider)
+    ]
 
 
 # Connections synced by one hourly run: a run costs a process start (seconds of CPU), so a block of
@@ -95,15 +125,23 @@ def skipped_connections(provider: Provider, stored: list[Connection], partitione
     return reasons
 
 
-def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
+def build_hourly_schedules(provider: Provider) -> list[dg.ScheduleDefinition]:
+    """One hourly schedule per sync job of the provider."""
+    return [build_hourly_schedule(provider, job) for job in sync_jobs(provider)]
+
+
+def build_hourly_schedule(provider: Provider, job: SyncJob) -> dg.ScheduleDefinition:
+    entities = ", ".join(entity.name for entity in job.entities)
+
     @dg.schedule(
-        name=f"{provider.name}_hourly",
+        name=job.schedule,
         cron_schedule="7 * * * *",
-        job_name=sync_job_name(provider.name),
+        job_name=job.name,
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        description=f"Keep every active {provider.name} connection current: today, and recent days not yet"
-        " held whole, a block of connections per run.",
+        description=f"Keep {entities} of every active {provider.name} connection current: "
+        + ("today, and recent days not yet held whole" if job.daily else "the whole list")
+        + ", a block of connections per run.",
     )
     def _hourly(context: dg.ScheduleEvaluationContext, mirror: MirrorDatabase):
         scheduled = (context.scheduled_execution_time or datetime.now(UTC)).astimezone(UTC)
@@ -125,7 +163,7 @@ def build_hourly_schedule(provider: Provider) -> dg.ScheduleDefinition:
         months = (month_key(first_day), month_key(scheduled.date()))
         requests = []
         for first, last in blocks:
-            start, end = (f"{first}|{months[0]}", f"{last}|{months[1]}") if provider.daily else (first, last)
+            start, end = (f"{first}|{months[0]}", f"{last}|{months[1]}") if job.daily else (first, last)
             requests.append(
                 dg.RunRequest(
                     run_key=f"{first}..{last}|{scheduled:%Y-%m-%dT%H}",
@@ -251,8 +289,14 @@ def sweep_job_name(provider: str) -> str:
     return f"{provider}_deletion_sweep"
 
 
+def daily_sweeps(provider: Provider) -> list[str]:
+    """The daily entities with an id sweep: the sweep job runs theirs (whole-list entities sweep within their runs)."""
+    return [name for name in provider.id_sweeps if provider.entity(name).daily]
+
+
 def build_sweep_job(provider: Provider) -> dg.JobDefinition:
-    """A job that runs the provider's id sweeps (deletions without tombstones) for every active connection."""
+    """A job that runs the provider's id sweeps of daily entities (deletions without tombstones) for every
+    active connection."""
 
     @dg.op(name=f"{provider.name}_sweep_deletions", description="Flag rows whose record was deleted upstream.",
            pool=provider.name)  # fmt: skip
@@ -262,7 +306,7 @@ def build_sweep_job(provider: Provider) -> dg.JobDefinition:
             active = vault.list_connections(conn, provider=provider.name, status="active")
         flagged, failures = 0, []
         for connection in active:
-            for entity_name in provider.id_sweeps:
+            for entity_name in daily_sweeps(provider):
                 since = database_now(url)
                 try:
                     result = sweep_connection(database_url=url, schema=schema, provider=provider,

@@ -425,7 +425,7 @@ def webhooks_replay(provider_name: str | None, connection_id: str | None, event_
 def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: datetime | None) -> None:
     """Sync days of one connection outside Dagster (same engine, same sync logs)."""
     from nextcrm_pipelines import environment
-    from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.core.runner import day_window, snapshot_window, sweep_connection, sync_partitions
     from nextcrm_pipelines.core.sync import describe_result
     from nextcrm_pipelines.partitions import partition_key_of
 
@@ -437,11 +437,18 @@ def sync(connection_id: str, entities: tuple[str, ...], start: datetime, end: da
     days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
     failed = 0
     for name in entities or [e.name for e in provider.entities]:
+        daily = provider.entity(name).daily
+        # A whole-list entity is read once, whatever the days (it has no time filter).
+        windows = [day_window(d) for d in days] if daily else [snapshot_window()]
         results = sync_partitions(
             database_url=env.database_url, schema=env.schema, provider=provider, entity_name=name,
-            connection_id=connection_id, windows=[day_window(d) for d in days],
-            partitions=[partition_key_of(provider.daily, connection_id, d) for d in days],
+            connection_id=connection_id, windows=windows,
+            partitions=[partition_key_of(True, connection_id, d) for d in days] if daily else [connection_id],
         )  # fmt: skip
+        if not daily and name in provider.id_sweeps and results[0].status != "failed":
+            swept = sweep_connection(database_url=env.database_url, schema=env.schema, provider=provider,
+                                     entity_name=name, connection_id=connection_id)  # fmt: skip
+            click.echo(f"{name}: {swept.counts.updated} flagged deleted upstream")
         for result in results:
             click.echo(describe_result(result))  # the line a Dagster run logs for the day
             failed += result.status == "failed"

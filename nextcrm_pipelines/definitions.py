@@ -7,12 +7,13 @@ import dagster as dg
 from nextcrm_pipelines.assets import SYNC_RETRY_POLICY, build_provider_assets
 from nextcrm_pipelines.automation import (
     build_connections_sensor,
-    build_hourly_schedule,
+    build_hourly_schedules,
     build_sweep_job,
     build_sweep_schedule,
-    build_sync_job,
+    build_sync_jobs,
     build_webhook_job,
     build_webhook_sensor,
+    daily_sweeps,
 )
 from nextcrm_pipelines.health import build_health_asset, build_health_check
 from nextcrm_pipelines.providers import PROVIDERS
@@ -30,16 +31,16 @@ def build_definitions(
     provider clients (a test's faulty or recording ones); `retry_policy` is the sync steps' own."""
     providers = list(PROVIDERS.values())
     # Whole-list entities sweep within their own runs; daily ones get a daily sweep job.
-    swept = [p for p in providers if p.id_sweeps and p.daily]
+    swept = [p for p in providers if daily_sweeps(p)]
     applied = [p for p in providers if p.webhooks is not None and p.webhooks.apply is not None]
     return dg.Definitions(
         assets=[a for p in providers for a in build_provider_assets(p, retry_policy)]
         + [build_health_asset(p) for p in providers],
         asset_checks=[build_health_check(p) for p in providers],
-        jobs=[build_sync_job(p) for p in providers]
+        jobs=[job for p in providers for job in build_sync_jobs(p)]
         + [build_sweep_job(p) for p in swept]
         + [build_webhook_job(p) for p in applied],
-        schedules=[build_hourly_schedule(p) for p in providers] + [build_sweep_schedule(p) for p in swept],
+        schedules=[s for p in providers for s in build_hourly_schedules(p)] + [build_sweep_schedule(p) for p in swept],
         sensors=[build_connections_sensor(providers)] + [build_webhook_sensor(p) for p in applied],
         resources={"mirror": MirrorDatabase(), "clients": clients or ProviderClients()},
         # A run's steps run one after another in the run's process: the entities of one connection take its

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import pytest
 
+from nextcrm_pipelines.automation import daily_sweeps
 from nextcrm_pipelines.core.http import ProviderError
-from nextcrm_pipelines.core.runner import day_window, sweep_connection, sync_partitions
+from nextcrm_pipelines.core.runner import day_window, snapshot_window, sweep_connection, sync_partitions
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines_tests.accounting import mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
@@ -23,9 +24,11 @@ ENTITIES = {"mautic_contacts": "contacts", "mautic_segments": "segments"}
 
 
 def run(database_url: str, schema: str, connection, entity: str, days) -> list:
+    """Sync the days of a daily entity, or the whole list of one read whole (segments), whatever the days."""
+    daily = get_provider("mautic").entity(entity).daily
     return sync_partitions(database_url=database_url, schema=schema, provider=get_provider("mautic"),
                            entity_name=entity, connection_id=connection.id,
-                           windows=[day_window(d) for d in days])  # fmt: skip
+                           windows=[day_window(d) for d in days] if daily else [snapshot_window()])  # fmt: skip
 
 
 def memberships(control, account: str) -> dict[str, list[str]]:
@@ -83,7 +86,7 @@ def test_pages_to_the_last_page_equals_the_sandbox_and_a_rerun_changes_nothing(d
     assert sum(r.counts.unchanged for r in again) == len(rows)
 
 
-@pytest.mark.parametrize("entity", ENTITIES)
+@pytest.mark.parametrize("entity", ["mautic_contacts"])  # segments are read whole: they have no day
 def test_a_record_changed_exactly_at_midnight_lands_in_one_day(database_url, schema, own_sandbox, mautic, entity):
     control, account, connection = mautic("client_credentials", server=own_sandbox, contacts=20, segments=6, days=3)
     today = sandbox_now(own_sandbox).date()
@@ -125,7 +128,7 @@ def test_the_sweep_flags_what_mautic_deleted(database_url, schema, sandbox, maut
     assert swept.status == "success" and swept.counts.updated == len(victims)
     rows = mirror(database_url, schema, entity, connection.id)
     assert sorted(rid for rid, row in rows.items() if row["deleted"]) == sorted(victims)
-    if entity == "mautic_segments":  # the other segments' counts are current once their day is read again
+    if entity == "mautic_segments":  # the other segments' counts are current once the list is read again
         run(database_url, schema, connection, entity, days)
     assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
 
@@ -196,3 +199,40 @@ def test_unemulated_routes_answer_with_mautics_error_envelope(sandbox, mautic, m
     response = httpx.request(method, f"{connection.base_url}{path}", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 404 and response.headers["content-type"] == "application/json"
     assert response.json() == {"errors": [{"message": f"Requested URL not found: {path}", "code": 404, "type": None}]}
+
+
+def test_segments_sync_whole_in_their_own_job_and_schedule_beside_the_daily_entities(database_url, schema, sandbox,
+                                                                                     mautic):  # fmt: skip
+    import dagster as dg
+
+    from nextcrm_pipelines.definitions import defs
+    from nextcrm_pipelines.partitions import connections_partitions_name
+
+    control, account, connection = mautic("client_credentials", contacts=20, segments=8, days=2)
+    # A Dagster job's assets share one partitioning: the daily entities and the whole-list one get a job each.
+    daily, lists = defs.resolve_job_def("mautic_sync"), defs.resolve_job_def("mautic_lists_sync")
+    synced = {job.name: {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
+              for job in (daily, lists)}  # fmt: skip
+    assert synced == {"mautic_sync": {"mautic_campaigns", "mautic_contacts"}, "mautic_lists_sync": {"mautic_segments"}}
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(connections_partitions_name("mautic"), [connection.id])
+        schedule = defs.resolve_schedule_def("mautic_lists_hourly")
+        with dg.build_schedule_context(instance=instance, resources={"mirror": defs.resources["mirror"]},
+                                       scheduled_execution_time=datetime.now(UTC).replace(minute=7),
+                                       repository_def=defs.get_repository_def()) as context:  # fmt: skip
+            (request,) = schedule.evaluate_tick(context).run_requests
+        assert schedule.job_name == "mautic_lists_sync"
+        # The whole list of each connection: the range is of connection keys, no month.
+        assert (request.tags["dagster/asset_partition_range_start"],
+                request.tags["dagster/asset_partition_range_end"]) == (connection.id, connection.id)  # fmt: skip
+        result = lists.execute_in_process(instance=instance, partition_key=connection.id,
+                                          tags={"nextcrm/scope": "recent"})  # fmt: skip
+        assert result.success
+        (materialization,) = result.asset_materializations_for_node("mautic_segments")
+        assert materialization.partition == connection.id
+    rows = mirror(database_url, schema, "mautic_segments", connection.id)
+    assert materialization.metadata["dagster/row_count"].value == len(rows) == 8
+    assert_mirror_equals_sandbox(control, account, database_url, schema, connection, "mautic_segments")
+    # The daily sweep job leaves segments to their own runs (each re-lists them whole).
+    assert "mautic_segments" not in daily_sweeps(get_provider("mautic"))
+    assert "mautic_contacts" in daily_sweeps(get_provider("mautic"))

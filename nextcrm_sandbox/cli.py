@@ -420,9 +420,10 @@ def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
     return counts
 
 
-def _demo_progress(connection: Connection, result: dg.ExecuteInProcessResult, days: int | None) -> str:
+def _demo_progress(
+    connection: Connection, result: dg.ExecuteInProcessResult, names: list[str], days: int | None
+) -> str:
     """One line for a connection's demo run: what its assets' materializations counted, summed."""
-    names = [entity.name for entity in get_provider(connection.provider).entities]
     totals = dict.fromkeys(("records", "inserted", "updated", "unchanged", "failed"), 0)
     for name in names:
         # Each day of the range is materialised with its own counts: the connection's line sums them.
@@ -448,6 +449,7 @@ def demo(days: int) -> None:
     _use_demo_start_date(create=True)  # before the definitions are built: their partitions start there
 
     from nextcrm_pipelines.assets import SINCE_TAG
+    from nextcrm_pipelines.automation import sync_jobs
     from nextcrm_pipelines.definitions import defs
     from nextcrm_pipelines.partitions import connections_partitions_name, month_key
 
@@ -484,25 +486,26 @@ def demo(days: int) -> None:
         first_day = today - timedelta(days=days - 1)
         for connection in connections:
             instance.add_dynamic_partitions(connections_partitions_name(connection.provider), [connection.id])
-            daily = get_provider(connection.provider).daily
-            # The months holding the last `days` days, limited to those days (a month is the partition).
-            selection = {
-                "tags": {
-                    "dagster/asset_partition_range_start": f"{connection.id}|{month_key(first_day)}",
-                    "dagster/asset_partition_range_end": f"{connection.id}|{month_key(today)}",
-                    SINCE_TAG: first_day.isoformat(),
-                }
-            } if daily else {"partition_key": connection.id}  # fmt: skip
-            result = defs.resolve_job_def(f"{connection.provider}_sync").execute_in_process(
-                instance=instance,
-                # Errors only (a failed partition or step says why); progress is the line printed below.
-                run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
-                raise_on_error=False,
-                **selection,
-            )
-            if not result.success:
-                _fail(f"the demo sync of {connection.id} failed; see the log above")
-            click.echo(_demo_progress(connection, result, days if daily else None))
+            for job in sync_jobs(get_provider(connection.provider)):
+                # The months holding the last `days` days, limited to those days (a month is the partition).
+                selection = {
+                    "tags": {
+                        "dagster/asset_partition_range_start": f"{connection.id}|{month_key(first_day)}",
+                        "dagster/asset_partition_range_end": f"{connection.id}|{month_key(today)}",
+                        SINCE_TAG: first_day.isoformat(),
+                    }
+                } if job.daily else {"partition_key": connection.id}  # fmt: skip
+                result = defs.resolve_job_def(job.name).execute_in_process(
+                    instance=instance,
+                    # Errors only (a failed partition or step says why); progress is the line printed below.
+                    run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
+                    raise_on_error=False,
+                    **selection,
+                )
+                if not result.success:
+                    _fail(f"the demo sync ({job.name}) of {connection.id} failed; see the log above")
+                names = [entity.name for entity in job.entities]
+                click.echo(_demo_progress(connection, result, names, days if job.daily else None))
     click.echo(f"materialised {days} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")

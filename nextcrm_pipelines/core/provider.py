@@ -81,8 +81,18 @@ class Provider:
 
     @property
     def daily(self) -> bool:
-        """Whether the provider's entities sync day by day, partitioned by connection x month (else by connection)."""
+        """Whether all the provider's entities sync day by day, partitioned by connection x month."""
         return all(entity.daily for entity in self.entities)
+
+    @property
+    def daily_entities(self) -> tuple[EntitySpec, ...]:
+        """The entities synced day by day (partitioned by connection x month)."""
+        return tuple(entity for entity in self.entities if entity.daily)
+
+    @property
+    def list_entities(self) -> tuple[EntitySpec, ...]:
+        """The entities read whole on every run (partitioned by connection only)."""
+        return tuple(entity for entity in self.entities if not entity.daily)
 
     def entity(self, name: str) -> EntitySpec:
         for entity in self.entities:

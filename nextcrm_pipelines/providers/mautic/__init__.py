@@ -38,9 +38,11 @@ SEGMENTS = EntitySpec(
     name="mautic_segments",
     table=SEGMENTS_TABLE,
     to_row=segment_row,
-    description="Mautic segments changed in the day (dateModified, or dateAdded while never modified), with "
-    "published state, filters and their live member count; deleted ones flagged by the daily id sweep.",
+    description="Mautic segments with published state, filters and their live member count: the whole list on every "
+    "run (partitioned by connection only), since joining or leaving a segment changes its count without changing "
+    "the segment; segments deleted upstream flagged deleted.",
     partition_column="source_updated_at",
+    daily=False,
 )
 
 PROVIDER = Provider(
@@ -50,7 +52,7 @@ PROVIDER = Provider(
     fetchers={
         CAMPAIGNS.name: lambda api, window: api.campaigns(window),
         CONTACTS.name: lambda api, window: api.contacts(window),
-        SEGMENTS.name: lambda api, window: api.segments(window),
+        SEGMENTS.name: lambda api, window: api.segments(),
     },
     open_client=MauticApi,
     # `connections add mautic` stores client credentials (machine to machine); `connect mautic` runs

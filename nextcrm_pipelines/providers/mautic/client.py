@@ -219,9 +219,10 @@ class MauticApi:
         """Whether Mautic answers 404 for the contact."""
         return self._gone(f"/api/contacts/{contact_id}")
 
-    def segments(self, window: SyncWindow) -> Iterator[list[Record]]:
-        """Segments changed in the window (or, never changed, added in it), each with its live member count."""
-        for page in self._changed("/api/segments", "lists", window, ("dateModified", "dateAdded")):
+    def segments(self) -> Iterator[list[Record]]:
+        """Every segment, each with its live member count: the whole list, since a contact joining or leaving a
+        segment changes its count but not its `dateModified`."""
+        for page in self._pages("/api/segments", "lists", []):
             yield [(raw, changed_at(raw)) for raw in self.with_member_totals(page)]
 
     def with_member_totals(self, segments: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

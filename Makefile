@@ -27,9 +27,13 @@ dev: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/nextcrm-sandbox dev \
 		--ui-port $(UI_PORT) --sandbox-port $(SANDBOX_PORT) --webhook-port $(WEBHOOK_PORT)
 
+# The tests mostly wait on HTTP and Postgres, not the CPU: TEST_WORKERS processes run them side by side (each with
+# its own sandbox and, without TEST_DATABASE_URL, its own embedded Postgres). TEST_WORKERS=0 runs them in one.
+TEST_WORKERS ?= 4
+
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(BIN)/ruff check .

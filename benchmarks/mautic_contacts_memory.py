@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,22 +28,16 @@ LIMIT_MB = 300
 
 def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, schema: str, page_size: int) -> dict:
     """Sync every day of the installation's contacts in this process; counts, seconds and peak RSS."""
+    from benchmarks.harness import drop_schema, fresh_schema
+
+    box = fresh_schema(database_url, schema)
     import httpx
     import psycopg
-    from cryptography.fernet import Fernet
 
-    os.environ["NEXTCRM_SECRET_KEY"] = Fernet.generate_key().decode()
-    os.environ["NEXTCRM_DB_SCHEMA"] = schema
     from nextcrm_pipelines.core import connections as vault
-    from nextcrm_pipelines.core import db
     from nextcrm_pipelines.core.runner import day_window, sync_partitions
-    from nextcrm_pipelines.core.vault import SecretBox
     from nextcrm_pipelines.providers import get_provider
 
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    db.upgrade(database_url, schema)
-    box = SecretBox.from_environment()
     secrets = {"client_id": client_id, "client_secret": f"{client_id}-secret", "grant_type": "client_credentials"}
     with psycopg.connect(database_url) as conn:
         connection = vault.add_connection(conn, provider="mautic", display_name="Bench", secrets=secrets, box=box,
@@ -63,8 +53,7 @@ def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, s
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(f'SELECT count(*) FROM "{schema}".mautic_contacts').fetchone()[0]
         conn.commit()
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    drop_schema(database_url, schema)
     return {
         "rows": rows,
         "records": sum(r.total for r in results),
@@ -76,14 +65,12 @@ def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, s
 
 
 def _run_child(database_url: str, base_url: str, client_id: str, days: int, schema: str, page_size: int) -> dict:
-    output = subprocess.run(
-        [sys.executable, __file__, "--child", "--database-url", database_url, "--base-url", base_url,
-         "--client-id", client_id, "--days", str(days), "--schema", schema, "--page-size", str(page_size)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if output.returncode != 0:
-        raise RuntimeError(f"the sync failed (exit code {output.returncode}):\n{output.stderr[-4000:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    """`sync_contacts` in a fresh process, so that the peak RSS it reports is the sync's own."""
+    from benchmarks.harness import run_child
+
+    return run_child(__file__, "--database-url", database_url, "--base-url", base_url, "--client-id", client_id,
+                     "--days", str(days), "--schema", schema, "--page-size", str(page_size),
+                     failure="the sync failed")  # fmt: skip
 
 
 def main() -> None:
@@ -102,40 +89,27 @@ def main() -> None:
                                        args.page_size)))  # fmt: skip
         return
 
-    from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+    from benchmarks.harness import bench_database, each_size, print_peak_verdict
     from nextcrm_sandbox.mautic import MauticControl
     from nextcrm_sandbox.server import SandboxServer
 
-    folder = None
-    database_url = os.environ.get("BENCH_DATABASE_URL")
-    if not database_url:
-        folder = Path(tempfile.mkdtemp(prefix="nextcrm-bench-"))
-        database_url = ensure_embedded_postgres(folder).url
-    report: dict[int, dict] = {}
-    try:
-        with SandboxServer(subprocess=True, startup_timeout=600) as sandbox:
-            control = MauticControl(sandbox)
-            for size in args.sizes:
-                client_id = f"bench-{size}"
-                started = time.perf_counter()
-                account = control.add_account(seed=size, contacts=size, campaigns=5, segments=10, days=args.days,
-                                              clients=[{"client_id": client_id,
-                                                        "client_secret": f"{client_id}-secret"}])  # fmt: skip
-                print(f"{size} contacts ready in {time.perf_counter() - started:.1f}s", flush=True)
-                report[size] = _run_child(database_url, f"{sandbox.url}{account['base_path']}", client_id, args.days,
-                                          f"bench_mautic_{size}", args.page_size)  # fmt: skip
-                print(f"{size} contacts: {report[size]}", flush=True)
-                control.delete_account(account["id"])
-    finally:
-        if folder:
-            stop_embedded_postgres(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+    with bench_database() as database_url, SandboxServer(subprocess=True, startup_timeout=600) as sandbox:
+        control = MauticControl(sandbox)
+
+        def add_account(size: int) -> dict:
+            client = {"client_id": f"bench-{size}", "client_secret": f"bench-{size}-secret"}
+            return control.add_account(seed=size, contacts=size, campaigns=5, segments=10, days=args.days,
+                                       clients=[client])  # fmt: skip
+
+        def measure(size: int, account: dict) -> dict:
+            return _run_child(database_url, f"{sandbox.url}{account['base_path']}", f"bench-{size}", args.days,
+                              f"bench_mautic_{size}", args.page_size)  # fmt: skip
+
+        report = each_size(args.sizes, control, add_account, measure)
     print("\ncontacts  synced  seconds  peak RSS (MB)")
     for size, out in report.items():
         print(f"{size:>8}  {out['rows']:>6}  {out['seconds']:>7}  {out['peak_rss_mb']:>13}")
-    peaks = [out["peak_rss_mb"] for out in report.values()]
-    verdict = "flat and under" if max(peaks) < LIMIT_MB else "NOT under"
-    print(f"largest / smallest peak: {max(peaks) / min(peaks):.2f}x; {verdict} {LIMIT_MB} MB")
+    print_peak_verdict(report, LIMIT_MB)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ import os
 import pstats
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -97,21 +96,15 @@ def fetch_only(url: str, api_key: str, days: int, meter: Any = None) -> dict:
 
 def ours(database_url: str, url: str, api_key: str, days: int, schema: str, sandbox_pid: int | None = None) -> dict:
     """Full backfill then an unchanged re-sync, day by day, through the assets' sync path."""
-    import psycopg
-    from cryptography.fernet import Fernet
+    from benchmarks.harness import fresh_schema
 
-    os.environ["NEXTCRM_SECRET_KEY"] = Fernet.generate_key().decode()
-    os.environ["NEXTCRM_DB_SCHEMA"] = schema
+    box = fresh_schema(database_url, schema)
+    import psycopg
+
     from nextcrm_pipelines.core import connections as vault
-    from nextcrm_pipelines.core import db
     from nextcrm_pipelines.core.runner import day_window, sync_partitions, sync_workers
-    from nextcrm_pipelines.core.vault import SecretBox
     from nextcrm_pipelines.providers import get_provider
 
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-    db.upgrade(database_url, schema)
-    box = SecretBox.from_environment()
     with psycopg.connect(database_url) as conn:
         connection = vault.add_connection(conn, provider="stripe", display_name="Bench", secrets={"api_key": api_key},
                                           box=box, base_url=url, settings={"requests_per_second": 0})  # fmt: skip
@@ -148,14 +141,12 @@ def _child(args: argparse.Namespace) -> None:
 
 
 def _run_child(database_url: str, url: str, api_key: str, days: int, schema: str, sandbox_pid: int | None) -> dict:
-    output = subprocess.run(
-        [sys.executable, __file__, "--child", "--database-url", database_url, "--sandbox-url", url,
-         "--api-key", api_key, "--days", str(days), "--schema", schema, "--sandbox-pid", str(sandbox_pid or 0)],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    if output.returncode != 0:
-        raise RuntimeError(f"our sync failed (exit code {output.returncode}):\n{output.stderr[-4000:]}")
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    """`ours` in a fresh process, so that the peak RSS it reports is the sync's own."""
+    from benchmarks.harness import run_child
+
+    return run_child(__file__, "--database-url", database_url, "--sandbox-url", url, "--api-key", api_key,
+                     "--days", str(days), "--schema", schema, "--sandbox-pid", str(sandbox_pid or 0),
+                     failure="our sync failed")  # fmt: skip
 
 
 def main() -> None:
@@ -178,63 +169,49 @@ def main() -> None:
         _child(args)
         return
 
-    from nextcrm_pipelines.core.embedded_pg import ensure_embedded_postgres, stop_embedded_postgres
+    from benchmarks.harness import bench_database
     from nextcrm_sandbox.server import SandboxServer
 
-    folder = None
-    database_url = os.environ.get("BENCH_DATABASE_URL")
-    if not database_url:
-        folder = Path(tempfile.mkdtemp(prefix="nextcrm-bench-"))
-        database_url = ensure_embedded_postgres(folder).url
     report: dict = {"charges": args.charges, "days": args.days, "repeat": args.repeat,
                     "fetch_only_runs": [], "ours_runs": [], "naive_runs": []}  # fmt: skip
-    try:
-        with SandboxServer(subprocess=True) as sandbox:
-            big, small = BENCH_KEY.format("big"), BENCH_KEY.format("small")
-            started = time.perf_counter()
-            sandbox.add_stripe_account(api_key=big, seed=42, charges=args.charges, subscriptions=10,
-                                       days=args.days, requests_per_second=0)  # fmt: skip
-            # Same charges per day as the big account, so the two sizes differ only in record count.
-            small_days = max(1, round(args.days * args.small / args.charges))
-            report["small_days"] = small_days
-            sandbox.add_stripe_account(api_key=small, seed=43, charges=args.small, subscriptions=10,
-                                       days=small_days, requests_per_second=0)  # fmt: skip
-            print(f"sandbox ready in {time.perf_counter() - started:.1f}s at {sandbox.url}", flush=True)
+    with bench_database() as database_url, SandboxServer(subprocess=True) as sandbox:
+        big, small = BENCH_KEY.format("big"), BENCH_KEY.format("small")
+        started = time.perf_counter()
+        sandbox.add_stripe_account(api_key=big, seed=42, charges=args.charges, subscriptions=10,
+                                   days=args.days, requests_per_second=0)  # fmt: skip
+        # Same charges per day as the big account, so the two sizes differ only in record count.
+        small_days = max(1, round(args.days * args.small / args.charges))
+        report["small_days"] = small_days
+        sandbox.add_stripe_account(api_key=small, seed=43, charges=args.small, subscriptions=10,
+                                   days=small_days, requests_per_second=0)  # fmt: skip
+        print(f"sandbox ready in {time.perf_counter() - started:.1f}s at {sandbox.url}", flush=True)
 
-            sandbox_pid = sandbox.pid
-            if args.profile:
-                profile_fetch(sandbox.url, big, args.days, args.profile)
-                return
-            from benchmarks.baselines import dlt_load, naive_load
+        sandbox_pid = sandbox.pid
+        if args.profile:
+            profile_fetch(sandbox.url, big, args.days, args.profile)
+            return
+        from benchmarks.baselines import dlt_load, naive_load
 
-            meter = _meter(database_url, sandbox_pid)
-            # Repetitions interleave the contenders, so a noisy spell on this shared machine hits them alike.
-            for rep in range(1, args.repeat + 1):
-                report["fetch_only_runs"].append(fetch_only(sandbox.url, big, args.days, meter))
-                print(f"[{rep}] fetch-only", report["fetch_only_runs"][-1], flush=True)
-                report["ours_runs"].append(
-                    _run_child(database_url, sandbox.url, big, args.days, "bench_ours", sandbox_pid)
-                )
-                print(f"[{rep}] ours", report["ours_runs"][-1], flush=True)
-                report["naive_runs"].append(
-                    naive_load(sandbox.url, big, database_url, limit_records=args.naive_subset, reset=True)
-                )
-                print(f"[{rep}] naive", report["naive_runs"][-1], flush=True)
-            report["ours_small"] = _run_child(
-                database_url, sandbox.url, small, small_days, "bench_ours_small", sandbox_pid
+        meter = _meter(database_url, sandbox_pid)
+        # Repetitions interleave the contenders, so a noisy spell on this shared machine hits them alike.
+        for rep in range(1, args.repeat + 1):
+            report["fetch_only_runs"].append(fetch_only(sandbox.url, big, args.days, meter))
+            print(f"[{rep}] fetch-only", report["fetch_only_runs"][-1], flush=True)
+            report["ours_runs"].append(_run_child(database_url, sandbox.url, big, args.days, "bench_ours", sandbox_pid))
+            print(f"[{rep}] ours", report["ours_runs"][-1], flush=True)
+            report["naive_runs"].append(
+                naive_load(sandbox.url, big, database_url, limit_records=args.naive_subset, reset=True)
             )
-            print("ours (small)", report["ours_small"], flush=True)
-            if not args.skip_dlt:
-                pipelines = tempfile.mkdtemp(prefix="nextcrm-bench-dlt-")
-                report["dlt_first"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
-                print("dlt first load", report["dlt_first"], flush=True)
-                report["dlt_rerun"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
-                print("dlt re-run", report["dlt_rerun"], flush=True)
-                shutil.rmtree(pipelines, ignore_errors=True)
-    finally:
-        if folder:
-            stop_embedded_postgres(folder)
-            shutil.rmtree(folder, ignore_errors=True)
+            print(f"[{rep}] naive", report["naive_runs"][-1], flush=True)
+        report["ours_small"] = _run_child(database_url, sandbox.url, small, small_days, "bench_ours_small", sandbox_pid)
+        print("ours (small)", report["ours_small"], flush=True)
+        if not args.skip_dlt:
+            pipelines = tempfile.mkdtemp(prefix="nextcrm-bench-dlt-")
+            report["dlt_first"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
+            print("dlt first load", report["dlt_first"], flush=True)
+            report["dlt_rerun"] = dlt_load(sandbox.url, big, database_url, pipelines_dir=pipelines)
+            print("dlt re-run", report["dlt_rerun"], flush=True)
+            shutil.rmtree(pipelines, ignore_errors=True)
     print_report(report)
 
 

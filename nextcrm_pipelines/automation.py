@@ -7,6 +7,8 @@
   once a day and flags the rows whose record is gone.
 - `<provider>_webhooks_sensor` and `<provider>_apply_webhooks`: verified inbox events applied soon after
   they arrive (providers whose events carry what the tables need).
+- `<provider>_actions_sensor` and `<provider>_apply_actions`: NextCRM's actions on the provider, from the
+  outbox, carried out soon after they are submitted, each exactly once (see `core.outbox`).
 - `connections_sensor`: keeps each provider's dynamic connection partitions equal to the rows of
   `integration_connections`, so a connection added by any means (CLI, the CRM app, SQL) appears.
 """
@@ -24,6 +26,7 @@ from pydantic import Field
 
 from nextcrm_pipelines.assets import RECENT_DAYS, RECENT_SCOPE, SCOPE_TAG, describe_sync
 from nextcrm_pipelines.core import connections as vault
+from nextcrm_pipelines.core import outbox
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.provider import Provider
@@ -456,6 +459,90 @@ def build_webhook_sensor(provider: Provider) -> dg.SensorDefinition:
                 "nextcrm/webhook_events": str(batch.count),
                 "nextcrm/webhook_ids": f"{batch.first_id}-{batch.last_id}",
             },
+        )
+
+    return _sensor
+
+
+def actions_job_name(provider: str) -> str:
+    return f"{provider}_apply_actions"
+
+
+ACTIONS_APPLY_TAG = "nextcrm/actions_apply"
+
+
+class ApplyActionsConfig(dg.Config):
+    """What an apply run may take on: the sensor asks for a full batch, a user may launch a smaller one."""
+
+    max_actions: int = Field(default=outbox.RUN_LIMIT, description="Actions claimed at most by this run.")
+
+
+def build_actions_job(provider: Provider) -> dg.JobDefinition:
+    """A job that carries out a bounded batch of the provider's due outbox actions (see `core.outbox`).
+
+    Each entity table the actions wrote gets an asset materialization per changed partition (read your
+    writes shows in the asset's history beside the syncs).
+    """
+    entities = {entity.name: entity for entity in provider.entities}
+
+    @dg.op(
+        name=f"{provider.name}_send_actions",
+        description=f"Carry out the due {provider.name} actions of the outbox, each exactly once.",
+        pool=provider.name,
+        # A lost database is tried again: the rows it held are found again when their lease lapses.
+        retry_policy=dg.RetryPolicy(max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+    )
+    def _send(
+        context: dg.OpExecutionContext, config: ApplyActionsConfig, mirror: MirrorDatabase, clients: ProviderClients
+    ) -> dg.Output[int]:
+        url, schema = mirror.url(), mirror.schema()
+        since = database_now(url)
+        done = outbox.apply_due(database_url=url, schema=schema, provider=provider, run_id=context.run_id,
+                                limit=config.max_actions, box=mirror.secret_box(), opener=clients.opener())  # fmt: skip
+        for line in done.lines:
+            context.log.info(line)
+        for name, connection_ids in sorted(done.written.items()):
+            materialize_changed_partitions(context, provider, entities[name], sorted(connection_ids), since, url,
+                                           schema, {"source": "actions"})  # fmt: skip
+        metadata = {"processed": done.processed, "succeeded": done.succeeded, "adopted": done.adopted,
+                    "failed": done.failed, "retrying": done.retrying, "dead": done.dead, "held": done.held}  # fmt: skip
+        return dg.Output(done.processed, metadata=metadata)
+
+    @dg.job(name=actions_job_name(provider.name),
+            tags={"nextcrm/provider": provider.name, ACTIONS_APPLY_TAG: provider.name},
+            description=f"Carry out NextCRM's {provider.name} actions from the outbox, each exactly once.")  # fmt: skip
+    def _job() -> None:
+        _send()
+
+    return _job
+
+
+def actions_sensor_interval() -> int:
+    """Seconds between actions sensor ticks (`NEXTCRM_ACTIONS_SENSOR_SECONDS`, default 15)."""
+    return int(os.environ.get("NEXTCRM_ACTIONS_SENSOR_SECONDS", "15"))
+
+
+def build_actions_sensor(provider: Provider) -> dg.SensorDefinition:
+    """Requests one apply run per bounded batch of due actions; writes nothing itself. The run key names the
+    batch (ids, size, newest generation), so the same due set asks for nothing new."""
+
+    @dg.sensor(
+        name=f"{provider.name}_actions_sensor",
+        job_name=actions_job_name(provider.name),
+        minimum_interval_seconds=actions_sensor_interval(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=f"Carry out NextCRM's {provider.name} actions soon after they are submitted.",
+    )
+    def _sensor(context: dg.SensorEvaluationContext, mirror: MirrorDatabase):
+        with psycopg.connect(mirror.url()) as conn:
+            batch = outbox.due_batch(conn, mirror.schema(), provider.name)
+        if batch is None:
+            return dg.SkipReason(f"no due {provider.name} actions")
+        op = f"{provider.name}_send_actions"
+        return dg.RunRequest(
+            run_key=f"{provider.name}:{batch.run_key}",
+            run_config=dg.RunConfig(ops={op: ApplyActionsConfig(max_actions=outbox.RUN_LIMIT)}),
+            tags={"nextcrm/actions": str(batch.count), "nextcrm/action_ids": f"{batch.first_id}-{batch.last_id}"},
         )
 
     return _sensor

@@ -1,4 +1,4 @@
-"""`nextcrm-pipelines`: database, connections, secrets, webhooks and ad-hoc sync commands.
+"""`nextcrm-pipelines`: database, connections, secrets, webhooks, actions and ad-hoc sync commands.
 
 Secrets are read from the provider's environment variable or a hidden prompt, never from a
 command-line argument (which would land in shell history and `ps`).
@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 import psycopg
@@ -21,6 +22,8 @@ from nextcrm_pipelines.providers import PROVIDERS, get_provider
 
 if TYPE_CHECKING:
     from nextcrm_pipelines.core.provider import Provider
+
+T = TypeVar("T")
 
 
 def _fail(message: str) -> None:
@@ -114,6 +117,22 @@ def _read_secrets(spec: Provider) -> dict[str, str]:
     return secrets
 
 
+def _check_credentials(spec: Provider, secrets: dict[str, str], base_url: str | None, tenant: str | None) -> None:
+    """Ask the provider whether it takes these secrets, where it can say so cheaply (Stripe: `GET /v1/account`);
+    refused or unchecked, nothing is stored."""
+    if spec.check_credentials is None:
+        return
+    from nextcrm_pipelines.core.http import AuthenticationFailed, ProviderError
+
+    try:
+        reached = spec.check_credentials(secrets, base_url=base_url, tenant=tenant)
+    except AuthenticationFailed as exc:
+        _fail(f"{exc}; nothing was stored")
+    except ProviderError as exc:
+        _fail(f"could not check the key, nothing was stored: {exc}")
+    click.echo(f"{spec.name} accepted the key" + (f" (account {reached})" if reached else ""))
+
+
 @connections_group.command("add")
 @click.argument("provider", type=click.Choice(sorted(p.name for p in PROVIDERS.values() if p.secret_fields)))
 @click.option("--name", "display_name", required=True, help="Display name of the account.")
@@ -140,6 +159,7 @@ def connections_add(provider: str, display_name: str, external_tenant: str | Non
         if not sep:
             _fail(f"--setting expects key=value, got {item!r}")
         options[key] = float(value) if value.replace(".", "", 1).isdigit() else value
+    _check_credentials(spec, secrets, base_url, external_tenant)
     env = environment.prepare()
     with psycopg.connect(env.database_url) as conn:
         connection = vault.add_connection(
@@ -256,6 +276,7 @@ def connections_set_secret(connection_id: str) -> None:
         _fail(f"connection {connection_id} was authorised in a browser: re-authorise it with "
               f"`{reauth_command(spec, connection)}`")  # fmt: skip
     secrets, box = _read_secrets(spec), _box()
+    _check_credentials(spec, secrets, connection.base_url, connection.external_tenant)
     with psycopg.connect(env.database_url) as conn:
         # A token the old credentials got is dropped: the next sync asks for one with the new ones.
         updated = vault.replace_credentials(conn, connection_id, secrets, box, drop=TOKEN_FIELDS)
@@ -412,6 +433,124 @@ def webhooks_replay(provider_name: str | None, connection_id: str | None, event_
     click.echo(f"re-queued {requeued} event(s); the webhook sensors apply them on their next tick")
     if unreadable:
         click.echo(f"left {unreadable} refused body(ies) as they are: they hold no readable event", err=True)
+
+
+# --- actions (the outbox) ------------------------------------------------------------------------
+
+
+@main.group("actions")
+def actions_group() -> None:
+    """NextCRM's actions on providers: submitted to the outbox, carried out by the <provider>_actions_sensor."""
+
+
+@actions_group.command("submit")
+@click.argument("connection_id")
+@click.argument("action")
+@click.option(
+    "--json", "payload_json", required=True, help='The payload, a JSON object (e.g. \'{"charge": "ch_..."}\').'
+)
+@click.option("--key", "idempotency_key", help="Your idempotency key (default: generated). The same key again "
+              "gives back the first action.")  # fmt: skip
+@click.option("--requested-by", default=lambda: os.environ.get("USER") or None, help="Who asks (default: $USER).")
+def actions_submit(connection_id: str, action: str, payload_json: str, idempotency_key: str | None,
+                   requested_by: str | None) -> None:  # fmt: skip
+    """Submit ACTION for CONNECTION_ID; checked now, so a bad payload is refused before anything is stored."""
+    import json
+
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core import outbox
+    from nextcrm_pipelines.core.actions import ActionInvalid, validate_payload
+
+    try:
+        payload = json.loads(payload_json)
+    except json.JSONDecodeError as exc:
+        _fail(f"--json is not JSON: {exc.msg} at character {exc.pos}")
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        try:
+            connection = vault.get_connection(conn, connection_id)
+        except vault.ConnectionNotFound as exc:
+            _fail(str(exc))
+        provider = get_provider(connection.provider)
+        spec = provider.actions.get(action)
+        if spec is None:
+            known = ", ".join(sorted(provider.actions)) or "none yet"
+            _fail(f"{provider.name} has no action {action!r} (its actions: {known})")
+        try:
+            validate_payload(spec, payload)
+            done = outbox.submit(conn, env.schema, connection_id=connection_id, action=action, payload=payload,
+                                 idempotency_key=idempotency_key, requested_by=requested_by)  # fmt: skip
+        except ActionInvalid as exc:
+            _fail(str(exc))
+    if done.created:
+        click.echo(f"action {done.id} submitted: {provider.name}_actions_sensor sends it within a minute "
+                   f"(`nextcrm-pipelines actions show {done.id}`)")  # fmt: skip
+    else:
+        click.echo(f"action {done.id} was already submitted with this key: nothing new")
+
+
+@actions_group.command("list")
+@click.option("--status", type=click.Choice(["pending", "sending", "succeeded", "failed", "unknown", "dead",
+                                             "cancelled"]), help="Only actions in this status.")  # fmt: skip
+@click.option("--connection", "connection_id", help="Only this connection's actions.")
+@click.option("--limit", default=50, show_default=True, help="How many, newest first.")
+def actions_list(status: str | None, connection_id: str | None, limit: int) -> None:
+    """The newest actions, with their status and result or error."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core import outbox
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        entries = outbox.list_actions(conn, env.schema, status=status, connection_id=connection_id, limit=limit)
+    if not entries:
+        click.echo("no actions")
+        return
+    for entry in entries:
+        outcome = entry.result_id or (entry.error or "")[:100]
+        click.echo(f"{entry.id}\t{entry.connection_id}\t{entry.action}\t{entry.status}\t{entry.attempts}\t{outcome}")
+
+
+def _on_action(action_id: int, change: Callable[[psycopg.Connection, str, int], T]) -> T:
+    """Run `change(session, schema, action_id)` on the outbox; an unknown or refused action is a clear error."""
+    from nextcrm_pipelines import environment
+    from nextcrm_pipelines.core.actions import ActionInvalid
+
+    env = environment.prepare()
+    with psycopg.connect(env.database_url) as conn:
+        try:
+            return change(conn, env.schema, action_id)
+        except (ActionInvalid, KeyError) as exc:
+            _fail(str(exc.args[0]))
+            raise
+
+
+@actions_group.command("show")
+@click.argument("action_id", type=int)
+def actions_show(action_id: int) -> None:
+    """One action: its payload, status, attempts, result or error."""
+    from nextcrm_pipelines.core import outbox
+
+    click.echo(outbox.describe(_on_action(action_id, outbox.get_action)))
+
+
+@actions_group.command("retry")
+@click.argument("action_id", type=int)
+def actions_retry(action_id: int) -> None:
+    """Send a failed or dead action again (same key; one that may have reached the provider is looked up first)."""
+    from nextcrm_pipelines.core import outbox
+
+    status = _on_action(action_id, outbox.retry)
+    click.echo(f"action {action_id} is {status} again: the actions sensor takes it on its next tick")
+
+
+@actions_group.command("cancel")
+@click.argument("action_id", type=int)
+def actions_cancel(action_id: int) -> None:
+    """Cancel an action that has not reached the provider."""
+    from nextcrm_pipelines.core import outbox
+
+    _on_action(action_id, outbox.cancel)
+    click.echo(f"action {action_id} cancelled")
 
 
 # --- ad-hoc sync --------------------------------------------------------------------------------

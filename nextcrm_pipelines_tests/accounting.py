@@ -61,6 +61,8 @@ PROFILES = {
                              {"invoices": 120, "contacts": 30, "days": 6, "minute_window_seconds": 2}),
     "xero_contacts": Profile("xero", "xero_contacts", "contacts", "ContactID", None,
                              {"invoices": 20, "contacts": 120, "days": 6, "minute_window_seconds": 2}),
+    "xero_payments": Profile("xero", "xero_payments", "payments", "PaymentID", None,
+                             {"invoices": 260, "contacts": 30, "days": 6, "minute_window_seconds": 2}),
     "quickbooks_invoices": Profile("quickbooks", "quickbooks_invoices", "invoice", "Id",
                                    lambda raw: raw.get("TotalAmt"), {"invoices": 120, "customers": 30, "days": 6},
                                    {"throttle_wait_seconds": 0.2}),

@@ -125,9 +125,10 @@ def test_myob_hard_deletes_are_found_by_the_id_sweep(database_url, schema, box, 
     assert again.counts.updated == 0
     with psycopg.connect(database_url) as conn:
         logged = conn.execute(
-            sql.SQL("SELECT status, updated_records FROM {} WHERE partition = 'id-sweep' ORDER BY id").format(
-                table("integration_sync_logs", schema)
-            )
+            sql.SQL(
+                "SELECT status, updated_records FROM {} WHERE partition = 'id-sweep' AND asset = 'myob_invoices' "
+                "ORDER BY id"
+            ).format(table("integration_sync_logs", schema))
         ).fetchall()
     assert logged == [("success", 3), ("success", 0)]
 
@@ -182,7 +183,7 @@ def test_a_90_day_backfill_runs_in_one_dagster_run_and_equals_the_sandbox(databa
                 table("integration_sync_logs", schema)
             )
         ).fetchall()
-    assert logged == [("xero_contacts", 90, 1), ("xero_invoices", 90, 1)]
+    assert logged == [("xero_contacts", 90, 1), ("xero_invoices", 90, 1), ("xero_payments", 90, 1)]
     amounts = mirror(database_url, schema, "xero_invoices", account.connection.id)
     assert all(isinstance(r["total"], Decimal) for r in amounts.values())
 

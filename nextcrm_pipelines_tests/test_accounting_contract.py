@@ -29,9 +29,13 @@ from nextcrm_pipelines_tests.accounting import (
     mirror,
     stored_secrets,
 )
+from nextcrm_pipelines_tests.contract import all_cases
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
 
 ALL = list(PROFILES.values())
+# Entities with a case in the per-entity contract (`test_entity_contract.py`) are paged, cut at midnight and
+# faulted there; their tokens are still refreshed here.
+UNCONTRACTED = [profile for profile in ALL if profile.entity not in {case.entity for case in all_cases()}]
 
 
 def sync_range(database_url: str, schema: str, account, days) -> list:
@@ -42,7 +46,7 @@ def sync_range(database_url: str, schema: str, account, days) -> list:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("profile", ALL, ids=str)
+@pytest.mark.parametrize("profile", UNCONTRACTED, ids=str)
 def test_pages_to_the_last_page_and_equals_the_sandbox(database_url, schema, box, sandbox, profile: Profile):
     account = connect_account(sandbox, database_url, box, profile, settings={"page_size": 10})
     today = sandbox_now(sandbox).date()
@@ -57,7 +61,7 @@ def test_pages_to_the_last_page_and_equals_the_sandbox(database_url, schema, box
     assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
 
 
-@pytest.mark.parametrize("profile", ALL, ids=str)
+@pytest.mark.parametrize("profile", UNCONTRACTED, ids=str)
 def test_a_record_updated_exactly_at_midnight_lands_in_one_day_once(database_url, schema, box, sandbox, profile):
     account = connect_account(sandbox, database_url, box, profile, invoices=10, contacts=10, customers=10)
     today = sandbox_now(sandbox).date()
@@ -83,7 +87,7 @@ def test_a_record_updated_exactly_at_midnight_lands_in_one_day_once(database_url
     assert on.total >= 1 and before.counts.inserted + on.counts.inserted == before.total + on.total
 
 
-@pytest.mark.parametrize("profile", ALL, ids=str)
+@pytest.mark.parametrize("profile", UNCONTRACTED, ids=str)
 def test_429_bursts_and_server_errors_are_survived(database_url, schema, box, sandbox, profile):
     account = connect_account(sandbox, database_url, box, profile, invoices=30, contacts=30, customers=30, days=1)
     account.control.set_faults(tenant=account.tenant_id, server_errors=2, rate_limited=2)

@@ -71,6 +71,10 @@ def test_the_demo_prints_one_line_per_connection_then_the_table_and_warns_nothin
                   for name in ("stripe_payments", "stripe_subscriptions", "stripe_customers",
                                "stripe_invoices")}  # fmt: skip
     assert {name: int(counts[name]) for name in stored} == stored and stored["stripe_payments"] > 0
+    assert int(counts["xero_payments"]) > 0  # the demo organisation's paid invoices have their payments
+    assert all(int(counts[name]) > 0 for name in ("myob_invoices", "myob_customers", "myob_customer_payments"))
+    assert int(counts["billionmail_contacts"]) > int(counts["billionmail_groups"]) > 0  # the demo install's lists
+    assert int(counts["paypal_plans"]) > 0 and int(counts["paypal_invoices"]) > 0  # the demo merchant's
     # A fresh schema: each row of the Stripe tables was inserted once, by this run.
     stripe = re.match(r"synced stripe-demo-stripe: (\d+) records, (\d+) inserted, \d+ updated, \d+ unchanged, 0 failed",
                       synced[0])  # fmt: skip

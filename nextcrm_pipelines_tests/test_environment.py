@@ -97,3 +97,19 @@ def test_syncs_of_one_connection_never_overlap(database_url):
         order.append("first done")
     waiter.join(timeout=10)
     assert order == ["other", "first done", "second"]
+
+
+def test_a_connection_of_the_same_id_in_another_schema_is_another_lock(database_url, monkeypatch):
+    from nextcrm_pipelines.core.runner import ConnectionBusy
+
+    monkeypatch.setenv("NEXTCRM_DB_SCHEMA", "deployment_a")
+    with (
+        psycopg.connect(database_url) as conn,
+        connection_lock(conn, "stripe-acme"),
+        psycopg.connect(database_url) as other,
+    ):
+        with pytest.raises(ConnectionBusy), connection_lock(other, "stripe-acme", wait=False):  # the same deployment
+            pass
+        monkeypatch.setenv("NEXTCRM_DB_SCHEMA", "deployment_b")  # another deployment in the same database
+        with connection_lock(other, "stripe-acme", wait=False):
+            pass

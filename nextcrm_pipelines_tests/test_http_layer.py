@@ -46,7 +46,7 @@ async def endpoint(request: Request) -> JSONResponse:
 
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
-    app = Starlette(routes=[Route("/thing", endpoint)])
+    app = Starlette(routes=[Route("/thing", endpoint, methods=["GET", "POST"])])
     config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
@@ -197,3 +197,28 @@ def test_an_unreadable_retry_after_is_treated_as_absent(server_url, value):
         assert http.get_json("/thing")["ok"] is True
         assert time.monotonic() - started < 1.0  # the backoff (at most 0.05 s here), not a parsed wait
     assert SCRIPT.hits == 3 and http.stats.retries == 2 and http.stats.rate_limit_waits == 1
+
+
+def test_a_request_url_never_reaches_the_logs_even_at_debug_level(server_url, caplog):
+    """Query strings carry personal data (a BillionMail contact search by address) and, for some providers,
+    tokens: httpx's own request log lines would print them, so they stay off whatever the log level."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with client(server_url) as http:
+        http.get_json("/thing", params={"keyword": "jane.doe@example.com"})
+    assert "jane.doe" not in caplog.text and "example.com" not in caplog.text, caplog.text
+
+
+def test_a_write_sent_once_is_repeated_only_when_it_surely_did_not_reach_the_provider(server_url):
+    from nextcrm_pipelines.core.actions import MAYBE_SENT, outcome_of
+
+    SCRIPT.queue += [(503, {})]
+    with client(server_url) as http, pytest.raises(ProviderError) as raised:
+        http.send("POST", "/thing", once=True)
+    # A 5xx may have been acted on: not repeated here (the outbox looks the object up first).
+    assert SCRIPT.hits == 1 and raised.value.status == 503 and outcome_of(raised.value) == MAYBE_SENT
+    SCRIPT.queue += [(429, {"Retry-After": "0"})]
+    with client(server_url) as http:
+        assert http.send("POST", "/thing", once=True).status_code == 200  # turned away unread: sent again
+    assert SCRIPT.hits == 3

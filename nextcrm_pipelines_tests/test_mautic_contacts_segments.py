@@ -1,7 +1,7 @@
-"""Mautic contacts and segments against the sandbox, over real HTTP and a real Postgres: the provider contract
-(paging to the last page, the mirror equals the sandbox, a re-run changes nothing, a record changed exactly at
-midnight lands in one day, 5xx and 429 survived, deletions flagged by the sweep), segment membership on the
-contact and live member counts on the segment, and paging by id stopping when the provider repeats a page.
+"""Mautic contacts and segments against the sandbox, over real HTTP and a real Postgres, beyond the per-entity
+contract (`test_entity_contract.py`): segment membership on the contact and live member counts on the segment,
+paging by id stopping when the provider repeats a page, no contact named in logs, Mautic's error envelope, and
+segments synced whole in a job of their own.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 
 from nextcrm_pipelines.automation import daily_sweeps
 from nextcrm_pipelines.core.http import ProviderError
-from nextcrm_pipelines.core.runner import day_window, snapshot_window, sweep_connection, sync_partitions
+from nextcrm_pipelines.core.runner import day_window, snapshot_window, sync_partitions
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines_tests.accounting import mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
@@ -68,69 +68,6 @@ def assert_mirror_equals_sandbox(control, account: str, database_url: str, schem
         assert {rid: rows[rid]["member_count"] for rid in records} == counts
         assert {rid: rows[rid]["name"] for rid in records} == {rid: r["name"] for rid, r in records.items()}
     return rows
-
-
-@pytest.mark.parametrize("entity", ENTITIES)
-def test_pages_to_the_last_page_equals_the_sandbox_and_a_rerun_changes_nothing(database_url, schema, sandbox,
-                                                                               mautic, entity):  # fmt: skip
-    control, account, connection = mautic("client_credentials", settings={"page_size": 4}, contacts=80, segments=30,
-                                          campaigns=5, days=3)  # fmt: skip
-    days = days_back(sandbox_now(sandbox).date(), 4)
-    results = run(database_url, schema, connection, entity, days)
-    assert all(r.status == "success" for r in results), [r.error for r in results]
-    assert max(r.total for r in results) > 8 and sum(r.stats.requests for r in results) > 3 * len(days)
-    rows = assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
-    assert sum(r.total for r in results) == len(rows)
-    again = run(database_url, schema, connection, entity, days)
-    assert sum(r.counts.inserted + r.counts.updated for r in again) == 0
-    assert sum(r.counts.unchanged for r in again) == len(rows)
-
-
-@pytest.mark.parametrize("entity", ["mautic_contacts"])  # segments are read whole: they have no day
-def test_a_record_changed_exactly_at_midnight_lands_in_one_day(database_url, schema, own_sandbox, mautic, entity):
-    control, account, connection = mautic("client_credentials", server=own_sandbox, contacts=20, segments=6, days=3)
-    today = sandbox_now(own_sandbox).date()
-    midnight = datetime(today.year, today.month, today.day, tzinfo=UTC) - timedelta(days=1)
-    raw = control.add_record(account, ENTITIES[entity], {"firstname": "Midnight"}
-                             if entity == "mautic_contacts" else {}, at=midnight.timestamp())  # fmt: skip
-    before, on = run(database_url, schema, connection, entity, [midnight.date() - timedelta(days=1), midnight.date()])
-    assert before.status == on.status == "success"
-    rows = mirror(database_url, schema, entity, connection.id)
-    assert rows[str(raw["id"])]["source_updated_at"] == midnight
-    earlier = {rid for rid, row in rows.items() if row["source_updated_at"] < midnight}
-    assert str(raw["id"]) not in earlier and before.total == len(earlier)
-    assert on.total == len(rows) - len(earlier)
-
-
-@pytest.mark.parametrize("entity", ENTITIES)
-def test_server_errors_and_429_bursts_are_survived(database_url, schema, sandbox, mautic, entity):
-    control, account, connection = mautic("client_credentials", contacts=40, segments=12, days=2)
-    control.set_faults(account=account, server_errors=2, rate_limited=2)
-    try:
-        results = run(database_url, schema, connection, entity, days_back(sandbox_now(sandbox).date(), 2))
-    finally:
-        control.clear_faults(account=account)
-    assert all(r.status == "success" for r in results), [r.error for r in results]
-    assert sum(r.stats.retries for r in results) >= 4 and sum(r.stats.rate_limit_waits for r in results) >= 2
-    assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
-
-
-@pytest.mark.parametrize("entity", ENTITIES)
-def test_the_sweep_flags_what_mautic_deleted(database_url, schema, sandbox, mautic, entity):
-    control, account, connection = mautic("client_credentials", contacts=30, segments=10, days=2)
-    days = days_back(sandbox_now(sandbox).date(), 2)
-    assert all(r.status == "success" for r in run(database_url, schema, connection, entity, days))
-    victims = [str(r["id"]) for r in control.export(account, ENTITIES[entity])["records"]][1:3]
-    for rid in victims:
-        control.delete_record(account, ENTITIES[entity], int(rid))
-    swept = sweep_connection(database_url=database_url, schema=schema, provider=get_provider("mautic"),
-                             entity_name=entity, connection_id=connection.id)  # fmt: skip
-    assert swept.status == "success" and swept.counts.updated == len(victims)
-    rows = mirror(database_url, schema, entity, connection.id)
-    assert sorted(rid for rid, row in rows.items() if row["deleted"]) == sorted(victims)
-    if entity == "mautic_segments":  # the other segments' counts are current once the list is read again
-        run(database_url, schema, connection, entity, days)
-    assert_mirror_equals_sandbox(control, account, database_url, schema, connection, entity)
 
 
 def test_a_membership_change_shows_when_the_contact_and_segment_are_read_again(database_url, schema, sandbox,

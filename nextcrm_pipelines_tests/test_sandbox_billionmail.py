@@ -623,6 +623,119 @@ def test_groups_list_all_and_import(control, api_for):
     assert deleted["data"] == {"deleted_count": 1}
 
 
+def test_an_email_is_listed_under_its_newest_row_in_each_status(control, api_for):
+    acc = _account(control, contacts=40, groups=3)
+    api = api_for(acc)
+    api.login()
+    first = next(r for r in _sweep_contacts(api, 1)[1] if len(r["groups"]) == 1)
+    other = next(g for g in (1, 2, 3) if g != first["group_id"])
+    added = control.add_record(acc["id"], "contact", {"email": first["email"], "group_id": other})
+    assert added["id"] > first["id"] and added["create_time"] > first["create_time"]
+    (listed,) = [r for r in _sweep_contacts(api, 1)[1] if r["email"] == first["email"]]
+    assert listed["id"] == added["id"] and listed["group_id"] == other
+    assert [g["id"] for g in listed["groups"]] == sorted([first["group_id"], other])
+    assert listed == _sweep_contacts(api, 1)[1][0]  # the newest row: first by create_time DESC
+    found = api.get("/api/contact/list", page=1, page_size=10, status=1, keyword=first["email"])["data"]
+    assert found["total"] == 1 and found["list"][0]["id"] == added["id"]
+    assert api.get("/api/contact/list", page=1, page_size=10, status=0, keyword=first["email"])["data"] == {
+        "total": 0,
+        "list": [],
+    }
+
+
+def test_group_info_update_and_delete(server, control, api_for):
+    acc = _account(control, contacts=80, groups=3)
+    api = api_for(acc)
+    api.login()
+    info = api.get("/api/contact/group/info", group_id=2)
+    assert info["success"] is True and info["msg"] == "Group info retrieved successfully"
+    assert info["data"]["id"] == 2 and info["data"]["subscribe_link"].endswith(f"token={info['data']['token']}")
+    assert info["data"]["total_count"] == 0 and info["data"]["welcome_subject"] == "Welcome Aboard!"
+    assert api.get("/api/contact/group/info")["msg"] == "The group_id field is required"
+    assert api.get("/api/contact/group/info", group_id=99) == {
+        "success": False,
+        "code": 404,
+        "msg": "Group not found",
+        "data": None,
+    }
+    server.advance_clock(30)
+    updated = api.post("/api/contact/group/update", {"group_id": 2, "name": "Renamed", "double_optin": 1})
+    assert updated == {"success": True, "code": 0, "msg": "Group updated successfully", "data": None}
+    listed = {g["id"]: g for g in api.get("/api/contact/group/list", page=1, page_size=10)["data"]["list"]}
+    assert listed[2]["name"] == "Renamed" and listed[2]["double_optin"] == 1
+    assert listed[2]["update_time"] > listed[2]["create_time"] and listed[1]["update_time"] == listed[1]["create_time"]
+    clash = api.post("/api/contact/group/update", {"group_id": 1, "name": "Renamed"})
+    assert clash["code"] == 500 and "duplicate key value" in clash["msg"]
+    assert api.post("/api/contact/group/update", {"group_id": 99, "name": "Nobody"})["success"] is True
+    members = {r["email"] for r in _sweep_contacts(api, 1, group_id=3)[1] + _sweep_contacts(api, 0, group_id=3)[1]}
+    before = _sweep_contacts(api, 1)[0] + _sweep_contacts(api, 0)[0]
+    deleted = api.post("/api/contact/group/delete", {"group_ids": [3, 99]})
+    assert deleted == {
+        "success": True,
+        "code": 0,
+        "msg": "Groups deleted successfully",
+        "data": {"success_count": 1, "failed_count": 1},
+    }
+    assert api.get("/api/contact/group/info", group_id=3)["code"] == 404
+    assert api.get("/api/contact/group/list", page=1, page_size=10)["data"]["total"] == 2
+    left = _sweep_contacts(api, 1)[1] + _sweep_contacts(api, 0)[1]
+    assert members and before > len(left) and all(3 not in [g["id"] for g in r["groups"]] for r in left)
+    assert control.export(acc["id"], "groups")["deleted_ids"] == [3]
+    assert api.post("/api/contact/group/delete", {"group_ids": []})["msg"] == "The group_ids field is required"
+
+
+def test_a_contact_edit_with_groups_creates_its_rows_again(server, control, api_for):
+    acc = _account(control, contacts=40, groups=3)
+    api = api_for(acc)
+    api.login()
+    old = _sweep_contacts(api, 1)[1][-1]
+    server.advance_clock(10)
+    body = {"emails": old["email"], "active": 1, "group_ids": [1, 3], "attribs": '{"first_name": "Ada", "n": 2}'}
+    assert api.post("/api/contact/edit", body)["msg"] == "Contact updated successfully"
+    (new,) = [r for r in _sweep_contacts(api, 1)[1] if r["email"] == old["email"]]
+    assert new["id"] > old["id"] and new["create_time"] > old["create_time"]
+    assert [g["id"] for g in new["groups"]] == [1, 3] and new["attribs"] == {"first_name": "Ada", "n": "2"}
+    assert new["status"] == old["status"]
+    assert set(control.export(acc["id"], "contacts")["deleted_ids"]) >= {old["id"]}
+    kept = api.post("/api/contact/edit", {"emails": old["email"], "attribs": '{"first_name": "Grace"}'})
+    assert kept["success"] is True  # without groups nothing is written
+    assert [r for r in _sweep_contacts(api, 1)[1] if r["email"] == old["email"]] == [new]
+    bad = api.post("/api/contact/edit", {"emails": old["email"], "group_ids": [1], "attribs": "{nope"})
+    assert bad["code"] == 400 and bad["msg"].startswith("Invalid attributes format:")
+    missing = api.post("/api/contact/edit", {"emails": old["email"], "group_ids": [9]})
+    assert missing == {"success": False, "code": 500, "msg": "Failed to edit contact: Group 9 not found", "data": None}
+    off = api.post("/api/contact/edit", {"emails": old["email"], "group_ids": [2]})  # `active` absent: 0
+    assert off["success"] is True
+    assert [r["groups"] for r in _sweep_contacts(api, 0)[1] if r["email"] == old["email"]] == [
+        [{"id": 2, "name": "Customers"}]
+    ]
+
+
+def test_a_reverse_proxys_429_can_be_injected(control, api_for):
+    acc = _account(control)
+    api = api_for(acc)
+    api.login()
+    control.set_faults(acc["id"], proxy_rate_limited=2)
+    try:
+        for _ in range(2):
+            response = api.http.get("/api/contact/group/all", headers={"Authorization": f"Bearer {api.token}"})
+            assert response.status_code == 429 and response.headers["content-type"] == "text/html"
+            assert b"<title>429 Too Many Requests</title>" in response.content and b"nginx" in response.content
+        assert api.get("/api/contact/group/all")["success"] is True
+    finally:
+        control.clear_faults(acc["id"])
+
+
+def test_an_install_can_be_removed(control, api_for):
+    acc = _account(control, contacts=10)
+    assert control.delete_account(acc["id"]) == {"deleted": acc["id"]}
+    assert acc["id"] not in {a["id"] for a in control.accounts()}
+    response = api_for(acc).http.post("/api/login", json={"username": USER, "password": PASSWORD})
+    assert response.status_code == 404
+    with pytest.raises(RuntimeError, match="404"):
+        control.delete_account(acc["id"])
+
+
 # --- send API -------------------------------------------------------------------------------------------
 
 

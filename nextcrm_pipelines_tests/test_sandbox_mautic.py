@@ -501,9 +501,9 @@ def test_minimal_select_and_read_one(api: Api, control: MauticControl, account: 
     assert missing.status_code == 404
     assert missing.json() == {"errors": [{"code": 404, "message": "Item was not found.", "details": [], "type": None}]}
     assert missing.headers["Mautic-Version"] == MAUTIC_VERSION
-    route = api.http.post(f"{api.base}/api/campaigns/new", json={"name": "x"})
+    route = api.http.post(f"{api.base}/api/emails/new", json={"name": "x"})
     assert route.status_code == 404
-    assert _error(route)["message"] == "Requested URL not found: /api/campaigns/new"
+    assert _error(route)["message"] == "Requested URL not found: /api/emails/new"
 
 
 def test_campaign_and_contact_membership_lists(server: SandboxServer, control: MauticControl) -> None:

@@ -69,11 +69,14 @@ def test_key_rotation_re_encrypts_every_secret(database_url, schema, monkeypatch
             vault.load_secrets(conn, "stripe-two", SecretBox([old]))
 
 
-def test_cli_adds_a_connection_from_the_environment_and_lists_it_without_secrets(database_url, schema, secret_key):
+def test_cli_adds_a_connection_from_the_environment_and_lists_it_without_secrets(database_url, schema, secret_key,
+                                                                               sandbox):  # fmt: skip
     runner = CliRunner()
-    added = runner.invoke(main, ["connections", "add", "stripe", "--name", "Acme Ltd"],
+    sandbox.add_stripe_account(api_key=SECRET, seed=3, charges=1, subscriptions=0, days=1)
+    added = runner.invoke(main, ["connections", "add", "stripe", "--name", "Acme Ltd", "--base-url", sandbox.url],
                           env={"STRIPE_SECRET_KEY": SECRET}, catch_exceptions=False)  # fmt: skip
-    assert added.exit_code == 0 and "stripe-acme-ltd" in added.output
+    assert added.exit_code == 0 and "stripe-acme-ltd" in added.output, added.output
+    assert "stripe accepted the key (account acct_" in added.output
     listed = runner.invoke(main, ["connections", "list"], catch_exceptions=False)
     assert "stripe-acme-ltd" in listed.output and "active" in listed.output
     assert SECRET not in added.output + listed.output
@@ -96,6 +99,16 @@ def test_cli_stores_a_webhook_secret_beside_the_api_key_and_prints_the_endpoint(
         secrets = vault.load_secrets(conn, "stripe-hooks", box)
     assert (secrets["api_key"], secrets["webhook_secret"]) == (SECRET, hook_secret)
     assert hook_secret not in stored_row_text(database_url, schema, "stripe-hooks")
+
+
+def test_cli_refuses_a_key_stripe_refuses_and_stores_nothing(database_url, schema, secret_key, sandbox):
+    wrong = "sk_test_" + "w" * 24
+    outcome = CliRunner().invoke(main, ["connections", "add", "stripe", "--name", "Wrong", "--base-url", sandbox.url],
+                                 env={"STRIPE_SECRET_KEY": wrong})  # fmt: skip
+    assert outcome.exit_code != 0 and "Stripe refused the API key" in outcome.output, outcome.output
+    assert "nothing was stored" in outcome.output and wrong not in outcome.output and wrong[8:] not in outcome.output
+    with psycopg.connect(database_url) as conn:
+        assert vault.list_connections(conn) == []
 
 
 def test_cli_refuses_to_add_without_a_secret_source(database_url, schema, secret_key, monkeypatch):

@@ -420,21 +420,23 @@ def _table_counts(database_url: str, schema: str) -> list[tuple[str, int]]:
     return counts
 
 
-def _demo_progress(
-    connection: Connection, result: dg.ExecuteInProcessResult, names: list[str], days: int | None
-) -> str:
-    """One line for a connection's demo run: what its assets' materializations counted, summed."""
+def _demo_progress(connection: Connection, runs: list[tuple[dg.ExecuteInProcessResult, list[str], bool]],
+                   days: int) -> str:  # fmt: skip
+    """One line for a connection's demo runs (one per sync job): what their assets' materializations counted,
+    summed."""
     totals = dict.fromkeys(("records", "inserted", "updated", "unchanged", "failed"), 0)
-    for name in names:
-        # Each day of the range is materialised with its own counts: the connection's line sums them.
-        for materialization in result.asset_materializations_for_node(name):
-            for counter in totals:
-                entry = materialization.metadata.get(counter)
-                totals[counter] += int(entry.value) if entry is not None else 0
-    span = f"{days} day(s)" if days is not None else "the whole list"
+    spans = []
+    for result, names, daily in runs:
+        for name in names:
+            # Each day of the range is materialised with its own counts: the connection's line sums them.
+            for materialization in result.asset_materializations_for_node(name):
+                for counter in totals:
+                    entry = materialization.metadata.get(counter)
+                    totals[counter] += int(entry.value) if entry is not None else 0
+        spans.append(f"{', '.join(names)}; {f'{days} day(s)' if daily else 'the whole list'}")
     return (
         f"synced {connection.id}: {totals['records']} records, {totals['inserted']} inserted, {totals['updated']} "
-        f"updated, {totals['unchanged']} unchanged, {totals['failed']} failed ({', '.join(names)}; {span})"
+        f"updated, {totals['unchanged']} unchanged, {totals['failed']} failed ({'; '.join(spans)})"
     )
 
 
@@ -486,6 +488,7 @@ def demo(days: int) -> None:
         first_day = today - timedelta(days=days - 1)
         for connection in connections:
             instance.add_dynamic_partitions(connections_partitions_name(connection.provider), [connection.id])
+            runs = []
             for job in sync_jobs(get_provider(connection.provider)):
                 # The months holding the last `days` days, limited to those days (a month is the partition).
                 selection = {
@@ -504,8 +507,8 @@ def demo(days: int) -> None:
                 )
                 if not result.success:
                     _fail(f"the demo sync ({job.name}) of {connection.id} failed; see the log above")
-                names = [entity.name for entity in job.entities]
-                click.echo(_demo_progress(connection, result, names, days if job.daily else None))
+                runs.append((result, [entity.name for entity in job.entities], job.daily))
+            click.echo(_demo_progress(connection, runs, days))
     click.echo(f"materialised {days} day(s) for " + ", ".join(c.id for c in connections) + ":")
     for name, count in _table_counts(env.database_url, env.schema):
         click.echo(f"  {env.schema}.{name}: {count} rows")

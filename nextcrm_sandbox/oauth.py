@@ -185,6 +185,9 @@ class OAuthServer:
     scope_allowed: Callable[[str, str], bool] | None = None
     # The subject of a ``client_credentials`` grant from (client_id, form) (Xero: its one organisation); None = {}.
     client_credentials_subject: Callable[[str, Mapping[str, str]], dict[str, Any]] | None = None
+    # The scope a ``client_credentials`` grant gets from (client_id, form), raising ``OAuthError`` for a scope the
+    # client may not have (Xero: its custom connection's scopes); None = the form's ``scope`` as asked.
+    client_credentials_scope: Callable[[str, Mapping[str, str]], str] | None = None
     # Builds an access token from (grant, expires_at) (Xero: JWT-shaped with claims); None = opaque ``at_...``.
     access_token_factory: Callable[[Grant, int], str] | None = None
     # The access-token lifetime for a grant (PayPal: per app); None = ``policy.access_ttl`` for every grant.
@@ -288,7 +291,9 @@ class OAuthServer:
             if grant_type == "client_credentials":
                 make_subject = self.client_credentials_subject
                 subject = make_subject(client.client_id, form) if make_subject else {}
-                grant = Grant(_token("grant"), client.client_id, form.get("scope", ""), subject, self.clock())
+                scope_of = self.client_credentials_scope
+                scope = scope_of(client.client_id, form) if scope_of else form.get("scope", "")
+                grant = Grant(_token("grant"), client.client_id, scope, subject, self.clock())
                 self.grants[grant.id] = grant
                 return self._issue(grant, new_refresh=False)
         raise OAuthError("unsupported_grant_type", f"grant_type {grant_type!r} is not supported")

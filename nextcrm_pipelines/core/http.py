@@ -16,6 +16,7 @@ from __future__ import annotations
 import email.utils
 import errno
 import http.client
+import logging
 import math
 import random
 import socket
@@ -30,6 +31,11 @@ from typing import Any
 import httpx
 
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+# httpx and httpcore log each request with its full URL (query strings carry contact searches and, for some
+# providers, tokens). Our own errors and logs name URLs without their query; theirs stay quiet at any level.
+for _name in ("httpx", "httpcore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 class ProviderError(RuntimeError):
@@ -392,8 +398,13 @@ class HttpClient:
             cls = ProviderUnreachable if is_connect_failure(exc) else BudgetExhausted
         return self._error(message, endpoint, None, cls)
 
-    def send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """Send one logical request; retry what is retryable within its budget; raise `ProviderError` on failure."""
+    def send(self, method: str, path: str, *, once: bool = False, **kwargs: Any) -> httpx.Response:
+        """Send one logical request; retry what is retryable within its budget; raise `ProviderError` on failure.
+
+        `once=True` is for a write the provider has no idempotency key for: it is repeated only when it surely
+        did not reach the provider (no connection could be opened, or a 429 turned it away unread); a timeout,
+        a dropped connection or a 5xx is raised at once, since the provider may have acted (the outbox looks
+        the object up before any re-send)."""
         endpoint = f"{method.upper()} {path}"
         budget = Budget(self.retry.budget_seconds)
         attempt = 0
@@ -407,6 +418,8 @@ class HttpClient:
             except httpx.TransportError as exc:
                 # A host that refuses or cannot be found is tried a few times only (`connect_attempts`).
                 limit = self.retry.connect_attempts if is_connect_failure(exc) else self.retry.max_attempts
+                if once and not is_connect_failure(exc):
+                    limit = 1
                 if attempt >= min(limit, self.retry.max_attempts):
                     raise self._unreachable(exc, endpoint, path, attempt, budget) from exc
                 delay = backoff_delay(attempt, self.retry)
@@ -425,6 +438,8 @@ class HttpClient:
             retryable = verdict in ("retry", "rate_limited") or (
                 verdict != "fatal" and response.status_code in RETRYABLE_STATUSES
             )
+            if once and response.status_code != 429 and verdict != "rate_limited":
+                retryable = False
             if not retryable or attempt >= self.retry.max_attempts:
                 error = self._error(f"request failed after {attempt} attempt(s)", endpoint, response.status_code)
                 error.response = response

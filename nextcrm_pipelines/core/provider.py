@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from nextcrm_pipelines.core.actions import ActionSpec
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.http import RequestStats
 from nextcrm_pipelines.core.oauth import OAuthSpec, TokenManager
@@ -78,6 +79,11 @@ class Provider:
     # `runner.sync_partitions`): only for clients that honour `ClientContext.rate_share` and keep no
     # state a second process could invalidate (an API key, not a rotating refresh token).
     parallel_windows: bool = False
+    # What NextCRM can ask the provider to do (see `core.outbox`), by action name.
+    actions: dict[str, ActionSpec] = field(default_factory=dict)
+    # `connections add` / `set-secret`: checks secrets before they are stored; (secrets, base_url=, tenant=) ->
+    # the account they reach (or None), raising `AuthenticationFailed` when the provider refuses them.
+    check_credentials: Callable[..., str | None] | None = None
 
     @property
     def daily(self) -> bool:

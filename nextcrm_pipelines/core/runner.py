@@ -34,7 +34,7 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, RequestStats
 from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
 from nextcrm_pipelines.core.provider import ClientContext, Provider
-from nextcrm_pipelines.core.settings import libpq_url
+from nextcrm_pipelines.core.settings import db_schema, libpq_url
 from nextcrm_pipelines.core.sweep import sweep_deletions
 from nextcrm_pipelines.core.sync import (
     BATCH_SIZE,
@@ -111,9 +111,10 @@ def connection_lock(conn: psycopg.Connection, connection_id: str, wait: bool = T
     """Hold a session-level Postgres advisory lock for `connection_id` on `conn` for the block.
 
     `wait=False` raises `ConnectionBusy` at once when another session holds it, for callers that have
-    other work to do rather than wait for a sync to end (webhook apply runs).
+    other work to do rather than wait for a sync to end (webhook apply runs). The key names the schema too:
+    advisory locks are per database, and two deployments may keep their tables in one database.
     """
-    key = zlib.crc32(f"nextcrm-sync:{connection_id}".encode())
+    key = zlib.crc32(f"nextcrm-sync:{db_schema()}:{connection_id}".encode())
     if wait:
         conn.execute("SELECT pg_advisory_lock(%s)", (key,))
     elif not conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]:

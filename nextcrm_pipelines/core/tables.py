@@ -293,6 +293,41 @@ WEBHOOK_EVENTS = sa.Table(
              postgresql_where=sa.text("delivery_id IS NOT NULL")),
 )  # fmt: skip
 
+OUTBOX = sa.Table(
+    "integration_outbox",
+    METADATA,
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column("connection_id", sa.Text, nullable=False),
+    # Filled from the connection on insert (a row naming no connection is stored `failed`).
+    sa.Column("provider", sa.Text),
+    sa.Column("action", sa.Text, nullable=False),
+    sa.Column("payload", pg.JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    # Sent on every attempt (providers that take one); the caller's, else generated. Unique per connection.
+    sa.Column("idempotency_key", sa.Text, nullable=False, server_default=sa.text("(gen_random_uuid())::text")),
+    sa.Column("status", sa.Text, nullable=False, server_default="pending"),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at", TZ, nullable=False, server_default=sa.func.now()),
+    # The claim of the apply run that holds the row (`sending`), and when that claim lapses if the run dies.
+    sa.Column("claim", sa.BigInteger),
+    sa.Column("lease_until", TZ),
+    # Moves on whenever the row becomes due again, so a sensor's run key never repeats.
+    sa.Column("generation", sa.BigInteger, nullable=False,
+              server_default=sa.text("nextval('outbox_claims'::regclass)")),
+    sa.Column("result", pg.JSONB),
+    sa.Column("result_id", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("requested_by", sa.Text),
+    sa.Column("run_id", sa.Text),
+    sa.Column("created_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("updated_at", TZ, nullable=False, server_default=sa.func.now()),
+    sa.Column("sent_at", TZ),
+    sa.Column("completed_at", TZ),
+    sa.CheckConstraint("status IN ('pending', 'sending', 'succeeded', 'failed', 'unknown', 'dead', 'cancelled')",
+                       name="outbox_status_known"),
+    sa.UniqueConstraint("connection_id", "idempotency_key", name="outbox_key_once_per_connection"),
+    sa.Index("outbox_due", "provider", "id", postgresql_where=sa.text("status IN ('pending', 'sending', 'unknown')")),
+)  # fmt: skip
+
 VAULT_KEYS = sa.Table(
     "vault_keys",
     METADATA,

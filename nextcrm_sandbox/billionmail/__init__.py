@@ -17,11 +17,19 @@ whitelist and codes 1001-1005.
 
 Campaigns are batch-mail tasks whose ``task_process`` (0 pending, 1 processing, 2 done, 3 paused) and
 counters follow the sandbox clock from ``start_time`` at ``threads`` x 20 mails a second; the list is
-ordered ``create_time DESC`` with required ``page``/``page_size``. Contacts live one row per (email,
-group) and list one row per email for the mandatory ``status``. Installs are generated deterministically
-from a seed and served under ``/billionmail/{account_id}``; the control API under ``/_sandbox/billionmail``
-creates them, applies changes on the clock, injects faults and reports statistics. No rate limits and no
-webhooks: BillionMail has neither.
+ordered ``create_time DESC`` with required ``page``/``page_size``. ``task/create`` freezes the subscribed,
+confirmed contacts of its groups as recipients and, taking no idempotency key, makes a second task of a
+repeated request; ``task/update`` changes a task that is not running (its ``start_time`` schedules it);
+``contact/group/contact_count`` counts the groups' subscribed addresses. Contacts live one row per (email,
+group) and list one row per email for the mandatory ``status`` (under its newest row in that status, with
+every group it is in with it; at most 100 a page, a bigger ``page_size`` gets 10); groups list with their
+subscribed and unsubscribed counts, and are read (``group/info``, ``404`` when gone), updated and deleted
+with their contacts; a contact edit with groups creates the address's rows again under new ids. Installs
+are generated deterministically from a seed and served under ``/billionmail/{account_id}``; the control API
+under ``/_sandbox/billionmail`` creates them, applies changes on the clock, injects faults and reports
+statistics. No rate limits and no webhooks: BillionMail has neither (the HTTP 429 of a reverse proxy in
+front of an install can be injected, and so can its 504 after the install carried a request out, for one
+route or all).
 
 Modules: ``wire`` (envelope, validation, JWT), ``data`` (an installation and its generation), ``api``
 (``BillionMailSandbox``: routes, endpoints, control routes) and ``control`` (``BillionMailControl``).

@@ -61,6 +61,21 @@ from nextcrm_sandbox.control import (
 )
 
 
+def _attribute_text(value: Any) -> str:
+    """An attribute value as ``EditContacts`` stores it: text, integral numbers without a fraction, JSON otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    if value is None:
+        return ""
+    return orjson.dumps(value).decode()
+
+
 def _pct(n: int, of: int) -> float | int:
     """``public.Round(n/of*100, 2)`` as Go encodes a float64: integral values without a fraction."""
     value = round(n / of * 100, 2) if of else 0.0
@@ -86,9 +101,23 @@ class _Faults:
     envelope_error_code: int = 500
     envelope_error_msg: str = "Unknown error"
     send_failures: int = 0
+    # Answers of a reverse proxy's request limit in front of the install (nginx ``limit_req`` with
+    # ``limit_req_status 429``): BillionMail itself limits nothing.
+    proxy_rate_limited: int = 0
+    # Requests the install carries out whose answer the reverse proxy replaces with its 504 (the upstream
+    # answered too late): the write happened, the client cannot know.
+    gateway_timeouts: int = 0
+    # Only requests to this route ("POST /api/batch_mail/task/create") meet the faults; None: every request.
+    route: str | None = None
 
     def active(self) -> bool:
-        return bool(self.server_errors or self.latency_ms or self.envelope_errors or self.send_failures)
+        counts = (self.server_errors, self.envelope_errors, self.send_failures, self.proxy_rate_limited,
+                  self.gateway_timeouts)  # fmt: skip
+        return bool(self.latency_ms or any(counts))
+
+    def meets(self, route: str | None) -> bool:
+        """Whether a request to ``route`` (None: not known) meets these faults."""
+        return self.route is None or route is None or self.route == route
 
 
 _FAULT_FIELDS = frozenset(
@@ -101,9 +130,23 @@ _FAULT_FIELDS = frozenset(
         "envelope_error_code",
         "envelope_error_msg",
         "send_failures",
+        "proxy_rate_limited",
+        "gateway_timeouts",
+        "route",
     }
 )
+# What nginx answers when a ``limit_req`` zone refuses a request (with ``limit_req_status 429``).
+_NGINX_429 = (
+    b"<html>\r\n<head><title>429 Too Many Requests</title></head>\r\n<body>\r\n"
+    b"<center><h1>429 Too Many Requests</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
+# What nginx answers when the upstream does not answer within ``proxy_read_timeout``.
+_NGINX_504 = (
+    b"<html>\r\n<head><title>504 Gateway Time-out</title></head>\r\n<body>\r\n"
+    b"<center><h1>504 Gateway Time-out</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+)
 _control = partial(control_endpoint, bad_request=(TypeError, ValueError))
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 _ACCOUNT_FIELDS = frozenset(
     {"id", "username", "password", "api_key", "seed", "campaigns", "contacts", "groups", "days", "knobs", *_KNOB_NAMES}
 )
@@ -232,10 +275,10 @@ class BillionMailSandbox:
     def routes(self) -> list[BaseRoute]:
         """API routes under ``/billionmail/{account}/...`` and control routes under ``/_sandbox/billionmail``."""
         control = CONTROL_PREFIX
-        methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+        methods = list(_METHODS)
         return [
             Route(f"{control}/accounts", self._control_accounts, methods=["GET", "POST"]),
-            Route(f"{control}/accounts/{{account}}", self._control_account, methods=["GET"]),
+            Route(f"{control}/accounts/{{account}}", self._control_account, methods=["GET", "DELETE"]),
             Route(f"{control}/accounts/{{account}}/changes", self._control_changes, methods=["POST"]),
             Route(f"{control}/accounts/{{account}}/records", self._control_records, methods=["POST"]),
             Route(f"{control}/accounts/{{account}}/export/{{entity}}", self._control_export, methods=["GET"]),
@@ -269,7 +312,12 @@ class BillionMailSandbox:
             e("GET", "/api/contact/group/all", "jwt", self._group_all),
             e("POST", "/api/contact/group/create", "jwt", self._group_create),
             e("POST", "/api/contact/group/import", "jwt", self._group_import),
+            e("GET", "/api/contact/group/info", "jwt", self._group_info),
+            e("POST", "/api/contact/group/update", "jwt", self._group_update),
+            e("POST", "/api/contact/group/delete", "jwt", self._group_delete),
+            e("POST", "/api/contact/group/contact_count", "jwt", self._group_contact_count),
             e("GET", "/api/contact/list", "jwt", self._contact_list),
+            e("POST", "/api/contact/edit", "jwt", self._contact_edit),
             e("POST", "/api/contact/delete", "jwt", self._contact_delete),
             e("POST", "/api/batch_mail/api/send", "apikey", self._api_send),
             e("POST", "/api/batch_mail/api/batch_send", "apikey", self._api_batch_send),
@@ -296,10 +344,10 @@ class BillionMailSandbox:
         self._count(inst, route, status)
         return Response(body, status_code=status, headers={"server": "nginx", **headers})
 
-    def _fault_for(self, account: str) -> _Faults | None:
+    def _fault_for(self, account: str, route: str | None = None) -> _Faults | None:
         for key in (account, None):
             f = self._faults.get(key)
-            if f is not None and f.active():
+            if f is not None and f.active() and f.meets(route):
                 return f
         return None
 
@@ -322,7 +370,7 @@ class BillionMailSandbox:
         inst = self.installs.get(account)
         if inst is None:
             return self._plain(None, f"{request.method} (no install)", 404)
-        faults = self._fault_for(account)
+        faults = self._fault_for(account, f"{request.method} {path}")
         if faults is not None:
             if faults.latency_ms:
                 await asyncio.sleep(faults.latency_ms / 1000)
@@ -331,6 +379,9 @@ class BillionMailSandbox:
                 return self._plain(
                     inst, f"{request.method} {path}", 500, b"Internal Server Error", **{"content-type": "text/plain"}
                 )
+            if faults.proxy_rate_limited > 0:
+                faults.proxy_rate_limited -= 1
+                return self._plain(inst, f"{request.method} {path}", 429, _NGINX_429, **{"content-type": "text/html"})
         now = self.clock()
         knobs = inst.knobs
         base = f"{PREFIX}/{inst.id}"
@@ -385,7 +436,10 @@ class BillionMailSandbox:
             if asyncio.iscoroutine(result):
                 result = await result
         except ApiError as err:
-            return self._envelope(inst, route, err.envelope())
+            result = err.envelope()
+        if faults is not None and faults.gateway_timeouts > 0:
+            faults.gateway_timeouts -= 1
+            return self._plain(inst, route, 504, _NGINX_504, **{"content-type": "text/html"})
         return self._envelope(inst, route, result)
 
     @staticmethod
@@ -731,9 +785,8 @@ class BillionMailSandbox:
         template_id = _to_int(p["template_id"])
         if template_id not in inst.templates:
             raise ApiError(400, "Template not found", {"id": 0})
+        # Groups without confirmed subscribers (or that do not exist) give a task without recipients.
         recipients = inst._snapshot(group_ids)
-        if not recipients:
-            raise ApiError(500, "No recipients found in the selected groups")
         task = inst.create_task(
             now=now,
             addresser=_to_str(p["addresser"]),
@@ -827,6 +880,79 @@ class BillionMailSandbox:
         keyword = _to_str(p.get("keyword")).strip()
         rows = [inst.group_entity(g) for g in inst.groups.values() if not keyword or keyword in g.name]
         return _ok("Success", {"list": rows})
+
+    def _group_info(self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int) -> dict[str, Any]:
+        """``GetGroupInfo``: the group with its subscribe link and sender (no counts: the list has those)."""
+        _validate(p, [_Rule("group_id", required=True)])
+        group = inst.groups.get(_to_int(p["group_id"]))
+        if group is None:
+            raise ApiError(404, "Group not found")
+        host = str(request.base_url).rstrip("/")
+        view = inst.group_entity(group)
+        defaults = {
+            "welcome_subject": "Welcome Aboard!",
+            "confirm_subject": "Confirm Your Subscription",
+            "success_url": f"{host}/subscribe_success.html",
+            "confirm_url": f"{host}/subscribe_confirm.html",
+            "already_url": f"{host}/already_subscribed.html",
+        }
+        view.update({k: v for k, v in defaults.items() if not view.get(k)})
+        return _ok(
+            "Group info retrieved successfully",
+            {
+                **view,
+                "total_count": 0,
+                "active_count": 0,
+                "unsubscribe_count": 0,
+                "subscribe_link": f"{host}/subscribe_form.html?token={group.token}",
+                "sender": f"noreply@{inst.domain}",
+            },
+        )
+
+    def _group_update(self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int) -> dict[str, Any]:
+        """``UpdateGroup``: name and description when given, ``double_optin`` always (0 when absent); a missing
+        group is updated without error, as the source does (its lookup error is only ``sql.ErrNoRows``)."""
+        _validate(p, [_Rule("group_id", required=True), _Rule("double_optin", choices=(0, 1))])
+        gid = _to_int(p["group_id"])
+        name = _to_str(p.get("name"))
+        changes: dict[str, Any] = {"double_optin": _to_int(p.get("double_optin"))}
+        if name:
+            if any(g.name == name and g.id != gid for g in inst.groups.values()):
+                raise ApiError(
+                    500,
+                    "Failed to update group: ERROR: duplicate key value violates unique constraint "
+                    '"bm_contact_groups_name_key" (SQLSTATE 23505)',
+                )
+            changes["name"] = name
+        if _to_str(p.get("description")):
+            changes["description"] = _to_str(p["description"])
+        inst.update_group(gid, changes, now)
+        return _ok("Group updated successfully")
+
+    def _group_delete(self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int) -> dict[str, Any]:
+        """``DeleteGroup``: each group with its contacts; ids that name no group count as failed."""
+        _validate(p, [_Rule("group_ids", required=True)])
+        done = failed = 0
+        for gid in _to_int_list(p["group_ids"]):
+            if inst.delete_group(gid):
+                done += 1
+            else:
+                failed += 1
+        data = {"success_count": done, "failed_count": failed}
+        if not done and not failed:
+            raise ApiError(400, "No groups were deleted", data)
+        return _ok("Groups deleted successfully", data)
+
+    def _group_contact_count(
+        self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int
+    ) -> dict[str, Any]:
+        """``GetGroupContactCount``: distinct subscribed addresses (``active`` 1, confirmed or not) in the groups."""
+        _validate(p, [_Rule("group_ids", required=True)])
+        group_ids = set(_to_int_list(p["group_ids"]))
+        if not group_ids:
+            raise ApiError(400, "Group IDs cannot be empty", {"total": 0})
+        emails = {row.email for row in inst.contacts.values() if row.group_id in group_ids and row.active == 1}
+        return _ok("Successfully retrieved contact count", {"total": len(emails)})
 
     def _group_create(self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int) -> dict[str, Any]:
         _validate(
@@ -939,6 +1065,27 @@ class BillionMailSandbox:
             {"total": len(rows), "list": [inst.contact_view(r, status) for r in chunk]},
         )
 
+    def _contact_edit(self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int) -> dict[str, Any]:
+        """``EditContacts``: ``emails`` is one address; with ``group_ids`` its rows are created again (new ids)
+        with ``active`` (0 when absent) and ``attribs`` (a JSON object as a string; else the old ones)."""
+        _validate(p, [_Rule("emails", required=True)])
+        attribs: dict[str, str] | None = None
+        text = _to_str(p.get("attribs")).strip('"').replace('""', '"')
+        if text:
+            try:
+                parsed = orjson.loads(text)
+            except orjson.JSONDecodeError as err:
+                raise ApiError(400, f"Invalid attributes format:{err}") from None
+            if not isinstance(parsed, dict):
+                raise ApiError(400, "Invalid attributes format:json: cannot unmarshal into Go value of type map")
+            attribs = {str(k): _attribute_text(v) for k, v in parsed.items()}
+        group_ids = _to_int_list(p.get("group_ids"))
+        for gid in group_ids:
+            if gid not in inst.groups:
+                raise ApiError(500, f"Failed to edit contact: Group {gid} not found")
+        inst.edit_contact(_to_str(p["emails"]), _to_int(p.get("active")), group_ids, attribs, now)
+        return _ok("Contact updated successfully")
+
     def _contact_delete(
         self, inst: BillionMailInstall, p: dict[str, Any], request: Request, now: int
     ) -> dict[str, Any]:
@@ -946,20 +1093,9 @@ class BillionMailSandbox:
         status = _to_int(p["status"])
         deleted = 0
         for email in _to_str_list(p["emails"]):
-            ids = [r for r in inst.by_email.get(email, []) if inst.contacts[r].active == status]
-            if not ids:
-                continue
-            remaining = [r for r in inst.by_email[email] if r not in ids]
-            for rid in ids:
-                inst.contacts.pop(rid, None)
-            inst.deleted_contact_ids.extend(ids)
-            if remaining:
-                inst.by_email[email] = remaining
-            else:
-                inst.by_email.pop(email, None)
-                inst.deleted_emails.append(email)
-            inst.contact_version += 1
-            deleted += len(ids)
+            deleted += inst.drop_contact_rows(
+                [r for r in inst.by_email.get(email, []) if inst.contacts[r].active == status]
+            )
         return _ok("Contacts deleted successfully", {"deleted_count": deleted})
 
     # --- send API (x-api-key) ---------------------------------------------------------------------------
@@ -1075,7 +1211,12 @@ class BillionMailSandbox:
 
     async def _control_account(self, request: Request) -> Response:
         async def handle() -> Any:
-            return self.summary(self._inst(request))
+            inst = self._inst(request)
+            if request.method == "DELETE":
+                with self._lock:
+                    self.installs.pop(inst.id, None)
+                return {"deleted": inst.id}
+            return self.summary(inst)
 
         return await _control(handle)()
 
@@ -1214,14 +1355,21 @@ class BillionMailSandbox:
             body = await read_json_object(request)
             reject_unknown_fields(body, _FAULT_FIELDS, "fault")
             if body.get("rate_limited"):
-                raise ControlError(400, "BillionMail has no rate limiting: use latency_ms or server_errors")
+                raise ControlError(
+                    400, "BillionMail has no rate limiting: use latency_ms, server_errors or proxy_rate_limited"
+                )
             account = body.get("account")
             if account is not None and account not in self.installs:
                 raise ControlError(404, f"no account {account!r}")
             f = self._faults.setdefault(account, _Faults())
-            for name in ("server_errors", "envelope_errors", "send_failures"):
+            for name in ("server_errors", "envelope_errors", "send_failures", "proxy_rate_limited", "gateway_timeouts"):
                 if name in body:
                     setattr(f, name, int_field(body, name, 0))
+            if "route" in body:
+                route = body["route"]
+                if route is not None and (not isinstance(route, str) or route.split(" ")[0] not in _METHODS):
+                    raise ControlError(400, 'route must be "METHOD /api/path" or null')
+                f.route = route
             if "envelope_error_code" in body:
                 f.envelope_error_code = int_field(body, "envelope_error_code", 500)
             if "envelope_error_msg" in body:

@@ -18,6 +18,10 @@ class BillionMailControl(ControlClient):
         """Create an installation: username, password, api_key, seed, campaigns, contacts, groups, days, knobs."""
         return self._call("POST", "/accounts", json=spec)
 
+    def delete_account(self, account_id: str) -> dict[str, Any]:
+        """Remove an installation."""
+        return self._call("DELETE", f"/accounts/{account_id}")
+
     def accounts(self) -> list[dict[str, Any]]:
         """Summaries of every installation."""
         return self._call("GET", "/accounts")
@@ -56,7 +60,10 @@ class BillionMailControl(ControlClient):
         return self._call("POST", f"/accounts/{account_id}/knobs", json=knobs)
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
-        """Inject server_errors, latency_ms, envelope_errors (+ code/msg) or send_failures (one account or all)."""
+        """Inject server_errors, latency_ms, envelope_errors (+ code/msg), send_failures, proxy_rate_limited (the
+        HTTP 429 of a reverse proxy's request limit in front of the install) or gateway_timeouts (the proxy's 504
+        after the install carried the request out), for one account or all; `route` ("POST /api/...") limits
+        them to one route."""
         return self._set_faults("account", account, faults)
 
     def clear_faults(self, account: str | None = None) -> dict[str, Any]:

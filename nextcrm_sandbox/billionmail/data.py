@@ -406,6 +406,7 @@ class BillionMailInstall:
         self.deleted_task_ids: list[int] = []
         self.deleted_contact_ids: list[int] = []
         self.deleted_emails: list[str] = []
+        self.deleted_group_ids: list[int] = []
         self.next_task_id = 1
         self.next_contact_id = 1
         self.next_group_id = 1
@@ -513,14 +514,15 @@ class BillionMailInstall:
         return row
 
     def _snapshot(self, group_ids: Iterable[int], at: float | None = None) -> list[str]:
-        """Active recipients of the groups (created by ``at``), deduplicated like ``InsertIgnore``."""
+        """The recipients a task to the groups gets (``GetActiveContacts``): subscribed and confirmed contacts
+        (created by ``at``), deduplicated like ``InsertIgnore``."""
         out: list[str] = []
         for gid in group_ids:
             rows = sorted(
                 (
                     r
                     for r in self.contacts.values()
-                    if r.group_id == gid and r.active == 1 and (at is None or r.create_time <= at)
+                    if r.group_id == gid and r.active == 1 and r.status == 1 and (at is None or r.create_time <= at)
                 ),
                 key=lambda r: r.id,
             )
@@ -717,7 +719,7 @@ class BillionMailInstall:
         return cached
 
     def contact_view(self, row: _Contact, status: int) -> dict[str, Any]:
-        """A row of ``contact/list``: the email's first row with its groups for this ``status``."""
+        """A row of ``contact/list``: the email's listed row with its groups for this ``status``."""
         groups = sorted(
             {self.contacts[i].group_id for i in self.by_email.get(row.email, ()) if self.contacts[i].active == status}
         )
@@ -738,7 +740,12 @@ class BillionMailInstall:
         }
 
     def ordered_contacts(self, group_id: int, keyword: str, status: int) -> list[_Contact]:
-        """One row per email (the lowest id) among the matching rows, by ``create_time`` DESC."""
+        """One row per email among the matching rows, by ``create_time`` DESC (``GetContactsWithPage``).
+
+        The row an email is listed under is its newest (``DISTINCT ON (email) ... ORDER BY email,
+        create_time DESC``); rows created in the same second are a tie Postgres breaks at will: here the
+        lowest id. An email added to another group later is then listed under that group's row.
+        """
         key = ("list", self.contact_version, group_id, keyword, status)
         cached = self._contact_cache.get(key)
         if cached is None:
@@ -748,7 +755,8 @@ class BillionMailInstall:
                     continue
                 if keyword and keyword not in row.email:
                     continue
-                if row.email not in chosen:
+                held = chosen.get(row.email)
+                if held is None or (row.create_time, -row.id) > (held.create_time, -held.id):
                     chosen[row.email] = row
             cached = sorted(chosen.values(), key=lambda r: (r.create_time, r.id), reverse=True)
             self._contact_cache = {k: v for k, v in self._contact_cache.items() if k[1] == self.contact_version}
@@ -1002,6 +1010,61 @@ class BillionMailInstall:
             self.contact_version += 1
         return ids
 
+    def drop_contact_rows(self, ids: Iterable[int]) -> int:
+        """Delete contact rows by id, keeping ``by_email`` in step; returns how many there were."""
+        dropped = 0
+        for rid in ids:
+            row = self.contacts.pop(rid, None)
+            if row is None:
+                continue
+            dropped += 1
+            self.deleted_contact_ids.append(rid)
+            remaining = [r for r in self.by_email.get(row.email, ()) if r != rid]
+            if remaining:
+                self.by_email[row.email] = remaining
+            else:
+                self.by_email.pop(row.email, None)
+                self.deleted_emails.append(row.email)
+        if dropped:
+            self.contact_version += 1
+        return dropped
+
+    def delete_group(self, gid: int) -> bool:
+        """``DeleteContactsByGroupId`` then ``DeleteGroup``; False when there was no such group."""
+        if gid not in self.groups:
+            return False
+        self.drop_contact_rows([rid for rid, row in self.contacts.items() if row.group_id == gid])
+        del self.groups[gid]
+        self.deleted_group_ids.append(gid)
+        self.contact_version += 1
+        return True
+
+    def update_group(self, gid: int, changes: Mapping[str, Any], now: int) -> None:
+        """``UpdateGroup``: the given fields and ``update_time`` (a missing group: nothing to update)."""
+        group = self.groups.get(gid)
+        if group is None:
+            return
+        for name, value in changes.items():
+            setattr(group, name, value)
+        group.update_time = now
+        self.contact_version += 1
+
+    def edit_contact(
+        self, email: str, active: int, group_ids: Sequence[int], attribs: dict[str, str] | None, now: int
+    ) -> None:
+        """``EditContacts``: with groups, the email's rows are deleted and created again, one per group, at
+        ``now`` (new ids), keeping its newest row's confirmation and, unless new ones are given, attributes;
+        without groups nothing is written."""
+        if not group_ids:
+            return
+        rows = sorted((self.contacts[r] for r in self.by_email.get(email, ())), key=lambda r: r.id)
+        newest = rows[-1] if rows else None
+        final = attribs if attribs is not None else dict(newest.attribs) if newest is not None else {}
+        status = newest.status if newest is not None else 0
+        self.drop_contact_rows([r.id for r in rows])
+        for gid in group_ids:
+            self._insert_contact(email, gid, active, status, now, dict(final))
+
     def apply_changes(self, changes: Mapping[str, int], now: int) -> dict[str, list[Any]]:
         """Creates, edits, deletes and progress of tasks, and contact creates/unsubscribes/deletes, at ``now``."""
         self._change_round += 1
@@ -1100,7 +1163,10 @@ class BillionMailInstall:
                 "deleted_emails": list(self.deleted_emails),
             }
         if entity == "groups":
-            return {"records": [self.group_view(g) for g in self.groups.values()], "deleted_ids": []}
+            return {
+                "records": [self.group_view(g) for g in self.groups.values()],
+                "deleted_ids": list(self.deleted_group_ids),
+            }
         if entity == "api_mails":
             return {"records": list(self.api_mails), "deleted_ids": []}
         raise ControlError(400, "entity must be campaigns, contacts, groups or api_mails")

@@ -23,9 +23,15 @@ connection's base URL is ``{sandbox}/mautic/{account}`` and the real paths follo
 - the optional hourly limiter (429 with noxlogic's body and ``X-RateLimit-*`` headers) and the
   ``Mautic-Version`` header; bodies encoded as PHP's ``json_encode`` writes them.
 
-- contact writes (``POST /api/contacts/new``, ``PUT|PATCH /api/contacts/{id}/edit``, ``DELETE …/delete``),
-  campaign membership (``POST /api/campaigns/{id}/contact/{contactId}/add|remove``) and ``GET /api/stats/
-  campaign_leads`` (every membership row, manual removals included);
+- contact writes (``POST /api/contacts/new``, which updates the contact holding the same unique identifier,
+  email by default (knob ``contact_unique_fields``), answering 200; ``PUT|PATCH /api/contacts/{id}/edit``,
+  ``DELETE …/delete``), campaign writes (``POST /api/campaigns/new`` with its events, sources and canvas, a
+  repeated one making a second campaign; ``PUT|PATCH /api/campaigns/{id}/edit``), with Mautic's form errors
+  (``{"errors": [{"code": 400, "message": "name: A name is required.", "details": {...}}]}``), campaign and
+  segment membership (``POST /api/{campaigns|segments}/{id}/contact/{contactId}/add|remove``) and ``GET
+  /api/stats/campaign_leads`` (every membership row, manual removals included);
+- faults: 5xx, 429, latency, inserts while paging, ignored id filters, and ``lost_answers`` (a write carried out
+  whose answer is a 5xx);
 - webhooks (``sandbox.mautic.webhooks``): the contact events Mautic sends (identified, updated, points changed,
   deleted; nothing for anonymous visitors' saves, nothing for campaign membership changes) go to the
   installation's webhooks as PHP-encoded bodies signed ``Webhook-Signature``, in immediate mode (no retry) or

@@ -50,8 +50,12 @@ from nextcrm_sandbox.mautic.model import (
     MSG_API_DISABLED,
     MSG_BASIC_DISABLED,
     MSG_BASIC_INVALID,
+    MSG_EVENTS_REQUIRED,
+    MSG_NAME_REQUIRED,
     MSG_NOT_FOUND,
+    MSG_NOT_VALID,
     MSG_ONE_METHOD,
+    MSG_SOURCES_REQUIRED,
     MSG_TOKEN_EXPIRED,
     MSG_TOKEN_INVALID,
     PREFIX,
@@ -60,6 +64,7 @@ from nextcrm_sandbox.mautic.model import (
     _entity_of,
     _generic_message,
     _unix_field,
+    _values,
     parse_datetime,
     php_json,
     php_params,
@@ -69,6 +74,8 @@ from nextcrm_sandbox.oauth import AccessDenied, OAuthError
 
 # API writes: route kind -> the status a success answers with.
 _WRITES = {
+    "campaign_new": 201,
+    "campaign_edit": 200,
     "contact_new": 201,
     "contact_edit": 200,
     "contact_delete": 200,
@@ -96,6 +103,8 @@ class _Faults:
     # List requests answered as if their `where[]` clauses on `id` were absent (a proxy or plugin that drops
     # them): paging by id then gets the same page again.
     repeat_pages: int = 0
+    # Writes carried out whose answer is lost (a proxy's 5xx after Mautic committed): the client cannot tell.
+    lost_answers: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -105,12 +114,14 @@ class _Faults:
             "latency_ms": self.latency_ms,
             "insert_during_paging": self.insert_during_paging,
             "repeat_pages": self.repeat_pages,
+            "lost_answers": self.lost_answers,
         }
 
     def active(self) -> bool:
         return bool(
             self.server_errors or self.rate_limited or self.latency_ms or self.insert_during_paging or self.repeat_pages
-        )
+            or self.lost_answers
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -191,6 +202,75 @@ async def _contact_fields(request: Request) -> dict[str, Any]:
         elif key in _TEXT_FIELDS:
             fields[key] = None if value is None else str(value)
     return fields
+
+
+async def _write_params(request: Request) -> dict[str, Any]:
+    """A write's parameters as FOSRest's body listener hands them over: a JSON object, or a form folded into PHP's
+    nested arrays (``events[0][name]=...``)."""
+    raw = await request.body()
+    if "json" in request.headers.get("content-type", ""):
+        try:
+            body = orjson.loads(raw or b"{}")
+        except orjson.JSONDecodeError:
+            raise ApiError(400, "Request body is not valid JSON.") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "Request body must be an object.")
+        return body
+    return php_params(parse_qsl(raw.decode("utf-8", "replace"), keep_blank_values=True))
+
+
+def _flag(value: Any, field: str) -> bool:
+    """A yes/no form field: true/false, 1/0 (as numbers or text); anything else is refused."""
+    if isinstance(value, bool):
+        return value
+    text = "" if value is None else str(value).strip().lower()
+    if text in ("1", "true"):
+        return True
+    if text in ("0", "false", ""):
+        return False
+    raise ApiError.invalid(field, MSG_NOT_VALID)
+
+
+def _campaign_fields(params: Mapping[str, Any], *, whole: bool) -> dict[str, Any]:
+    """The campaign form's fields a write gives (others are ignored, as ``allow_extra_fields`` does): a blank name is
+    refused where the write sets one (always for POST and PUT), dates are read as MySQL reads them."""
+    fields: dict[str, Any] = {}
+    if whole or "name" in params:
+        name = params.get("name")
+        if isinstance(name, bool | dict | list) or name is None or not str(name).strip():
+            raise ApiError.invalid("name", MSG_NAME_REQUIRED)
+        fields["name"] = str(name).strip()
+    if "description" in params:
+        value = params["description"]
+        fields["description"] = None if value in (None, "") else str(value)
+    for key in ("isPublished", "allowRestart"):
+        if key in params:
+            fields[key] = _flag(params[key], key)
+    for key in ("publishUp", "publishDown"):
+        if key in params:
+            value = params[key]
+            moment = None if value in (None, "") else parse_datetime(str(value))
+            if value not in (None, "") and moment is None:
+                raise ApiError.invalid(key, MSG_NOT_VALID)
+            fields[key] = moment
+    return fields
+
+
+def _source_ids(params: Mapping[str, Any], key: str) -> list[int]:
+    """The ids of a campaign's sources (``lists`` or ``forms``): ``[{"id": 3}, ...]`` or bare ids; a malformed one
+    fails as Doctrine would (500)."""
+    ids = []
+    for item in _values(params.get(key)):
+        value = item.get("id") if isinstance(item, dict) else item
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise ApiError(500, _generic_message(500), kind="kernel")
+        ids.append(int(str(value).strip()))
+    return ids
+
+
+def _location(request: Request, inst: MauticInstallation, entity: str, rid: int) -> dict[str, str]:
+    """The ``Location`` header of a created entity: its ``GET /api/{entity}/{id}`` URL."""
+    return {"location": f"{str(request.base_url).rstrip('/')}{inst.base_path}/api/{entity}/{rid}"}
 
 
 class MauticSandbox:
@@ -307,6 +387,8 @@ class MauticSandbox:
             Route(f"{base}/api/contacts/{{rid:int}}/campaigns", self._api("contact_campaigns"), methods=["GET"]),
             Route(f"{base}/api/contacts/{{rid:int}}/segments", self._api("contact_segments"), methods=["GET"]),
             Route(f"{base}/api/stats/{{table}}", self._api("stats"), methods=["GET"]),
+            Route(f"{base}/api/campaigns/new", self._api("campaign_new"), methods=["POST"]),
+            Route(f"{base}/api/campaigns/{{rid:int}}/edit", self._api("campaign_edit"), methods=["PUT", "PATCH"]),
             Route(f"{base}/api/contacts/new", self._api("contact_new"), methods=["POST"]),
             Route(f"{base}/api/contacts/{{rid:int}}/edit", self._api("contact_edit"), methods=["PUT", "PATCH"]),
             Route(f"{base}/api/contacts/{{rid:int}}/delete", self._api("contact_delete"), methods=["DELETE"]),
@@ -389,6 +471,8 @@ class MauticSandbox:
                 "contact_campaigns": "/api/contacts/{id}/campaigns",
                 "contact_segments": "/api/contacts/{id}/segments",
                 "stats": "/api/stats/{table}",
+                "campaign_new": "/api/campaigns/new",
+                "campaign_edit": "/api/campaigns/{id}/edit",
                 "contact_new": "/api/contacts/new",
                 "contact_edit": "/api/contacts/{id}/edit",
                 "contact_delete": "/api/contacts/{id}/delete",
@@ -432,8 +516,12 @@ class MauticSandbox:
             user, key = self._authenticate(request, inst)
             rate_headers = self._rate_limit(inst, key, faults)
             if kind in _WRITES:
-                status, payload = await self._write(request, inst, kind)
-                return _json(status, payload, {**version, **rate_headers})
+                status, payload, headers = await self._write(request, inst, kind, user)
+                if faults is not None and faults.lost_answers > 0:
+                    faults.lost_answers -= 1
+                    status = faults.server_error_status
+                    raise ApiError(status, _generic_message(status), kind="kernel")
+                return _json(status, payload, {**version, **rate_headers, **headers})
             payload = self._dispatch(request, inst, kind, entity, user, faults)
             return _json(200, payload, {**version, **rate_headers})
         except _RateLimited as limited:
@@ -474,13 +562,18 @@ class MauticSandbox:
             return inst.stats(request.path_params["table"], params)
         return inst.contact_segments(rid)
 
-    async def _write(self, request: Request, inst: MauticInstallation, kind: str) -> tuple[int, dict[str, Any]]:
-        """The contact and campaign-membership writes (as Mautic documents them): ``/new`` 201, PATCH 404s on a missing
-        contact while PUT creates it, membership add/remove ``{"success": 1}``; contact changes send their webhooks,
-        membership changes (campaigns and segments) none (Mautic has no webhook event for them)."""
+    async def _write(self, request: Request, inst: MauticInstallation, kind: str,
+                     user: Mapping[str, Any] | None) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
+        """The campaign, contact and membership writes (as Mautic serves them): ``/new`` 201 with a ``Location``, PATCH
+        404s on a missing entity while PUT creates it, membership add/remove ``{"success": 1}``. A new contact whose
+        unique identifier (email) a contact already has updates that one (200). Contact changes send their webhooks;
+        campaign and membership changes none (this emulator sends no segment-membership event)."""
         rid = request.path_params.get("rid")
         now = self.clock()
+        user_id = user["id"] if user else None
         contacts = inst.tables["contacts"]
+        if kind in ("campaign_new", "campaign_edit"):
+            return self._write_campaign(request, inst, kind, await _write_params(request), now, user_id)
         if kind == "campaign_member":
             action, lead = request.path_params["action"], request.path_params["lead"]
             if action not in ("add", "remove"):
@@ -489,7 +582,7 @@ class MauticSandbox:
             if rid not in inst.tables["campaigns"] or lead not in contacts:
                 raise ApiError(404, MSG_NOT_FOUND)
             (inst.join if action == "add" else inst.leave)(rid, lead, now)
-            return _WRITES[kind], {"success": 1}
+            return _WRITES[kind], {"success": 1}, {}
         if kind == "segment_member":
             action, lead = request.path_params["action"], request.path_params["lead"]
             if action not in ("add", "remove"):
@@ -498,21 +591,63 @@ class MauticSandbox:
             if rid not in inst.tables["segments"] or lead not in contacts:
                 raise ApiError(404, MSG_NOT_FOUND)
             (inst.segment_join if action == "add" else inst.segment_leave)(rid, lead, now)
-            return _WRITES[kind], {"success": 1}
+            return _WRITES[kind], {"success": 1}, {}
         if kind == "contact_delete":
             if rid not in contacts:
                 raise ApiError(404, MSG_NOT_FOUND)
             view = {**inst.render("contacts", contacts[rid]), "id": None}
             inst.delete("contacts", rid, now)
-            return _WRITES[kind], {"contact": view}
+            return _WRITES[kind], {"contact": view}, {}
         fields = await _contact_fields(request)
+        if kind == "contact_new":
+            existing = inst.duplicate_contact(fields)
+            if existing is not None:  # `getNewEntity` found it: the form edits it, answered 200
+                return 200, {"contact": inst.render("contacts", inst.update("contacts", existing.id, fields, now))}, {}
         if kind == "contact_new" or (rid not in contacts and request.method == "PUT"):
-            return 201, {"contact": inst.render("contacts", inst.create("contacts", now, fields))}
+            created = inst.api_create_contact(fields, now, user_id)
+            return 201, {"contact": inst.render("contacts", created)}, _location(request, inst, "contacts", created.id)
         if rid not in contacts:
             raise ApiError(404, MSG_NOT_FOUND)
         if request.method == "PUT":  # PUT replaces: the fields it does not name are emptied
             fields = {**dict.fromkeys(_TEXT_FIELDS | _NUMBER_FIELDS), **fields}
-        return _WRITES[kind], {"contact": inst.render("contacts", inst.update("contacts", rid, fields, now))}
+        return _WRITES[kind], {"contact": inst.render("contacts", inst.update("contacts", rid, fields, now))}, {}
+
+    def _write_campaign(self, request: Request, inst: MauticInstallation, kind: str, params: Mapping[str, Any],
+                        now: int, user_id: int | None) -> tuple[int, dict[str, Any], dict[str, str]]:  # fmt: skip
+        """``POST /api/campaigns/new`` and ``PUT|PATCH /api/campaigns/{id}/edit`` in ``processForm``'s order: the form
+        (a blank name is refused), then ``preSaveEntity``: POST and PUT need events and a source (segments or
+        forms); a source the installation does not have fails as its foreign key would (500)."""
+        rid = request.path_params.get("rid")
+        campaigns = inst.tables["campaigns"]
+        exists = kind == "campaign_edit" and rid in campaigns
+        if kind == "campaign_edit" and not exists and request.method == "PATCH":
+            raise ApiError(404, MSG_NOT_FOUND)
+        whole = request.method in ("POST", "PUT")
+        fields = _campaign_fields(params, whole=whole)
+        lists = _source_ids(params, "lists") if whole or "lists" in params else None
+        if whole:
+            events = _values(params.get("events"))
+            if not events:
+                raise ApiError(400, MSG_EVENTS_REQUIRED)
+            if not lists and not _source_ids(params, "forms"):
+                raise ApiError(400, MSG_SOURCES_REQUIRED)
+            if _source_ids(params, "forms"):  # the emulator keeps no forms
+                raise ApiError(500, _generic_message(500), kind="kernel")
+        else:
+            events = None
+        if lists and any(sid not in inst.tables["segments"] for sid in lists):
+            raise ApiError(500, _generic_message(500), kind="kernel")
+        canvas = params.get("canvasSettings") if isinstance(params.get("canvasSettings"), dict) else None
+        if not exists:
+            created = inst.api_create_campaign(fields, lists or [], events or [], canvas, now, user_id)
+            headers = _location(request, inst, "campaigns", created.id)
+            return 201, {"campaign": inst.render("campaigns", created)}, headers
+        if request.method == "PUT":  # PUT clears what it does not give
+            fields = {"description": None, "isPublished": False, "publishUp": None, "publishDown": None,
+                      "allowRestart": False, **fields}  # fmt: skip
+        edited = inst.api_edit_campaign(rid, fields, now, user_id, lists=lists, events=events, canvas=canvas,
+                                        replace=request.method == "PUT")  # fmt: skip
+        return 200, {"campaign": inst.render("campaigns", edited)}, {}
 
     def _authenticate(self, request: Request, inst: MauticInstallation) -> tuple[dict[str, Any] | None, str]:
         """The API user and the limiter's key: a bearer token (header or ``access_token``) or Basic credentials."""
@@ -883,7 +1018,7 @@ class MauticSandbox:
         if account is not None:
             account = self._inst(str(account)).id
         faults = self._faults.setdefault(account, _Faults())
-        for name in ("server_errors", "rate_limited", "insert_during_paging", "repeat_pages"):
+        for name in ("server_errors", "rate_limited", "insert_during_paging", "repeat_pages", "lost_answers"):
             if name in body:
                 setattr(faults, name, int_field(body, name, 0))
         if "server_error_status" in body:

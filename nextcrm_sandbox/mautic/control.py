@@ -143,7 +143,8 @@ class MauticControl(WebhookControl):
         return self._call("POST", "/webhooks/process", json=body)["sent"]
 
     def set_faults(self, account: str | None = None, **faults: Any) -> dict[str, Any]:
-        """server_errors, server_error_status, rate_limited, latency_ms, insert_during_paging (one account or all)."""
+        """server_errors, server_error_status, rate_limited, latency_ms, insert_during_paging, repeat_pages and
+        lost_answers (writes carried out, then answered with a 5xx), for one account or all."""
         return self._set_faults("account", account, faults)
 
     def clear_faults(self, account: str | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import datetime as dt
 import random
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +72,7 @@ from nextcrm_sandbox.mautic.model import (
     _snake,
     _unix_field,
     _values,
+    parse_datetime,
     pattern_match,
 )
 from nextcrm_sandbox.oauth import OAuthPolicy, OAuthServer
@@ -154,6 +155,9 @@ _KNOB_DEFAULTS: dict[str, Any] = {
     "insert_during_paging": 0,
     "utc_offset": "+00:00",
     "mautic_version": MAUTIC_VERSION,
+    # Contact fields marked "Is Unique Identifier" (email by default): ``POST /api/contacts/new`` with a value
+    # of one of them that a contact already has updates that contact instead of creating another.
+    "contact_unique_fields": ["email"],
 }
 _SOCIAL_FIELDS = tuple(alias for _i, alias, _l, _k, group in _CONTACT_FIELDS if group == "social")
 _COUNT_FIELDS = ("campaigns", "contacts", "segments", "emails")
@@ -199,6 +203,12 @@ def _normalise_knobs(body: Mapping[str, Any], base: Mapping[str, Any]) -> dict[s
     if "utc_offset" in body:
         _parse_offset(str(body["utc_offset"]))
         out["utc_offset"] = str(body["utc_offset"])
+    if "contact_unique_fields" in body:
+        fields = body["contact_unique_fields"]
+        aliases = {alias for _i, alias, _l, _k, _g in _CONTACT_FIELDS}
+        if not isinstance(fields, list) or any(f not in aliases for f in fields):
+            raise ControlError(400, 'contact_unique_fields must be a list of contact field aliases (e.g. ["email"])')
+        out["contact_unique_fields"] = list(dict.fromkeys(fields))
     for name in ("total_as_string", "empty_as_object"):
         if name in body:
             value = body[name]
@@ -597,6 +607,148 @@ class MauticInstallation:
                 self._contact_event("mautic.lead_points_change", {"contact": view, "points": change})
         return rec
 
+    # --- API writes -----------------------------------------------------------------------------------------
+
+    def api_user(self, user_id: int | None) -> int:
+        """Who an API write is by: the token's user, else (client credentials) the installation's first user."""
+        return user_id if user_id is not None else next(iter(self.users_by_id))
+
+    def duplicate_contact(self, fields: Mapping[str, Any]) -> _Record | None:
+        """``LeadModel::checkForDuplicateContact``: the oldest contact holding a value the write gives for one of the
+        unique identifier fields (compared as MySQL's collation does, case-insensitively), or None."""
+        wanted = {alias: str(fields[alias]).casefold() for alias in self.knobs["contact_unique_fields"]
+                  if fields.get(alias) not in (None, "")}  # fmt: skip
+        if not wanted:
+            return None
+        contacts = self.tables["contacts"]
+        for rid in sorted(contacts):
+            values = contacts[rid].f["v"]
+            if any(values.get(alias) is not None and str(values[alias]).casefold() == value
+                   for alias, value in wanted.items()):  # fmt: skip
+                return contacts[rid]
+        return None
+
+    def api_create_contact(self, fields: Mapping[str, Any], at: int, user_id: int | None) -> _Record:
+        """A contact made through the API: the fields it was given and nothing else (no points, owner, tags or IP),
+        created by the API user; its save sends the webhooks a save sends."""
+        rid = self._alloc("contacts")
+        rec = _Record(rid, at, None, {"v": {"points": 0}, "isPublished": True, "createdBy": self.api_user(user_id),
+                                      "modifiedBy": None, "owner": None, "dateIdentified": None, "color": None,
+                                      "ip": None, "tags": [], "dnc": []})  # fmt: skip
+        self.tables["contacts"][rid] = rec
+        self._apply_fields("contacts", rec, fields)
+        self._touch()
+        self._contact_saved(rec, at, created=True)
+        return rec
+
+    def api_campaign_events(
+        self, events: list[Any], canvas: Mapping[str, Any], keep: Collection[int] = ()
+    ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """``CampaignModel::setEvents``: the request's events with real ids (an id the campaign has is kept, ``new…``
+        or anything else gets a new one), parents linked by the ids the request used, children derived, and the
+        canvas's node and connection ids rewritten to match. An event without a name, type or event type fails as
+        the database would (500)."""
+        real: list[int] = []
+        by_given: dict[str, int] = {}
+        for event in events:
+            if not isinstance(event, dict) or not all(event.get(k) for k in ("name", "type", "eventType")):
+                raise _server_error()
+            if event["eventType"] not in ("action", "decision", "condition"):
+                raise _server_error()
+            given = str(event.get("id") or "")
+            if given.isdigit() and int(given) in keep:
+                rid = int(given)
+            else:
+                rid = self.next_event_id
+                self.next_event_id += 1
+            real.append(rid)
+            if given:
+                by_given[given] = rid
+
+        def ref(value: Any) -> int | None:
+            value = value.get("id") if isinstance(value, dict) else value
+            return None if value in (None, "") else by_given.get(str(value))
+
+        parents = {rid: ref(event.get("parent")) for event, rid in zip(events, real, strict=True)}
+        briefs = {rid: {"id": rid, "name": str(e["name"]), "description": e.get("description"), "type": str(e["type"]),
+                        "eventType": str(e["eventType"])} for e, rid in zip(events, real, strict=True)}  # fmt: skip
+        stored: dict[str, dict[str, Any]] = {}
+        for event, rid in zip(events, real, strict=True):
+            when = event.get("triggerDate")
+            moment = None if when in (None, "") else parse_datetime(str(when))
+            if when not in (None, "") and moment is None:
+                raise _server_error()
+            interval = event.get("triggerInterval")
+            properties = event.get("properties")
+            parent = parents[rid]
+            stored[str(rid)] = {
+                "id": rid,
+                "type": str(event["type"]),
+                "eventType": str(event["eventType"]),
+                "name": str(event["name"]),
+                "description": event.get("description"),
+                "order": _php_int(event.get("order"), 1),
+                "properties": dict(properties) if isinstance(properties, dict) else {},
+                "triggerDate": self.iso(moment),
+                "triggerInterval": None if interval in (None, "") else _php_int(interval, 0),
+                "triggerIntervalUnit": event.get("triggerIntervalUnit") or None,
+                "triggerMode": event.get("triggerMode") or None,
+                "children": [briefs[child] for child, of in parents.items() if of == rid],
+                "parent": briefs[parent] if parent is not None else None,
+                "decisionPath": event.get("decisionPath") or None,
+            }
+
+        def node(value: Any) -> str:
+            return str(by_given.get(str(value), value))
+
+        nodes = [{**n, "id": node(n.get("id"))} for n in _values(canvas.get("nodes")) if isinstance(n, dict)]
+        connections = [{**c, "sourceId": node(c.get("sourceId")), "targetId": node(c.get("targetId"))}
+                       for c in _values(canvas.get("connections")) if isinstance(c, dict)]  # fmt: skip
+        return stored, {"nodes": nodes, "connections": connections}
+
+    def api_create_campaign(self, fields: Mapping[str, Any], lists: Iterable[int], events: list[Any],
+                            canvas: Mapping[str, Any] | None, at: int, user_id: int | None) -> _Record:  # fmt: skip
+        """``POST /api/campaigns/new`` (checked by the caller): a campaign with its segments as sources and its events
+        (set only when the canvas comes with them, as ``CampaignApiController::preSaveEntity`` does), never modified,
+        published unless told otherwise (``FormEntity``'s default). Nothing stops a second one like it."""
+        stored, drawn = self.api_campaign_events(events, canvas) if canvas is not None else ({}, None)
+        rid = self._alloc("campaigns")
+        f: dict[str, Any] = {
+            "name": None,
+            "description": None,
+            "isPublished": True,
+            "createdBy": self.api_user(user_id),
+            "modifiedBy": None,
+            "publishUp": None,
+            "publishDown": None,
+            "category": None,
+            "allowRestart": False,
+            "events": stored,
+            "lists": sorted(set(lists)),
+            "canvas": drawn,
+        }
+        f.update(fields)
+        rec = self.tables["campaigns"][rid] = _Record(rid, at, None, f)
+        self._touch()
+        return rec
+
+    def api_edit_campaign(self, rid: int, fields: Mapping[str, Any], at: int, user_id: int | None, *,
+                          lists: Iterable[int] | None = None, events: list[Any] | None = None,
+                          canvas: Mapping[str, Any] | None = None, replace: bool = False) -> _Record:  # fmt: skip
+        """``PATCH|PUT /api/campaigns/{id}/edit`` (checked by the caller): the fields given; segments given are added
+        (PATCH) or become the sources (PUT); PUT's events replace the campaign's (ids it has are kept)."""
+        rec = self.tables["campaigns"][rid]
+        rec.modified = at
+        rec.f["modifiedBy"] = self.api_user(user_id)
+        rec.f.update(fields)
+        if lists is not None:
+            rec.f["lists"] = sorted(set(lists) if replace else set(rec.f["lists"]) | set(lists))
+        if replace and events is not None and canvas is not None:
+            keep = {int(k) for k in rec.f["events"]}
+            rec.f["events"], rec.f["canvas"] = self.api_campaign_events(events, canvas, keep)
+        self._touch()
+        return rec
+
     def delete(self, entity: str, rid: int, at: int) -> None:
         """Delete a record (no tombstone in the API; the control export lists its id)."""
         if entity == "contacts":
@@ -777,7 +929,7 @@ class MauticInstallation:
             {"id": str(e["id"]), "positionX": str(200 * i), "positionY": "150"}
             for i, e in enumerate(f["events"].values())
         ]
-        out["canvasSettings"] = {"nodes": nodes, "connections": []}
+        out["canvasSettings"] = f.get("canvas") or {"nodes": nodes, "connections": []}
         return out
 
     def _render_segment(self, rec: _Record, minimal: bool) -> dict[str, Any]:

@@ -48,6 +48,10 @@ MSG_BASIC_DISABLED = (
 MSG_BASIC_INVALID = "Authorization denied, invalid credentials."
 MSG_ACCESS_DENIED = "API authorization denied."
 MSG_NOT_FOUND = "Item was not found."
+MSG_NAME_REQUIRED = "A name is required."
+MSG_NOT_VALID = "This value is not valid."
+MSG_EVENTS_REQUIRED = "At least one event is required. Use the Launch Campaign Builder button to add one."
+MSG_SOURCES_REQUIRED = "At least one contact source is required. Use the Launch Campaign Builder button to add one."
 MSG_TOKEN_INVALID = "The access token provided is invalid."
 MSG_TOKEN_EXPIRED = "The access token provided has expired."
 MSG_ONE_METHOD = "Only one method may be used to authenticate at a time (Auth header, GET or POST)."
@@ -82,18 +86,27 @@ class ApiError(Exception):
     rewrites firewall and OAuth errors and the exception handler reports routing and server errors.
     """
 
-    def __init__(self, status: int, message: str, *, kind: str = "controller", error_type: str | None = None) -> None:
+    def __init__(self, status: int, message: str, *, kind: str = "controller", error_type: str | None = None,
+                 details: Any = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.error_type = error_type
+        # ``returnError``'s details: the form's messages by field (``{"name": ["A name is required."]}``), else [].
+        self.details = details
 
     def body(self) -> dict[str, Any]:
         """The response body."""
         if self.kind == "kernel":
             return {"errors": [{"message": self.message, "code": self.status, "type": self.error_type}]}
-        return {"errors": [{"code": self.status, "message": self.message, "details": [], "type": self.error_type}]}
+        details = [] if self.details is None else self.details
+        return {"errors": [{"code": self.status, "message": self.message, "details": details, "type": self.error_type}]}
+
+    @classmethod
+    def invalid(cls, field: str, message: str) -> ApiError:
+        """A form error as ``processForm`` answers it: 400, ``"<field>: <message>"``, the message under the field."""
+        return cls(400, f"{field}: {message}", details={field: [message]})
 
 
 def _server_error() -> ApiError:

@@ -1,4 +1,5 @@
-"""Local emulator of the MYOB Business (AccountRight Live) API v2: company files, sale invoices, customer cards.
+"""Local emulator of the MYOB Business (AccountRight Live) API v2: company files, sale invoices, customer cards and
+customer payments.
 
 The MYOB sync needs an API that behaves like ``api.myob.com/accountright`` and ``secure.myob.com``:
 OAuth 2.0 with the API key as ``client_id`` (credentials in the form body, ``expires_in`` as a string,
@@ -20,20 +21,29 @@ Knobs, where MYOB does not document the behaviour or a test needs it shorter. Pe
 ``per_second_status`` 403 or 429. Per company file (tenant spec): ``cftoken_required`` true with
 ``username``/``password`` (``Administrator``/empty), ``default_top`` 400, ``max_top`` 1000,
 ``utc_offset_minutes`` 0 (the zone of ``LastModified`` is undocumented), ``generic_invoice_lines``
-false, ``unknown_path_status`` 401 (MYOB answers unknown resources with ``OAuthTokenIsInvalid``).
+false, ``unknown_path_status`` 401 (MYOB answers unknown resources with ``OAuthTokenIsInvalid``),
+``location_origin`` none (the origin of a create's ``Location``: MYOB's regional hosts; default the request's).
 OAuth (control ``settings``, any ``OAuthPolicy`` field): access 1200 s, code 300 s, rotation on every
 refresh with no grace for the old token, no refresh-token expiry, no PKCE, ``expires_in`` as a string,
 client credentials only in the form body.
 
 Company files are generated deterministically from a seed (same seed, same UIDs and content;
-times are spread over the last ``days`` days up to the sandbox clock). Records are plain dicts; nested
-links to customers are shared objects, so renaming a customer (control API) shows on its invoices
-without touching their ``LastModified``.
+times are spread over the last ``days`` days up to the sandbox clock). Every invoice paid in part or in
+full was paid by a customer payment (``/Sale/CustomerPayment``; a customer's invoices paid the same day
+may share one), and an invoice paid later through the control API gets its payment then; deleting a
+payment makes its amounts owing again. Records are plain dicts; nested links to customers are shared
+objects, so renaming a customer (control API) shows on its invoices and payments without touching their
+``LastModified``.
+
+Writes (``writes``): ``POST /Contact/Customer`` and ``POST /Sale/Invoice/Service`` answer ``201 Created`` with a
+``Location`` and no body (``?returnBody=true`` adds it), refusals ``400`` with every problem in ``Errors``; MYOB
+takes no idempotency key, so a repeated POST makes a second record. Other writes answer ``501``.
 
 Modules: ``model`` (constants, ``MyobError``, time stamps and money, each record type's fields), ``query``
 (OData ``$filter``/``$orderby`` over records), ``data`` (company files and their generated records), ``apps``
 (per-API-key limits, injected faults), ``wire`` (how answers are written: origins, ETags, gzip, MYOB's error
-answers), ``api`` (``MyobSandbox``: OAuth hooks, the API and control routes) and ``control`` (``MyobControl``).
+answers), ``writes`` (the POSTs that create cards and service invoices), ``api`` (``MyobSandbox``: OAuth hooks,
+the API and control routes) and ``control`` (``MyobControl``).
 """
 
 from nextcrm_sandbox.myob.api import MyobSandbox

@@ -1,5 +1,6 @@
 """``MyobSandbox``: API keys and company files, the OAuth hooks on ``secure.myob.com``, the AccountRight API
-reads under ``/myob/api`` and the control API under ``/_sandbox/myob``."""
+(sale invoices, customer cards and customer payments; new customer cards and service invoices by POST) under
+``/myob/api`` and the control API under ``/_sandbox/myob``."""
 
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ from nextcrm_sandbox.myob.query import (
     _FilterParser,
     _invoice_getter,
     _orderby_keys,
+    _payment_getter,
     _sort_key,
 )
 from nextcrm_sandbox.myob.wire import (
@@ -77,6 +79,7 @@ from nextcrm_sandbox.myob.wire import (
     _second_limit,
     _view,
 )
+from nextcrm_sandbox.myob.writes import create_customer, create_service_invoice, created, read_body
 from nextcrm_sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
 
 _control = partial(control_endpoint, oauth_errors=True)
@@ -87,6 +90,13 @@ def _status_field(body: Mapping[str, Any], name: str, default: int, allowed: Ite
     if value not in set(allowed):
         raise ControlError(400, f"{name} must be one of {sorted(set(allowed))}")
     return int(value)
+
+
+def _origin_field(body: Mapping[str, Any]) -> str | None:
+    value = body.get("location_origin")
+    if value is not None and not (isinstance(value, str) and re.fullmatch(r"https?://[A-Za-z0-9.:\[\]-]+", value)):
+        raise ControlError(400, "location_origin must be scheme://host[:port]")
+    return value
 
 
 class MyobSandbox:
@@ -174,6 +184,7 @@ class MyobSandbox:
             max_top=optional_int_field(spec, "max_top", 1000, 1),
             utc_offset_minutes=optional_int_field(spec, "utc_offset_minutes", 0, minimum=-14 * 60),
             unknown_path_status=_status_field(spec, "unknown_path_status", 401, (401, 404)),
+            location_origin=_origin_field(spec),
         )
         raw_id = spec.get("id")
         if raw_id is None:
@@ -363,12 +374,17 @@ class MyobSandbox:
                 raise _method_not_allowed(request.method, "GET")
             return _json_ok(request, self._company_file_entry(tenant, _origin(request)), headers)
         self._check_cftoken(request, tenant)
+        if request.method in ("POST", "PUT"):
+            request.state.myob_body = await request.body()
         if rest[:2] == ["sale", "invoice"]:
             _require_scope(scopes, "sme-sales")
             return self._invoices(request, tenant, segments[4] if len(rest) > 2 else None, rest[3:], headers)
         if rest[:2] == ["contact", "customer"]:
             _require_scope(scopes, "sme-contacts-customer")
             return self._customers(request, tenant, rest[2:], headers)
+        if rest[:2] == ["sale", "customerpayment"]:
+            _require_scope(scopes, "sme-sales")
+            return self._payments(request, tenant, rest[2:], headers)
         raise self._unknown_path(tenant)
 
     async def _apply_faults(self, app: _App, tenant_key: str | None) -> None:
@@ -469,6 +485,9 @@ class MyobSandbox:
         if layout is None or len(rest) > 1:
             raise self._unknown_path(tenant)
         if not rest:
+            if method == "POST" and layout == "Service":
+                body = read_body(request.state.myob_body)
+                return created(request, tenant, create_service_invoice(tenant, body, self.clock() * _US), headers)
             if method != "GET":
                 raise _not_emulated(method)
             rows = [row for row in tenant.invoices.values() if row.layout == layout]
@@ -488,6 +507,9 @@ class MyobSandbox:
     def _customers(self, request: Request, tenant: _CompanyFile, rest: list[str], headers: dict[str, str]) -> Response:
         if len(rest) > 1:
             raise self._unknown_path(tenant)
+        if request.method == "POST" and not rest:
+            body = read_body(request.state.myob_body)
+            return created(request, tenant, create_customer(tenant, body, self.clock() * _US), headers)
         if request.method != "GET":
             raise _not_emulated(request.method)
         if not rest:
@@ -497,6 +519,25 @@ class MyobSandbox:
         if row is None:
             raise _not_found("customer")
         return _json_ok(request, row.rec, headers)
+
+    def _payments(self, request: Request, tenant: _CompanyFile, rest: list[str], headers: dict[str, str]) -> Response:
+        if len(rest) > 1:
+            raise self._unknown_path(tenant)
+        method = request.method
+        if not rest:
+            if method != "GET":
+                raise _not_emulated(method)
+            rows = list(tenant.payments.values())
+            return self._collection(request, tenant, rows, _payment_getter(tenant), lambda r: r.rec, headers)
+        row = tenant.payments.get(rest[0])
+        if row is None:
+            raise _not_found("customer payment")
+        if method == "GET":
+            return _json_ok(request, row.rec, headers)
+        if method == "DELETE":
+            tenant.delete_payment(row.uid, self.clock() * _US)
+            return Response(b"", status_code=200, headers=headers)
+        raise _not_emulated(method)
 
     def _collection(
         self,
@@ -676,9 +717,9 @@ class MyobSandbox:
             tenant = self._tenant(request)
             body = await read_json_object(request)
             record_id = request.path_params["record_id"].lower()
-            row = tenant.invoices.get(record_id) or tenant.customers.get(record_id)
+            row = tenant.invoices.get(record_id) or tenant.customers.get(record_id) or tenant.payments.get(record_id)
             if row is None:
-                raise ControlError(404, f"no invoice or customer {record_id!r}")
+                raise ControlError(404, f"no invoice, customer or payment {record_id!r}")
             tenant.override(row, dict(self._fields(body)))
             tenant.touch(row, self._at_us(body, self.clock()))
             return _control_json(200, row.rec, _origin(request))
@@ -693,6 +734,11 @@ class MyobSandbox:
                 payload = {
                     "records": [row.rec for row in tenant.customers.values()],
                     "deleted_ids": list(tenant.deleted_customer_ids),
+                }
+            elif entity == "payment":
+                payload = {
+                    "records": [row.rec for row in tenant.payments.values()],
+                    "deleted_ids": list(tenant.deleted_payment_ids),
                 }
             else:
                 payload = {

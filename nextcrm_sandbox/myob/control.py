@@ -56,13 +56,19 @@ class MyobControl(ControlClient):
         return self._post("/grants", body)
 
     def changes(self, tenant: str, **counts: int) -> dict[str, list[str]]:
-        """Apply edits, voids (reversals), deletes, creates, archives... now on the sandbox clock."""
+        """Apply edits (an edit may pay an invoice: a new customer payment), voids (reversals), deletes, creates,
+        archives, customer edits, creates and deletes (cards without transactions), payment deletes... now on the
+        sandbox clock; returns the ids of each kind of change."""
         return self._post(f"/tenants/{tenant}/changes", counts)
 
     def add_record(
         self, tenant: str, entity: str, fields: Mapping[str, Any] | None = None, *, updated_at: float | None = None
     ) -> dict[str, Any]:
-        """Create an invoice or customer stamped ``updated_at`` (default now); returns it in full."""
+        """Create an invoice, customer or payment stamped ``updated_at`` (default now); returns it in full.
+
+        A payment pays the whole balance of an open invoice: ``fields={"Invoice": {"UID": ...}}`` names it,
+        else one is picked.
+        """
         body: dict[str, Any] = {"entity": entity, "fields": dict(fields or {})}
         if updated_at is not None:
             body["updated_at"] = updated_at
@@ -78,7 +84,8 @@ class MyobControl(ControlClient):
         return self._call("PATCH", f"/tenants/{tenant}/records/{record_id}", json=body)
 
     def export(self, tenant: str, entity: str) -> dict[str, Any]:
-        """Every current record (full shape, with ``Lines`` and ``InvoiceType``) and the hard-deleted ids."""
+        """Every current ``invoice`` (full shape, with ``Lines`` and ``InvoiceType``), ``customer`` or ``payment``, and
+        the hard-deleted ids."""
         return self._call("GET", f"/tenants/{tenant}/export/{entity}")
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""MYOB company files for the sandbox: deterministic customers and sale invoices of every layout, their reference
-data, and the changes the control API applies (edits, voids, deletes, creates, renames)."""
+"""MYOB company files for the sandbox: deterministic customers, sale invoices of every layout and the customer
+payments that paid them, their reference data, and the changes the control API applies (edits and payments,
+voids, deletes, creates, renames)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from nextcrm_sandbox.myob.model import (
     _DAY,
     _HAS_FREIGHT,
     _INVOICE_KEYS,
+    _PAYMENT_KEYS,
     _US,
     LAYOUTS,
     _day_stamp,
@@ -65,6 +67,11 @@ _SERVICES = ("Consulting services", "Site inspection", "Monthly maintenance", "I
 # Foreign currency units per 1 AUD (the file's local currency), roughly.
 _CURRENCIES = (("USD", "US Dollar", 0.65), ("NZD", "New Zealand Dollar", 1.09), ("GBP", "Pound Sterling", 0.52))
 _LAYOUT_WEIGHTS = tuple(zip(LAYOUTS, (0.45, 0.30, 0.15, 0.05, 0.05), strict=True))
+# The bank accounts payments are deposited to (DepositTo "Account"); the rest go to undeposited funds.
+_BANK_ACCOUNTS = (("Cheque Account", "1-1110"), ("Business Savings", "1-1120"))
+_UNDEPOSITED_SHARE = 0.2
+# Chance that a customer's payment also pays the customer's other invoice paid the same day.
+_SHARED_PAYMENT_SHARE = 0.5
 
 
 @dataclass
@@ -77,6 +84,9 @@ class _TenantKnobs:
     max_top: int = 1000
     utc_offset_minutes: int = 0
     unknown_path_status: int = 401
+    # The scheme://host[:port] of a create's ``Location`` (MYOB answers on regional hosts such as
+    # ``arl2.api.myob.com``); None: the request's own.
+    location_origin: str | None = None
 
 
 class _CompanyFile:
@@ -105,13 +115,20 @@ class _CompanyFile:
         self.invoices: dict[str, _Row] = {}
         self.customers: dict[str, _Row] = {}
         self.customer_links: dict[str, dict[str, Any]] = {}
+        self.payments: dict[str, _Row] = {}
         self.deleted_invoice_ids: list[str] = []
         self.deleted_customer_ids: list[str] = []
+        self.deleted_payment_ids: list[str] = []
+        # Invoice payments not yet recorded as customer payments: (invoice, local cents, foreign cents, UTC us).
+        self._unrecorded: list[tuple[_Row, int, int | None, int]] = []
         rng = _Rng(seed)
         self._rv = 6_000_000_000_000_000_000 + rng.getrandbits(48)
         self._rv_rng = _Rng(seed ^ 0x5A5A)
         self.change_rng = _Rng(seed ^ 0xC4A4)
+        # Payments draw from their own generator, so invoices and customers stay as they were before payments.
+        self.payment_rng = _Rng(seed ^ 0x9A7E)
         self.next_number = 1
+        self.next_receipt = 1
         self.next_card = 1
         self.serial = f"{rng.getrandbits(40):012d}"[:12]
         self.launcher_id = rng.uid()
@@ -146,6 +163,10 @@ class _CompanyFile:
             code: (self._link("GeneralLedger/Currency", rng.uid(), Code=code, CurrencyName=name), rate)
             for code, name, rate in _CURRENCIES
         }
+        self.bank_accounts = [
+            self._link("GeneralLedger/Account", self.payment_rng.uid(), Name=name, DisplayID=display)
+            for name, display in _BANK_ACCOUNTS
+        ]
 
     def row_version(self) -> str:
         """A fresh ``RowVersion``: a signed 64-bit integer string that grows with every change."""
@@ -173,6 +194,7 @@ class _CompanyFile:
             balances[row.rec["Customer"]["UID"]] += round(row.rec["BalanceDueAmount"] * 100)
         for row in customer_rows:
             row.rec["CurrentBalance"] = _money(balances[row.uid])
+        self.record_payments()
 
     @staticmethod
     def _later(rng: _Rng, created: int, now_us: int) -> int:
@@ -198,15 +220,18 @@ class _CompanyFile:
         if rng.random() < 0.25:
             currency = self.currencies[rng.pick(_CURRENCIES)[0]][0]
         terms_days = rng.pick((7, 14, 30, 30, 30))
-        rec: dict[str, Any] = {
-            "UID": uid,
-            "CompanyName": company,
-            "LastName": last,
-            "FirstName": first,
-            "IsIndividual": individual,
-            "DisplayID": display,
-            "IsActive": rng.random() >= 0.08,
-            "Addresses": [
+        return self.add_card(
+            uid,
+            name,
+            created,
+            modified,
+            company=company,
+            last=last,
+            first=first,
+            individual=individual,
+            display=display,
+            active=rng.random() >= 0.08,
+            addresses=[
                 {
                     "Location": 1,
                     "Street": f"{rng.randrange(1, 400)} {rng.pick(_STREETS)}",
@@ -224,7 +249,39 @@ class _CompanyFile:
                     "Salutation": None,
                 }
             ],
-            "Notes": "",
+            notes="",
+            layout=rng.pick(("Service", "Item", "Professional")),
+            delivery=rng.pick(("Print", "Email", "PrintAndEmail")),
+            income=None,
+            abn=f"{rng.randrange(10, 99)} {rng.randrange(100, 999)} {rng.randrange(100, 999)} "
+            f"{rng.randrange(100, 999)}",
+            tax=self.tax_gst,
+            freight_tax=self.tax_gst,
+            due="InAGivenNumberOfDays",
+            due_days=terms_days,
+            method=rng.pick(("Cash", "Cheque", "Electronic")),
+            currency=currency,
+        )
+
+    def add_card(self, uid: str, name: str, created: int, modified: int, *, company: str | None, last: str | None,
+                 first: str | None, individual: bool, display: str, active: bool, addresses: list[dict[str, Any]],
+                 notes: str, layout: str, delivery: str, income: dict[str, Any] | None, abn: str | None,
+                 tax: dict[str, Any], freight_tax: dict[str, Any], due: str, due_days: int, method: str,
+                 currency: dict[str, Any] | None) -> _Row:  # fmt: skip
+        """Hold a customer card as ``Contact/Customer`` serves it, listed in its links as ``name``, and return its
+        row: the fields that tell cards apart as given (``layout``, ``delivery``, ``income``, ``abn``, ``tax`` and
+        ``freight_tax`` are its ``SellingDetails``, ``due`` and ``due_days`` their ``Terms``, ``method`` its
+        ``PaymentDetails``), every other one as MYOB fills it on a card nobody set it on."""
+        rec: dict[str, Any] = {
+            "UID": uid,
+            "CompanyName": company,
+            "LastName": last,
+            "FirstName": first,
+            "IsIndividual": individual,
+            "DisplayID": display,
+            "IsActive": active,
+            "Addresses": addresses,
+            "Notes": notes,
             "Identifiers": [],
             "CustomList1": None,
             "CustomList2": None,
@@ -234,26 +291,25 @@ class _CompanyFile:
             "CustomField3": None,
             "CurrentBalance": 0.0,
             "SellingDetails": {
-                "SaleLayout": rng.pick(("Service", "Item", "Professional")),
+                "SaleLayout": layout,
                 "PrintedForm": "Pre-printed Invoice",
-                "InvoiceDelivery": rng.pick(("Print", "Email", "PrintAndEmail")),
+                "InvoiceDelivery": delivery,
                 "ItemPriceLevel": "Base Selling Price",
-                "IncomeAccount": None,
+                "IncomeAccount": income,
                 "ReceiptMemo": None,
                 "SalesPerson": None,
                 "SaleComment": None,
                 "ShippingMethod": None,
                 "HourlyBillingRate": 0.0,
-                "ABN": f"{rng.randrange(10, 99)} {rng.randrange(100, 999)} {rng.randrange(100, 999)} "
-                f"{rng.randrange(100, 999)}",
+                "ABN": abn,
                 "ABNBranch": None,
-                "TaxCode": self.tax_gst,
-                "FreightTaxCode": self.tax_gst,
+                "TaxCode": tax,
+                "FreightTaxCode": freight_tax,
                 "UseCustomerTaxCode": False,
                 "Terms": {
-                    "PaymentIsDue": "InAGivenNumberOfDays",
+                    "PaymentIsDue": due,
                     "DiscountDate": 0,
-                    "BalanceDueDate": terms_days,
+                    "BalanceDueDate": due_days,
                     "DiscountForEarlyPayment": 0.0,
                     "MonthlyChargeForLatePayment": 0.0,
                     "VolumeDiscount": 0.0,
@@ -263,7 +319,7 @@ class _CompanyFile:
                 "Memo": None,
             },
             "PaymentDetails": {
-                "Method": rng.pick(("Cash", "Cheque", "Electronic")),
+                "Method": method,
                 "CardNumber": None,
                 "NameOnCard": None,
                 "BSBNumber": None,
@@ -384,72 +440,244 @@ class _CompanyFile:
         else:
             balance, balance_local = total, total_local
         paid_on = None
+        paid_us = 0
         if balance != total:
             paid_us = created + int(rng.random() * max(0, modified - created)) + self.offset_us
             paid_on = format_myob_datetime(paid_us - paid_us % (_DAY * _US))
         due_days = customer.rec["SellingDetails"]["Terms"]["BalanceDueDate"] if customer else 30
-        due_us = date_us - date_us % (_DAY * _US) + due_days * _DAY * _US
         link = self.customer_links[customer.uid] if customer else None
         name = link["Name"] if link else "Cash Sales"
+        row = self.add_sale_invoice(
+            uid,
+            layout,
+            created,
+            modified,
+            number=f"{self.next_number:08d}",
+            date=date_stamp,
+            purchase_order=f"PO{rng.randrange(1000, 99999)}" if rng.random() < 0.3 else "",
+            customer=link,
+            promised=None,
+            balance=(balance_local, balance),
+            status=status,
+            lines=lines,
+            ship_to=f"{name}\r\n{customer.rec['Addresses'][0]['Street']}" if customer else None,
+            day_us=date_us - date_us % (_DAY * _US),
+            due_days=due_days,
+            inclusive=inclusive,
+            subtotal=(subtotal_local, subtotal),
+            freight=(freight_local, freight),
+            freight_tax=self.tax_gst if layout in _HAS_FREIGHT else None,
+            tax=(tax_local, tax),
+            total=(total_local, total),
+            comment="Thank you for your business." if layout != "Miscellaneous" else None,
+            memo=f"Sale; {name}",
+            delivery_status=rng.pick(("Print", "Email", "Nothing")) if layout != "Miscellaneous" else None,
+            last_payment=paid_on,
+            currency=currency_link,
+            rate=rate,
+        )
+        self.next_number += 1
+        fx = rate is not None
+        if paid_on is not None and customer is not None:
+            self._unrecorded.append((row, total_local - balance_local, total - balance if fx else None,
+                                     _ms(paid_us - self.offset_us)))  # fmt: skip
+        return row
+
+    def add_sale_invoice(self, uid: str, layout: str, created: int, modified: int, *, number: str, date: str,
+                         purchase_order: str, customer: dict[str, Any] | None, promised: str | None,
+                         balance: tuple[int, int], status: str, lines: list[dict[str, Any]], ship_to: str | None,
+                         day_us: int, due_days: int, inclusive: bool, subtotal: tuple[int, int],
+                         freight: tuple[int, int], freight_tax: dict[str, Any] | None, tax: tuple[int, int],
+                         total: tuple[int, int], comment: str | None, memo: str, delivery_status: str | None,
+                         last_payment: str | None, currency: dict[str, Any] | None,
+                         rate: float | None) -> _Row:  # fmt: skip
+        """Hold a sale invoice of ``layout`` as ``Sale/Invoice/{layout}`` serves it and return its row. Amounts are
+        (local, foreign) cents, the foreign ones shown only for a sale in a foreign ``currency`` (at ``rate``); its
+        terms run ``due_days`` from the start of its day (``day_us``, file-local); the fields nobody sets are as
+        MYOB fills them."""
         fx = rate is not None
         rec: dict[str, Any] = {
             "UID": uid,
-            "Number": f"{self.next_number:08d}",
-            "Date": date_stamp,
-            "CustomerPurchaseOrderNumber": f"PO{rng.randrange(1000, 99999)}" if rng.random() < 0.3 else "",
-            "Customer": link,
-            "PromisedDate": None,
-            "BalanceDueAmount": _money(balance_local),
-            "BalanceDueAmountForeign": _money(balance) if fx else None,
+            "Number": number,
+            "Date": date,
+            "CustomerPurchaseOrderNumber": purchase_order,
+            "Customer": customer,
+            "PromisedDate": promised,
+            "BalanceDueAmount": _money(balance[0]),
+            "BalanceDueAmountForeign": _money(balance[1]) if fx else None,
             "Status": status,
             "InvoiceType": layout,
             "Lines": lines,
-            "ShipToAddress": f"{name}\r\n{customer.rec['Addresses'][0]['Street']}" if customer else None,
+            "ShipToAddress": ship_to,
             "Terms": {
                 "PaymentIsDue": "InAGivenNumberOfDays",
                 "DiscountDate": 0,
                 "BalanceDueDate": due_days,
                 "DiscountForEarlyPayment": 0.0,
                 "MonthlyChargeForLatePayment": 0.0,
-                "DiscountExpiryDate": date_stamp,
+                "DiscountExpiryDate": format_myob_datetime(day_us),
                 "Discount": 0.0,
                 "DiscountForeign": 0.0 if fx else None,
-                "DueDate": format_myob_datetime(due_us),
+                "DueDate": format_myob_datetime(day_us + due_days * _DAY * _US),
                 "FinanceCharge": 0.0,
                 "FinanceChargeForeign": 0.0 if fx else None,
             },
             "IsTaxInclusive": inclusive,
-            "Subtotal": _money(subtotal_local),
-            "SubtotalForeign": _money(subtotal) if fx else None,
-            "Freight": _money(freight_local),
-            "FreightForeign": _money(freight) if fx else None,
-            "FreightTaxCode": self.tax_gst if layout in _HAS_FREIGHT else None,
-            "TotalTax": _money(tax_local),
-            "TotalTaxForeign": _money(tax) if fx else None,
-            "TotalAmount": _money(total_local),
-            "TotalAmountForeign": _money(total) if fx else None,
+            "Subtotal": _money(subtotal[0]),
+            "SubtotalForeign": _money(subtotal[1]) if fx else None,
+            "Freight": _money(freight[0]),
+            "FreightForeign": _money(freight[1]) if fx else None,
+            "FreightTaxCode": freight_tax,
+            "TotalTax": _money(tax[0]),
+            "TotalTaxForeign": _money(tax[1]) if fx else None,
+            "TotalAmount": _money(total[0]),
+            "TotalAmountForeign": _money(total[1]) if fx else None,
             "Category": None,
             "Salesperson": None,
-            "Comment": "Thank you for your business." if layout != "Miscellaneous" else None,
+            "Comment": comment,
             "ShippingMethod": None,
-            "JournalMemo": f"Sale; {name}",
+            "JournalMemo": memo,
             "ReferralSource": None,
-            "InvoiceDeliveryStatus": rng.pick(("Print", "Email", "Nothing")) if layout != "Miscellaneous" else None,
-            "LastPaymentDate": paid_on,
+            "InvoiceDeliveryStatus": delivery_status,
+            "LastPaymentDate": last_payment,
             "CanApplySurcharge": False,
             "Order": None,
             "OnlinePaymentMethod": "All",
-            "ForeignCurrency": currency_link,
+            "ForeignCurrency": currency,
             "CurrencyExchangeRate": rate if fx else 1.0,
             "Created": self.stamp(created),
             "LastModified": self.stamp(modified),
             "URI": f"{self.cf_path}/Sale/Invoice/{layout}/{uid}",
             "RowVersion": self.row_version(),
         }
-        self.next_number += 1
         row = _Row(uid, rec, created, modified, layout)
         self.invoices[uid] = row
         return row
+
+    # --- customer payments ------------------------------------------------------------------------------
+
+    def record_payments(self) -> list[str]:
+        """Record the invoice payments made since the last call as customer payments, in time order.
+
+        A customer's invoices paid on the same (file-local) day may share one payment, as when a customer
+        settles several invoices at once; the payment is then dated at the later one.
+        """
+        pending, self._unrecorded = sorted(self._unrecorded, key=lambda p: (p[3], p[0].uid)), []
+        rng = self.payment_rng
+        groups: list[list[tuple[_Row, int, int | None, int]]] = []
+        open_group: dict[str, list[tuple[_Row, int, int | None, int]]] = {}
+        for item in pending:
+            customer = item[0].rec["Customer"]["UID"]
+            day = (item[3] + self.offset_us) // (_DAY * _US)
+            group = open_group.get(customer)
+            same_day = group is not None and (group[-1][3] + self.offset_us) // (_DAY * _US) == day
+            if group is not None and same_day and rng.random() < _SHARED_PAYMENT_SHARE:
+                group.append(item)
+                continue
+            group = [item]
+            groups.append(group)
+            open_group[customer] = group
+        return [self._add_payment(group).uid for group in groups]
+
+    def _add_payment(self, applied: list[tuple[_Row, int, int | None, int]]) -> _Row:
+        """A customer payment of ``applied`` (invoice, local cents, foreign cents, UTC us), at the latest time."""
+        rng = self.payment_rng
+        at_us = max(item[3] for item in applied)
+        first = applied[0][0].rec
+        link = first["Customer"]
+        card = self.customers.get(link["UID"])
+        fx = first["ForeignCurrency"] is not None
+        local = sum(item[1] for item in applied)
+        foreign = sum(item[2] or 0 for item in applied)
+        undeposited = rng.random() < _UNDEPOSITED_SHARE
+        uid = rng.uid()
+        lines = [
+            {
+                "RowID": row_id,
+                "Number": row.rec["Number"],
+                "UID": row.uid,
+                "AmountApplied": _money(cents),
+                "AmountAppliedForeign": _money(foreign_cents or 0) if fx else None,
+                "GainOrLoss": 0.0 if fx else None,
+                "Type": "Invoice",
+                "URI": row.rec["URI"],
+            }
+            for row_id, (row, cents, foreign_cents, _) in enumerate(applied, start=1)
+        ]
+        date_us = at_us + self.offset_us
+        rec: dict[str, Any] = {
+            "UID": uid,
+            "DepositTo": "UndepositedFunds" if undeposited else "Account",
+            "Account": None if undeposited else rng.pick(self.bank_accounts),
+            "Customer": link,
+            "TransactionUID": rng.uid(),
+            "ReceiptNumber": f"{self.next_receipt:08d}",
+            "Date": format_myob_datetime(date_us - date_us % (_DAY * _US)),
+            "AmountReceived": _money(local),
+            "AmountReceivedForeign": _money(foreign) if fx else None,
+            "ForeignCurrency": first["ForeignCurrency"],
+            "CurrencyExchangeRate": first["CurrencyExchangeRate"] if fx else 1.0,
+            "PaymentMethod": card.rec["PaymentDetails"]["Method"] if card else "Cash",
+            "Memo": f"Payment; {link['Name']}",
+            "Invoices": lines,
+            "Created": self.stamp(at_us),
+            "LastModified": self.stamp(at_us),
+            "URI": f"{self.cf_path}/Sale/CustomerPayment/{uid}",
+            "RowVersion": self.row_version(),
+        }
+        self.next_receipt += 1
+        row = _Row(uid, rec, at_us, at_us)
+        self.payments[uid] = row
+        return row
+
+    def pay_open_invoice(self, at_us: int, invoice_uid: str | None = None) -> _Row:
+        """Pay the whole balance of an open invoice (``invoice_uid``, or one created by ``at_us``) at ``at_us``."""
+        if invoice_uid is not None:
+            row = self.invoices.get(invoice_uid.lower())
+            if row is None or row.rec["BalanceDueAmount"] <= 0 or row.rec["Customer"] is None:
+                raise ControlError(400, f"invoice {invoice_uid!r} has no balance to pay")
+        else:
+            open_rows = sorted(
+                (r for r in self.invoices.values()
+                 if r.rec["BalanceDueAmount"] > 0 and r.rec["Customer"] is not None and r.created_us <= at_us),
+                key=lambda r: r.uid,
+            )  # fmt: skip
+            if not open_rows:
+                raise ControlError(400, "no open invoice with a balance to pay")
+            row = self.payment_rng.pick(open_rows)
+        rec = row.rec
+        local = round(rec["BalanceDueAmount"] * 100)
+        foreign = round(rec["BalanceDueAmountForeign"] * 100) if rec["BalanceDueAmountForeign"] is not None else None
+        rec["BalanceDueAmount"] = 0.0
+        if foreign is not None:
+            rec["BalanceDueAmountForeign"] = 0.0
+        rec["Status"] = "Closed"
+        rec["LastPaymentDate"] = _day_stamp(at_us + self.offset_us)
+        self.touch(row, max(at_us, row.lm_us))
+        return self._add_payment([(row, local, foreign, at_us)])
+
+    def delete_payment(self, uid: str, now_us: int) -> None:
+        """Hard-delete a customer payment: the amounts it applied are owed again on the invoices still there."""
+        row = self.payments.pop(uid)
+        self.deleted_payment_ids.append(uid)
+        for line in row.rec["Invoices"]:
+            invoice = self.invoices.get(line["UID"])
+            if invoice is None:
+                continue
+            rec = invoice.rec
+            rec["BalanceDueAmount"] = _money(round(rec["BalanceDueAmount"] * 100) + round(line["AmountApplied"] * 100))
+            if rec["BalanceDueAmountForeign"] is not None and line["AmountAppliedForeign"] is not None:
+                rec["BalanceDueAmountForeign"] = _money(
+                    round(rec["BalanceDueAmountForeign"] * 100) + round(line["AmountAppliedForeign"] * 100)
+                )
+            if rec["Status"] == "Closed" and rec["BalanceDueAmount"] > 0:
+                rec["Status"] = "Open"
+            self.touch(invoice, now_us)
+
+    def _customers_without_transactions(self) -> list[str]:
+        used = {row.rec["Customer"]["UID"] for row in self.invoices.values() if row.rec["Customer"]}
+        used |= {row.rec["Customer"]["UID"] for row in self.payments.values()}
+        return sorted(uid for uid in self.customers if uid not in used)
 
     # --- mutation helpers -------------------------------------------------------------------------------
 
@@ -460,7 +688,8 @@ class _CompanyFile:
         row.rec["RowVersion"] = self.row_version()
 
     def apply_changes(self, counts: Mapping[str, int], now_us: int) -> dict[str, list[str]]:
-        """Edit, reverse, hard-delete and create invoices; deactivate, edit and create customers, at ``now_us``."""
+        """Edit (an edit may pay), reverse, hard-delete and create invoices; deactivate, edit, create and delete
+        customers; delete payments; and record the payments the changes made, at ``now_us``."""
         rng = self.change_rng
         out: dict[str, list[str]] = {
             name: []
@@ -473,6 +702,9 @@ class _CompanyFile:
                 "reversals",
                 "customers_edited",
                 "customers_created",
+                "customers_deleted",
+                "payments_created",
+                "payments_deleted",
             )
         }
         picked = counts["edits"] + counts["voids"] + counts["deletes"]
@@ -481,13 +713,39 @@ class _CompanyFile:
         chosen = rng.sample(list(self.invoices), picked)
         edits, voids = chosen[: counts["edits"]], chosen[counts["edits"] : counts["edits"] + counts["voids"]]
         deletes = chosen[counts["edits"] + counts["voids"] :]
-        active = [uid for uid, row in self.customers.items() if row.rec["IsActive"]]
+        # MYOB deletes a card only while no transaction uses it.
+        unused = self._customers_without_transactions() if counts["customer_deletes"] else []
+        if counts["customer_deletes"] > len(unused):
+            raise ControlError(400, f"customer_deletes ({counts['customer_deletes']}) exceed the {len(unused)} "
+                               "customers without transactions")  # fmt: skip
+        doomed = self.payment_rng.sample(unused, counts["customer_deletes"])
+        active = [uid for uid, row in self.customers.items() if row.rec["IsActive"] and uid not in doomed]
         if counts["archives"] > len(active):
             raise ControlError(400, f"archives ({counts['archives']}) exceed the {len(active)} active customers")
-        if counts["customer_edits"] > len(self.customers):
+        if counts["customer_edits"] > len(self.customers) - len(doomed):
             raise ControlError(400, "customer_edits exceed the number of customers")
+        if counts["payment_deletes"] > len(self.payments):
+            raise ControlError(400, f"payment_deletes ({counts['payment_deletes']}) exceed the {len(self.payments)} "
+                               "payments")  # fmt: skip
+        for uid in doomed:
+            del self.customers[uid]
+            del self.customer_links[uid]
+            self.deleted_customer_ids.append(uid)
+            out["customers_deleted"].append(uid)
+        for uid in self.payment_rng.sample(sorted(self.payments), counts["payment_deletes"]):
+            self.delete_payment(uid, now_us)
+            out["payments_deleted"].append(uid)
         for uid in edits:
-            self._edit_invoice(self.invoices[uid], rng, now_us)
+            row = self.invoices[uid]
+            owed = round(row.rec["BalanceDueAmount"] * 100)
+            owed_foreign = row.rec["BalanceDueAmountForeign"]
+            self._edit_invoice(row, rng, now_us)
+            paid = owed - round(row.rec["BalanceDueAmount"] * 100)
+            if paid > 0 and row.rec["Customer"] is not None:
+                foreign = None
+                if owed_foreign is not None:
+                    foreign = round(owed_foreign * 100) - round(row.rec["BalanceDueAmountForeign"] * 100)
+                self._unrecorded.append((row, paid, foreign, now_us))
             out["edited"].append(uid)
         for uid in voids:
             out["reversals"].append(self._reverse_invoice(self.invoices[uid], rng, now_us).uid)
@@ -515,6 +773,7 @@ class _CompanyFile:
         for _ in range(counts["creates"]):
             customer = rng.pick(customers) if customers else None
             out["created"].append(self._add_invoice(rng, now_us, now_us, customer).uid)
+        out["payments_created"] = self.record_payments()
         return out
 
     def _edit_invoice(self, row: _Row, rng: _Rng, now_us: int) -> None:
@@ -591,11 +850,19 @@ class _CompanyFile:
         overrides = dict(fields)
         uid = overrides.pop("UID", None)
         if uid is not None:
-            if not isinstance(uid, str) or uid.lower() in self.invoices or uid.lower() in self.customers:
+            taken = (self.invoices, self.customers, self.payments)
+            if not isinstance(uid, str) or any(uid.lower() in records for records in taken):
                 raise ControlError(400, "UID must be a new GUID string")
             uid = uid.lower()
         if entity == "customer":
             row = self._add_customer(rng, at_us, at_us, uid=uid)
+        elif entity == "payment":
+            target = overrides.pop("Invoice", None)
+            row = self.pay_open_invoice(at_us, target.get("UID") if isinstance(target, dict) else None)
+            if uid is not None:
+                self.payments[uid] = self.payments.pop(row.uid)
+                row.uid = row.rec["UID"] = uid
+                row.rec["URI"] = f"{self.cf_path}/Sale/CustomerPayment/{uid}"
         else:
             layout = overrides.pop("InvoiceType", None)
             if layout is not None and layout not in LAYOUTS:
@@ -605,6 +872,7 @@ class _CompanyFile:
                 active = [r for r in self.customers.values() if r.rec["IsActive"]]
                 customer = rng.pick(active) if active else None
             row = self._add_invoice(rng, at_us, at_us, customer, layout=layout, uid=uid)
+            self.record_payments()
         self.override(row, overrides)
         return row
 
@@ -618,21 +886,25 @@ class _CompanyFile:
             raise ControlError(404, f"no customer {uid!r} in this company file")
         return row
 
+    def is_payment(self, row: _Row) -> bool:
+        return self.payments.get(row.uid) is row
+
     def override(self, row: _Row, overrides: dict[str, Any]) -> None:
         """Lay control-API field values over a record (customer links resolved, card names kept in sync)."""
-        keys = _CUSTOMER_KEYS if row.layout is None else _INVOICE_KEYS
+        payment = self.is_payment(row)
+        keys = _PAYMENT_KEYS if payment else _CUSTOMER_KEYS if row.layout is None else _INVOICE_KEYS
         unknown = set(overrides) - keys
         if unknown:
             raise ControlError(400, f"unknown fields: {sorted(unknown)}")
         for fixed in ("UID", "URI", "RowVersion", "LastModified", "Created", "InvoiceType"):
             if fixed in overrides:
                 raise ControlError(400, f"{fixed} is managed by the sandbox (use updated_at for the time)")
-        if row.layout is not None:
+        if row.layout is not None or payment:
             customer = self._customer_of(overrides)
             if customer is not None:
                 row.rec["Customer"] = self.customer_links[customer.uid]
         row.rec.update(overrides)
-        if row.layout is None:
+        if row.layout is None and not payment:
             rec, link = row.rec, self.customer_links[row.uid]
             name = rec["CompanyName"] or ", ".join(p for p in (rec["LastName"], rec["FirstName"]) if p)
             link["Name"], link["DisplayID"] = name, rec["DisplayID"]
@@ -643,6 +915,7 @@ class _CompanyFile:
         return {
             "invoices": len(self.invoices),
             "customers": len(self.customers),
+            "payments": len(self.payments),
             "layouts": {name: layouts.get(name, 0) for name in LAYOUTS},
         }
 

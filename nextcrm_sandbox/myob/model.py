@@ -54,7 +54,7 @@ _LAYOUT_BY_LOWER = {name.lower(): name for name in LAYOUTS}
 _TENANT_FIELDS = frozenset(
     _words(
         "client_id seed invoices customers contacts days name id cftoken_required username password "
-        "generic_invoice_lines default_top max_top utc_offset_minutes unknown_path_status key_mode "
+        "generic_invoice_lines default_top max_top utc_offset_minutes unknown_path_status location_origin key_mode "
         "requests_per_second second_window_seconds daily_limit day_window_seconds per_second_status"
     )
 )
@@ -65,7 +65,17 @@ _CLIENT_FIELDS = frozenset({"client_id", "client_secret", "redirect_uris", "key_
 _FAULT_FIELDS = frozenset(
     _words("tenant server_errors server_error_status rate_limited gateway_timeouts day_limit_exhausted latency_ms")
 )
-_CHANGE_FIELDS = ("edits", "voids", "deletes", "creates", "archives", "customer_edits", "customer_creates")
+_CHANGE_FIELDS = (
+    "edits",
+    "voids",
+    "deletes",
+    "creates",
+    "archives",
+    "customer_edits",
+    "customer_creates",
+    "customer_deletes",
+    "payment_deletes",
+)
 
 
 class MyobError(Exception):
@@ -181,5 +191,11 @@ _CUSTOMER_KEYS = frozenset(
         "UID CompanyName LastName FirstName IsIndividual DisplayID IsActive Addresses Notes Identifiers CustomList1 "
         "CustomList2 CustomList3 CustomField1 CustomField2 CustomField3 CurrentBalance SellingDetails PaymentDetails "
         "PhotoURI ForeignCurrency Created LastModified URI RowVersion"
+    )
+)
+_PAYMENT_KEYS = frozenset(
+    _words(
+        "UID DepositTo Account Customer TransactionUID ReceiptNumber Date AmountReceived AmountReceivedForeign "
+        "ForeignCurrency CurrencyExchangeRate PaymentMethod Memo Invoices Created LastModified URI RowVersion"
     )
 )

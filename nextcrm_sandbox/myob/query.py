@@ -1,5 +1,6 @@
 """OData v3 as MYOB reads it: ``$filter`` tokenised and compiled into predicates (comparisons, ``and``/``or``/``not``,
-string and date functions), ``$orderby`` keys, and the field getters of invoices and customers they run on."""
+string and date functions), ``$orderby`` keys, and the field getters of invoices, customers and customer payments
+they run on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from nextcrm_sandbox.myob.model import (
     _CUSTOMER_KEYS,
     _EPOCH,
     _INVOICE_KEYS,
+    _PAYMENT_KEYS,
     _bad_query,
     _When,
     format_myob_datetime,
@@ -332,3 +334,7 @@ def _invoice_getter(tenant: _CompanyFile) -> Callable[[str], Getter]:
 
 def _customer_getter(tenant: _CompanyFile) -> Callable[[str], Getter]:
     return _field_getter(tenant, _CUSTOMER_KEYS, "MYOB.Contact.Customer")
+
+
+def _payment_getter(tenant: _CompanyFile) -> Callable[[str], Getter]:
+    return _field_getter(tenant, _PAYMENT_KEYS, "MYOB.Sale.CustomerPayment")

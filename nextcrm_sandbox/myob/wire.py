@@ -65,6 +65,8 @@ def _path_pattern(segments: list[str]) -> str:
         parts += ["Sale", "Invoice", *["{layout}", "{uid}"][: len(rest) - 2]]
     elif lowered[:2] == ["contact", "customer"]:
         parts += ["Contact", "Customer", *["{uid}"][: len(rest) - 2]]
+    elif lowered[:2] == ["sale", "customerpayment"]:
+        parts += ["Sale", "CustomerPayment", *["{uid}"][: len(rest) - 2]]
     elif rest:
         parts.append("{unknown}")
     return "/".join(parts) if len(parts) > 1 else "/accountright/"
@@ -85,7 +87,7 @@ def _method_not_allowed(method: str, allowed: str) -> MyobError:
 
 
 def _not_emulated(method: str) -> MyobError:
-    return MyobError(501, "NotImplemented", f"{method} is not emulated by the sandbox (read-only MYOB emulator)")
+    return MyobError(501, "NotImplemented", f"{method} of this resource is not emulated by the sandbox")
 
 
 def _daily_limit() -> MyobError:
@@ -123,10 +125,14 @@ def _entity(value: Any) -> str:
         "customers": "customer",
         "contact": "customer",
         "contacts": "customer",
+        "payment": "payment",
+        "payments": "payment",
+        "customerpayment": "payment",
+        "customerpayments": "payment",
     }
     entity = names.get(str(value).lower()) if isinstance(value, str) else None
     if entity is None:
-        raise ControlError(404, "entity must be 'invoice' or 'customer'")
+        raise ControlError(404, "entity must be 'invoice', 'customer' or 'payment'")
     return entity
 
 

@@ -1,6 +1,6 @@
-"""``PayPalAccount``: one merchant's REST app with its generated transactions, subscriptions and plans, the
-Transaction Search, Subscriptions, Plans and Payments reads and writes, the control API's changes and the
-webhook events they announce."""
+"""``PayPalAccount``: one merchant's REST app with its generated transactions, subscriptions, plans and invoices
+(``invoicing``), the Transaction Search, Subscriptions, Plans and Payments reads and writes, the control API's
+changes and the webhook events they announce."""
 
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from nextcrm_sandbox.paypal.errors import (
     _schema_error,
     _unprocessable,
 )
+from nextcrm_sandbox.paypal.invoicing import Invoicing
 from nextcrm_sandbox.paypal.model import (
     _DAY,
     _EMPTY,
@@ -58,6 +59,7 @@ from nextcrm_sandbox.paypal.model import (
     parse_time,
     stamp,
 )
+from nextcrm_sandbox.paypal.orders import Checkout, money_minor
 from nextcrm_sandbox.paypal.params import (
     _AFTER_BALANCE,
     _AMOUNT_RE,
@@ -72,11 +74,12 @@ from nextcrm_sandbox.paypal.params import (
     _schema_int,
     _time_param,
 )
+from nextcrm_sandbox.paypal.plans import announce_plan, change_plans
 from nextcrm_sandbox.paypal.webhooks import _PAYMENT_EVENTS, _SUBSCRIPTION_ACTIONS, _SUBSCRIPTION_EVENTS
 
 
 class PayPalAccount:
-    """One merchant's REST app: credentials, knobs, transactions, subscriptions and plans."""
+    """One merchant's REST app: credentials, knobs, transactions, subscriptions, plans and invoices."""
 
     def __init__(self, spec: Mapping[str, Any], *, now: int) -> None:
         self.spec = dict(spec)
@@ -106,6 +109,9 @@ class PayPalAccount:
         rng = _Rng(f"paypal:{self.client_id}:{self.seed}")
         self.payers = [self._new_payer(rng) for _ in range(max(20, min(2000, spec["transactions"] // 5)))]
         self._generate(rng, now)
+        # Invoices draw on a random stream of their own: the rest of the account is as it was without them.
+        self.invoicing = Invoicing(self, spec.get("invoices", 0), now)
+        self.checkout = Checkout(self)
 
     # --- generation -------------------------------------------------------------------------------------
 
@@ -466,6 +472,28 @@ class PayPalAccount:
             payer_name=payer.name,
             payer_email=payer.email,
         )
+        return row
+
+    def invoice_capture(self, payer: _Payer, currency: str, amount: int, invoice_number: str, now: int) -> _Txn:
+        """A completed Checkout capture (T0006) of ``amount`` minor units from ``payer`` paying an invoice: it
+        carries the invoice's number, as Transaction Search shows it; stored and announced."""
+        row = self._sale(self._rng, now, code="T0006", payer=payer, currency=currency, amount=amount)
+        when, info = row.infos[-1]
+        fee = _fee(amount, currency)
+        rebuilt: dict[str, Any] = {}
+        for key, value in info.items():
+            if key == "transaction_status":
+                rebuilt["fee_amount"] = _money(fee, currency)
+                rebuilt[key] = "S"
+            elif key == "invoice_id":
+                rebuilt[key] = invoice_number
+            elif key != "fee_amount":
+                rebuilt[key] = value
+        row.infos[-1] = (when, rebuilt)
+        row.fee = fee
+        row.sections["cart_info"]["item_details"][0]["invoice_number"] = invoice_number
+        self._insert([row])
+        self._announce_payment(row)
         return row
 
     def _authorization(self, sale: _Txn) -> _Txn:
@@ -933,7 +961,8 @@ class PayPalAccount:
     # --- changes (control API) ----------------------------------------------------------------------------
 
     def apply_changes(self, changes: Mapping[str, int], now: int) -> dict[str, list[str]]:
-        """New transactions, refunds, subscription updates and cancellations, all at ``now``."""
+        """New transactions, refunds, subscription updates and cancellations, then plan updates and new, paid
+        and cancelled invoices, all at ``now``."""
         rng = self._rng
         out: dict[str, list[str]] = {
             "created": [],
@@ -964,6 +993,7 @@ class PayPalAccount:
                 out["created"].append(refund.txn_id)
                 out["edited"].append(sale.txn_id)
                 announce.append(partial(self._announce_refund, refund, sale))
+                announce.append(partial(self.invoicing.capture_refunded, sale, refund))
                 if sale.subscription:
                     self._touch_sub(sale.subscription, now)
             live = [sid for sid, s in self.subscriptions.items() if s["status"] not in ("CANCELLED", "EXPIRED")]
@@ -988,6 +1018,11 @@ class PayPalAccount:
             self._insert(rows)
             for call in announce:
                 call()
+            if changes.get("plan_updates", 0):
+                out["plans_updated"] = change_plans(self, rng, changes["plan_updates"], now)
+            invoices = [changes.get(k, 0) for k in ("invoices", "invoice_payments", "invoice_cancels")]
+            if any(invoices):
+                out.update(self.invoicing.apply_changes(*invoices, now))
         return out
 
     # --- webhook announcements ----------------------------------------------------------------------------
@@ -1044,15 +1079,15 @@ class PayPalAccount:
             out["invoice_id"] = info["invoice_id"]
         if info.get("custom_field"):
             out["custom_id"] = info["custom_field"]
-        out["supplementary_data"] = {"related_ids": {"order_id": _derived_id("order", row.txn_id)}}
+        order_id = self.checkout.order_of(row.txn_id) or _derived_id("order", row.txn_id)
+        out["supplementary_data"] = {"related_ids": {"order_id": order_id}}
         out["payee"] = {"merchant_id": self.id}
         out["create_time"] = stamp(row.time)
         out["update_time"] = stamp(row.infos[-1][0])
         out["links"] = [
             {"href": href, "rel": "self", "method": "GET"},
             {"href": f"{href}/refund", "rel": "refund", "method": "POST"},
-            {"href": f"{base_url}/v2/checkout/orders/{_derived_id('order', row.txn_id)}", "rel": "up",
-             "method": "GET"},
+            {"href": f"{base_url}/v2/checkout/orders/{order_id}", "rel": "up", "method": "GET"},
         ]  # fmt: skip
         return out
 
@@ -1160,20 +1195,13 @@ class PayPalAccount:
         if amount is not None:
             if not isinstance(amount, dict) or amount.get("currency_code") != row.currency:
                 raise _unprocessable("REFUND_CURRENCY_MISMATCH", "Refund must be in the currency of the capture.")
-            try:
-                back = _minor(amount.get("value"), row.currency)
-            except (TypeError, ValueError):
-                raise _schema_error(
-                    "amount.value",
-                    str(amount.get("value")),
-                    "INVALID_PARAMETER_SYNTAX",
-                    "The value of a field does not conform to the expected format.",
-                ) from None
-            if back <= 0 or back > left:
+            back, _ = money_minor(amount, "/amount")  # the value's syntax and the currency's decimals
+            if back > left:
                 raise _unprocessable("REFUND_AMOUNT_EXCEEDED", "The refund amount must be at most what is left.")
         refund = self._refund(self._rng, row, now, partial=back < row.amount, back=back)
         self._insert([refund])
         self._announce_refund(refund, row)
+        self.invoicing.capture_refunded(row, refund)
         out = self.refund_resource(refund, row, self.refunded[capture_id], base_url)
         if request_id:
             self.refund_requests[request_id] = (capture_id, out)
@@ -1239,7 +1267,7 @@ class PayPalAccount:
         }
 
     def add_record(self, entity: str, fields: Mapping[str, Any], at: int, now: int, base_url: str) -> dict[str, Any]:
-        """Create one transaction, subscription or plan at ``at`` with ``fields`` over the generated values."""
+        """Create one transaction, subscription, plan or invoice at ``at`` with ``fields`` over the generated values."""
         rng = self._rng
         with self.lock:
             if entity == "transaction":
@@ -1264,8 +1292,11 @@ class PayPalAccount:
                 return self.subscription(sid, base_url)
             if entity == "plan":
                 pid = self._new_plan(rng, at, fields)
+                announce_plan(self, pid, "BILLING.PLAN.CREATED")
                 return self.plan(pid, base_url)
-        raise ValueError("entity must be transaction, subscription or plan")
+            if entity == "invoice":
+                return self.invoicing.add(fields, at, base_url)
+        raise ValueError("entity must be transaction, subscription, plan or invoice")
 
     def _add_transaction(self, rng: _Rng, fields: dict[str, Any], at: int) -> _Txn:
         balance = fields.pop("balance_affecting", True)
@@ -1335,4 +1366,8 @@ class PayPalAccount:
                 }
             if entity == "plans":
                 return {"records": [self.plan(pid, base_url) for pid in self.plans], "deleted_ids": []}
-        raise ValueError("entity must be transactions, subscriptions or plans")
+            if entity == "invoices":
+                return self.invoicing.export(base_url)
+            if entity == "orders":
+                return self.checkout.export(base_url)
+        raise ValueError("entity must be transactions, subscriptions, plans, invoices or orders")

@@ -1,5 +1,6 @@
 """``PayPalSandbox``: accounts with their rate limits, faults and statistics, the OAuth token endpoint, the API
-routes under ``/paypal/api``, webhook delivery and verification, and the control API under ``/_sandbox/paypal``."""
+routes under ``/paypal/api`` (Transaction Search and balances, Subscriptions and Plans, Payments, Invoicing),
+webhook delivery and verification, and the control API under ``/_sandbox/paypal``."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from nextcrm_sandbox.control import (
 )
 from nextcrm_sandbox.oauth import AccessDenied, Grant, OAuthError, OAuthPolicy, OAuthServer, json_response
 from nextcrm_sandbox.paypal.account import PayPalAccount
+from nextcrm_sandbox.paypal.balances import balances
 from nextcrm_sandbox.paypal.certs import AUTH_ALGO, MessageCerts, signed_message
 from nextcrm_sandbox.paypal.errors import (
     PayPalError,
@@ -46,12 +48,16 @@ from nextcrm_sandbox.paypal.errors import (
     _rate_limited,
     _server_error,
 )
+from nextcrm_sandbox.paypal.invoicing import query_int
 from nextcrm_sandbox.paypal.knobs import DEFAULT_KNOBS, _int_field, normalise_knobs, normalise_spec
 from nextcrm_sandbox.paypal.model import (
     _JSON_CT,
     API_PREFIX,
     CONTROL_PREFIX,
     DEFAULT_SCOPES,
+    PREFIX,
+    SCOPE_BALANCES,
+    SCOPE_INVOICING,
     SCOPE_PAYMENTS,
     SCOPE_REFUNDS,
     SCOPE_REPORTING,
@@ -65,6 +71,15 @@ from nextcrm_sandbox.paypal.model import (
     stamp,
 )
 from nextcrm_sandbox.paypal.params import _in_range, _schema_int, _time_param
+from nextcrm_sandbox.paypal.plans import (
+    PLAN_ACTIONS,
+    _invalid,
+    create_plan,
+    patch_plan,
+    plan_action,
+    plan_summary,
+    update_pricing,
+)
 from nextcrm_sandbox.paypal.webhooks import (
     _EVENT_SUMMARIES,
     _SUBSCRIPTION_ACTIONS,
@@ -140,7 +155,8 @@ class _Runtime:
     searches: int = 0
 
 
-_CHANGE_FIELDS = ("transactions", "refunds", "subscription_updates", "cancels")
+_CHANGE_FIELDS = ("transactions", "refunds", "subscription_updates", "cancels", "plan_updates", "invoices",
+                  "invoice_payments", "invoice_cancels")  # fmt: skip
 
 
 async def _paypal_json(request: Request) -> dict[str, Any]:
@@ -265,6 +281,8 @@ class PayPalSandbox:
             "base_path": API_PREFIX,
             "token_path": TOKEN_PATH,
             "counts": account.counts(),
+            "invoices": len(account.invoicing.invoices),
+            "orders": len(account.checkout.orders),
             "knobs": account.knobs,
             "currencies": account.currencies,
         }
@@ -392,6 +410,7 @@ class PayPalSandbox:
             Route(TOKEN_PATH, self._token, methods=["POST"]),
             Route(TERMINATE_PATH, self._terminate, methods=["POST"]),
             Route(f"{api}/reporting/transactions", self._api("transactions"), methods=["GET"]),
+            Route(f"{api}/reporting/balances", self._api("balances"), methods=["GET"]),
             Route(f"{api}/billing/subscriptions", self._api("subscriptions"), methods=["GET"]),
             Route(f"{api}/billing/subscriptions/{{sid}}", self._api("subscription"), methods=["GET"]),
             Route(
@@ -400,11 +419,22 @@ class PayPalSandbox:
                 methods=["GET"],
             ),
             Route(f"{api}/billing/plans", self._api("plans"), methods=["GET"]),
+            Route(f"{api}/billing/plans", self._plan_create, methods=["POST"]),
             Route(f"{api}/billing/plans/{{pid}}", self._api("plan"), methods=["GET"]),
+            Route(f"{api}/billing/plans/{{pid}}", self._plan_change, methods=["PATCH"]),
+            Route(f"{api}/billing/plans/{{pid}}/{{action}}", self._plan_change, methods=["POST"]),
             Route(f"{api}/billing/subscriptions/{{sid}}/{{action}}", self._subscription_action, methods=["POST"]),
+            Route(f"{API_PREFIX}/v2/checkout/orders", self._orders_api, methods=["POST"]),
+            Route(f"{API_PREFIX}/v2/checkout/orders/{{oid}}", self._orders_api, methods=["GET"]),
+            Route(f"{API_PREFIX}/v2/checkout/orders/{{oid}}/{{action}}", self._orders_api, methods=["POST"]),
+            Route(f"{PREFIX}/checkoutnow", self._checkoutnow, methods=["GET"]),
             Route(f"{API_PREFIX}/v2/payments/captures/{{capture_id}}", self._payments_api, methods=["GET"]),
             Route(f"{API_PREFIX}/v2/payments/captures/{{capture_id}}/refund", self._payments_api, methods=["POST"]),
             Route(f"{api}/payments/sale/{{sale_id}}", self._payments_api, methods=["GET"]),
+            Route(f"{API_PREFIX}/v2/invoicing/search-invoices", self._invoicing_api, methods=["POST"]),
+            Route(f"{API_PREFIX}/v2/invoicing/invoices", self._invoicing_api, methods=["GET"]),
+            Route(f"{API_PREFIX}/v2/invoicing/invoices/{{iid}}", self._invoicing_api, methods=["GET", "DELETE"]),
+            Route(f"{API_PREFIX}/v2/invoicing/invoices/{{iid}}/{{action}}", self._invoicing_api, methods=["POST"]),
             Route(f"{api}/notifications/certs/{{name}}", self._cert, methods=["GET"]),
             Route(f"{api}/notifications/verify-webhook-signature", self._verify_signature, methods=["POST"]),
             Route(f"{api}/notifications/webhooks", self._webhooks_api, methods=["GET", "POST"]),
@@ -419,6 +449,7 @@ class PayPalSandbox:
             Route(f"{control}/accounts/{{aid}}/changes", _control(self._c_changes), methods=["POST"]),
             Route(f"{control}/accounts/{{aid}}/records", _control(self._c_records), methods=["POST"]),
             Route(f"{control}/accounts/{{aid}}/bulk", _control(self._c_bulk), methods=["POST"]),
+            Route(f"{control}/accounts/{{aid}}/orders/{{oid}}/approve", _control(self._c_approve), methods=["POST"]),
             Route(f"{control}/accounts/{{aid}}/knobs", _control(self._c_knobs), methods=["PATCH"]),
             Route(f"{control}/accounts/{{aid}}/expire-tokens", _control(self._c_expire), methods=["POST"]),
             Route(f"{control}/accounts/{{aid}}/export/{{entity}}", _control(self._c_export), methods=["GET"]),
@@ -432,6 +463,7 @@ class PayPalSandbox:
 
     _ROUTES = {
         "transactions": ("GET /v1/reporting/transactions", SCOPE_REPORTING),
+        "balances": ("GET /v1/reporting/balances", SCOPE_BALANCES),
         "subscriptions": ("GET /v1/billing/subscriptions", SCOPE_SUBSCRIPTIONS),
         "subscription": ("GET /v1/billing/subscriptions/{id}", SCOPE_SUBSCRIPTIONS),
         "subscription_transactions": ("GET /v1/billing/subscriptions/{id}/transactions", SCOPE_SUBSCRIPTIONS),
@@ -535,6 +567,9 @@ class PayPalSandbox:
                     raise _not_available()
                 now = self.clock()
                 payload = await run_in_threadpool(account.search, params, now, base_url)
+            elif kind == "balances":
+                with account.lock:
+                    payload = balances(account, params, self.clock())
             elif kind == "subscription":
                 with account.lock:
                     payload = account.subscription(request.path_params["sid"], base_url, params.get("fields"))
@@ -602,6 +637,8 @@ class PayPalSandbox:
         try:
             body = await _paypal_json(request)
             reason = body.get("reason")
+            if reason is not None and (not isinstance(reason, str) or len(reason) > 128):
+                raise _invalid("/reason", "INVALID_STRING_MAX_LENGTH", "The value of a field is too long.")
             with admitted.account.lock:
                 admitted.account.subscription_action(request.path_params["sid"], action,
                                                      str(reason) if reason else None, self.clock())  # fmt: skip
@@ -609,6 +646,167 @@ class PayPalSandbox:
             return self._error(err, route, admitted)
         self._count(route, 204)
         return Response(status_code=204, headers={"paypal-debug-id": _debug_id()})
+
+    @staticmethod
+    def _representation(request: Request) -> bool:
+        return "return=representation" in request.headers.get("prefer", "").replace(" ", "").lower()
+
+    async def _plan_create(self, request: Request) -> Response:
+        """``POST /v1/billing/plans``: 201 with the plan (minimal unless ``Prefer: return=representation``), or 200
+        with the first answer for a repeated ``PayPal-Request-Id``."""
+        route = "POST /v1/billing/plans"
+        admitted = await self._admit(request, route, SCOPE_SUBSCRIPTIONS)
+        if isinstance(admitted, Response):
+            return admitted
+        account, key, now = admitted.account, request.headers.get("paypal-request-id"), self.clock()
+        try:
+            body = await _paypal_json(request)
+            with account.lock:
+                replays = account.checkout.replays
+                status, payload = 200, replays.get("plans.create", key, "", now, account.checkout.ttl)
+                if payload is None:
+                    pid = create_plan(account, body, now)
+                    base_url = self._base_url(request)
+                    view = account.plan if self._representation(request) else partial(plan_summary, account)
+                    status, payload = 201, view(pid, base_url)
+                    replays.keep("plans.create", key, "", now, payload)
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, status)
+        return _ok(payload, status)
+
+    async def _orders_api(self, request: Request) -> Response:
+        """Orders v2: ``POST /v2/checkout/orders``, ``GET …/{id}`` and ``POST …/{id}/capture``."""
+        oid, action = request.path_params.get("oid"), request.path_params.get("action")
+        route = "POST /v2/checkout/orders" if oid is None else "GET /v2/checkout/orders/{id}"
+        if action is not None:
+            if action != "capture":
+                return await self._unknown(request)
+            route = "POST /v2/checkout/orders/{id}/capture"
+        admitted = await self._admit(request, route, SCOPE_PAYMENTS)
+        if isinstance(admitted, Response):
+            return admitted
+        account, base_url, now = admitted.account, self._base_url(request), self.clock()
+        key, full = request.headers.get("paypal-request-id"), self._representation(request)
+        status = 200
+        try:
+            if oid is None or action is not None:
+                body = await _paypal_json(request)
+                with account.lock:
+                    if oid is None:
+                        status, payload = account.checkout.create(body, key, full, now, base_url)
+                    else:
+                        status, payload = account.checkout.capture(oid, key, full, now, base_url)
+            else:
+                with account.lock:
+                    payload = account.checkout.view(account.checkout.get(oid), base_url)
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, status)
+        return _ok(payload, status)
+
+    async def _checkoutnow(self, request: Request) -> Response:
+        """``GET /paypal/checkoutnow?token=<order id>``: the approve link, where a payer of the account approves."""
+        route = "GET /checkoutnow"
+        order_id = request.query_params.get("token", "")
+        for rt in self._runtime.values():
+            if order_id in rt.account.checkout.orders:
+                try:
+                    with rt.account.lock:
+                        rt.account.checkout.approve(order_id, None, self.clock(), self._base_url(request))
+                except PayPalError as err:
+                    return self._error(err, route, rt)
+                self._count(route, 200)
+                return Response(f"<p>Order {order_id} approved.</p>", headers={"content-type": "text/html"})
+        self._count(route, 404)
+        return Response("<p>This order cannot be found.</p>", status_code=404, headers={"content-type": "text/html"})
+
+    async def _plan_change(self, request: Request) -> Response:
+        """``POST /v1/billing/plans/{id}/activate|deactivate|update-pricing-schemes`` and ``PATCH …/{id}`` (204)."""
+        action = request.path_params.get("action")
+        route = "PATCH /v1/billing/plans/{id}" if action is None else f"POST /v1/billing/plans/{{id}}/{action}"
+        if action is not None and action not in (*PLAN_ACTIONS, "update-pricing-schemes"):
+            return await self._unknown(request)
+        admitted = await self._admit(request, route, SCOPE_SUBSCRIPTIONS)
+        if isinstance(admitted, Response):
+            return admitted
+        account, pid = admitted.account, request.path_params["pid"]
+        try:
+            if action is None:
+                try:
+                    operations = orjson.loads(await request.body())
+                except orjson.JSONDecodeError:
+                    operations = None
+                with account.lock:
+                    patch_plan(account, pid, operations, self.clock())
+            else:
+                body = await _paypal_json(request)
+                with account.lock:
+                    if action == "update-pricing-schemes":
+                        update_pricing(account, pid, body, self.clock())
+                    else:
+                        plan_action(account, pid, action, self.clock())
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, 204)
+        return Response(status_code=204, headers={"paypal-debug-id": _debug_id()})
+
+    _INVOICE_ACTIONS = ("send", "remind", "cancel", "payments", "refunds")
+
+    async def _invoicing_api(self, request: Request) -> Response:
+        """Invoicing v2: ``POST /v2/invoicing/search-invoices``, ``GET /v2/invoicing/invoices``, ``GET``/``DELETE
+        …/invoices/{id}`` and ``POST …/{id}/send|remind|cancel|payments|refunds``."""
+        iid, action = request.path_params.get("iid"), request.path_params.get("action")
+        if request.url.path.endswith("/search-invoices"):
+            route = "POST /v2/invoicing/search-invoices"
+        else:
+            route = f"{request.method} /v2/invoicing/invoices" + ("/{id}" if iid else "") + (f"/{action}" if action
+                                                                                             else "")  # fmt: skip
+        if action is not None and action not in self._INVOICE_ACTIONS:
+            return await self._unknown(request)
+        admitted = await self._admit(request, route, SCOPE_INVOICING)
+        if isinstance(admitted, Response):
+            return admitted
+        account, base_url, params = admitted.account, self._base_url(request), request.query_params
+        status, payload = 200, None
+        try:
+            if route.endswith("search-invoices"):
+                query_int(params, "page", 1, 1, 1000)
+                query_int(params, "page_size", 20, 1, 100)
+                criteria = await _paypal_json(request)
+                with account.lock:
+                    payload = account.invoicing.search(params, criteria, base_url)
+            elif iid is None:
+                with account.lock:
+                    payload = account.invoicing.list(params, base_url)
+            elif action is None and request.method == "GET":
+                with account.lock:
+                    payload = account.invoicing.full(account.invoicing.get(iid), base_url)
+            elif action is None:
+                with account.lock:
+                    account.invoicing.delete(iid)
+                status = 204
+            else:
+                body = await _paypal_json(request)
+                with account.lock:
+                    if action == "send":
+                        sent = account.invoicing.full(account.invoicing.send(iid, self.clock()), base_url)
+                        view = sent["detail"]["metadata"].get("recipient_view_url", "")
+                        payload = {"href": view, "rel": "payer-view", "method": "GET"}
+                    elif action in ("cancel", "remind"):
+                        change = account.invoicing.cancel if action == "cancel" else account.invoicing.remind
+                        change(iid, self.clock())
+                        status = 204
+                    elif action == "payments":
+                        payload = account.invoicing.record_payment(iid, body, self.clock())
+                    else:
+                        payload = account.invoicing.record_refund(iid, body, self.clock())
+        except PayPalError as err:
+            return self._error(err, route, admitted)
+        self._count(route, status)
+        if status == 204:
+            return Response(status_code=204, headers={"paypal-debug-id": _debug_id()})
+        return _ok(payload, status)
 
     # --- webhooks -----------------------------------------------------------------------------------------
 
@@ -891,6 +1089,20 @@ class PayPalSandbox:
         started = time.perf_counter()
         result = await run_in_threadpool(account.bulk, body["day"], count)
         return {**result, "generation_seconds": round(time.perf_counter() - started, 3)}
+
+    async def _c_approve(self, request: Request) -> Any:
+        """The payer approves an order, as on its approve link: ``{"payer_id"}`` (a payer of the account) or any."""
+        account = self._rt(request.path_params["aid"]).account
+        body = await read_json_object(request)
+        reject_unknown_fields(body, {"payer_id"}, "approval")
+        payer = body.get("payer_id")
+        try:
+            with account.lock:
+                return account.checkout.approve(request.path_params["oid"], str(payer) if payer else None,
+                                                self.clock(), self._base_url(request))  # fmt: skip
+        except PayPalError as err:
+            issue = err.details[0]["issue"] if err.details else err.message
+            raise ControlError(err.status, f"{err.name}: {issue}") from None
 
     async def _c_knobs(self, request: Request) -> Any:
         account = self._rt(request.path_params["aid"]).account

@@ -17,7 +17,7 @@ class PayPalControl(WebhookControl):
     prefix = CONTROL_PREFIX
 
     def add_account(self, client_id: str, client_secret: str, **spec: Any) -> dict[str, Any]:
-        """Create a merchant app: seed, transactions, subscriptions, plans, days, currencies, id and knobs."""
+        """Create a merchant app: seed, transactions, subscriptions, plans, invoices, days, currencies, id and knobs."""
         return self._call("POST", "/accounts", json={"client_id": client_id, "client_secret": client_secret, **spec})
 
     def accounts(self) -> list[dict[str, Any]]:
@@ -29,13 +29,14 @@ class PayPalControl(WebhookControl):
         return self._call("GET", f"/accounts/{account_id}")
 
     def changes(self, account_id: str, **counts: int) -> dict[str, list[str]]:
-        """Apply transactions, refunds, subscription_updates and cancels now."""
+        """Apply transactions, refunds, subscription_updates, cancels, plan_updates, invoices (new, sent),
+        invoice_payments (open invoices paid through PayPal) and invoice_cancels now."""
         return self._call("POST", f"/accounts/{account_id}/changes", json=counts)
 
     def add_record(
         self, account_id: str, entity: str, fields: Mapping[str, Any] | None = None, at: int | None = None
     ) -> dict[str, Any]:
-        """Create a transaction, subscription or plan (at ``at``) and return it as the API would."""
+        """Create a transaction, subscription, plan or invoice (at ``at``) and return it as the API would."""
         body: dict[str, Any] = {"entity": entity, "fields": dict(fields or {})}
         if at is not None:
             body["at"] = at
@@ -54,7 +55,7 @@ class PayPalControl(WebhookControl):
         return self._call("POST", f"/accounts/{account_id}/expire-tokens")
 
     def export(self, account_id: str, entity: str, visible: bool = False) -> dict[str, Any]:
-        """``{"records", "deleted_ids"}`` for transactions, subscriptions or plans."""
+        """``{"records", "deleted_ids"}`` for transactions, subscriptions, plans or invoices."""
         params = {"visible": "true"} if visible else None
         return self._call("GET", f"/accounts/{account_id}/export/{entity}", params=params)
 

@@ -27,6 +27,7 @@ DEFAULT_KNOBS: dict[str, Any] = {
     "expired_token_error": "invalid_token",  # or AUTHENTICATION_FAILURE
     "date_style": "Z",  # Transaction Search times: "Z" (2025-03-01T15:40:49Z) or "+0000"
     "scopes": list(DEFAULT_SCOPES),
+    "request_id_ttl_seconds": 21_600,  # how long a PayPal-Request-Id answers with its first result (6 h)
 }
 
 
@@ -39,6 +40,7 @@ _ACCOUNT_FIELDS = frozenset(
         "transactions",
         "subscriptions",
         "plans",
+        "invoices",
         "days",
         "currencies",
         "knobs",
@@ -59,7 +61,7 @@ def normalise_knobs(raw: Mapping[str, Any], base: Mapping[str, Any] | None = Non
     for name in ("result_cap", "max_window_days", "page_size_max", "token_ttl", "history_years"):
         if name in raw:
             knobs[name] = _int_field(raw, name, None, 1)
-    for name in ("visibility_lag_seconds", "refresh_interval_seconds", "requests_per_minute"):
+    for name in ("visibility_lag_seconds", "refresh_interval_seconds", "requests_per_minute", "request_id_ttl_seconds"):
         if name in raw:
             knobs[name] = _int_field(raw, name, None, 0)
     if "min_start_age_seconds" in raw:
@@ -106,7 +108,8 @@ def normalise_spec(body: Mapping[str, Any]) -> dict[str, Any]:
     transactions = _int_field(body, "transactions", 200)
     subscriptions = _int_field(body, "subscriptions", 20)
     plans = _int_field(body, "plans", 3)
-    assert transactions is not None and subscriptions is not None and plans is not None
+    invoices = _int_field(body, "invoices", 40)
+    assert transactions is not None and subscriptions is not None and plans is not None and invoices is not None
     if subscriptions and not plans:
         raise ControlError(400, "subscriptions need at least one plan")
     days = number_field(body, "days", 30)
@@ -123,6 +126,7 @@ def normalise_spec(body: Mapping[str, Any]) -> dict[str, Any]:
         "transactions": transactions,
         "subscriptions": subscriptions,
         "plans": plans,
+        "invoices": invoices,
         "days": days,
         "currencies": list(dict.fromkeys(currencies)),
         "knobs": normalise_knobs(knob_raw),

@@ -24,8 +24,10 @@ SCOPE_PAYMENTS = "https://uri.paypal.com/services/payments/payment/authcapture"
 SCOPE_REFUNDS = "https://uri.paypal.com/services/payments/refund"
 SCOPE_WEBHOOKS = "https://uri.paypal.com/services/applications/webhooks"
 SCOPE_VERIFY_WEBHOOKS = "https://uri.paypal.com/services/applications/verify-webhook-signature"
+SCOPE_INVOICING = "https://uri.paypal.com/services/invoicing"
+SCOPE_BALANCES = "https://uri.paypal.com/services/reporting/balances/read"
 DEFAULT_SCOPES = (
-    "https://uri.paypal.com/services/invoicing",
+    SCOPE_INVOICING,
     "https://uri.paypal.com/services/vault/payment-tokens/read",
     "https://uri.paypal.com/services/disputes/read-buyer",
     "https://uri.paypal.com/services/payments/realtimepayment",
@@ -40,6 +42,7 @@ DEFAULT_SCOPES = (
     SCOPE_SUBSCRIPTIONS,
     SCOPE_WEBHOOKS,
     SCOPE_REPORTING,
+    SCOPE_BALANCES,
     SCOPE_VERIFY_WEBHOOKS,
 )
 

@@ -1,11 +1,12 @@
-"""PayPal's webhooks from the sandbox: the retry schedule, the events payments and subscriptions send, one app's
-webhooks and their subscription fields, and the verify-webhook-signature request."""
+"""PayPal's webhooks from the sandbox: the retry schedule, the events payments, subscriptions, plans and invoices
+send, one app's webhooks and their subscription fields, and the verify-webhook-signature request."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from nextcrm_sandbox.paypal import invoicing, plans
 from nextcrm_sandbox.paypal.errors import PayPalError
 
 
@@ -56,6 +57,9 @@ _EVENT_SUMMARIES = {
     "BILLING.SUBSCRIPTION.SUSPENDED": "Subscription suspended",
     "BILLING.SUBSCRIPTION.CANCELLED": "Subscription cancelled",
     "BILLING.SUBSCRIPTION.EXPIRED": "Subscription expired",
+    "CHECKOUT.ORDER.APPROVED": "An order has been approved by buyer",
+    **plans.EVENT_SUMMARIES,
+    **invoicing.EVENT_SUMMARIES,
 }
 
 

@@ -1,4 +1,4 @@
-"""Local emulator of QuickBooks Online (Intuit Accounting API v3): OAuth, query, batch, read-one and CDC.
+"""Local emulator of QuickBooks Online (Intuit Accounting API v3): OAuth, query, batch, read-one, CDC and writes.
 
 The demo and the tests point the real QuickBooks client code at this package instead of Intuit, so it reproduces
 what that code relies on: Intuit's OAuth 2.0 flow (client credentials in HTTP Basic or in the form body, the OpenID
@@ -10,8 +10,9 @@ the SQL-like query endpoint (``SELECT * | COUNT(*) FROM Invoice|Customer|Payment
 read-one by ``Id``, Change Data Capture with its 30-day look-back and 1,000-object cap and ``status: "Deleted"``
 stubs for hard-deleted invoices and payments and merged-away customers, ``/batch`` (up to 30 queries), JSON or XML
 by ``Accept``, the ``Fault`` error envelope (lower-case ``fault`` for 401/403; also for every route not emulated),
-and the throttles (500 requests a minute, 10 a second, 10 at once per realm → 429 with fault 3001 and no
-``Retry-After``).
+the throttles (500 requests a minute, 10 a second, 10 at once per realm → 429 with fault 3001 and no
+``Retry-After``), and the writes (``POST /customer``, ``POST /invoice``, ``POST /invoice?operation=void|delete``
+with the current ``SyncToken``, else fault 5010) with Intuit's validation faults and the ``requestid`` replay.
 
 Intuit's hosts are mapped to path prefixes of the sandbox server: ``/quickbooks/appcenter`` (authorize),
 ``/quickbooks/oauth`` (token, jwks), ``/quickbooks/developer`` (revoke), ``/quickbooks/devsite``
@@ -30,7 +31,8 @@ duplicates, holding and reordering).
 Modules: ``model`` (paths, token lifetimes, limits, ``QueryError`` and Intuit's faults, time zones), ``query``
 (the query language parsed into ``Query``, the fields it may name), ``data`` (``QuickBooksCompany``: generated
 realms, their changes, queries and CDC), ``webhooks`` (notification bodies and ``intuit-signature``), ``render``
-(XML answers), ``api`` (``QuickBooksSandbox``: throttles, faults, OAuth, API and control routes) and ``control``
+(XML answers), ``writes`` (creates, voids and deletes from request bodies, with their faults), ``api``
+(``QuickBooksSandbox``: throttles, faults, OAuth, API and control routes, the ``requestid`` replay) and ``control``
 (``QuickBooksControl``).
 """
 

@@ -87,6 +87,7 @@ from nextcrm_sandbox.quickbooks.webhooks import (
     intuit_signer,
     legacy_notification,
 )
+from nextcrm_sandbox.quickbooks.writes import REQUEST_ID_MAX, create_customer, create_invoice, invoice_operation
 from nextcrm_sandbox.webhooks import Signer, WebhookOutbox, webhook_control_routes
 
 
@@ -144,6 +145,10 @@ class _Runtime:
     peak_concurrency: int = 0
     requests: int = 0
     throttled: int = 0
+    # ``requestid`` -> the first answer to a write that carried it (replayed for a repeat), writes made, replays.
+    replies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    writes: int = 0
+    replayed: int = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # A restored sandbox (``sandbox.state``) has no request in flight.
@@ -467,6 +472,8 @@ class QuickBooksSandbox:
             Route(f"{api}/query", self._api("query"), methods=["GET", "POST"]),
             Route(f"{api}/batch", self._api("batch"), methods=["POST"]),
             Route(f"{api}/cdc", self._api("cdc"), methods=["GET"]),
+            Route(f"{api}/invoice", self._api("write:Invoice"), methods=["POST"]),
+            Route(f"{api}/customer", self._api("write:Customer"), methods=["POST"]),
             Route(f"{api}/invoice/{{oid}}", self._api("invoice"), methods=["GET"]),
             Route(f"{api}/customer/{{oid}}", self._api("customer"), methods=["GET"]),
             Route(f"{api}/payment/{{oid}}", self._api("payment"), methods=["GET"]),
@@ -576,7 +583,7 @@ class QuickBooksSandbox:
         async def endpoint(request: Request) -> Response:
             return await self._serve(request, kind)
 
-        endpoint.__name__ = f"quickbooks_{kind or 'unsupported'}"
+        endpoint.__name__ = f"quickbooks_{(kind or 'unsupported').replace(':', '_')}"
         return endpoint
 
     def _fault_for(self, realm: str) -> _Faults | None:
@@ -589,9 +596,15 @@ class QuickBooksSandbox:
     async def _serve(self, request: Request, kind: str | None) -> Response:
         realm = request.path_params["realm"]
         oid = request.path_params.get("oid")
-        route = f"{request.method} /v3/company/{{realmId}}/" + (
-            f"{kind}/{{id}}" if oid is not None else (kind or "{unsupported}")
-        )
+        if kind is not None and kind.startswith("write:"):
+            operation = request.query_params.get("operation")
+            route = f"{request.method} /v3/company/{{realmId}}/{kind[6:].lower()}" + (
+                f"?operation={operation.lower()}" if operation else ""
+            )
+        else:
+            route = f"{request.method} /v3/company/{{realmId}}/" + (
+                f"{kind}/{{id}}" if oid is not None else (kind or "{unsupported}")
+            )
         try:
             grant = self.oauth.check_access(request.headers.get("authorization"))
         except AccessDenied as denied:
@@ -638,6 +651,8 @@ class QuickBooksSandbox:
                 await asyncio.sleep(faults.latency_ms / 1000)
             self._minor_version(request)
             company = rt.company
+            if kind is not None and kind.startswith("write:"):
+                return await self._write(request, rt, kind[6:], route)
             payload = await self._dispatch(request, company, kind, oid)
             payload["time"] = company.response_time(self._now_precise())
             return self._render(request, 200, payload, route)
@@ -645,6 +660,43 @@ class QuickBooksSandbox:
             return self._error(request, err, route, rt)
         finally:
             rt.active -= 1
+
+    async def _write(self, request: Request, rt: _Runtime, entity: str, route: str) -> Response:
+        """``POST /customer`` or ``POST /invoice[?operation=void|delete]`` (``writes``); a ``requestid`` already
+        answered gets that first answer again, unchanged, and nothing is done twice."""
+        request_id = request.query_params.get("requestid")
+        if request_id is not None and len(request_id) > REQUEST_ID_MAX:
+            raise QueryError("2010", "Request has invalid or unsupported property",
+                             f"Property Name:requestid holds at most {REQUEST_ID_MAX} characters. Supplied length:"
+                             f"{len(request_id)}", element="requestid")  # fmt: skip
+        if request_id and request_id in rt.replies:
+            rt.replayed += 1
+            return self._render(request, 200, rt.replies[request_id], route)
+        try:
+            body = orjson.loads(await request.body() or b"null")
+        except orjson.JSONDecodeError:
+            body = None
+        if not isinstance(body, dict):
+            raise QueryError("2010", "Request has invalid or unsupported property",
+                             f"Property Name:the request body is not a JSON {entity} specified is unsupported or "
+                             "invalid")  # fmt: skip
+        operation = (request.query_params.get("operation") or "create").lower()
+        company, now = rt.company, float(self.clock())
+        if operation == "create" and entity == "Customer":
+            made = create_customer(company, body, now)
+        elif operation == "create":
+            made = create_invoice(company, body, now)
+        elif entity == "Invoice" and operation in ("void", "delete"):
+            made = invoice_operation(company, operation, body, now)
+        else:
+            path = request.url.path[len(API_PREFIX) :]
+            raise _unsupported_operation(f"{path}?operation={operation}", f"https://quickbooks.api.intuit.com{path}")
+        # A copy: the replay of a requestid is the answer as it was, whatever happened to the object since.
+        payload = orjson.loads(orjson.dumps({entity: made, "time": company.response_time(self._now_precise())}))
+        if request_id:
+            rt.replies[request_id] = payload
+        rt.writes += 1
+        return self._render(request, 200, payload, route)
 
     def _now_precise(self) -> float:
         now = self.clock()
@@ -956,6 +1008,8 @@ class QuickBooksSandbox:
                     realm: {
                         "requests": rt.requests,
                         "throttled": rt.throttled,
+                        "writes": rt.writes,
+                        "replayed": rt.replayed,
                         "peak_concurrency": rt.peak_concurrency,
                     }
                     for realm, rt in self._runtime.items()

@@ -1,4 +1,5 @@
-"""Local emulator of the Stripe API v1: charges, subscriptions, customers, refunds and the events feed.
+"""Local emulator of the Stripe API v1: charges, payment intents, subscriptions, prices and products, customers,
+refunds, invoices, invoice items and the events feed.
 
 The demo, the test-suite and the sync benchmark need a Stripe that behaves like the real one (cursor
 pagination newest first, ``created`` windows, subscriptions hidden when canceled, a 30-day events feed,
@@ -19,8 +20,10 @@ at each attempt, retried like a Stripe sandbox (3 times over a few hours, or the
 
 Modules: ``model`` (constants, ``StripeError``), ``params`` (form parameters and their checks), ``store``
 (sorted arrays of pre-serialised objects, list envelopes, event bytes), ``data`` (deterministic generation),
-``account`` (``StripeAccount``), ``webhooks`` (``Stripe-Signature``), ``api`` (``StripeSandbox``: per-key
-runtime, API and control routes) and ``control`` (``StripeControl``).
+``billing`` (invoices and their lifecycle), ``items`` (invoice items), ``payments`` (payment intents and test
+payment methods), ``subscriptions`` (the price catalogue, subscriptions created, changed and canceled),
+``search``, ``account`` (``StripeAccount``), ``webhooks`` (``Stripe-Signature``), ``api`` (``StripeSandbox``:
+per-key runtime, API and control routes) and ``control`` (``StripeControl``).
 """
 
 from nextcrm_sandbox.stripe.account import StripeAccount

@@ -1,6 +1,7 @@
 """``StripeAccount``: one emulated account's generated objects, the events feed, list, retrieve and search
-reads with filters, cursors and expansions, and the mutations (charges, refunds, subscription updates and
-cancels, customers, invoices and their lifecycle)."""
+reads with filters, cursors and expansions, and the mutations (charges, refunds, customers, invoices and their
+lifecycle; invoice items through ``items.InvoiceItems``, PaymentIntents through ``payments.PaymentIntents``,
+subscriptions and the price catalogue through ``subscriptions.Subscriptions``)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from nextcrm_sandbox.stripe.data import (
     _pick_currency,
     _Rng,
 )
+from nextcrm_sandbox.stripe.items import InvoiceItems
 from nextcrm_sandbox.stripe.model import (
     _DAY,
     _ENDED_STATUSES,
@@ -65,8 +67,10 @@ from nextcrm_sandbox.stripe.params import (
     _created_bounds,
     _metadata_update,
 )
+from nextcrm_sandbox.stripe.payments import PaymentIntents
 from nextcrm_sandbox.stripe.search import parse_query
 from nextcrm_sandbox.stripe.store import Row, _Collection, _dump, _event_blob, _list_envelope
+from nextcrm_sandbox.stripe.subscriptions import Subscriptions, catalogue_rows, subscription_item
 
 _ACCOUNT_NAME = "NextCRM Sandbox"
 
@@ -75,9 +79,11 @@ _ACCOUNT_NAME = "NextCRM Sandbox"
 class _RequestInfo:
     request_id: str | None = None
     idempotency_key: str | None = None
+    # The request's ``Stripe-Version`` (None: the account's default, the sandbox's own version).
+    api_version: str | None = None
 
 
-class StripeAccount:
+class StripeAccount(InvoiceItems, PaymentIntents, Subscriptions):
     """One emulated Stripe account: generated objects, the events feed, and the mutations on them.
 
     Same arguments → byte-identical objects (ids included). ``now`` anchors generation: objects are
@@ -122,11 +128,19 @@ class StripeAccount:
         self._billing = billing.InvoiceSeeder(seed, self.now, self.livemode, self.account_id, _ACCOUNT_NAME)
         rows_inv = self._generate_billing(rows_cus, rows_ch, rows_sub, rows_evt, n_invoices)
         self.customers = _Collection("/v1/customers", rows_cus)
+        self.invoiceitems = _Collection("/v1/invoiceitems", self._seeded_items(rows_inv, self.livemode))
+        self._inline_prices: dict[str, dict[str, Any]] = {}
         self.invoices = _Collection("/v1/invoices", rows_inv)
         self.charges = _Collection("/v1/charges", rows_ch)
         self.refunds = _Collection("/v1/refunds", rows_re)
         self.subscriptions = _Collection("/v1/subscriptions", rows_sub)
         self.events = _Collection("/v1/events", rows_evt)
+        self.payment_intents = _Collection("/v1/payment_intents", [])
+        self._payment_methods: dict[str, tuple[dict[str, Any], str | None]] = {}
+        self._pi_charges: dict[str, list[str]] = {}
+        rows_price, rows_product = catalogue_rows(self._prices)
+        self.prices = _Collection("/v1/prices", rows_price)
+        self.products = _Collection("/v1/products", rows_product)
         self._collections = {
             "charges": self.charges,
             "subscriptions": self.subscriptions,
@@ -134,6 +148,10 @@ class StripeAccount:
             "refunds": self.refunds,
             "events": self.events,
             "invoices": self.invoices,
+            "invoiceitems": self.invoiceitems,
+            "payment_intents": self.payment_intents,
+            "prices": self.prices,
+            "products": self.products,
         }
 
     # --- generation -------------------------------------------------------------------------------------
@@ -548,105 +566,23 @@ class StripeAccount:
             period = _period_containing(anchor, ended_at if ended_at is not None else now, interval)
         if cancel_at_period_end:
             cancel_at = period[1]
-        plan = {
-            "id": price["id"],
-            "object": "plan",
-            "active": True,
-            "amount": price["unit_amount"],
-            "amount_decimal": price["unit_amount_decimal"],
-            "billing_scheme": "per_unit",
-            "created": price["created"],
-            "currency": price["currency"],
-            "interval": interval,
-            "interval_count": 1,
-            "livemode": self.livemode,
-            "metadata": {},
-            "meter": None,
-            "nickname": price["nickname"],
-            "product": price["product"],
-            "tiers_mode": None,
-            "transform_usage": None,
-            "trial_period_days": None,
-            "usage_type": "licensed",
-        }
         quantity = 1 if rng.random() < 0.7 else rng.between(2, 25)
-        item = {
-            "id": ids.short("si_"),
-            "object": "subscription_item",
-            "billing_thresholds": None,
-            "created": created + 1,
-            "current_period_end": period[1],
-            "current_period_start": period[0],
-            "discounts": [],
-            "metadata": {},
-            "plan": plan,
-            "price": price,
-            "quantity": quantity,
-            "subscription": sid,
-            "tax_rates": [],
-        }
+        item = subscription_item(ids.short("si_"), sid, price, quantity, created=created + 1, period=period,
+                                 livemode=self.livemode)  # fmt: skip
         active_like = status not in ("incomplete", "incomplete_expired")
-        sub = {
-            "id": sid,
-            "object": "subscription",
-            "application": None,
-            "application_fee_percent": None,
-            "automatic_tax": {"disabled_reason": None, "enabled": False, "liability": None},
-            "billing_cycle_anchor": anchor,
-            "billing_cycle_anchor_config": None,
-            "billing_mode": {"type": "classic"},
-            "billing_schedules": [],
-            "billing_thresholds": None,
-            "cancel_at": cancel_at,
-            "cancel_at_period_end": cancel_at_period_end,
-            "canceled_at": canceled_at,
-            "cancellation_details": {"comment": None, "feedback": None, "reason": reason},
-            "collection_method": "charge_automatically",
-            "created": created,
-            "currency": price["currency"],
-            "customer": cust.id,
-            "customer_account": None,
-            "days_until_due": None,
-            "default_payment_method": cust.card.payment_method if active_like else None,
-            "default_source": None,
-            "default_tax_rates": [],
-            "description": None,
-            "discounts": [],
-            "ended_at": ended_at,
-            "invoice_settings": {"account_tax_ids": None, "issuer": {"type": "self"}},
-            "items": {
-                "object": "list",
-                "data": [item],
-                "has_more": False,
-                "total_count": 1,
-                "url": f"/v1/subscription_items?subscription={sid}",
-            },
-            "latest_invoice": ids.long("in_1"),
-            "livemode": self.livemode,
-            "managed_payments": None,
-            "metadata": {},
-            "next_pending_invoice_item_invoice": None,
-            "on_behalf_of": None,
-            "pause_collection": None,
-            "payment_settings": {
-                "payment_method_options": None,
-                "payment_method_types": None,
-                "save_default_payment_method": "off",
-            },
-            "pending_invoice_item_interval": None,
-            "pending_setup_intent": None,
-            "pending_update": None,
-            "plan": plan,
-            "quantity": quantity,
-            "schedule": None,
-            "start_date": created,
-            "status": status,
-            "test_clock": None,
-            "transfer_data": None,
-            "trial_end": trial_end,
-            "trial_settings": {"end_behavior": {"missing_payment_method": "create_invoice"}},
-            "trial_start": trial_start,
-        }
+        sub = self._subscription_object(sid, {"id": cust.id}, [item], created=created, currency=price["currency"],
+                                        latest_invoice=ids.long("in_1"), status=status)  # fmt: skip
+        sub.update(
+            billing_cycle_anchor=anchor,
+            cancel_at=cancel_at,
+            cancel_at_period_end=cancel_at_period_end,
+            canceled_at=canceled_at,
+            cancellation_details={"comment": None, "feedback": None, "reason": reason},
+            default_payment_method=cust.card.payment_method if active_like else None,
+            ended_at=ended_at,
+            trial_end=trial_end,
+            trial_start=trial_start,
+        )
         initial = None
         if status in ("canceled", "incomplete_expired", "paused"):
             initial_status = "trialing" if trial_start else "active"
@@ -751,8 +687,7 @@ class StripeAccount:
                 narrow(coll.group(5).get(_as_str(params["customer"], "customer"), []))
             if params.get("payment_intent"):
                 pi = _as_str(params["payment_intent"], "payment_intent")
-                i = coll.pos.get("ch_" + pi[3:]) if pi.startswith("pi_") else None
-                narrow([] if i is None else [i])
+                narrow(sorted(coll.pos[cid] for cid in self.charges_of_intent(pi)))
             if params.get("transfer_group"):
                 narrow([])
         elif resource == "subscriptions":
@@ -799,12 +734,22 @@ class StripeAccount:
                 due_low, due_high = _created_bounds(params["due_date"])
                 narrow([i for i, m in enumerate(coll.meta) if m[5] is not None and (due_low is None or m[5] >= due_low)
                         and (due_high is None or m[5] <= due_high)])  # fmt: skip
+        elif resource == "invoiceitems":
+            narrow(self._item_selection(params))
+        elif resource == "payment_intents":
+            chosen = self._payment_intent_selection(params)
+            if chosen is not None:
+                narrow(chosen)
+        elif resource in ("prices", "products"):
+            chosen = self._catalogue_selection(resource, params)
+            if chosen is not None:
+                narrow(chosen)
         elif resource == "refunds":
             if params.get("charge"):
                 narrow(coll.group(0).get(_as_str(params["charge"], "charge"), []))
             if params.get("payment_intent"):
                 pi = _as_str(params["payment_intent"], "payment_intent")
-                narrow(coll.group(0).get("ch_" + pi[3:], []) if pi.startswith("pi_") else [])
+                narrow(sorted(i for cid in self.charges_of_intent(pi) for i in coll.group(0).get(cid, [])))
         elif resource == "events":
             type_ = params.get("type") or None
             types = params.get("types") or None
@@ -830,6 +775,9 @@ class StripeAccount:
             {"customer", "latest_invoice", "plan.tiers", "items.data.plan.tiers", "items.data.price.tiers"}
         ),
         "invoices": frozenset({"customer"}),
+        "invoiceitems": frozenset({"customer", "invoice"}),
+        "payment_intents": frozenset({"customer", "latest_charge", "payment_method"}),
+        "prices": frozenset({"product"}),
     }
 
     @classmethod
@@ -874,6 +822,15 @@ class StripeAccount:
                 obj["subscriptions"] = {"object": "list", "data": [orjson.loads(subs.blob(i)) for i in positions],
                                         "has_more": False, "total_count": len(positions),
                                         "url": f"/v1/customers/{obj['id']}/subscriptions"}  # fmt: skip
+        if resource == "payment_intents":
+            if "latest_charge" in fields and isinstance(obj.get("latest_charge"), str):
+                obj["latest_charge"] = orjson.loads(self.charges.blob(self.charges.pos[obj["latest_charge"]]))
+            if "payment_method" in fields and obj.get("payment_method") in self._payment_methods:
+                obj["payment_method"] = self._payment_methods[obj["payment_method"]][0]
+        if resource == "prices" and "product" in fields:
+            obj["product"] = orjson.loads(self.products.blob(self.products.pos[obj["product"]]))
+        if resource == "invoiceitems" and "invoice" in fields and isinstance(obj.get("invoice"), str):
+            obj["invoice"] = orjson.loads(self.invoices.blob(self.invoices.pos[obj["invoice"]]))
         if resource == "subscriptions":
             if "latest_invoice" in fields and isinstance(obj.get("latest_invoice"), str):
                 i = self.invoices.pos.get(obj["latest_invoice"])
@@ -917,6 +874,8 @@ class StripeAccount:
             raise _missing(_OBJECT_NAMES[resource], oid)
         if resource == "invoices" and coll.meta[i][4]:
             raise _missing("invoice", oid)  # a deleted draft is gone
+        if resource == "invoiceitems" and coll.meta[i][2]:
+            raise _missing("invoiceitem", oid)
         if resource == "customers" and coll.meta[i][1]:
             return orjson.dumps({"id": oid, "object": "customer", "deleted": True})
         expand = self._expansions(resource, params, "")
@@ -950,9 +909,10 @@ class StripeAccount:
                     "canceled_at": m[1],
                     "currency": m[2],
                     "customer": m[3],
+                    "metadata": obj["metadata"],
                 }
                 for i in range(len(s) - 1, -1, -1)
-                for m in (s.meta[i],)
+                for m, obj in ((s.meta[i], orjson.loads(s.blob(i))),)
             ]
         if resource == "customers":
             c = self.customers
@@ -963,6 +923,7 @@ class StripeAccount:
                     "deleted": c.meta[i][1],
                     "currency": obj.get("currency"),
                     "email": obj.get("email"),
+                    "metadata": obj.get("metadata") or {},
                 }
                 for i in range(len(c) - 1, -1, -1)
                 for obj in (orjson.loads(c.blob(i)),)
@@ -984,6 +945,47 @@ class StripeAccount:
                 }
                 for i in range(len(v) - 1, -1, -1)
                 for m, obj in ((v.meta[i], orjson.loads(v.blob(i))),)
+            ]
+        if resource == "payment_intents":
+            p = self.payment_intents
+            return [
+                {
+                    "id": p.ids[i],
+                    "created": p.created[i],
+                    "customer": m[0],
+                    "status": m[1],
+                    "amount": obj["amount"],
+                    "currency": obj["currency"],
+                    "latest_charge": obj["latest_charge"],
+                    "metadata": obj["metadata"],
+                }
+                for i in range(len(p) - 1, -1, -1)
+                for m, obj in ((p.meta[i], orjson.loads(p.blob(i))),)
+            ]
+        if resource == "refunds":
+            r = self.refunds
+            return [
+                {"id": r.ids[i], "created": r.created[i], "charge": obj["charge"], "amount": obj["amount"],
+                 "currency": obj["currency"], "status": obj["status"], "metadata": obj["metadata"]}
+                for i in range(len(r) - 1, -1, -1)
+                for obj in (orjson.loads(r.blob(i)),)
+            ]  # fmt: skip
+        if resource == "prices":
+            return [orjson.loads(self.prices.blob(i)) for i in range(len(self.prices) - 1, -1, -1)]
+        if resource == "invoiceitems":
+            t = self.invoiceitems
+            return [
+                {
+                    "id": t.ids[i],
+                    "created": t.created[i],
+                    "customer": m[0],
+                    "invoice": m[1],
+                    "deleted": m[2],
+                    "amount": obj["amount"],
+                    "currency": obj["currency"],
+                }
+                for i in range(len(t) - 1, -1, -1)
+                for m, obj in ((t.meta[i], orjson.loads(t.blob(i))),)
             ]
         raise KeyError(resource)
 
@@ -1009,7 +1011,7 @@ class StripeAccount:
             request_id=request.request_id,
             idempotency_key=request.idempotency_key,
         )
-        k = self.events.insert(created, eid, blob, (type_,))
+        k = self.events.insert(created, eid, blob, (type_,), arrival=True)
         if self.on_event is not None:
             self.on_event(type_, self.events.blob(k))
         return eid
@@ -1130,7 +1132,8 @@ class StripeAccount:
             param = "charge"
         elif params.get("payment_intent"):
             pi = _as_str(params["payment_intent"], "payment_intent")
-            cid, param = "ch_" + pi[3:] if pi.startswith("pi_") else pi, "payment_intent"
+            charges = self.charges_of_intent(pi)  # the intent's successful charge is its last one
+            cid, param = charges[-1] if charges else pi, "payment_intent"
         else:
             raise StripeError(
                 400,
@@ -1182,75 +1185,6 @@ class StripeAccount:
         self._emit(now, "charge.refunded", blob, req, previous)
         self._emit(now, "refund.created", refund_blob, req)
         return refund_blob
-
-    def cancel_subscription(
-        self, sid: str, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
-    ) -> bytes:
-        """``DELETE /v1/subscriptions/<id>``: cancel now; emits ``customer.subscription.deleted``.
-
-        Like Stripe, an already ended subscription answers 404 ``No such subscription``.
-        """
-        _check_params(params, frozenset({"invoice_now", "prorate", "cancellation_details", "expand"}))
-        i = self.subscriptions.pos.get(sid)
-        if i is None or self.subscriptions.meta[i][0] in _ENDED_STATUSES:
-            raise _missing("subscription", sid)
-        sub = orjson.loads(self.subscriptions.blob(i))
-        details = params.get("cancellation_details")
-        sub["status"] = "canceled"
-        sub["canceled_at"] = sub["ended_at"] = now
-        sub["cancel_at_period_end"] = False
-        sub["cancellation_details"] = {
-            "comment": details.get("comment") if isinstance(details, dict) else None,
-            "feedback": details.get("feedback") if isinstance(details, dict) else None,
-            "reason": "cancellation_requested",
-        }
-        blob = _dump(sub)
-        self.subscriptions.replace(i, blob, self._subscription_meta(sub))
-        self._emit(now, "customer.subscription.deleted", blob, request or _RequestInfo())
-        return blob
-
-    def update_subscription(
-        self, sid: str, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None
-    ) -> bytes:
-        """``POST /v1/subscriptions/<id>`` (``cancel_at_period_end``, ``metadata``, ``description``).
-
-        Emits ``customer.subscription.updated`` with ``previous_attributes`` when something changed.
-        """
-        _check_params(params, frozenset({"cancel_at_period_end", "metadata", "description", "expand"}))
-        i = self.subscriptions.pos.get(sid)
-        if i is None:
-            raise _missing("subscription", sid)
-        sub = orjson.loads(self.subscriptions.blob(i))
-        previous: dict[str, Any] = {}
-        if "cancel_at_period_end" in params:
-            flag = _as_bool(params["cancel_at_period_end"], "cancel_at_period_end")
-            if sub["status"] in _ENDED_STATUSES:
-                raise StripeError(
-                    400,
-                    "A canceled subscription can only update its cancellation_details and metadata.",
-                    param="cancel_at_period_end",
-                )
-            if flag != sub["cancel_at_period_end"]:
-                previous["cancel_at_period_end"] = sub["cancel_at_period_end"]
-                previous["cancel_at"] = sub["cancel_at"]
-                sub["cancel_at_period_end"] = flag
-                sub["cancel_at"] = sub["items"]["data"][0]["current_period_end"] if flag else None
-        if "metadata" in params:
-            new_md = _metadata_update(sub["metadata"], params["metadata"])
-            if new_md != sub["metadata"]:
-                previous["metadata"] = sub["metadata"]
-                sub["metadata"] = new_md
-        if "description" in params:
-            desc = _as_str(params["description"], "description") or None
-            if desc != sub["description"]:
-                previous["description"] = sub["description"]
-                sub["description"] = desc
-        if not previous:
-            return self.subscriptions.blob(i)
-        blob = _dump(sub)
-        self.subscriptions.replace(i, blob, self._subscription_meta(sub))
-        self._emit(now, "customer.subscription.updated", blob, request or _RequestInfo(), previous)
-        return blob
 
     # --- customers --------------------------------------------------------------------------------------
 
@@ -1388,9 +1322,10 @@ class StripeAccount:
 
     def create_invoice(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None,
                        lines: list[tuple[str, int, int]] | None = None) -> bytes:  # fmt: skip
-        """``POST /v1/invoices``: a draft for ``customer`` created at ``now`` (no items: the sandbox keeps no
-        pending invoice items; ``lines`` of (description, unit amount, quantity) is for the control API);
-        emits ``invoice.created``."""
+        """``POST /v1/invoices``: a draft for ``customer`` created at ``now``, with the customer's pending invoice
+        items in its currency when ``pending_invoice_items_behavior=include`` (``exclude``, the default, leaves
+        them pending); emits ``invoice.created``. ``lines`` of (description, unit amount, quantity), for the
+        control API, are invoice items created for this draft alone."""
         _check_params(params, self._INVOICE_CREATE)
         if not params.get("customer"):
             raise StripeError(400, "Missing required param: customer.", code="parameter_missing", param="customer")
@@ -1410,11 +1345,23 @@ class StripeAccount:
             raise StripeError(400, "You may only specify days_until_due when collection_method is send_invoice.",
                               param="days_until_due")  # fmt: skip
         currency = _as_str(params.get("currency") or customer.get("currency") or "usd", "currency").lower()
+        behavior = params.get("pending_invoice_items_behavior") or "exclude"
+        if behavior not in ("exclude", "include"):
+            raise StripeError(400, "Invalid pending_invoice_items_behavior: must be one of exclude or include",
+                              param="pending_invoice_items_behavior")  # fmt: skip
+        req = request or _RequestInfo()
         seeder = self._billing
+        taken = self._pending_items(cid, currency) if behavior == "include" else []
         iid = seeder.ids.long("in_1")
-        items = [billing.line_item(seeder.ids, iid, amount=unit * qty, currency=currency, description=desc,
-                                   quantity=qty, period=(now, now), livemode=self.livemode)
-                 for desc, unit, qty in lines or []]  # fmt: skip
+        for desc, unit, qty in lines or []:
+            item = billing.invoice_item_dict(seeder.ids.long("ii_1"), cid, created=now, amount=unit * qty,
+                                             currency=currency, quantity=qty, unit_amount_decimal=str(unit),
+                                             livemode=self.livemode, description=desc)  # fmt: skip
+            blob = _dump(item)
+            self.invoiceitems.insert(now, item["id"], blob, self._item_meta(item))
+            self._emit(now, "invoiceitem.created", blob, req)
+            taken.append(item)
+        items = self._attach_items(iid, taken)
         inv = billing.invoice_dict(
             iid, customer, created=now, currency=currency, lines=items, livemode=self.livemode,
             account_name=_ACCOUNT_NAME, collection_method=method, days_until_due=days_until_due,
@@ -1425,7 +1372,7 @@ class StripeAccount:
             inv["auto_advance"] = _as_bool(params["auto_advance"], "auto_advance")
         blob = _dump(inv)
         self.invoices.insert(now, iid, blob, self._invoice_meta(inv))
-        self._emit(now, "invoice.created", blob, request or _RequestInfo())
+        self._emit(now, "invoice.created", blob, req)
         return blob
 
     def update_invoice(
@@ -1530,6 +1477,7 @@ class StripeAccount:
         i, inv = self._invoice(iid)
         if inv["status"] != "draft":
             raise StripeError(400, "You can only delete draft invoices.", code="invoice_not_editable")
+        self._drop_items_of(iid)
         self._store_invoice(i, inv, [("delete", None)], now, request, deleted=True)
         return orjson.dumps({"id": iid, "object": "invoice", "deleted": True})
 

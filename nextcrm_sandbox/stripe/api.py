@@ -134,6 +134,7 @@ _ACCOUNT_FIELDS = frozenset(
 # Starlette routes a function endpoint for GET only unless told the methods: every API route takes them all.
 _ALL_METHODS = ["GET", "POST", "DELETE", "PUT", "PATCH", "OPTIONS"]
 _RECORD_FIELDS = frozenset({"api_key", "kind", "at", "params", "lines"})
+_EXPORTS = ("charges", "subscriptions", "customers", "invoices", "invoiceitems", "payment_intents", "refunds", "prices")
 _FAULT_FIELDS = frozenset({"api_key", "rate_limit_burst", "server_errors", "latency_ms", "fail_after_requests"})
 
 
@@ -265,6 +266,7 @@ class StripeSandbox:
             routes.append(Route(f"/v1/{res}/{{oid}}", self._endpoint(res, True), methods=_ALL_METHODS))
         routes += [
             Route("/v1/invoices/{oid}/{action}", self._endpoint("invoices", True), methods=_ALL_METHODS),
+            Route("/v1/payment_intents/{oid}/{action}", self._endpoint("payment_intents", True), methods=_ALL_METHODS),
             Route("/v1/account", self._endpoint("account", False), methods=_ALL_METHODS),
             Route("/v1/accounts/{oid}", self._endpoint("account", True), methods=_ALL_METHODS),
             Route("/_sandbox/stripe/accounts", self._control_accounts, methods=["GET", "POST"]),
@@ -399,10 +401,10 @@ class StripeSandbox:
                 return Response(stored.body, status_code=stored.status, headers=headers)
         try:
             params = parse_bracket_params(pairs)
-            info = _RequestInfo(rid, idem_key)
+            info = _RequestInfo(rid, idem_key, version)
             action = request.path_params.get("action")
             if resource == "account":
-                status, payload = 200, self._account_route(rt.account, method, path, oid, params, key)
+                status, payload = 200, self._account_route(rt.account, method, path, oid or acct_header, params, key)
             else:
                 status, payload = 200, self._dispatch(rt.account, method, path, resource, oid, params, now, info,
                                                       action)  # fmt: skip
@@ -411,7 +413,8 @@ class StripeSandbox:
         except Exception as exc:  # an emulator bug must still answer with Stripe's envelope
             status = 500
             payload = StripeError(500, f"Internal sandbox error: {exc!r}", type="api_error").body()
-        if idem_key is not None and 200 <= status < 300:
+        # Stripe keeps the answer of a request that ran, a declined card's 402 included (not a refused parameter).
+        if idem_key is not None and (200 <= status < 300 or status == 402):
             rt.idempotency[idem_key] = _Idempotent(fingerprint, status, payload, now, rid)
             if len(rt.idempotency) > 10000:
                 cutoff = now - IDEMPOTENCY_TTL_SECONDS
@@ -440,16 +443,24 @@ class StripeSandbox:
         action: str | None = None,
     ) -> bytes:
         if resource is not None and action is not None:
-            if method == "POST":
+            if method == "POST" and resource == "invoices":
                 return account.invoice_action(oid or "", action, params, now=now, request=info)
+            if method == "POST" and resource == "payment_intents" and action == "confirm":
+                return account.confirm_payment_intent(oid or "", params, now=now, request=info)
+            if method == "POST" and resource == "payment_intents" and action == "cancel":
+                return account.cancel_payment_intent(oid or "", params, now=now, request=info)
         elif resource is not None:
             if method == "GET":
                 if oid is None:
                     return account.list_page(resource, params, now=now)
                 if oid == "search" and resource in SEARCHABLE:
                     return account.search(resource, params)
+                if oid != "search" and resource == "payment_intents":
+                    return account.retrieve_payment_intent(oid, params)
                 if oid != "search":
                     return account.retrieve(resource, oid, params, now=now)
+            if resource == "payment_intents" and method == "POST" and oid is None:
+                return account.create_payment_intent(params, now=now, request=info)
             if resource == "customers":
                 if method == "POST":
                     if oid is None:
@@ -464,10 +475,17 @@ class StripeSandbox:
                     return account.update_invoice(oid, params, now=now, request=info)
                 if method == "DELETE" and oid is not None:
                     return account.delete_invoice(oid, now=now, request=info)
+            if resource == "invoiceitems":
+                if method == "POST" and oid is None:
+                    return account.create_invoice_item(params, now=now, request=info)
+                if method == "DELETE" and oid is not None:
+                    return account.delete_invoice_item(oid, now=now, request=info)
             if method == "POST" and oid is None and resource == "charges":
                 return account.create_charge(params, now=now, request=info)
             if method == "POST" and oid is None and resource == "refunds":
                 return account.create_refund(params, now=now, request=info)
+            if resource == "subscriptions" and method == "POST" and oid is None:
+                return account.create_subscription(params, now=now, request=info)
             if resource == "subscriptions" and oid is not None:
                 if method == "DELETE":
                     return account.cancel_subscription(oid, params, now=now, request=info)
@@ -483,7 +501,8 @@ class StripeSandbox:
     def _account_route(
         account: StripeAccount, method: str, path: str, oid: str | None, params: dict[str, Any], key: str
     ) -> bytes:
-        """``GET /v1/account`` and ``GET /v1/accounts/<id>`` (a key check and connectors start there)."""
+        """``GET /v1/account`` and ``GET /v1/accounts/<id>`` (a key check and connectors start there); ``oid`` is the
+        id asked for, or the ``Stripe-Account`` a Connect platform acts on (``GET /v1/account`` answers that one)."""
         if method == "GET":
             _check_params(params, frozenset({"expand"}))
             if params.get("expand"):
@@ -589,8 +608,8 @@ class StripeSandbox:
     async def _control_export(self, request: Request) -> Response:
         rt = self._runtime_for(request.query_params.get("api_key"))
         kind = request.path_params["kind"]
-        if kind not in ("charges", "subscriptions", "customers", "invoices"):
-            raise ControlError(404, "export kind must be charges, subscriptions, customers or invoices")
+        if kind not in _EXPORTS:
+            raise ControlError(404, f"export kind must be one of {', '.join(_EXPORTS)}")
         return _json_response(200, rt.account.export(kind))
 
     @control_endpoint

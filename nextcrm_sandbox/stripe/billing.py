@@ -117,6 +117,112 @@ def line_item(
     }
 
 
+def invoice_item_dict(
+    item_id: str,
+    customer: str,
+    *,
+    created: int,
+    amount: int,
+    currency: str,
+    quantity: int,
+    unit_amount_decimal: str | None,
+    livemode: bool,
+    description: str | None = None,
+    period: tuple[int, int] | None = None,
+    price: dict[str, Any] | None = None,
+    subscription: str | None = None,
+    discountable: bool = True,
+    metadata: dict[str, str] | None = None,
+    invoice: str | None = None,
+) -> dict[str, Any]:
+    """An ``invoiceitem`` at the sandbox's API version: pending (``invoice`` null) until an invoice takes it."""
+    return {
+        "id": item_id,
+        "object": "invoiceitem",
+        "amount": amount,
+        "currency": currency,
+        "customer": customer,
+        "customer_account": None,
+        "date": created,
+        "description": description,
+        "discountable": discountable,
+        "discounts": [],
+        "invoice": invoice,
+        "livemode": livemode,
+        "metadata": metadata if metadata is not None else {},
+        "net_amount": amount,
+        "parent": {"subscription_details": {"subscription": subscription, "subscription_item": None},
+                   "type": "subscription_details"} if subscription else None,
+        "period": {"end": (period or (created, created))[1], "start": (period or (created, created))[0]},
+        "pricing": {
+            "price_details": {"price": price["id"], "product": price["product"]} if price else None,
+            "type": "price_details",
+            "unit_amount_decimal": unit_amount_decimal,
+        },
+        "proration": False,
+        "proration_details": {"credited_items": None, "discount_amounts": []},
+        "quantity": quantity,
+        "quantity_decimal": str(quantity),
+        "tax_rates": [],
+        "test_clock": None,
+    }  # fmt: skip
+
+
+def item_line(ids: _Ids, item: dict[str, Any], invoice_id: str) -> dict[str, Any]:
+    """The ``line_item`` an invoice item becomes on ``invoice_id``."""
+    subscription = ((item.get("parent") or {}).get("subscription_details") or {}).get("subscription")
+    return {
+        "id": ids.long("il_1"),
+        "object": "line_item",
+        "amount": item["amount"],
+        "currency": item["currency"],
+        "description": item["description"],
+        "discount_amounts": [],
+        "discountable": item["discountable"],
+        "discounts": [],
+        "invoice": invoice_id,
+        "livemode": item["livemode"],
+        "metadata": dict(item["metadata"]),
+        "parent": {
+            "invoice_item_details": {"invoice_item": item["id"], "proration": False,
+                                     "proration_details": {"credited_items": None}, "subscription": subscription},
+            "subscription_item_details": None,
+            "type": "invoice_item_details",
+        },
+        "period": dict(item["period"]),
+        "pretax_credit_amounts": [],
+        "pricing": dict(item["pricing"]),
+        "quantity": item["quantity"],
+        "subtotal": item["amount"],
+        "taxes": [],
+    }  # fmt: skip
+
+
+def add_lines(inv: dict[str, Any], lines: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Append lines to a draft and total it again; returns Stripe's ``previous_attributes`` of what changed."""
+    fields = ("amount_due", "amount_remaining", "subtotal", "subtotal_excluding_tax", "total", "total_excluding_tax")
+    previous = {name: inv[name] for name in fields}
+    data = [*inv["lines"]["data"], *lines]
+    total = sum(line["amount"] for line in data)
+    inv["lines"] = {**inv["lines"], "data": data, "total_count": len(data)}
+    for name in ("subtotal", "subtotal_excluding_tax", "total", "total_excluding_tax"):
+        inv[name] = total
+    inv["amount_due"] = max(0, total - inv["starting_balance"])
+    inv["amount_remaining"] = max(0, inv["amount_due"] - inv["amount_paid"])
+    return {name: value for name, value in previous.items() if inv[name] != value}
+
+
+def remove_line(inv: dict[str, Any], item_id: str) -> dict[str, Any]:
+    """Take an invoice item's line off a draft and total it again; returns ``previous_attributes``."""
+
+    def item_of(line: dict[str, Any]) -> Any:
+        return ((line.get("parent") or {}).get("invoice_item_details") or {}).get("invoice_item")
+
+    kept = [line for line in inv["lines"]["data"] if item_of(line) != item_id]
+    inv["lines"] = {**inv["lines"], "data": []}
+    return add_lines(inv, kept)
+
+
 def invoice_dict(
     invoice_id: str,
     customer: dict[str, Any],

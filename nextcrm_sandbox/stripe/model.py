@@ -18,7 +18,18 @@ CUSTOMERS_CAP = 5000
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _DAY = 86400
 
-RESOURCES = ("charges", "subscriptions", "customers", "refunds", "events", "invoices")
+RESOURCES = (
+    "charges",
+    "subscriptions",
+    "customers",
+    "refunds",
+    "events",
+    "invoices",
+    "invoiceitems",
+    "payment_intents",
+    "prices",
+    "products",
+)
 _OBJECT_NAMES = {
     "charges": "charge",
     "subscriptions": "subscription",
@@ -26,6 +37,10 @@ _OBJECT_NAMES = {
     "refunds": "refund",
     "events": "event",
     "invoices": "invoice",
+    "invoiceitems": "invoiceitem",
+    "payment_intents": "payment_intent",
+    "prices": "price",
+    "products": "product",
 }
 SUBSCRIPTION_STATUSES = (
     "incomplete",
@@ -46,12 +61,17 @@ _LIST_PARAMS = {
     "refunds": _COMMON_LIST_PARAMS | {"charge", "payment_intent"},
     "events": _COMMON_LIST_PARAMS | {"type", "types", "delivery_success"},
     "invoices": _COMMON_LIST_PARAMS | {"customer", "subscription", "status", "collection_method", "due_date"},
+    "invoiceitems": _COMMON_LIST_PARAMS | {"customer", "invoice", "pending"},
+    "payment_intents": _COMMON_LIST_PARAMS | {"customer"},
+    "prices": _COMMON_LIST_PARAMS | {"active", "currency", "lookup_keys", "product", "recurring", "type"},
+    "products": _COMMON_LIST_PARAMS | {"active", "ids", "shippable", "url"},
 }
 _ZERO_DECIMAL = frozenset({"jpy", "krw", "vnd", "clp", "pyg", "xaf", "xof", "ugx", "bif", "djf", "gnf"})
 
 
 class StripeError(Exception):
-    """An API error rendered with Stripe's envelope ``{"error": {"type", "code", "message", "param"}}``."""
+    """An API error rendered with Stripe's envelope ``{"error": {"type", "code", "message", "param"}}``; ``extra``
+    adds what a card error carries besides (``decline_code``, ``charge``, ``payment_intent``, ``payment_method``)."""
 
     def __init__(
         self,
@@ -61,6 +81,7 @@ class StripeError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -68,6 +89,7 @@ class StripeError(Exception):
         self.type = type
         self.code = code
         self.param = param
+        self.extra = extra or {}
 
     def body(self) -> bytes:
         """The JSON error envelope."""
@@ -77,6 +99,7 @@ class StripeError(Exception):
             err["doc_url"] = f"https://stripe.com/docs/error-codes/{self.code.replace('_', '-')}"
         if self.param is not None:
             err["param"] = self.param
+        err.update(self.extra)
         return orjson.dumps({"error": err})
 
 

@@ -1,7 +1,8 @@
-"""Stripe's search query language for ``GET /v1/{charges,customers,invoices,subscriptions}/search``: clauses
-``field:value`` (exact, case-insensitive), ``field~"sub"`` (substring, 3 characters or more), ``field>n``
-``<`` ``>=`` ``<=`` on numbers, ``metadata["key"]:"value"``, ``-`` to negate, ``null`` for a missing value,
-joined by ``AND`` or by ``OR`` (not both), at most 10 clauses; each resource searches its own fields."""
+"""Stripe's search query language for ``GET /v1/{charges,customers,invoices,payment_intents,prices,products,
+subscriptions}/search``: clauses ``field:value`` (exact, case-insensitive), ``field~"sub"`` (substring, 3
+characters or more), ``field>n`` ``<`` ``>=`` ``<=`` on numbers, ``metadata["key"]:"value"``, ``-`` to negate,
+``null`` for a missing value, joined by ``AND`` or by ``OR`` (not both), at most 10 clauses; each resource searches
+its own fields."""
 
 from __future__ import annotations
 
@@ -41,6 +42,27 @@ SEARCH_FIELDS: dict[str, dict[str, tuple[tuple[str, ...], bool]]] = {
         "status": (("status",), False),
         "subscription": (("parent", "subscription_details", "subscription"), False),
         "total": (("total",), True),
+    },
+    "payment_intents": {
+        "amount": (("amount",), True),
+        "created": (("created",), True),
+        "currency": (("currency",), False),
+        "customer": (("customer",), False),
+        "status": (("status",), False),
+    },
+    "prices": {
+        "active": (("active",), False),
+        "currency": (("currency",), False),
+        "lookup_key": (("lookup_key",), False),
+        "product": (("product",), False),
+        "type": (("type",), False),
+    },
+    "products": {
+        "active": (("active",), False),
+        "description": (("description",), False),
+        "name": (("name",), False),
+        "shippable": (("shippable",), False),
+        "url": (("url",), False),
     },
     "subscriptions": {
         "created": (("created",), True),

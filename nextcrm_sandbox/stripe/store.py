@@ -43,11 +43,13 @@ class _Collection:
         b = self.blobs[i]
         return b if isinstance(b, bytes) else b"".join(b)
 
-    def insert(self, created: int, oid: str, blob: Blob, meta: tuple[Any, ...]) -> int:
+    def insert(self, created: int, oid: str, blob: Blob, meta: tuple[Any, ...], *, arrival: bool = False) -> int:
+        """Insert an object at its place by (created, id); with ``arrival``, after everything of its second (the
+        events feed: several events of one request share a second, and Stripe lists the last one first)."""
         if oid in self.pos:
             raise ValueError(f"duplicate id {oid}")
         k = bisect_right(self.created, created)
-        while k > 0 and self.created[k - 1] == created and self.ids[k - 1] > oid:
+        while not arrival and k > 0 and self.created[k - 1] == created and self.ids[k - 1] > oid:
             k -= 1
         self.created.insert(k, created)
         self.ids.insert(k, oid)

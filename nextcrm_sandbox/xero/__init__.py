@@ -9,12 +9,18 @@ What it reproduces (the facts are in ``docs/providers/xero.md``): the shared OAu
 refresh with a 30-minute grace for the previous one, dead after 60 days unused, revocation removing the
 user's connections); multi-tenant grants listed by ``GET /connections``; the ``xero-tenant-id`` and
 ``Accept`` rules (XML unless JSON is asked for); Xero's error bodies (401 ``TokenExpired``, 403
-``AuthenticationUnsuccessful``, 404 text, 400 ``QueryParseException``); ``GET /Invoices`` and
-``/Contacts`` with ``page``/``pageSize``, ``If-Modified-Since``, ``where`` (a Dynamic-LINQ subset),
-``order``, ``Statuses``, ``IDs``, ``includeArchived``; .NET ``/Date(ms+0000)/`` dates; line items only
-when paged; per-tenant and per-app rate limits in fixed real-time windows with Xero's headers; signed
+``AuthenticationUnsuccessful``, 400 ``QueryParseException``, and its plain-text 404 for unknown ids and
+for every path or method it does not serve); ``GET /Invoices``, ``/Contacts`` and ``/Payments`` with
+``page``/``pageSize``, ``If-Modified-Since``, ``where`` (a Dynamic-LINQ subset), ``order``, ``Statuses``,
+``IDs``, ``includeArchived``; payments of paid and part-paid invoices (deleted ones kept as ``DELETED``);
+``GET /Organisation`` and ``/Currencies``; writes (``PUT``/``POST /Contacts``, ``POST /Contacts/{id}``,
+``PUT``/``POST /Invoices``, ``POST /Invoices/{id}``: ``writes.py``) with exact decimals, Xero's validation errors
+and its ``Idempotency-Key`` (the first answer replayed for six minutes, another request under the key refused);
+scopes per resource and per read or write (broad and granular); client-credentials
+tokens carrying the organisation's custom-connection scopes; .NET ``/Date(ms+0000)/`` dates; line items
+only when paged; per-tenant and per-app rate limits in fixed real-time windows with Xero's headers; signed
 webhooks per app (``XeroWebhooks``: intent-to-receive on subscribe, thin CREATE/UPDATE events whenever an
-invoice or contact changes, retries over about 24 hours).
+invoice or contact changes, a payment being an UPDATE of its invoice, retries over about 24 hours).
 
 Organisations are generated deterministically from a seed (``XeroTenant``) and changed through the
 control API under ``/_sandbox/xero`` (``XeroControl`` wraps it for tests).

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import math
 import time
 import uuid
@@ -11,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl
@@ -36,6 +39,7 @@ from nextcrm_sandbox.xero.data import (
     _Contact,
     _Invoice,
     _iso_connection,
+    _Payment,
     _Settings,
     format_msdate,
     parse_if_modified_since,
@@ -47,18 +51,23 @@ from nextcrm_sandbox.xero.query import (
     _Renderer,
     _sort,
     _View,
+    currencies_of,
     parse_where,
     to_xml,
 )
 from nextcrm_sandbox.xero.webhooks import Change, XeroWebhooks
+from nextcrm_sandbox.xero.writes import WRITABLE, BadBody, XeroWriter
 
 LOGIN_PREFIX = "/xero/login"
 IDENTITY_PREFIX = "/xero/identity"
 API_PREFIX = "/xero/api"
 ACCOUNTING_PREFIX = f"{API_PREFIX}/api.xro/2.0"
 CONTROL_PREFIX = "/_sandbox/xero"
-DEFAULT_SCOPE = "openid profile email offline_access accounting.transactions.read accounting.contacts.read"
+DEFAULT_SCOPE = (
+    "openid profile email offline_access accounting.transactions.read accounting.contacts.read accounting.settings.read"
+)
 
+_EVERY_METHOD = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _JSON = "application/json; charset=utf-8"
 _XML = "text/xml; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
@@ -70,6 +79,33 @@ _INVOICE_SCOPES = frozenset(
     {"accounting.transactions", "accounting.transactions.read", "accounting.invoices", "accounting.invoices.read"}
 )
 _CONTACT_SCOPES = frozenset({"accounting.contacts", "accounting.contacts.read"})
+_PAYMENT_SCOPES = frozenset(
+    {"accounting.transactions", "accounting.transactions.read", "accounting.payments", "accounting.payments.read"}
+)
+_SETTINGS_SCOPES = frozenset({"accounting.settings", "accounting.settings.read"})
+# What a write needs: the broad scope or its granular successor, never a `.read` one.
+_WRITE_SCOPES_OF = {
+    "invoices": frozenset({"accounting.transactions", "accounting.invoices"}),
+    "contacts": frozenset({"accounting.contacts"}),
+}
+# Xero's `Idempotency-Key`: at most 128 characters.
+_IDEMPOTENCY_KEY_MAX = 128
+# The scopes each emulated resource needs (one of them): broad legacy ones and their granular successors.
+_SCOPES_OF = {
+    "invoices": _INVOICE_SCOPES,
+    "contacts": _CONTACT_SCOPES,
+    "payments": _PAYMENT_SCOPES,
+    "organisation": _SETTINGS_SCOPES,
+    "currencies": _SETTINGS_SCOPES,
+}
+# What each emulated resource is called in its answers and its `where`; the case Xero spells its path in.
+_RESOURCES = {
+    "invoices": ("Invoices", "Invoice"),
+    "contacts": ("Contacts", "Contact"),
+    "payments": ("Payments", "Payment"),
+    "organisation": ("Organisation", "Organisation"),
+    "currencies": ("Currencies", "Currency"),
+}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,10 +175,24 @@ class _TenantRuntime:
     requests: int = 0
     rate_limited: Counter[str] = field(default_factory=Counter)
     server_errors: int = 0
+    # Writes answered from an `Idempotency-Key`'s first answer, and keys reused for another request.
+    idempotent_replays: int = 0
+    idempotency_conflicts: int = 0
 
     def __getstate__(self) -> dict[str, Any]:
         # A restored sandbox (``sandbox.state``) has no request in flight.
         return {**self.__dict__, "inflight": 0}
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """A write's answer kept under its ``Idempotency-Key``: the request it answered (a hash) and until when."""
+
+    fingerprint: str
+    status: int
+    content: bytes
+    content_type: str
+    expires: int  # sandbox unix seconds
 
 
 @dataclass
@@ -170,7 +220,10 @@ _TENANT_FIELDS = frozenset(
     }
 )  # fmt: skip
 _FAULT_FIELDS = frozenset({"tenant", *_Faults.__slots__})  # type: ignore[attr-defined]
-_CHANGE_FIELDS = ("edits", "voids", "deletes", "creates", "archives", "contact_edits", "contact_creates")
+_CHANGE_FIELDS = (
+    "edits", "voids", "deletes", "creates", "archives", "contact_edits", "contact_creates", "payments",
+    "payment_deletes",
+)  # fmt: skip
 
 
 _control = partial(control_endpoint, oauth_errors=True)
@@ -203,6 +256,7 @@ class XeroSandbox:
                 access_ttl=1800, refresh_idle_ttl=60 * 86400, grace=1800, refresh_requires_scope="offline_access"
             ),
             client_credentials_subject=self._client_credentials_subject,
+            client_credentials_scope=self._client_credentials_scope,
             access_token_factory=self._access_token,
         )
         self.tenants: dict[str, _TenantRuntime] = {}
@@ -212,6 +266,8 @@ class XeroSandbox:
         self.stats: Counter[str] = Counter()
         self.stats_by_path: Counter[str] = Counter()
         self.stats_by_status: Counter[str] = Counter()
+        # Writes' answers by (app, organisation, Idempotency-Key), while Xero would remember them.
+        self.idempotency: dict[tuple[str, str, str], _Remembered] = {}
         self.webhooks = XeroWebhooks(
             clock,
             app_of_tenant=self._app_of_tenant,
@@ -276,13 +332,13 @@ class XeroSandbox:
                 setattr(s, name, optional_int_field(spec, name, None, minimum=1))
         if "unpaged_limit" in spec:
             s.unpaged_limit = optional_int_field(spec, "unpaged_limit", None, minimum=1)
-        for name in ("minute_window_seconds", "day_window_seconds"):
+        for name in ("minute_window_seconds", "day_window_seconds", "idempotency_window_seconds"):
             if name in spec:
                 setattr(s, name, _number_field(spec, name, 1.0))
         for name in ("updated_date_utc_string", "contacts_updated_date_utc_string", "msdate_offset"):
             if name in spec:
                 setattr(s, name, bool_field(spec, name, True))
-        for name in ("provider_name", "concurrent_problem", "app_minute_problem"):
+        for name in ("provider_name", "concurrent_problem", "app_minute_problem", "custom_connection_scope"):
             if name in spec:
                 setattr(s, name, str(spec[name]))
         return s
@@ -357,6 +413,18 @@ class XeroSandbox:
         subject["tenants"] = [tenants[-1].id] if tenants else []
         return subject
 
+    def _client_credentials_scope(self, client_id: str, form: Mapping[str, str]) -> str:
+        """A custom connection's token carries the scopes the connection was set up with (in the answer and the
+        JWT's ``scope`` claim), or the part of them the request asks for; asking for more is ``invalid_scope``."""
+        tenants = self.tenants_of(client_id)
+        asked = form.get("scope", "").split()
+        if not tenants:
+            return " ".join(asked)
+        granted = self.tenants[tenants[-1].id].settings.custom_connection_scope.split()
+        if any(scope not in granted for scope in asked):
+            raise OAuthError("invalid_scope")
+        return " ".join(asked or granted)
+
     def _access_token(self, grant: Grant, expires_at: int) -> str:
         now = self.clock()
         claims = {
@@ -407,8 +475,8 @@ class XeroSandbox:
             Route(f"{API_PREFIX}/Connections", self._list_connections, methods=["GET"]),
             Route(f"{API_PREFIX}/connections/{{cid}}", self._delete_connection, methods=["DELETE"]),
             Route(f"{API_PREFIX}/Connections/{{cid}}", self._delete_connection, methods=["DELETE"]),
-            Route(f"{ACCOUNTING_PREFIX}/{{resource}}", self._accounting, methods=["GET"]),
-            Route(f"{ACCOUNTING_PREFIX}/{{resource}}/{{rid}}", self._accounting, methods=["GET"]),
+            Route(f"{ACCOUNTING_PREFIX}/{{resource}}", self._accounting, methods=["GET", "PUT", "POST"]),
+            Route(f"{ACCOUNTING_PREFIX}/{{resource}}/{{rid}}", self._accounting, methods=["GET", "POST"]),
             *self.oauth.control_routes(c),
             Route(f"{c}/grants", self._control_grant, methods=["POST"]),
             Route(f"{c}/tenants", self._control_tenants, methods=["GET", "POST"]),
@@ -421,6 +489,8 @@ class XeroSandbox:
             Route(f"{c}/faults", self._control_faults, methods=["POST", "DELETE"]),
             Route(f"{c}/stats", self._control_stats, methods=["GET"]),
             *self.webhooks.routes(c),
+            # Last: any other path or method on Xero's hosts gets Xero's answer, not the router's.
+            Route("/xero/{rest:path}", self._unknown, methods=_EVERY_METHOD),
         ]
 
     def _count(self, pattern: str, status: int) -> None:
@@ -436,6 +506,16 @@ class XeroSandbox:
 
         counted.__name__ = f"xero_{name}"
         return counted
+
+    async def _unknown(self, request: Request) -> Response:
+        """A path (or method) Xero does not serve: its plain-text 404, after the token check on the API host."""
+        response: Response = Response(_NOT_FOUND, 404, headers={"content-type": _TEXT})
+        if request.url.path.startswith(f"{API_PREFIX}/"):
+            grant = self._bearer(request)
+            if isinstance(grant, Response):
+                response = grant
+        self._count(f"{request.method} /xero/*", response.status_code)
+        return response
 
     # --- identity ---------------------------------------------------------------------------------------
 
@@ -514,7 +594,7 @@ class XeroSandbox:
         resource = request.path_params["resource"]
         rid = request.path_params.get("rid")
         key = resource.lower()
-        pattern = f"GET /xero/api/api.xro/2.0/{resource.capitalize() if key in ('invoices', 'contacts') else '*'}"
+        pattern = f"{request.method} /xero/api/api.xro/2.0/{_RESOURCES[key][0] if key in _RESOURCES else '*'}"
         if rid is not None:
             pattern += "/{id}"
         response = await self._serve(request, key, rid)
@@ -531,8 +611,11 @@ class XeroSandbox:
         rt = self.tenants.get(tenant_id)
         if not tenant_id or tenant_id not in connected or rt is None:
             return json_response(403, _problem(403, "Forbidden", "AuthenticationUnsuccessful"))
+        writing = request.method != "GET"
+        if writing and (resource not in WRITABLE or (request.method == "PUT" and rid is not None)):
+            return Response(_NOT_FOUND, 404, headers={"content-type": _TEXT})
         scopes = set(grant.scope.split())
-        needed = _INVOICE_SCOPES if resource == "invoices" else _CONTACT_SCOPES if resource == "contacts" else None
+        needed = _WRITE_SCOPES_OF.get(resource) if writing else _SCOPES_OF.get(resource)
         if scopes and needed is not None and not scopes & needed:
             return json_response(401, _problem(401, "Unauthorized", "AuthorizationUnsuccessful"))
         rt.inflight += 1
@@ -607,6 +690,8 @@ class XeroSandbox:
         rt.minute.hit(t)
         rt.requests += 1
         headers = {**correlation, **self._limit_headers(rt, app, t)}
+        if request.method != "GET":
+            return await self._write(request, rt, grant, resource, rid, wants_json, headers)
         try:
             payload = self._read(request, rt, resource, rid)
         except _NotFound:
@@ -629,6 +714,84 @@ class XeroSandbox:
             return Response(orjson.dumps(payload), status, headers={**headers, "content-type": _JSON})
         return Response(to_xml(payload, root), status, headers={**headers, "content-type": _XML})
 
+    async def _write(
+        self,
+        request: Request,
+        rt: _TenantRuntime,
+        grant: Grant,
+        resource: str,
+        rid: str | None,
+        wants_json: bool,
+        headers: dict[str, str],
+    ) -> Response:
+        """A write, under Xero's ``Idempotency-Key``: the key's first answer is replayed for the same request
+        while the key is remembered (six minutes), and a different request under it is refused."""
+        raw = await request.body()
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return self._apply_write(request, rt, resource, rid, raw, wants_json, headers)
+        if not key.strip() or len(key) > _IDEMPOTENCY_KEY_MAX:
+            detail = f"The Idempotency-Key header must be 1 to {_IDEMPOTENCY_KEY_MAX} characters"
+            return json_response(400, _problem(400, "Bad Request", detail), {**headers, "content-type": _JSON})
+        now = self.clock()
+        store = self._idempotency()
+        for stale in [k for k, kept in store.items() if kept.expires <= now]:
+            del store[stale]
+        query = "&".join(sorted(f"{k.lower()}={v}" for k, v in request.query_params.multi_items()))
+        fingerprint = hashlib.sha256(
+            f"{request.method}\n{request.url.path.lower()}\n{query}\n".encode() + raw
+        ).hexdigest()
+        scope = (grant.client_id, rt.tenant.id, key)
+        kept = store.get(scope)
+        if kept is not None:
+            if kept.fingerprint != fingerprint:
+                rt.idempotency_conflicts += 1
+                detail = "The Idempotency-Key has already been used for a different request"
+                return json_response(400, _problem(400, "Bad Request", detail), {**headers, "content-type": _JSON})
+            rt.idempotent_replays += 1
+            return Response(kept.content, kept.status, headers={**headers, "content-type": kept.content_type})
+        response = self._apply_write(request, rt, resource, rid, raw, wants_json, headers)
+        store[scope] = _Remembered(fingerprint, response.status_code, bytes(response.body),
+                                   response.headers.get("content-type", _JSON),
+                                   now + math.ceil(rt.settings.idempotency_window_seconds))  # fmt: skip
+        return response
+
+    def _idempotency(self) -> dict[tuple[str, str, str], _Remembered]:
+        """The remembered keys (a sandbox restored from an older saved state starts with none)."""
+        store: dict[tuple[str, str, str], _Remembered] = self.__dict__.setdefault("idempotency", {})
+        return store
+
+    def _apply_write(
+        self,
+        request: Request,
+        rt: _TenantRuntime,
+        resource: str,
+        rid: str | None,
+        raw: bytes,
+        wants_json: bool,
+        headers: dict[str, str],
+    ) -> Response:
+        params = {k.lower(): v for k, v in request.query_params.items()}
+        wrapper = WRITABLE[resource][0]
+        now_ms = self.clock() * 1000 + int(time.time() * 1000) % 1000
+        try:
+            try:
+                body = json.loads(raw.decode("utf-8"), parse_float=Decimal) if raw.strip() else None
+            except (UnicodeDecodeError, ValueError):
+                raise BadBody("Invalid Json data") from None
+            written = XeroWriter(rt.tenant, rt.settings, now_ms).write(resource, request.method, rid, body, params)
+        except BadBody as err:
+            body = {"ErrorNumber": 14, "Type": "PostDataInvalidException", "Message": str(err)}
+            return self._render(400, body, headers, wants_json, root="ApiException")
+        if written.elements is None:
+            return Response(_NOT_FOUND, 404, headers={**headers, "content-type": _TEXT})
+        if written.status == 400:
+            body = {"ErrorNumber": 10, "Type": "ValidationException", "Message": "A validation exception occurred",
+                    "Elements": written.elements}  # fmt: skip
+            return self._render(400, body, headers, wants_json, root="ApiException")
+        self.webhooks.changed(rt.tenant.id, written.changes)
+        return self._render(200, {**self._envelope(rt), wrapper: written.elements}, headers, wants_json)
+
     def _envelope(self, rt: _TenantRuntime) -> dict[str, Any]:
         return {
             "Id": str(uuid.uuid4()),
@@ -642,10 +805,14 @@ class XeroSandbox:
         params = {k.lower(): v for k, v in request.query_params.items()}
         renderer = _Renderer(tenant, rt.settings)
         unitdp4 = params.get("unitdp") == "4"
-        if resource not in ("invoices", "contacts"):
+        if resource not in _RESOURCES:
             return None
-        entity = "Invoice" if resource == "invoices" else "Contact"
-        wrapper = "Invoices" if resource == "invoices" else "Contacts"
+        wrapper, entity = _RESOURCES[resource]
+        if resource in ("organisation", "currencies"):
+            return None if rid is not None else self._settings_read(rt, renderer, resource, params)
+        if resource == "payments" and rid is not None:
+            payment = tenant.payments.get(rid.lower())
+            return None if payment is None else {**self._envelope(rt), wrapper: [renderer.payment(payment)]}
         if rid is not None:
             found = tenant.find_invoice(rid) if resource == "invoices" else tenant.find_contact(rid)
             if found is None:
@@ -682,6 +849,9 @@ class XeroSandbox:
                 f"Your request is not filtering {wrapper} efficiently, given the extremely high volume for this "
                 "organisation. Please apply a filter or use paging."
             )
+        if resource == "payments":
+            out[wrapper] = [renderer.payment(p) for p in items]
+            return out
         roles = tenant.roles()
         if resource == "invoices":
             view = _View(paged and not summary_only, False, unitdp4=unitdp4, summary_only=summary_only, roles=roles)
@@ -692,11 +862,29 @@ class XeroSandbox:
             out[wrapper] = [renderer.contact(c, view) for c in items]
         return out
 
+    def _settings_read(
+        self, rt: _TenantRuntime, renderer: _Renderer, resource: str, params: Mapping[str, str]
+    ) -> dict[str, Any]:
+        """``GET /Organisation`` (the one organisation) or ``GET /Currencies`` (with ``where`` and ``order``)."""
+        tenant = rt.tenant
+        if resource == "organisation":
+            created = (tenant.created_at - math.ceil(float(tenant.spec["days"]) + 1) * 86_400) * 1000
+            return {**self._envelope(rt), "Organisations": [renderer.organisation(created)]}
+        items: list[Any] = currencies_of(tenant)
+        where = params.get("where", "").strip()
+        if where:
+            predicate = parse_where(where, "Currency", tenant)
+            items = [c for c in items if predicate(c)]
+        order = params.get("order", "").strip()
+        items = _sort(items, _parse_order(order, _getters("Currency", tenant), "Currency") if order else [])
+        return {**self._envelope(rt), "Currencies": [{"Code": c.code, "Description": c.description} for c in items]}
+
     def _select(
         self, request: Request, rt: _TenantRuntime, resource: str, entity: str, params: Mapping[str, str]
     ) -> list[Any]:
         tenant = rt.tenant
-        items: list[Any] = list(tenant.invoices.values() if resource == "invoices" else tenant.contacts.values())
+        pools = {"invoices": tenant.invoices, "contacts": tenant.contacts, "payments": tenant.payments}
+        items: list[Any] = list(pools[resource].values())
         ims = request.headers.get("if-modified-since")
         if ims:
             since = parse_if_modified_since(ims)
@@ -723,7 +911,7 @@ class XeroSandbox:
                 cids = {x.strip().strip('"').lower() for x in params["contactids"].split(",")}
                 items = [inv for inv in items if inv.contact_id in cids]
         term = params.get("searchterm", "").strip().lower()
-        if term:
+        if term and resource != "payments":
             if resource == "invoices":
                 items = [i for i in items if term in i.number.lower() or term in i.reference.lower()]
             else:
@@ -809,11 +997,16 @@ class XeroSandbox:
         for kind, (category, event_type) in _CHANGE_EVENTS.items():
             records: Mapping[str, _Invoice | _Contact] = tenant.invoices if category == "INVOICE" else tenant.contacts
             events.extend(Change(category, rid, event_type, records[rid].updated) for rid in changed.get(kind, []))
+        # Xero has no payment events: a payment made or deleted is an update of the invoice it pays.
+        for pid in (*changed.get("payments_created", []), *changed.get("payments_deleted", [])):
+            events.append(_change_of(tenant.invoices[tenant.payments[pid].invoice_id], "UPDATE"))
         self.webhooks.changed(tenant.id, events)
         return json_response(200, changed)
 
-    def _record_api(self, rt: _TenantRuntime, record: _Invoice | _Contact) -> dict[str, Any]:
+    def _record_api(self, rt: _TenantRuntime, record: _Invoice | _Contact | _Payment) -> dict[str, Any]:
         renderer = _Renderer(rt.tenant, rt.settings)
+        if isinstance(record, _Payment):
+            return renderer.payment(record)
         roles = rt.tenant.roles()
         if isinstance(record, _Invoice):
             return renderer.invoice(record, _View(True, False, roles=roles))
@@ -834,14 +1027,21 @@ class XeroSandbox:
         rt = self._runtime(request.path_params["tid"])
         body = await read_json_object(request)
         entity = body.get("entity")
-        if entity not in ("invoice", "contact", "customer"):
-            raise ControlError(400, "entity must be invoice or contact")
+        if entity not in ("invoice", "contact", "customer", "payment"):
+            raise ControlError(400, "entity must be invoice, contact or payment")
         fields = body.get("fields") or {}
         if not isinstance(fields, dict):
             raise ControlError(400, "fields must be an object")
         record = rt.tenant.add_record("contact" if entity == "customer" else entity, fields, self._updated_ms(body))
-        self.webhooks.changed(rt.tenant.id, [_change_of(record, "CREATE")])
+        self.webhooks.changed(rt.tenant.id, [self._change_for(rt, record, "CREATE")])
         return json_response(200, self._record_api(rt, record))
+
+    @staticmethod
+    def _change_for(rt: _TenantRuntime, record: _Invoice | _Contact | _Payment, event_type: str) -> Change:
+        """The event a change makes: a payment's is an UPDATE of its invoice (Xero has no payment events)."""
+        if isinstance(record, _Payment):
+            return _change_of(rt.tenant.invoices[record.invoice_id], "UPDATE")
+        return _change_of(record, event_type)
 
     @_control
     async def _control_update_record(self, request: Request) -> Response:
@@ -851,7 +1051,7 @@ class XeroSandbox:
         if not isinstance(fields, dict):
             raise ControlError(400, "fields must be an object")
         record = rt.tenant.update_record(request.path_params["rid"], fields, self._updated_ms(body))
-        self.webhooks.changed(rt.tenant.id, [_change_of(record, "UPDATE")])
+        self.webhooks.changed(rt.tenant.id, [self._change_for(rt, record, "UPDATE")])
         return json_response(200, self._record_api(rt, record))
 
     @_control
@@ -867,13 +1067,15 @@ class XeroSandbox:
         entity = request.path_params["entity"].lower().rstrip("s")
         if entity == "customer":
             entity = "contact"
-        if entity not in ("invoice", "contact"):
-            raise ControlError(404, "export entity must be invoices or contacts")
+        if entity not in ("invoice", "contact", "payment"):
+            raise ControlError(404, "export entity must be invoices, contacts or payments")
         tenant = rt.tenant
-        records: Iterable[_Invoice | _Contact] = (
-            tenant.invoices.values() if entity == "invoice" else tenant.contacts.values()
-        )
-        purged = tenant.purged_invoices if entity == "invoice" else tenant.purged_contacts
+        pools: dict[str, tuple[Iterable[_Invoice | _Contact | _Payment], set[str]]] = {
+            "invoice": (tenant.invoices.values(), tenant.purged_invoices),
+            "contact": (tenant.contacts.values(), tenant.purged_contacts),
+            "payment": (tenant.payments.values(), tenant.purged_payments),
+        }
+        records, purged = pools[entity]
         return json_response(
             200, {"records": [self._record_api(rt, r) for r in records], "deleted_ids": sorted(purged)}
         )
@@ -935,6 +1137,8 @@ class XeroSandbox:
                         "rate_limited": dict(rt.rate_limited),
                         "server_errors": rt.server_errors,
                         "inflight": rt.inflight,
+                        "idempotent_replays": rt.idempotent_replays,
+                        "idempotency_conflicts": rt.idempotency_conflicts,
                     }
                     for tid, rt in self.tenants.items()
                 },

@@ -54,13 +54,17 @@ class XeroControl(WebhookControl):
         return self._call("GET", "/oauth")
 
     def changes(self, tenant_id: str, **counts: int) -> dict[str, list[str]]:
-        """Apply edits/voids/deletes/creates/archives (and contact_edits/contact_creates) now."""
+        """Apply edits/voids/deletes/creates/archives (and contact_edits/contact_creates, payments/payment_deletes)
+        now; the answer lists the ids of each kind (``payments_created``, ``payments_deleted``...)."""
         return self._call("POST", f"/tenants/{tenant_id}/changes", json=counts)
 
     def add_record(
         self, tenant_id: str, entity: str, fields: Mapping[str, Any] | None = None, updated_at: float | None = None
     ) -> dict[str, Any]:
-        """Create an invoice or contact (optionally at an exact updated time, unix seconds)."""
+        """Create an invoice, contact or payment (optionally at an exact updated time, unix seconds).
+
+        A payment pays ``fields["Invoice"]["InvoiceID"]`` (default: the oldest invoice with something due, or a
+        new one), all that is due unless ``Amount`` says otherwise."""
         body: dict[str, Any] = {"entity": entity, "fields": dict(fields or {})}
         if updated_at is not None:
             body["updated_at"] = updated_at
@@ -69,7 +73,7 @@ class XeroControl(WebhookControl):
     def update_record(
         self, tenant_id: str, record_id: str, fields: Mapping[str, Any] | None = None, updated_at: float | None = None
     ) -> dict[str, Any]:
-        """Change an invoice or contact and set its updated time (default: now)."""
+        """Change an invoice, contact or payment (``Status: DELETED`` deletes it) and set its updated time."""
         body: dict[str, Any] = {"fields": dict(fields or {})}
         if updated_at is not None:
             body["updated_at"] = updated_at
@@ -80,7 +84,7 @@ class XeroControl(WebhookControl):
         return self._call("DELETE", f"/tenants/{tenant_id}/records/{record_id}")
 
     def export(self, tenant_id: str, entity: str) -> dict[str, Any]:
-        """``{"records": [...], "deleted_ids": [...]}`` for ``invoices`` or ``contacts``."""
+        """``{"records": [...], "deleted_ids": [...]}`` for ``invoices``, ``contacts`` or ``payments``."""
         return self._call("GET", f"/tenants/{tenant_id}/export/{entity}")
 
     def set_faults(self, tenant: str | None = None, **faults: Any) -> dict[str, Any]:

@@ -1,7 +1,9 @@
-"""Xero organisations for the sandbox: deterministic contacts and invoices, their changes and dates.
+"""Xero organisations for the sandbox: deterministic contacts, invoices and payments, their changes and dates.
 
 ``XeroTenant`` generates an organisation from a seed and applies the control API's changes and records;
-the date helpers give Xero's ``/Date(ms+0000)/`` form and read ``If-Modified-Since``.
+the date helpers give Xero's ``/Date(ms+0000)/`` form and read ``If-Modified-Since``. A payment is a record
+of its own (``GET /Payments``) as well as an entry of its invoice's ``Payments``: deleting one leaves it
+readable with status ``DELETED`` and reopens its invoice.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ class _Settings:
     # X-Rate-Limit-Problem values seen only as "minute" and "day"; these two are unverified.
     concurrent_problem: str = "concurrent"
     app_minute_problem: str = "appminute"
+    # The scopes of the organisation's custom connection: what a client_credentials token carries.
+    custom_connection_scope: str = "accounting.transactions accounting.contacts accounting.settings"
+    # How long (sandbox seconds) a write's `Idempotency-Key` is remembered: Xero keeps one 6 minutes.
+    idempotency_window_seconds: float = 360.0
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__slots__}  # type: ignore[attr-defined]
@@ -150,6 +156,24 @@ class _Line:
 
 
 @dataclass(slots=True)
+class _Payment:
+    """A payment against an invoice (ACCRECPAYMENT or ACCPAYPAYMENT), AUTHORISED or DELETED."""
+
+    seq: int
+    id: str
+    invoice_id: str
+    date: int  # ms, midnight UTC of the day paid
+    amount: int  # cents, in the invoice's currency
+    rate: int  # millionths: the invoice's currency rate when paid
+    account: int  # index into the organisation's bank accounts
+    reconciled: bool
+    created: int
+    updated: int
+    reference: str = ""
+    status: str = "AUTHORISED"
+
+
+@dataclass(slots=True)
 class _Invoice:
     seq: int
     id: str
@@ -167,7 +191,7 @@ class _Invoice:
     created: int
     updated: int
     paid: int = 0
-    payments: list[dict[str, Any]] = field(default_factory=list)
+    payments: list[_Payment] = field(default_factory=list)  # the AUTHORISED ones, oldest first
     sent: bool = False
     fully_paid_on: int | None = None
     sub_total: int = 0
@@ -255,6 +279,10 @@ _PRODUCTS_PURCHASES = (
 )
 _SALES_ACCOUNT = "200"
 _PURCHASE_ACCOUNTS = ("400", "429", "453", "461")
+_BANK_ACCOUNTS = (("090", "Business Bank Account"), ("091", "Business Savings Account"))
+_PAYMENT_REFERENCES = ("", "", "", "Direct credit", "Online payment", "Card payment", "Cheque")
+# Share of paid invoices that also carry a payment entered by mistake and deleted (status DELETED).
+_DELETED_PAYMENT_SHARE = 0.08
 
 
 def _uuid(rng: random.Random) -> str:
@@ -305,8 +333,14 @@ class XeroTenant:
         self.change_batches = 0
         self.purged_invoices: set[str] = set()
         self.purged_contacts: set[str] = set()
+        self.payments: dict[str, _Payment] = {}
+        self.purged_payments: set[str] = set()
+        # The bank accounts payments are made into or from: (AccountID, Code, Name).
+        banks = random.Random(f"xero-banks:{self.id}")
+        self.bank_accounts = tuple((_uuid(banks), code, name) for code, name in _BANK_ACCOUNTS)
         self.rng = rng
         self._generate(spec["contacts"], spec["invoices"], now * 1000, int(spec["days"] * _DAY_MS))
+        self._generate_deleted_payments(now * 1000)
 
     # --- generation -------------------------------------------------------------------------------------
 
@@ -396,7 +430,7 @@ class XeroTenant:
             )
         return lines
 
-    def _recompute(self, inv: _Invoice) -> None:
+    def _recompute(self, inv: _Invoice, at: int | None = None) -> None:
         rate = _TAX[self.base_currency][2]
         sub = tax_total = gross = 0
         for line in inv.lines:
@@ -419,19 +453,81 @@ class XeroTenant:
         if inv.status == "PAID":
             inv.paid = total
             if inv.payments:
-                inv.payments[-1]["Amount"] = _money(total - sum(round(p["Amount"] * 100) for p in inv.payments[:-1]))
+                last = inv.payments[-1]
+                amount = total - sum(p.amount for p in inv.payments[:-1])
+                if amount != last.amount:
+                    last.amount = amount
+                    last.updated = max(last.updated, inv.updated if at is None else at)
         inv.paid = min(inv.paid, total)
 
-    def _payment(self, rng: random.Random, inv: _Invoice, paid_ms: int, cents: int) -> dict[str, Any]:
-        return {
-            "PaymentID": _uuid(rng),
-            "Date": _midnight(paid_ms),
-            "Amount": _money(cents),
-            "Reference": "",
-            "CurrencyRate": inv.rate / 1_000_000,
-            "HasAccount": False,
-            "HasValidationErrors": False,
-        }
+    def _payment(self, rng: random.Random, inv: _Invoice, paid_ms: int, cents: int, at: int | None = None) -> _Payment:
+        """A new AUTHORISED payment of ``cents`` on ``inv``, dated the day of ``paid_ms``, entered at ``at``.
+
+        Only its id comes from ``rng`` (the organisation's generation stays as it was); its account,
+        reconciliation and reference come from a generator of its own.
+        """
+        pid = _uuid(rng)
+        own = random.Random(f"xero-payment:{pid}")
+        payment = _Payment(
+            seq=len(self.payments),
+            id=pid,
+            invoice_id=inv.id,
+            date=_midnight(paid_ms),
+            amount=cents,
+            rate=inv.rate,
+            account=own.randrange(len(_BANK_ACCOUNTS)),
+            reconciled=own.random() < 0.6,
+            created=paid_ms if at is None else at,
+            updated=paid_ms if at is None else at,
+            reference=own.choice(_PAYMENT_REFERENCES),
+        )
+        self.payments[pid] = payment
+        return payment
+
+    def _forget_payments(self, inv: _Invoice) -> None:
+        """Drop payments that never happened (made while generating a record that then had none)."""
+        for payment in inv.payments:
+            self.payments.pop(payment.id, None)
+        inv.payments, inv.paid = [], 0
+
+    def delete_payment(self, payment: _Payment, at: int) -> None:
+        """Xero's delete of a payment: it stays readable as DELETED and its invoice owes that amount again."""
+        if payment.status == "DELETED":
+            return
+        payment.status = "DELETED"
+        payment.updated = at
+        inv = self.invoices.get(payment.invoice_id)
+        if inv is None:
+            return
+        inv.payments = [p for p in inv.payments if p.id != payment.id]
+        inv.paid = max(0, inv.paid - payment.amount)
+        if inv.status == "PAID" and inv.paid < inv.total:
+            inv.status = "AUTHORISED"
+            inv.fully_paid_on = None
+        inv.updated = max(inv.updated, at)
+
+    def pay(self, rng: random.Random, inv: _Invoice, cents: int, at: int, date_ms: int | None = None) -> _Payment:
+        """A payment of ``cents`` on an AUTHORISED invoice at ``at``; the invoice is PAID once nothing is due."""
+        payment = self._payment(rng, inv, at if date_ms is None else date_ms, cents, at)
+        inv.payments.append(payment)
+        inv.paid += cents
+        if inv.paid >= inv.total:
+            inv.status = "PAID"
+            inv.fully_paid_on = _midnight(at if date_ms is None else date_ms)
+        inv.updated = max(inv.updated, at)
+        return payment
+
+    def _generate_deleted_payments(self, now_ms: int) -> None:
+        """Some paid invoices also carry a payment entered by mistake and deleted before the real one."""
+        rng = random.Random(f"xero:{self.seed}:deleted-payments")
+        for inv in list(self.invoices.values()):
+            if inv.status != "PAID" or not inv.payments or rng.random() >= _DELETED_PAYMENT_SHARE:
+                continue
+            first = inv.payments[0]
+            entered = inv.created + int(rng.random() * max(0, first.created - inv.created))
+            mistake = self._payment(rng, inv, entered, inv.total, entered)
+            mistake.status = "DELETED"
+            mistake.updated = entered + int(rng.random() * max(0, min(first.created, now_ms - 1) - entered))
 
     def _invoice_number(self, rng: random.Random, inv_type: str) -> str:
         if inv_type == "ACCREC":
@@ -550,6 +646,8 @@ class XeroTenant:
             "invoices_by_status": dict(Counter(inv.status for inv in self.invoices.values())),
             "invoices_by_type": dict(Counter(inv.type for inv in self.invoices.values())),
             "contacts_by_status": dict(Counter(c.status for c in self.contacts.values())),
+            "payments": len(self.payments),
+            "payments_by_status": dict(Counter(p.status for p in self.payments.values())),
         }
 
     # --- lookups ----------------------------------------------------------------------------------------
@@ -573,7 +671,8 @@ class XeroTenant:
     # --- changes ----------------------------------------------------------------------------------------
 
     def apply_changes(self, counts: Mapping[str, int], now: int) -> dict[str, list[str]]:
-        """Edits, voids, deletes and creates of invoices, archives/edits/creates of contacts, all at ``now``."""
+        """Edits, voids, deletes and creates of invoices, archives/edits/creates of contacts, new and deleted
+        payments, all at ``now``."""
         self.change_batches += 1
         rng = random.Random(f"xero:{self.seed}:changes:{self.change_batches}")
         now_ms = now * 1000
@@ -611,7 +710,7 @@ class XeroTenant:
             inv = self._new_invoice(
                 rng, created, now_ms + 1000, status=rng.choice(("DRAFT", "AUTHORISED", "AUTHORISED")), updated=created
             )
-            inv.payments, inv.paid = [], 0
+            self._forget_payments(inv)
             out["created"].append(inv.id)
         active = [c for c in self.contacts.values() if c.status == "ACTIVE"]
         for contact in pick(active, counts.get("archives", 0)):
@@ -630,6 +729,20 @@ class XeroTenant:
             for _ in range(counts["contact_creates"]):
                 created = stamp()
                 out["contacts_created"].append(self._new_contact(rng, created, created, "ACTIVE").id)
+        if counts.get("payments", 0):
+            out["payments_created"] = []
+            payable = [i for i in self.invoices.values() if i.status == "AUTHORISED" and i.amount_due > 0]
+            for inv in pick(payable, counts["payments"]):
+                remaining = inv.amount_due
+                cents = remaining if rng.random() < 0.6 or remaining < 200 else _round_div(remaining, 2)
+                out["payments_created"].append(self.pay(rng, inv, cents, stamp()).id)
+        if counts.get("payment_deletes", 0):
+            out["payments_deleted"] = []
+            made_now = set(out.get("payments_created", ()))
+            live = [p for p in self.payments.values() if p.status == "AUTHORISED" and p.id not in made_now]
+            for payment in pick(live, counts["payment_deletes"]):
+                self.delete_payment(payment, stamp())
+                out["payments_deleted"].append(payment.id)
         return out
 
     def _edit_invoice(self, rng: random.Random, inv: _Invoice, now_ms: int) -> None:
@@ -643,19 +756,17 @@ class XeroTenant:
         elif inv.status == "AUTHORISED":
             remaining = inv.total - inv.paid
             cents = remaining if rng.random() < 0.6 or remaining < 200 else _round_div(remaining, 2)
-            inv.payments.append(self._payment(rng, inv, now_ms, cents))
-            inv.paid += cents
-            if inv.paid >= inv.total:
-                inv.status = "PAID"
-                inv.fully_paid_on = _midnight(now_ms)
+            self.pay(rng, inv, cents, now_ms)
         else:
             inv.reference = f"{inv.reference} (updated)".strip()
 
     # --- control-API records ----------------------------------------------------------------------------
 
-    def add_record(self, entity: str, fields: Mapping[str, Any], updated: int) -> _Invoice | _Contact:
-        """A new invoice or contact with ``fields`` applied, created and updated at ``updated`` (ms)."""
-        rng = random.Random(f"xero:{self.seed}:record:{len(self.invoices)}:{len(self.contacts)}")
+    def add_record(self, entity: str, fields: Mapping[str, Any], updated: int) -> _Invoice | _Contact | _Payment:
+        """A new invoice, contact or payment with ``fields`` applied, created and updated at ``updated`` (ms)."""
+        rng = random.Random(f"xero:{self.seed}:record:{len(self.invoices)}:{len(self.contacts)}:{len(self.payments)}")
+        if entity == "payment":
+            return self._add_payment(rng, fields, updated)
         if entity == "contact":
             status = str(fields.get("ContactStatus", "ACTIVE"))
             new_id = str(fields["ContactID"]).lower() if "ContactID" in fields else None
@@ -676,28 +787,79 @@ class XeroTenant:
             raise ControlError(409, f"invoice {new_id} exists")
         inv = self._new_invoice(rng, updated, updated + 1, status=status, inv_type=inv_type, updated=updated)
         if status != "PAID":
-            inv.payments, inv.paid, inv.fully_paid_on = [], 0, None
+            self._forget_payments(inv)
+            inv.fully_paid_on = None
         if new_id is not None:
             self.invoices[new_id] = self.invoices.pop(inv.id)
             inv.id = new_id
             self.by_number[inv.number.lower()] = new_id
-        self._apply_invoice_fields(inv, fields, rng)
+            for payment in inv.payments:
+                payment.invoice_id = new_id
+        self._apply_invoice_fields(inv, fields, rng, updated)
         return inv
 
-    def update_record(self, record_id: str, fields: Mapping[str, Any], updated: int) -> _Invoice | _Contact:
-        """Apply ``fields`` to an existing invoice or contact and set its updated time (ms)."""
+    def _add_payment(self, rng: random.Random, fields: Mapping[str, Any], updated: int) -> _Payment:
+        """A payment on ``Invoice.InvoiceID`` (default: the oldest invoice with something due, or a new one)."""
+        unknown = set(fields) - _PAYMENT_FIELDS
+        if unknown:
+            raise ControlError(400, f"unsupported payment fields: {sorted(unknown)}")
+        wanted = str((fields.get("Invoice") or {}).get("InvoiceID", "")).lower()
+        if wanted:
+            inv = self.invoices.get(wanted)
+            if inv is None:
+                raise ControlError(400, f"unknown Invoice.InvoiceID {wanted!r}")
+        else:
+            due = [i for i in self.invoices.values() if i.status == "AUTHORISED" and i.amount_due > 0]
+            inv = min(due, key=lambda i: i.seq) if due else None
+            if inv is None:
+                inv = self._new_invoice(rng, updated, updated + 1, status="AUTHORISED", inv_type="ACCREC",
+                                        updated=updated)  # fmt: skip
+                self._forget_payments(inv)
+        if inv.status != "AUTHORISED" or inv.amount_due <= 0:
+            raise ControlError(409, f"invoice {inv.id} is {inv.status} with nothing due: it takes no payment")
+        cents = round(float(fields["Amount"]) * 100) if "Amount" in fields else inv.amount_due
+        if not 0 < cents <= inv.amount_due:
+            raise ControlError(400, "Amount must be more than 0 and at most what the invoice still owes")
+        date = _midnight(_parse_date_field(fields["Date"], "Date")) if "Date" in fields else updated
+        payment = self.pay(rng, inv, cents, updated, date)
+        self._apply_payment_fields(payment, fields, updated)
+        return payment
+
+    def _apply_payment_fields(self, payment: _Payment, fields: Mapping[str, Any], updated: int) -> None:
+        unknown = set(fields) - _PAYMENT_FIELDS
+        if unknown:
+            raise ControlError(400, f"unsupported payment fields: {sorted(unknown)}")
+        if "Reference" in fields:
+            payment.reference = str(fields["Reference"])
+        if "IsReconciled" in fields:
+            payment.reconciled = bool(fields["IsReconciled"])
+        if "Status" in fields:
+            if fields["Status"] not in ("AUTHORISED", "DELETED"):
+                raise ControlError(400, "a payment's Status can only be AUTHORISED or DELETED")
+            if fields["Status"] == "DELETED":
+                self.delete_payment(payment, updated)
+            elif payment.status == "DELETED":
+                raise ControlError(409, "a deleted payment cannot be restored (Xero makes a new one)")
+        payment.updated = updated
+
+    def update_record(self, record_id: str, fields: Mapping[str, Any], updated: int) -> _Invoice | _Contact | _Payment:
+        """Apply ``fields`` to an existing invoice, contact or payment and set its updated time (ms)."""
         rng = random.Random(f"xero:{self.seed}:patch:{record_id}:{updated}")
         inv = self.invoices.get(record_id.lower())
         if inv is not None:
-            self._apply_invoice_fields(inv, fields, rng)
+            self._apply_invoice_fields(inv, fields, rng, updated)
             inv.updated = updated
             return inv
+        payment = self.payments.get(record_id.lower())
+        if payment is not None:
+            self._apply_payment_fields(payment, fields, updated)
+            return payment
         contact = self.contacts.get(record_id.lower())
         if contact is not None:
             self._apply_contact_fields(contact, fields)
             contact.updated = updated
             return contact
-        raise ControlError(404, f"no invoice or contact {record_id!r} in tenant {self.id}")
+        raise ControlError(404, f"no invoice, contact or payment {record_id!r} in tenant {self.id}")
 
     def purge_record(self, record_id: str) -> _Invoice | _Contact:
         """Remove an invoice or contact outright, so reads of it answer 404.
@@ -710,6 +872,10 @@ class XeroTenant:
         if inv is not None:
             self.by_number.pop(inv.number.lower(), None)
             self.purged_invoices.add(inv.id)
+            # Its payments (deleted ones too) go with it.
+            for payment in [p for p in self.payments.values() if p.invoice_id == inv.id]:
+                del self.payments[payment.id]
+                self.purged_payments.add(payment.id)
             return inv
         contact = self.contacts.get(key)
         if contact is None:
@@ -724,7 +890,9 @@ class XeroTenant:
         self.purged_contacts.add(contact.id)
         return contact
 
-    def _apply_invoice_fields(self, inv: _Invoice, fields: Mapping[str, Any], rng: random.Random) -> None:
+    def _apply_invoice_fields(
+        self, inv: _Invoice, fields: Mapping[str, Any], rng: random.Random, at: int | None = None
+    ) -> None:
         unknown = set(fields) - _INVOICE_FIELDS
         if unknown:
             raise ControlError(400, f"unsupported invoice fields: {sorted(unknown)}")
@@ -765,14 +933,17 @@ class XeroTenant:
             inv.sent = bool(fields["SentToContact"])
         if "LineItems" in fields:
             inv.lines = [self._line_from(rng, inv, raw) for raw in fields["LineItems"] or []]
-        self._recompute(inv)
+        self._recompute(inv, at)
         if "AmountPaid" in fields:
+            # The payments so far are deleted and one payment of that amount takes their place.
+            for payment in inv.payments:
+                payment.status, payment.updated = "DELETED", inv.updated if at is None else at
             cents = round(float(fields["AmountPaid"]) * 100)
             inv.paid = min(cents, inv.total)
-            inv.payments = [self._payment(rng, inv, inv.date, inv.paid)] if inv.paid else []
+            inv.payments = [self._payment(rng, inv, inv.date, inv.paid, at)] if inv.paid else []
         if inv.status == "PAID":
             if not inv.payments:
-                inv.payments = [self._payment(rng, inv, inv.date, inv.total)]
+                inv.payments = [self._payment(rng, inv, inv.date, inv.total, at)]
             inv.paid = inv.total
             inv.fully_paid_on = inv.fully_paid_on or inv.date
         if "FullyPaidOnDate" in fields:
@@ -833,6 +1004,7 @@ _INVOICE_FIELDS = frozenset(
         "FullyPaidOnDate",
     }
 )  # fmt: skip
+_PAYMENT_FIELDS = frozenset({"Invoice", "Amount", "Date", "Reference", "IsReconciled", "Status"})
 _CONTACT_FIELDS = frozenset(
     {
         "ContactID", "Name", "FirstName", "LastName", "EmailAddress", "ContactStatus", "ContactNumber",

@@ -7,7 +7,9 @@ UpdatedDateUTC>=DateTime(2024,01,31,00,00,00)``, ``OR``, ``NOT``, ``Guid()``, ``
 
 from __future__ import annotations
 
+import random
 import re
+import string
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from nextcrm_sandbox.xero.data import (
     _iso_seconds,
     _Line,
     _money,
+    _Payment,
     _round_div,
     _Settings,
     _utc,
@@ -144,7 +147,7 @@ class _Renderer:
         out: dict[str, Any] = {"Type": inv.type, "InvoiceID": inv.id, "InvoiceNumber": inv.number}
         out["Reference"] = inv.reference
         if not view.summary_only:
-            out["Payments"] = [{**p, "Date": self.date(p["Date"])} for p in inv.payments]
+            out["Payments"] = [self.invoice_payment(p) for p in inv.payments]
             out["CreditNotes"] = []
             out["Prepayments"] = []
             out["Overpayments"] = []
@@ -182,11 +185,137 @@ class _Renderer:
             out["FullyPaidOnDate"] = self.date(inv.fully_paid_on)
         return out
 
+    def organisation(self, created_ms: int) -> dict[str, Any]:
+        """The organisation as ``GET /Organisation`` gives it (its id is the tenant id of ``/connections``)."""
+        t = self.tenant
+        country, version, timezone, year_end_month, tax_basis, tax_period = _COUNTRY[t.base_currency]
+        own = random.Random(f"xero-organisation:{t.id}")
+        code = "".join(own.choice(string.ascii_letters + string.digits) for _ in range(5))
+        return {
+            "APIKey": "".join(own.choice(string.ascii_uppercase + string.digits) for _ in range(30)),
+            "Name": t.name,
+            "LegalName": t.name,
+            "PaysTax": True,
+            "Version": version,
+            "OrganisationType": "COMPANY",
+            "BaseCurrency": t.base_currency,
+            "CountryCode": country,
+            "IsDemoCompany": False,
+            "OrganisationStatus": "ACTIVE",
+            "FinancialYearEndDay": 30 if year_end_month == 6 else 31,
+            "FinancialYearEndMonth": year_end_month,
+            "SalesTaxBasis": tax_basis,
+            "SalesTaxPeriod": tax_period,
+            "DefaultSalesTax": "Tax Exclusive",
+            "DefaultPurchasesTax": "Tax Exclusive",
+            "CreatedDateUTC": format_msdate(created_ms, offset=False),
+            "OrganisationEntityType": "COMPANY",
+            "Timezone": timezone,
+            "ShortCode": f"!{code}",
+            "OrganisationID": t.id,
+            "Edition": "BUSINESS",
+            "Class": "STANDARD",
+            "Addresses": [],
+            "Phones": [],
+            "ExternalLinks": [],
+            "PaymentTerms": {},
+        }
+
+    def invoice_payment(self, p: _Payment) -> dict[str, Any]:
+        """A payment as its invoice lists it (``Invoice.Payments``): a summary without status or account."""
+        return {
+            "PaymentID": p.id,
+            "Date": self.date(p.date),
+            "Amount": _money(p.amount),
+            "Reference": p.reference,
+            "CurrencyRate": p.rate / 1_000_000,
+            "HasAccount": False,
+            "HasValidationErrors": False,
+        }
+
+    def payment(self, p: _Payment) -> dict[str, Any]:
+        """A payment as ``GET /Payments`` gives it: type, status, account, and the invoice it pays in brief."""
+        inv = self.tenant.invoices[p.invoice_id]
+        contact = self.tenant.contacts[inv.contact_id]
+        account_id, code, _ = self.tenant.bank_accounts[p.account]
+        foreign = inv.currency != self.tenant.base_currency
+        bank_cents = _round_div(p.amount * 1_000_000, p.rate) if foreign and p.rate else p.amount
+        summary = _contact_summary(contact)
+        summary = {"ContactID": contact.id, "ContactNumber": contact.number or "", **summary}
+        out: dict[str, Any] = {
+            "PaymentID": p.id,
+            "Date": self.date(p.date),
+            "BankAmount": _money(bank_cents),
+            "Amount": _money(p.amount),
+            "Reference": p.reference,
+            "CurrencyRate": p.rate / 1_000_000,
+            "PaymentType": "ACCRECPAYMENT" if inv.type == "ACCREC" else "ACCPAYPAYMENT",
+            "Status": p.status,
+            "UpdatedDateUTC": self.date(p.updated),
+        }
+        if self.invoice_string:
+            out["UpdatedDateUTCString"] = _iso_seconds(p.updated) + "Z"
+        out.update(
+            {
+                "HasAccount": True,
+                "IsReconciled": p.reconciled,
+                "Account": {"AccountID": account_id, "Code": code},
+                "Invoice": {
+                    "Type": inv.type,
+                    "InvoiceID": inv.id,
+                    "InvoiceNumber": inv.number,
+                    "Payments": [],
+                    "CreditNotes": [],
+                    "Prepayments": [],
+                    "Overpayments": [],
+                    "HasErrors": False,
+                    "IsDiscounted": False,
+                    "Contact": summary,
+                    "LineItems": [],
+                    "CurrencyCode": inv.currency,
+                },
+                "HasValidationErrors": False,
+            }
+        )
+        return out
+
+
+# Base currency -> CountryCode, Version, Timezone, FinancialYearEndMonth, SalesTaxBasis, SalesTaxPeriod.
+_COUNTRY = {
+    "NZD": ("NZ", "NZ", "NEWZEALANDSTANDARDTIME", 3, "PAYMENTS", "TWOMONTHS"),
+    "AUD": ("AU", "AU", "AUSEASTERNSTANDARDTIME", 6, "CASH", "QUARTERLY1"),
+    "GBP": ("GB", "UK", "GMTSTANDARDTIME", 3, "ACCRUALS", "QUARTERLY1"),
+    "USD": ("US", "US", "PACIFICSTANDARDTIME", 12, "ACCRUALS", "MONTHLY"),
+}
+CURRENCY_NAMES = {
+    "NZD": "New Zealand Dollar", "AUD": "Australian Dollar", "GBP": "British Pound", "USD": "United States Dollar",
+    "EUR": "Euro", "CAD": "Canadian Dollar",
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class _Currency:
+    """One currency the organisation has enabled (``GET /Currencies``): the base one first."""
+
+    seq: int
+    code: str
+    description: str
+
+
+def currencies_of(tenant: XeroTenant) -> list[_Currency]:
+    """The base currency, then every other currency its contacts or invoices use, by code."""
+    used = {c.currency for c in tenant.contacts.values()} | {i.currency for i in tenant.invoices.values()}
+    codes = [tenant.base_currency, *sorted(used - {tenant.base_currency})]
+    return [_Currency(n, code, CURRENCY_NAMES.get(code, code)) for n, code in enumerate(codes)]
+
 
 _SINGULAR = {
     "Invoices": "Invoice",
     "Contacts": "Contact",
     "LineItems": "LineItem",
+    "Organisations": "Organisation",
+    "Currencies": "Currency",
+    "ExternalLinks": "ExternalLink",
     "Payments": "Payment",
     "CreditNotes": "CreditNote",
     "Prepayments": "Prepayment",
@@ -528,7 +657,40 @@ _CONTACT_GETTERS: dict[str, Getter] = {
 }
 
 
+_CURRENCY_GETTERS: dict[str, Getter] = {"code": lambda c: c.code, "description": lambda c: c.description}
+
+
+def _payment_getters(tenant: XeroTenant) -> dict[str, Getter]:
+    invoices, contacts = tenant.invoices, tenant.contacts
+    return {
+        "paymentid": lambda p: p.id,
+        "status": lambda p: p.status,
+        "paymenttype": lambda p: "ACCRECPAYMENT" if invoices[p.invoice_id].type == "ACCREC" else "ACCPAYPAYMENT",
+        "date": lambda p: p.date,
+        "updateddateutc": lambda p: p.updated,
+        "amount": lambda p: _money(p.amount),
+        "reference": lambda p: p.reference,
+        "currencyrate": lambda p: p.rate / 1_000_000,
+        "isreconciled": lambda p: p.reconciled,
+        "hasaccount": lambda p: True,
+        "account.accountid": lambda p: tenant.bank_accounts[p.account][0],
+        "account.code": lambda p: tenant.bank_accounts[p.account][1],
+        "invoice.invoiceid": lambda p: p.invoice_id,
+        "invoice.invoicenumber": lambda p: invoices[p.invoice_id].number,
+        "invoice.type": lambda p: invoices[p.invoice_id].type,
+        "invoice.currencycode": lambda p: invoices[p.invoice_id].currency,
+        "invoice.contact.contactid": lambda p: invoices[p.invoice_id].contact_id,
+        "invoice.contact.name": lambda p: contacts[invoices[p.invoice_id].contact_id].name,
+    }
+
+
 def _getters(entity: str, tenant: XeroTenant | None) -> dict[str, Getter]:
+    if entity == "Currency":
+        return dict(_CURRENCY_GETTERS)
+    if entity == "Payment":
+        if tenant is None:
+            raise ValueError("payment filters need the organisation")
+        return _payment_getters(tenant)
     if entity == "Invoice":
         fields = dict(_INVOICE_GETTERS)
         if tenant is not None:

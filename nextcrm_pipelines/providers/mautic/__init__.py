@@ -4,6 +4,7 @@ client credentials)."""
 from nextcrm_pipelines.core.provider import Provider, SecretField
 from nextcrm_pipelines.core.sweep import IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.providers.mautic.actions import ACTIONS
 from nextcrm_pipelines.providers.mautic.client import OAUTH, MauticApi, discover_tenants
 from nextcrm_pipelines.providers.mautic.records import (
     CAMPAIGNS_TABLE,
@@ -71,6 +72,7 @@ PROVIDER = Provider(
     fixed_secrets={"grant_type": "client_credentials"},
     base_url_env="MAUTIC_BASE_URL",
     webhooks=WEBHOOKS,
+    actions=ACTIONS,
 )
 
 __all__ = ["CAMPAIGNS", "CONTACTS", "PROVIDER", "SEGMENTS", "MauticApi"]

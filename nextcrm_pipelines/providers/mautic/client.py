@@ -25,17 +25,25 @@ A provider that answers a page it already gave (an id filter it ignores) stops t
 
 Webhook events are thin, so their apply reads by id: campaigns and contacts by id as the sync lists them,
 a single campaign (404: gone), and the campaigns contacts belong to or have left (`/api/stats/campaign_leads`).
+
+Writes (the outbox's actions, `providers.mautic.actions`) go out once each (`write`): Mautic takes no
+idempotency key, so an answer that may hide a change it made is not repeated here; the outbox looks the
+object up (`contacts_with_email`, `campaigns_describing`) before sending again. A refusal carries Mautic's
+own message (`errors[0].message`), email addresses masked.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
+import orjson
+
 from nextcrm_pipelines.core.connect import Tenant, TenantContext
-from nextcrm_pipelines.core.http import HttpClient, ProviderError
+from nextcrm_pipelines.core.http import AuthenticationFailed, HttpClient, ProviderError
 from nextcrm_pipelines.core.oauth import BearerAuth, OAuthSpec
 from nextcrm_pipelines.core.paging import PageCursors
 from nextcrm_pipelines.core.provider import ClientContext
@@ -68,6 +76,29 @@ def entities(body: Any, key: str) -> list[dict[str, Any]]:
     if isinstance(found, list):
         return [value for value in found if isinstance(value, dict)]
     return []
+
+
+_EMAIL = re.compile(r"[^\s@<>\"']+@[^\s@<>\"']+")
+
+
+def refusal(error: ProviderError) -> ProviderError:
+    """A refused write (4xx) as a `ProviderError` naming Mautic's own message (`{"errors": [{"message"}]}`), with
+    any email address masked (a message must not carry a contact's data); other errors as they are."""
+    status, response = error.status, error.response
+    if response is None or status is None or not 400 <= status < 500 or isinstance(error, AuthenticationFailed):
+        return error
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return error
+    found = body.get("errors") if isinstance(body, dict) else None
+    found = found if isinstance(found, list) else []
+    messages = [str(e["message"]) for e in found if isinstance(e, dict) and e.get("message")]
+    if not messages:
+        return error
+    text = _EMAIL.sub("<email>", "; ".join(messages))[:500]
+    return ProviderError(f"Mautic refused it: {text}", provider=error.provider, connection_id=error.connection_id,
+                         endpoint=error.endpoint, status=status)  # fmt: skip
 
 
 def discover_tenants(ctx: TenantContext) -> list[Tenant]:
@@ -325,3 +356,41 @@ class MauticApi:
     def campaign_gone(self, campaign_id: str, stored: dict[str, Any]) -> bool:
         """Whether Mautic answers 404 for the campaign."""
         return self._gone(f"/api/campaigns/{campaign_id}")
+
+    # --- writes (the outbox's actions) ---------------------------------------------------------------------
+
+    def write(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+        """One write, sent once (`HttpClient.send(once=True)`): a timeout, a dropped connection or a 5xx is raised at
+        once, since Mautic may have acted and takes no idempotency key; a refusal (4xx) raises a `ProviderError`
+        with Mautic's message (`refusal`). Returns the status and the answer (a JSON object)."""
+        options: dict[str, Any] = {"json": body} if body is not None else {}
+        try:
+            response = self.http.send(method, path, once=True, **options)
+        except ProviderError as exc:
+            raise refusal(exc) from None
+        answer = orjson.loads(response.content) if response.content else {}
+        if not isinstance(answer, dict):
+            raise ProviderError("Mautic answered the write with something other than a JSON object",
+                                provider="mautic", connection_id=self.http.connection_id,
+                                endpoint=f"{method} {path}", status=response.status_code)  # fmt: skip
+        return response.status_code, answer
+
+    def contacts_with_email(self, email: str) -> list[dict[str, Any]]:
+        """The contacts whose email is `email` (Mautic compares it case-insensitively), as the sync lists them, oldest
+        first."""
+        params = {"start": "0", "limit": "20", "orderBy": "id", "orderByDir": "ASC", "where[0][col]": "email",
+                  "where[0][expr]": "eq", "where[0][val]": email}  # fmt: skip
+        found = entities(self.http.get_json("/api/contacts", params=params), "contacts")
+        return sorted(found, key=lambda raw: int(raw["id"]))
+
+    def campaigns_describing(self, text: str) -> list[dict[str, Any]]:
+        """The campaigns whose description contains `text` (`where description like %text%`), as the sync lists them
+        (without member counts), oldest first."""
+        params = {"start": "0", "limit": "20", "orderBy": "id", "orderByDir": "ASC", "where[0][col]": "description",
+                  "where[0][expr]": "like", "where[0][val]": f"%{text}%"}  # fmt: skip
+        found = entities(self.http.get_json("/api/campaigns", params=params), "campaigns")
+        return sorted(found, key=lambda raw: int(raw["id"]))
+
+    def segments_listed(self, ids: Collection[str]) -> set[str]:
+        """Which of these segment ids Mautic has."""
+        return set(self._listed_by_ids("/api/segments", "lists", ids))

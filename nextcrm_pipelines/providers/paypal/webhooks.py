@@ -1,4 +1,4 @@
-"""PayPal webhooks: certificate-signed deliveries, checked offline (or by PayPal), applied as Transaction Search rows.
+"""PayPal webhooks: certificate-signed deliveries, checked offline (or by PayPal), applied to the mirror tables.
 
 Verification (``docs/providers/paypal.md``, Webhooks). PayPal signs
 ``"{transmission_id}|{transmission_time}|{webhook_id}|{crc32}"``
@@ -30,7 +30,10 @@ refunds (T1106 for reversals). What the event knows is laid over the stored row 
 the sync stay), as of the resource's `update_time`, never regressing. A refund event writes the
 refund row and re-reads the refunded capture or sale, as the sync would show it refunded (status `V`,
 or `F` when partly). `BILLING.SUBSCRIPTION.*` carry the subscription, written with its plan like the
-sync. Other event types are processed and counted as skipped.
+sync; `BILLING.PLAN.*` (created, updated, activated, deactivated, pricing changes) carry the plan, written
+as of its `update_time`; `INVOICING.INVOICE.*` (created, updated, scheduled, paid, refunded, cancelled)
+carry `{"invoice": {...}}`, written as of the newest time its metadata names (a cancellation sets
+`cancel_time`, not `last_update_time`). Other event types are processed and counted as skipped.
 
 A connection without a `webhook_id` of its own is checked with the app-wide `PAYPAL_WEBHOOK_ID`, which
 verifies a delivery posted to any connection's URL, so `apply` first makes sure each event is the
@@ -78,10 +81,15 @@ from nextcrm_pipelines.core.upsert import BatchCounts, Row
 from nextcrm_pipelines.core.vault import Secrets
 from nextcrm_pipelines.providers.paypal.client import OAUTH, classify
 from nextcrm_pipelines.providers.paypal.records import (
+    INVOICES_TABLE,
     PAYMENTS_TABLE,
+    PLANS_TABLE,
     SUBSCRIPTIONS_TABLE,
+    invoice_row,
+    invoice_version,
     parse_time,
     payment_row,
+    plan_row,
     subscription_row,
 )
 from nextcrm_pipelines.webhooks.inbox import ApplyContext, InboxRow, provider_knows
@@ -447,6 +455,12 @@ _INFO_ORDER = {name: i for i, name in enumerate((
 ))}  # fmt: skip
 
 
+def in_search_order(info: dict[str, Any]) -> dict[str, Any]:
+    """`transaction_info` fields in Transaction Search's order (unknown ones after, by name): a row merged from
+    an event or an action serialises the same way every time, as its raw JSON hash needs."""
+    return dict(sorted(info.items(), key=lambda kv: (_INFO_ORDER.get(kv[0], 99), kv[0])))
+
+
 def _negated(money: dict[str, str]) -> dict[str, str]:
     value = str(money["value"])
     return {"currency_code": money["currency_code"], "value": value[1:] if value.startswith("-") else f"-{value}"}
@@ -556,7 +570,7 @@ class _Payments:
         key = f"{txn}:{code}" if not known or f"{txn}:{code}" in known else sorted(known)[0]
         base = dict(known[key][0]) if key in known else {}
         merged = {**(base.get("transaction_info") or {}), **info, "transaction_event_code": key.split(":", 1)[1]}
-        base["transaction_info"] = dict(sorted(merged.items(), key=lambda kv: (_INFO_ORDER.get(kv[0], 99), kv[0])))
+        base["transaction_info"] = in_search_order(merged)
         row = payment_row(base, version)
         self.rows.append(row)
         held = self.latest.get(row.id)
@@ -564,7 +578,14 @@ class _Payments:
             self.latest[row.id] = row
 
 
-_APPLIED = ("PAYMENT.CAPTURE.", "PAYMENT.SALE.", "BILLING.SUBSCRIPTION.")
+_APPLIED = ("PAYMENT.CAPTURE.", "PAYMENT.SALE.", "BILLING.SUBSCRIPTION.", "BILLING.PLAN.", "INVOICING.INVOICE.")
+
+
+def _carried(kind: str, resource: Any) -> dict[str, Any] | None:
+    """The object an event carries: an invoice event's `resource.invoice`, else the resource itself."""
+    if kind.startswith("INVOICING.INVOICE.") and isinstance(resource, dict):
+        resource = resource.get("invoice")
+    return resource if isinstance(resource, dict) and resource.get("id") else None
 
 
 def _merchant_named(event: Mapping[str, Any]) -> str | None:
@@ -593,15 +614,18 @@ def _is_ours(context: ApplyContext, event: Mapping[str, Any]) -> bool:
 
 
 def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
-    """Write the capture, sale, refund or subscription each event carries (see the module doc); events of
-    another merchant are counted as skipped."""
+    """Write the capture, sale, refund, subscription, plan or invoice each event carries (see the module doc);
+    events of another merchant are counted as skipped."""
     payments = _Payments(context)
     subscriptions: list[Row] = []
+    plans: list[Row] = []
+    invoices: list[Row] = []
     foreign = 0
     for row in rows:
         event = row.payload if isinstance(row.payload, dict) else {}
-        kind, resource = str(event.get("event_type") or ""), event.get("resource")
-        if not isinstance(resource, dict) or not resource.get("id") or not kind.startswith(_APPLIED):
+        kind = str(event.get("event_type") or "")
+        resource = _carried(kind, event.get("resource"))
+        if resource is None or not kind.startswith(_APPLIED):
             context.skip()
             continue
         if not _is_ours(context, event):
@@ -615,6 +639,13 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             else:
                 code = "T0002" if sale and resource.get("billing_agreement_id") else "T0006"
                 payments.add(payment_info(resource, sale), code, _version(resource, row.occurred_at))
+        elif kind.startswith("BILLING.PLAN."):
+            plans.append(plan_row(resource, _version(resource, row.occurred_at)))
+        elif kind.startswith("INVOICING.INVOICE."):
+            version = invoice_version(resource) or row.occurred_at
+            if version is None:
+                raise ValueError(f"{kind} {resource['id']}: the invoice names no time")
+            invoices.append(invoice_row(resource, version))
         else:
             plan_id = resource.get("plan_id")
             raw = {**resource, "plan": context.client().plan(str(plan_id))} if plan_id else dict(resource)
@@ -626,6 +657,10 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
         counts.add(context.upsert(PAYMENTS_TABLE, payments.rows))
     if subscriptions:
         counts.add(context.upsert(SUBSCRIPTIONS_TABLE, subscriptions))
+    if plans:
+        counts.add(context.upsert(PLANS_TABLE, plans))
+    if invoices:
+        counts.add(context.upsert(INVOICES_TABLE, invoices))
     return counts
 
 

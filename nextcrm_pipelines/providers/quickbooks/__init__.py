@@ -3,6 +3,7 @@ Change Data Capture."""
 
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.providers.quickbooks.actions import ACTIONS
 from nextcrm_pipelines.providers.quickbooks.client import OAUTH, QuickBooksApi, discover_tenants
 from nextcrm_pipelines.providers.quickbooks.records import (
     CUSTOMERS_TABLE,
@@ -57,6 +58,7 @@ PROVIDER = Provider(
     oauth=OAUTH,
     discover_tenants=discover_tenants,
     webhooks=WEBHOOKS,
+    actions=ACTIONS,
 )
 
 __all__ = ["CUSTOMERS", "INVOICES", "PAYMENTS", "PROVIDER", "QuickBooksApi"]

@@ -10,13 +10,19 @@ which become tombstones. Webhook re-fetches read many records per call (`SELECT 
 Id IN (...)`, sent as a `POST /query` body) and ask Change Data Capture whether an id that is no longer
 found was deleted. QuickBooks allows 500 calls a minute and 10 a second per realm and answers 429 (fault
 3001) with no `Retry-After`, so the client paces itself and waits the documented minute on a 429.
+
+Writes (`write`) carry a `requestid` query parameter: QuickBooks answers a repeated one with its first answer
+instead of acting again, so they are retried like reads; a refusal raises `ProviderError` with the HTTP status
+and QuickBooks' fault (code, message, detail, element).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -42,6 +48,10 @@ SANDBOX_API = "https://sandbox-quickbooks.api.intuit.com"
 # Name lists answer active rows only unless asked for both; an inactive customer is a deleted one.
 NAME_LISTS = frozenset({"Customer"})
 NAME_LIST_EVERY = " AND Active IN (true, false)"
+# The longest `requestid` QuickBooks takes (outside a batch); longer keys are sent as a digest of themselves.
+REQUEST_ID_MAX = 50
+# Faults whose detail names a person (a Stale Object Error names the company user who changed the object).
+_DETAIL_NAMES_A_PERSON = frozenset({"5010"})
 
 OAUTH = OAuthSpec(
     provider="quickbooks",
@@ -76,9 +86,40 @@ def _fault_message(content: bytes) -> str | None:
     if not isinstance(fault, dict):
         return None
     errors = fault.get("Error") or fault.get("error") or []
-    parts = [f"{e.get('code')} {e.get('Message') or e.get('message')}: {e.get('Detail') or e.get('detail')}"
-             for e in errors if isinstance(e, dict)]  # fmt: skip
+    parts = []
+    for e in errors:
+        if not isinstance(e, dict):
+            continue
+        code, element = e.get("code"), e.get("element")
+        detail = e.get("Detail") or e.get("detail")
+        if str(code) in _DETAIL_NAMES_A_PERSON:
+            detail = "the object changed since its SyncToken was read"
+        parts.append(f"{code} {e.get('Message') or e.get('message')}: {detail}" + (f" ({element})" if element else ""))
     return "; ".join(parts) or str(fault.get("type"))
+
+
+def request_id(key: str) -> str:
+    """The `requestid` of an outbox key: the key itself when it is printable ASCII of at most 50 characters,
+    else `nx-` and a digest of it (the same for every attempt)."""
+    if 0 < len(key) <= REQUEST_ID_MAX and key.isascii() and key.isprintable() and " " not in key:
+        return key
+    return "nx-" + hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def to_json(value: Any) -> bytes:
+    """`value` as JSON, `Decimal` amounts written as numbers digit for digit (QuickBooks takes decimal numbers;
+    they never pass through a float)."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("amounts are finite numbers")
+        return format(value, "f").encode()
+    if isinstance(value, Mapping):
+        return b"{" + b",".join(orjson.dumps(str(k)) + b":" + to_json(v) for k, v in value.items()) + b"}"
+    if isinstance(value, (list, tuple)):
+        return b"[" + b",".join(to_json(v) for v in value) + b"]"
+    if isinstance(value, float):
+        raise TypeError("amounts are Decimals, never floats")
+    return orjson.dumps(value)
 
 
 def classify(response: httpx.Response) -> str | None:
@@ -137,6 +178,35 @@ class QuickBooksApi:
                                 connection_id=self.http.connection_id, endpoint=endpoint,
                                 status=response.status_code)  # fmt: skip
         return body
+
+    def write(self, entity: str, body: Mapping[str, Any], *, request_id: str,
+              operation: str | None = None) -> dict[str, Any]:  # fmt: skip
+        """POST `body` to `/<entity>` (create; `operation` `void` or `delete` for those) with `request_id`, and
+        return the `entity` object QuickBooks answers. Retried on 5xx, 429 and dropped connections under the
+        same `request_id`, which QuickBooks answers with its first answer; a fault raises `ProviderError` with
+        the HTTP status and QuickBooks' code and message."""
+        if len(request_id) > REQUEST_ID_MAX:
+            raise ValueError(f"a QuickBooks requestid holds at most {REQUEST_ID_MAX} characters")
+        path = f"/{entity.lower()}"
+        params = {"minorversion": MINOR_VERSION, "requestid": request_id}
+        if operation:
+            params["operation"] = operation
+        endpoint = f"POST {path}" + (f"?operation={operation}" if operation else "")
+        try:
+            response = self.http.send("POST", path, params=params, content=to_json(body),
+                                      headers={"Content-Type": "application/json"})  # fmt: skip
+        except ProviderError as exc:
+            fault = _fault_message(exc.response.content) if exc.response is not None else None
+            if fault is None or type(exc) is not ProviderError:
+                raise
+            raise ProviderError(fault, provider="quickbooks", connection_id=self.http.connection_id,
+                                endpoint=endpoint, status=exc.status) from None  # fmt: skip
+        answer = self._body(response, endpoint).get(entity)
+        if not isinstance(answer, dict):
+            raise ProviderError(f"the answer holds no {entity}", provider="quickbooks",
+                                connection_id=self.http.connection_id, endpoint=endpoint,
+                                status=response.status_code)  # fmt: skip
+        return answer
 
     def invoices(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Invoices changed in the window, then the window's hard deletes (inside CDC's 30 days)."""

@@ -2,7 +2,9 @@
 
 from nextcrm_pipelines.core.provider import Provider, SecretField
 from nextcrm_pipelines.core.sync import EntitySpec
+from nextcrm_pipelines.providers.stripe.actions import ACTIONS
 from nextcrm_pipelines.providers.stripe.client import StripeApi
+from nextcrm_pipelines.providers.stripe.keys import check_credentials
 from nextcrm_pipelines.providers.stripe.records import (
     CUSTOMERS_TABLE,
     INVOICES_TABLE,
@@ -60,6 +62,8 @@ PROVIDER = Provider(
     ),
     webhooks=WEBHOOKS,
     parallel_windows=True,
+    actions=ACTIONS,
+    check_credentials=check_credentials,
 )
 
 __all__ = ["CUSTOMERS", "INVOICES", "PAYMENTS", "PROVIDER", "SUBSCRIPTIONS", "StripeApi"]

@@ -59,6 +59,7 @@ from nextcrm_pipelines.core.http import (
 from nextcrm_pipelines.core.paging import PageCursors
 from nextcrm_pipelines.core.sync import Changes, Record, SyncWindow
 from nextcrm_pipelines.core.vault import Secrets
+from nextcrm_pipelines.providers.stripe.records import event_version
 
 PROVIDER = "stripe"
 PAGE_SIZE = 100
@@ -290,21 +291,41 @@ class StripeApi:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _error(self, exc: stripe.StripeError, path: str) -> ProviderError:
+    def _error(self, exc: stripe.StripeError, path: str, method: str = "GET") -> ProviderError:
         message = redact_keys(getattr(exc, "user_message", None) or str(exc) or type(exc).__name__)
         cls = AuthenticationFailed if isinstance(exc, stripe.AuthenticationError) else ProviderError
-        return cls(message, provider=PROVIDER, connection_id=self.connection.id, endpoint=f"GET {path}",
+        return cls(message, provider=PROVIDER, connection_id=self.connection.id, endpoint=f"{method} {path}",
                    status=getattr(exc, "http_status", None))  # fmt: skip
 
     def get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
         """GET `path`; 429s beyond the SDK's own retries are backed off here within the request's budget."""
         first = self.stats.requests
         try:
-            return self._get(path, params)
+            return self._call("get", path, params)
         finally:
             self.stats.add(retries=max(0, self.stats.requests - first - 1))
 
-    def _get(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    def post(self, path: str, params: Mapping[str, Any], idempotency_key: str) -> dict[str, Any]:
+        """POST `path` (form-encoded `params`) with `idempotency_key` on every attempt, the SDK's retries
+        included: Stripe answers a repeated key with the first request's result, so a retry never acts twice."""
+        first = self.stats.requests
+        try:
+            return self._call("post", path, params, idempotency_key=idempotency_key)
+        finally:
+            self.stats.add(retries=max(0, self.stats.requests - first - 1))
+
+    def delete(self, path: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        """DELETE `path` (`params` in the query string). Stripe takes no idempotency key on a DELETE: a repeat
+        is a new request (a subscription canceled again answers 404), so callers check what a retry found."""
+        first = self.stats.requests
+        try:
+            return self._call("delete", path, params)
+        finally:
+            self.stats.add(retries=max(0, self.stats.requests - first - 1))
+
+    def _call(self, method: str, path: str, params: Mapping[str, Any], **options: str) -> dict[str, Any]:
+        """One request through the SDK (its retries of 5xx and dropped connections included), with 429s
+        backed off here within the request's budget; errors as `ProviderError`s with the HTTP status."""
         budget = Budget(self.retry.budget_seconds)
         paced, sent, began = self._transport.paced_seconds, self.stats.requests, time.monotonic()
         attempt = 0
@@ -313,18 +334,18 @@ class StripeApi:
             try:
                 self._transport.begin_request()
                 self._transport.take_body()  # nothing left over from a request that failed
-                self._client.raw_request("get", path, usage=["nextcrm_sync"], **params)
+                self._client.raw_request(method, path, usage=["nextcrm_sync"], **options, **params)
                 return self._page(self._transport.take_body(), path)
             except stripe.RateLimitError as exc:
                 hinted = retry_after_seconds(exc.headers) if exc.headers else None
                 delay = hinted if hinted is not None else backoff_delay(attempt, self.retry)
                 if attempt >= self.retry.max_attempts:
-                    raise self._error(exc, path) from None
+                    raise self._error(exc, path, method.upper()) from None
                 budget.exclude(self._transport.paced_seconds - paced)
                 paced = self._transport.paced_seconds
                 if delay > budget.remaining():
                     raise BudgetExhausted(budget.exhausted(self.stats.requests - sent, delay), provider=PROVIDER,
-                                          connection_id=self.connection.id, endpoint=f"GET {path}",
+                                          connection_id=self.connection.id, endpoint=f"{method.upper()} {path}",
                                           status=exc.http_status) from None  # fmt: skip
                 time.sleep(delay)
             except stripe.APIConnectionError as exc:
@@ -334,9 +355,9 @@ class StripeApi:
                            f"{time.monotonic() - began:.1f} s)")  # fmt: skip
                 cls = ProviderUnreachable if isinstance(exc, _Unreachable) else NoAnswer
                 raise cls(message, provider=PROVIDER, connection_id=self.connection.id,
-                          endpoint=f"GET {path}") from None  # fmt: skip
+                          endpoint=f"{method.upper()} {path}") from None  # fmt: skip
             except stripe.StripeError as exc:
-                raise self._error(exc, path) from None
+                raise self._error(exc, path, method.upper()) from None
 
     def _page(self, body: bytes | None, path: str) -> dict[str, Any]:
         """A successful answer's JSON object; anything else is a provider error that leaves the body out."""
@@ -425,7 +446,7 @@ class StripeApi:
                     continue
                 if mark_deleted and str(event.get("type", "")).endswith(".deleted"):
                     obj = {**obj, "deleted": True}
-                records.append((obj, datetime.fromtimestamp(event["created"], UTC)))
+                records.append((obj, event_version(datetime.fromtimestamp(event["created"], UTC), event.get("type"))))
             if records:
                 yield Changes(records)
 

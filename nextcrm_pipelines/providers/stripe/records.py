@@ -11,7 +11,7 @@ with its last data; so is an invoice that is `void` or `uncollectible`.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from nextcrm_pipelines.core.money import minor_to_major
@@ -26,6 +26,19 @@ SUBSCRIPTIONS_TABLE = table_spec(tables.SUBSCRIPTIONS)
 CUSTOMERS_TABLE = table_spec(tables.CUSTOMERS)
 INVOICES_TABLE = table_spec(tables.INVOICES)
 CLOSED_INVOICE_STATUSES = frozenset({"void", "uncollectible"})
+
+
+# Stripe stamps events in whole seconds, and one change often makes several in the same second (a subscription
+# is `created` incomplete and `updated` active at once). As versions, such events are ordered by their kind, a
+# microsecond apart: whatever order they arrive in, the creation never replaces the update, nor either the deletion.
+_EVENT_RANK = {"created": 0, "deleted": 2}
+
+
+def event_version(created: datetime, event_type: str | None) -> datetime:
+    """The version of the object an event carries: its time, plus a microsecond for a change and two for a deletion
+    (see above)."""
+    kind = str(event_type or "").rsplit(".", 1)[-1]
+    return created + timedelta(microseconds=_EVENT_RANK.get(kind, 1))
 
 
 def timestamp(value: Any) -> datetime | None:

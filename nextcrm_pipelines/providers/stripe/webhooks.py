@@ -25,6 +25,7 @@ from nextcrm_pipelines.providers.stripe.records import (
     SUBSCRIPTIONS_TABLE,
     charge_row,
     customer_row,
+    event_version,
     invoice_row,
     subscription_row,
 )
@@ -94,7 +95,7 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
             context.skip()
             continue
         obj = ((row.payload or {}).get("data") or {}).get("object") or {}
-        version = row.occurred_at or datetime.now(UTC)
+        version = event_version(row.occurred_at, row.event_type) if row.occurred_at else datetime.now(UTC)
         if obj.get("object") == "charge":
             payments.append(charge_row(obj, version))
         elif obj.get("object") == "subscription":

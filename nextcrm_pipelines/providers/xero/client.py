@@ -1,5 +1,8 @@
 """Xero Accounting API 2.0 client: OAuth tokens, tenant header, rate limits, windowed reads.
 
+Invoices, contacts and payments are read the same way; payments (`GET /Payments`) include DELETED ones,
+which Xero keeps readable with a new `UpdatedDateUTC`.
+
 Every call carries `xero-tenant-id` (one connection per organisation) and `Accept: application/json`.
 A day's window is read with `If-Modified-Since` (the cursor, a second early since Xero's precision is
 a second) and `where=UpdatedDateUTC<DateTime(...)` (the window's end), `order=UpdatedDateUTC ASC`,
@@ -8,12 +11,20 @@ that edits during the read neither skip nor repeat records (`core.paging`). Webh
 many records per call with `IDs` (paged, so they match what a sync reads). Xero allows 60 calls per
 minute per organisation: the client paces itself just under that, waits out a minute 429 for the
 `Retry-After` Xero sends, and fails at once with the reset time when the day limit is spent.
+
+Writes (`write`, for the outbox's actions) send JSON with exact decimal numbers and the action's key as
+`Idempotency-Key` on every attempt: Xero answers a repeated key with its first answer for six minutes, so
+the client's own retries of a 5xx or a dropped answer never act twice. Xero's refusals (`ValidationException`
+and its `Elements[].ValidationErrors`, its plain 404) become `ProviderError`s with the HTTP status and Xero's
+messages, the request's personal data (names, emails, phones) taken out of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import httpx
@@ -38,8 +49,9 @@ OAUTH = OAuthSpec(
     hosts={"login": "https://login.xero.com", "identity": "https://identity.xero.com", "api": "https://api.xero.com"},
     authorize=("login", "/identity/connect/authorize"),
     token=("identity", "/connect/token"),
-    # Granular scopes: apps created since March 2026 may not ask for accounting.transactions.
-    scopes=("offline_access", "accounting.invoices.read", "accounting.contacts.read"),
+    # Granular scopes: apps created since March 2026 may not ask for accounting.transactions. The write scopes
+    # (invoices, contacts) include reading them; payments are only read.
+    scopes=("offline_access", "accounting.invoices", "accounting.contacts", "accounting.payments.read"),
     env_prefix="XERO",
     pkce=True,
     client_auth="client_secret_basic",
@@ -77,7 +89,7 @@ def discover_tenants(ctx: TenantContext) -> list[Tenant]:
 
 
 class XeroApi:
-    """One organisation's invoices and contacts, read window by window."""
+    """One organisation's invoices, contacts and payments, read window by window."""
 
     def __init__(self, ctx: ClientContext) -> None:
         if ctx.tokens is None:
@@ -99,6 +111,7 @@ class XeroApi:
             classify=classify,
         )
         self.page_size = int(settings.get("page_size", PAGE_SIZE))
+        self._tokens = ctx.tokens
 
     def __enter__(self) -> XeroApi:
         return self
@@ -130,6 +143,10 @@ class XeroApi:
     def contacts(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Contacts created or changed in the window, archived ones included."""
         return self._changed("Contacts", "ContactID", window, includeArchived="true")
+
+    def payments(self, window: SyncWindow) -> Iterator[list[Record]]:
+        """Payments made or changed in the window, deleted ones included."""
+        return self._changed("Payments", "PaymentID", window)
 
     def _by_id(self, resource: str, ids: Sequence[str], **params: str) -> list[dict[str, Any]]:
         found: list[dict[str, Any]] = []
@@ -164,3 +181,104 @@ class XeroApi:
     def contact(self, contact_id: str) -> dict[str, Any] | None:
         """One contact by id (`GET /Contacts/{id}`), or None when Xero answers 404."""
         return self._one("Contacts", contact_id)
+
+    def granted_scopes(self) -> frozenset[str] | None:
+        """The scopes the connection's grant holds, as Xero's token answer listed them (None: not recorded)."""
+        scope = self._tokens.secret("scope") if self._tokens is not None else None
+        return frozenset(scope.split()) if scope else None
+
+    def write(self, method: str, resource: str, elements: list[dict[str, Any]], idempotency_key: str, *,
+              record_id: str | None = None, params: Mapping[str, str] | None = None,
+              personal: Iterable[str] = ()) -> dict[str, Any]:  # fmt: skip
+        """`PUT`/`POST /{resource}[/{record_id}]` with `{resource: elements}`, `idempotency_key` on every attempt;
+        returns the first element Xero answers. `personal` are the request's strings to keep out of errors."""
+        path = f"/{resource}" + (f"/{record_id}" if record_id else "")
+        headers = {"Content-Type": "application/json", "Idempotency-Key": xero_idempotency_key(idempotency_key)}
+        body = exact_json({resource: elements}).encode()
+        try:
+            response = self.http.send(method, path, params=dict(params or {}), content=body, headers=headers)
+        except ProviderError as exc:
+            status = exc.status
+            if exc.response is None or status is None or not 400 <= status < 500 or status in (408, 429):
+                raise
+            raise ProviderError(refusal(exc.response, resource, record_id, personal), provider="xero",
+                                connection_id=exc.connection_id, endpoint=exc.endpoint,
+                                status=status) from None  # fmt: skip
+        answered = orjson.loads(response.content).get(resource) or []
+        if not answered:
+            raise ProviderError(f"Xero answered no {resource}", provider="xero",
+                                connection_id=self.http.connection_id, endpoint=f"{method} {path}",
+                                status=response.status_code)  # fmt: skip
+        return dict(answered[0])
+
+    def contacts_where(self, where: str) -> list[dict[str, Any]]:
+        """Contacts (archived ones included) matching a `where`, as a sync reads them (first page of 100)."""
+        query = {"where": where, "includeArchived": "true", "page": "1"}
+        return list(self.http.get_json("/Contacts", params=query).get("Contacts") or [])
+
+    def invoices_numbered(self, number: str) -> list[dict[str, Any]]:
+        """Invoices and bills with this number, as a sync reads them."""
+        query = {"InvoiceNumbers": number, "page": "1"}
+        return list(self.http.get_json("/Invoices", params=query).get("Invoices") or [])
+
+
+# Xero takes an `Idempotency-Key` of at most 128 characters.
+IDEMPOTENCY_KEY_MAX = 128
+
+
+def xero_idempotency_key(key: str) -> str:
+    """The outbox key as Xero takes it: itself when it fits (128 printable ASCII characters), else a digest of it
+    (the same on every attempt)."""
+    if 0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isascii() and key.isprintable():
+        return key
+    return "sha256-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def exact_json(value: Any) -> str:
+    """JSON with `Decimal`s as exact JSON numbers (never through a float)."""
+    if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError("amounts must be finite")
+        return format(value, "f")
+    if isinstance(value, Mapping):
+        return "{" + ",".join(f"{orjson.dumps(str(k)).decode()}:{exact_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(exact_json(v) for v in value) + "]"
+    return orjson.dumps(value).decode()
+
+
+def _messages(node: Any, found: list[str]) -> list[str]:
+    """Every `ValidationErrors[].Message` in an error body, nested line items included, each once."""
+    if isinstance(node, Mapping):
+        for error in node.get("ValidationErrors") or []:
+            message = error.get("Message") if isinstance(error, Mapping) else None
+            if message and message not in found:
+                found.append(str(message))
+        for key, value in node.items():
+            if key != "ValidationErrors":
+                _messages(value, found)
+    elif isinstance(node, list):
+        for item in node:
+            _messages(item, found)
+    return found
+
+
+def refusal(response: httpx.Response, resource: str, record_id: str | None, personal: Iterable[str] = ()) -> str:
+    """Xero's reason for refusing a write, in its own words, without the request's personal data."""
+    try:
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        body = None
+    if isinstance(body, Mapping) and (body.get("Type") or body.get("Message")):
+        messages = _messages(body.get("Elements") or [], [])
+        text = f"{body.get('Type') or 'Error'}: " + ("; ".join(messages) or str(body.get("Message") or ""))
+    elif isinstance(body, Mapping) and (body.get("Title") or body.get("Detail")):
+        text = f"{body.get('Title') or 'Error'}: {body.get('Detail') or ''}"
+    elif response.status_code == 404:
+        what = resource.rstrip("s").lower()
+        text = f"Xero knows no such {what}" + (f" ({record_id})" if record_id else "") + " or a record it names"
+    else:
+        text = response.text[:300] or f"HTTP {response.status_code}"
+    for value in sorted({p for p in personal if p and len(p) >= 2}, key=len, reverse=True):
+        text = text.replace(value, "[redacted]")
+    return text[:1500]

@@ -1,8 +1,9 @@
-"""Xero JSON -> rows of `xero_invoices` (sales and bills, with a type column) and `xero_contacts`.
+"""Xero JSON -> rows of `xero_invoices` (sales and bills, with a type column), `xero_contacts` and
+`xero_payments`.
 
-Xero never hard-deletes either: an invoice becomes VOIDED or DELETED and a contact ARCHIVED (or
-GDPRREQUEST when erased), each with a new `UpdatedDateUTC`; those rows are flagged `deleted`. Dates
-come in the .NET form `/Date(<ms since epoch>[+hhmm])/`; the milliseconds are UTC.
+Xero never hard-deletes any of them: an invoice becomes VOIDED or DELETED, a contact ARCHIVED (or
+GDPRREQUEST when erased) and a payment DELETED, each with a new `UpdatedDateUTC`; those rows are flagged
+`deleted`. Dates come in the .NET form `/Date(<ms since epoch>[+hhmm])/`; the milliseconds are UTC.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from nextcrm_pipelines.providers.xero import tables
 
 DELETED_INVOICE_STATUSES = frozenset({"VOIDED", "DELETED"})
 DELETED_CONTACT_STATUSES = frozenset({"ARCHIVED", "GDPRREQUEST"})
+DELETED_PAYMENT_STATUSES = frozenset({"DELETED"})
 _MSDATE = re.compile(r"^/Date\((-?\d+)([+-]\d{4})?\)/$")
 
 INVOICES_TABLE = table_spec(tables.INVOICES)
 CONTACTS_TABLE = table_spec(tables.CONTACTS)
+PAYMENTS_TABLE = table_spec(tables.PAYMENTS)
 
 
 def parse_msdate(value: Any) -> datetime | None:
@@ -102,5 +105,40 @@ def contact_row(raw: dict[str, Any], version: datetime) -> Row:
         created_at=None,
         version=version,
         deleted=status in DELETED_CONTACT_STATUSES,
+        raw=raw,
+    )
+
+
+def payment_row(raw: dict[str, Any], version: datetime) -> Row:
+    """A payment with the invoice (or credit note) it pays, that document's contact and currency, and its bank
+    account; Xero gives the currency only on the document paid."""
+    status = raw["Status"]
+    document = raw.get("Invoice") or raw.get("CreditNote") or {}
+    document_id = document.get("InvoiceID") or document.get("CreditNoteID")
+    number = document.get("InvoiceNumber") or document.get("CreditNoteNumber")
+    account = raw.get("Account") or {}
+    return Row.build(
+        raw["PaymentID"],
+        PAYMENTS_TABLE.values(
+            payment_type=raw["PaymentType"],
+            status=status,
+            payment_date=parse_day(raw.get("Date")),
+            amount=decimal_amount(raw.get("Amount")),
+            currency=document.get("CurrencyCode"),
+            currency_rate=decimal_amount(raw.get("CurrencyRate")),
+            bank_amount=decimal_amount(raw.get("BankAmount")),
+            reference=raw.get("Reference"),
+            invoice_id=document_id,
+            invoice_number=number or raw.get("InvoiceNumber") or raw.get("CreditNoteNumber"),
+            invoice_type=document.get("Type"),
+            contact_id=(document.get("Contact") or {}).get("ContactID"),
+            account_id=account.get("AccountID"),
+            account_code=account.get("Code"),
+            is_reconciled=raw.get("IsReconciled"),
+            batch_payment_id=raw.get("BatchPaymentID"),
+        ),
+        created_at=None,
+        version=version,
+        deleted=status in DELETED_PAYMENT_STATUSES,
         raw=raw,
     )

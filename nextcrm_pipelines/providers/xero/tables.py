@@ -1,4 +1,4 @@
-"""Xero's mirror tables: `xero_invoices` (sales and bills) and `xero_contacts`."""
+"""Xero's mirror tables: `xero_invoices` (sales and bills), `xero_contacts` and `xero_payments`."""
 
 import sqlalchemy as sa
 
@@ -41,3 +41,27 @@ CONTACTS = entity_table(
     sa.Column("merged_to_contact_id", sa.Text),
     sa.Index("xero_contacts_by_updated", "connection_id", "source_updated_at"),
 )
+
+PAYMENTS = entity_table(
+    "xero_payments",
+    sa.Column("payment_type", sa.Text, nullable=False,
+              comment="ACCRECPAYMENT (received for a sales invoice), ACCPAYPAYMENT (made for a bill), or a credit "
+                      "note, prepayment or overpayment payment type."),
+    sa.Column("status", sa.Text, nullable=False, comment="AUTHORISED or DELETED (flagged deleted)."),
+    sa.Column("payment_date", sa.Date, comment="The day paid (the organisation's calendar day)."),
+    sa.Column("amount", sa.Numeric, comment="In the currency of the invoice it pays."),
+    sa.Column("currency", sa.Text, comment="The currency of the invoice it pays."),
+    sa.Column("currency_rate", sa.Numeric, comment="Units of the currency per unit of the base currency."),
+    sa.Column("bank_amount", sa.Numeric, comment="In the currency of the bank account."),
+    sa.Column("reference", sa.Text),
+    sa.Column("invoice_id", sa.Text, comment="The invoice (xero_invoices.id) or credit note the payment is for."),
+    sa.Column("invoice_number", sa.Text),
+    sa.Column("invoice_type", sa.Text),
+    sa.Column("contact_id", sa.Text, comment="The contact (xero_contacts.id) of that invoice."),
+    sa.Column("account_id", sa.Text, comment="The bank account paid into or from."),
+    sa.Column("account_code", sa.Text),
+    sa.Column("is_reconciled", sa.Boolean),
+    sa.Column("batch_payment_id", sa.Text),
+    sa.Index("xero_payments_by_updated", "connection_id", "source_updated_at"),
+    sa.Index("xero_payments_by_invoice", "connection_id", "invoice_id"),
+)  # fmt: skip

@@ -814,6 +814,25 @@ def test_lookups_the_actions_use_refunds_of_a_charge_and_searches_by_metadata(sd
     assert [p.id for p in sdk.v1.payment_intents.search({"query": "metadata['nextcrm_key']:'pk'"}).data] == [intent.id]
 
 
+def test_a_refund_expands_its_charge_and_a_replay_answers_the_same(sdk, sandbox):
+    """`expand[]=charge` on a refund (which the action uses so the mirror needs no second read) gives the charge
+    as it is after the refund; a repeated key replays that first answer; other paths are refused."""
+    charge = next(c for c in sdk.v1.charges.list({"limit": 100}).auto_paging_iter()
+                  if c.status == "succeeded" and not c.amount_refunded and c.amount > 300)  # fmt: skip
+    params = {"charge": charge.id, "amount": 100, "expand": ["charge"]}
+    refund = sdk.v1.refunds.create(params, {"idempotency_key": f"exp-{charge.id}"})
+    assert (refund.charge.id, refund.charge.amount_refunded, refund.charge.object) == (charge.id, 100, "charge")
+    again = sdk.v1.refunds.create(params, {"idempotency_key": f"exp-{charge.id}"})
+    assert (again.id, again.charge.amount_refunded) == (refund.id, 100)
+    assert sdk.v1.charges.retrieve(charge.id).amount_refunded == 100  # the replay refunded nothing
+    assert sdk.v1.refunds.retrieve(refund.id, {"expand": ["charge"]}).charge.id == charge.id
+    listed = sdk.v1.refunds.list({"charge": charge.id, "expand": ["data.charge"]}).data
+    assert [r.charge.id for r in listed] == [charge.id]
+    with pytest.raises(stripe.InvalidRequestError) as bad:
+        sdk.v1.refunds.create({"charge": charge.id, "amount": 1, "expand": ["balance_transaction"]})
+    assert bad.value.param == "expand"
+
+
 def test_the_writes_events_are_delivered_as_webhooks(own_sandbox, hooks):  # noqa: F811 (a fixture)
     key = f"sk_test_{uuid.uuid4().hex}"
     own_sandbox.add_stripe_account(api_key=key, seed=15, charges=20, subscriptions=2, days=1, requests_per_second=0)

@@ -778,6 +778,7 @@ class StripeAccount(InvoiceItems, PaymentIntents, Subscriptions):
         "invoiceitems": frozenset({"customer", "invoice"}),
         "payment_intents": frozenset({"customer", "latest_charge", "payment_method"}),
         "prices": frozenset({"product"}),
+        "refunds": frozenset({"charge", "payment_intent"}),
     }
 
     @classmethod
@@ -827,6 +828,12 @@ class StripeAccount(InvoiceItems, PaymentIntents, Subscriptions):
                 obj["latest_charge"] = orjson.loads(self.charges.blob(self.charges.pos[obj["latest_charge"]]))
             if "payment_method" in fields and obj.get("payment_method") in self._payment_methods:
                 obj["payment_method"] = self._payment_methods[obj["payment_method"]][0]
+        if resource == "refunds":
+            if "charge" in fields and isinstance(obj.get("charge"), str) and obj["charge"] in self.charges.pos:
+                obj["charge"] = orjson.loads(self.charges.blob(self.charges.pos[obj["charge"]]))
+            pi = obj.get("payment_intent")
+            if "payment_intent" in fields and isinstance(pi, str) and pi in self.payment_intents.pos:
+                obj["payment_intent"] = orjson.loads(self.payment_intents.blob(self.payment_intents.pos[pi]))
         if resource == "prices" and "product" in fields:
             obj["product"] = orjson.loads(self.products.blob(self.products.pos[obj["product"]]))
         if resource == "invoiceitems" and "invoice" in fields and isinstance(obj.get("invoice"), str):
@@ -1125,8 +1132,7 @@ class StripeAccount(InvoiceItems, PaymentIntents, Subscriptions):
     def create_refund(self, params: Mapping[str, Any], *, now: int, request: _RequestInfo | None = None) -> bytes:
         """``POST /v1/refunds``: refund (part of) a charge; emits ``charge.refunded``, ``refund.created``."""
         _check_params(params, self._REFUND_CREATE)
-        if params.get("expand"):
-            raise StripeError(400, "This property cannot be expanded.", param="expand")
+        expand = self._expansions("refunds", params, "")
         if params.get("charge"):
             cid = _as_str(params["charge"], "charge")
             param = "charge"
@@ -1184,7 +1190,7 @@ class StripeAccount(InvoiceItems, PaymentIntents, Subscriptions):
         req = request or _RequestInfo()
         self._emit(now, "charge.refunded", blob, req, previous)
         self._emit(now, "refund.created", refund_blob, req)
-        return refund_blob
+        return self._expand("refunds", refund_blob, expand) if expand else refund_blob
 
     # --- customers --------------------------------------------------------------------------------------
 

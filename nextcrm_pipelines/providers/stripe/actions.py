@@ -235,9 +235,11 @@ def find_customer(api: Any, payload: CreateCustomer, key: str) -> Sent | None:
 
 
 def refund_charge(api: Any, payload: RefundCharge, key: str) -> Sent:
-    """Refund, then read the charge back: the mirror's payment row carries the refunded amount."""
+    """Refund, with the charge expanded in Stripe's answer: the mirror's payment row carries the refunded amount
+    without a second read. A partial refund first checks that its currency is the charge's (an amount in the
+    wrong currency's units would refund the wrong sum)."""
     params: dict[str, Any] = {"charge": payload.charge, "reason": payload.reason,
-                              "metadata": _tagged(payload.metadata, key)}  # fmt: skip
+                              "metadata": _tagged(payload.metadata, key), "expand": ["charge"]}  # fmt: skip
     if payload.amount is not None and payload.currency is not None:
         charge = api.get(f"/v1/charges/{payload.charge}", {})
         if str(charge.get("currency", "")).upper() != payload.currency.upper():
@@ -258,8 +260,12 @@ def find_refund(api: Any, payload: RefundCharge, key: str) -> Sent | None:
 
 
 def _refund_sent(api: Any, refund: dict[str, Any], charge_id: str) -> Sent:
-    charge = api.get(f"/v1/charges/{charge_id}", {})
-    return Sent(refund, refund["id"], (Mirrored("stripe_payments", charge, _now()),))
+    """The refund as the action's result (its charge as an id) and the charge for the mirror: the expanded one
+    Stripe answered with, else read now."""
+    charge = refund.get("charge")
+    if not isinstance(charge, dict):
+        charge = api.get(f"/v1/charges/{charge_id}", {})
+    return Sent({**refund, "charge": charge["id"]}, refund["id"], (Mirrored("stripe_payments", charge, _now()),))
 
 
 # --- payment intents --------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 import dagster as dg
 import psycopg
 
-from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, ProviderError
+from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, NotGranted, ProviderError
 from nextcrm_pipelines.core.provider import Provider
 from nextcrm_pipelines.core.runner import (
     ConnectionUnavailable,
@@ -62,9 +62,9 @@ COUNTERS = (
     "rows_in_window", "records", "inserted", "updated", "unchanged",
     "failed", "requests", "retries", "rate_limit_waits",
 )  # fmt: skip
-# Errors that retrying the step cannot fix: the user reconnects, the provider's day resets, or the
-# other run holding the connection finishes (a later run, not a retry inside this one, syncs it).
-NOT_RETRYABLE = (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted)
+# Errors that retrying the step cannot fix: the user reconnects (or grants a missing scope), the provider's day
+# resets, or the other run holding the connection finishes (a later run, not a retry inside this one, syncs it).
+NOT_RETRYABLE = (AuthenticationFailed, ConnectionUnavailable, DailyLimitExhausted, NotGranted)
 
 
 def describe_sync(result: SyncResult, *, connection: bool = False) -> str:

@@ -80,6 +80,11 @@ class AuthenticationFailed(ProviderError):
     """The provider refused the credentials: the connection needs re-authorisation."""
 
 
+class NotGranted(ProviderError):
+    """The connection's grant does not cover what was asked (it was authorised without that scope): what needs it
+    fails until the connection is re-authorised with it, and the connection's other entities go on."""
+
+
 class DailyLimitExhausted(ProviderError):
     """The provider's daily quota is spent; retrying before the reset only burns requests."""
 
@@ -351,7 +356,8 @@ class HttpClient:
         self.stats = stats or RequestStats()
         self.limiter = RateLimiter(requests_per_second)
         # classify(response) names what a provider's answer means beyond its status: "daily_limit"
-        # (final until the reset), "rate_limited" (wait and retry, counted), "retry", "fatal" or None.
+        # (final until the reset), "rate_limited" (wait and retry, counted), "retry", "fatal", "not_granted" (a
+        # scope the connection was authorised without: `NotGranted`) or None.
         self._classify = classify
         # A provider's own wait for a retryable answer without `Retry-After` (QuickBooks: 60 s on 429).
         self._retry_hint = retry_hint
@@ -431,6 +437,9 @@ class HttpClient:
             if verdict == "daily_limit":
                 raise self._error(daily_limit_message(response.headers), endpoint, response.status_code,
                                   DailyLimitExhausted)  # fmt: skip
+            if verdict == "not_granted":
+                raise self._error("the connection's grant does not cover this (it was authorised without the scope "
+                                  "it needs)", endpoint, response.status_code, NotGranted)  # fmt: skip
             if response.status_code in (401, 403) and verdict not in ("retry", "rate_limited"):
                 raise self._error("credentials refused", endpoint, response.status_code, AuthenticationFailed)
             if response.status_code < 400:

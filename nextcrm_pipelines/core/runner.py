@@ -31,7 +31,7 @@ from psycopg import sql
 from nextcrm_pipelines.core import connections as vault
 from nextcrm_pipelines.core.connections import Connection
 from nextcrm_pipelines.core.db import table
-from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, RequestStats
+from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhausted, NotGranted, RequestStats
 from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
 from nextcrm_pipelines.core.provider import ClientContext, Provider
 from nextcrm_pipelines.core.settings import db_schema, libpq_url
@@ -228,7 +228,8 @@ def open_connection(
     """Check and lock one connection, open its client; yields (session, connection, client, stats).
 
     Bad credentials met inside the block mark the connection `needs_reauth` with the command that
-    fixes it, then propagate as `AuthenticationFailed`. `lock=False` is for a helper process of a
+    fixes it, then propagate as `AuthenticationFailed`; a scope the grant lacks (`NotGranted`) gets the same
+    command but leaves the connection active. `lock=False` is for a helper process of a
     sync that already holds the connection's lock; `wait=False` raises `ConnectionBusy` instead of
     waiting for a lock another run holds.
     """
@@ -270,6 +271,14 @@ def open_connection(
             if stored.status != "needs_reauth" or not vault.has_fix(stored.last_error):
                 vault.set_status(conn, connection_id, "needs_reauth", str(exc))
                 conn.commit()
+            log.error("%s", exc)
+            raise
+        except NotGranted as exc:  # this entity needs a scope the grant lacks: the connection itself stays active
+            conn.rollback()
+            if not vault.has_fix(str(exc)):
+                exc.args = (f"{exc}; {reauth_hint(provider, connection)}",)
+            vault.record_sync_outcome(conn, connection_id, "failed", str(exc))  # `connections list` shows the fix
+            conn.commit()
             log.error("%s", exc)
             raise
         finally:
@@ -387,7 +396,7 @@ def _sync_group(
             run_id=job.run_id,
             partitions=job.partitions,
             batch_size=job.batch_size,
-            fatal=(AuthenticationFailed, DailyLimitExhausted),
+            fatal=(AuthenticationFailed, DailyLimitExhausted, NotGranted),
             claim=claim,
             reachability=reachability,
         )

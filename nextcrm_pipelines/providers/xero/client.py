@@ -31,7 +31,7 @@ import httpx
 import orjson
 
 from nextcrm_pipelines.core.connect import Tenant, TenantContext
-from nextcrm_pipelines.core.http import AuthenticationFailed, HttpClient, ProviderError
+from nextcrm_pipelines.core.http import AuthenticationFailed, HttpClient, NotGranted, ProviderError
 from nextcrm_pipelines.core.oauth import BearerAuth, OAuthSpec
 from nextcrm_pipelines.core.paging import updated_keyset_pages
 from nextcrm_pipelines.core.provider import ClientContext
@@ -58,10 +58,24 @@ OAUTH = OAuthSpec(
 )
 
 
+# What reading payments takes: the granular scope, or the broad one older grants hold.
+PAYMENT_READ_SCOPES = ("accounting.payments.read", "accounting.payments", "accounting.transactions",
+                       "accounting.transactions.read")  # fmt: skip
+
+
 def classify(response: httpx.Response) -> str | None:
-    """Xero names the limit it enforced: the day limit is final until its reset, the others pass."""
+    """Xero names the limit it enforced: the day limit is final until its reset, the others pass. A 401 whose
+    detail is `AuthorizationUnsuccessful` (not `TokenExpired` or `AuthenticationUnsuccessful`) is a token that
+    works but lacks the scope of what it asked for."""
     if response.status_code == 429:
         return "daily_limit" if response.headers.get("x-rate-limit-problem", "").lower() == "day" else "rate_limited"
+    if response.status_code == 401:
+        try:
+            detail = orjson.loads(response.content).get("Detail")
+        except (orjson.JSONDecodeError, AttributeError):
+            detail = None
+        if detail == "AuthorizationUnsuccessful":
+            return "not_granted"
     return None
 
 
@@ -112,6 +126,7 @@ class XeroApi:
         )
         self.page_size = int(settings.get("page_size", PAGE_SIZE))
         self._tokens = ctx.tokens
+        self._connection_id = connection.id
 
     def __enter__(self) -> XeroApi:
         return self
@@ -145,7 +160,13 @@ class XeroApi:
         return self._changed("Contacts", "ContactID", window, includeArchived="true")
 
     def payments(self, window: SyncWindow) -> Iterator[list[Record]]:
-        """Payments made or changed in the window, deleted ones included."""
+        """Payments made or changed in the window, deleted ones included. A grant made before NextCRM read
+        payments lacks their scope: that is said without asking Xero, and the connection's other entities go on."""
+        granted = self.granted_scopes()
+        if granted is not None and not granted & set(PAYMENT_READ_SCOPES):
+            raise NotGranted(f"the connection's Xero grant lacks the scope {PAYMENT_READ_SCOPES[0]} (it was authorised "
+                             "before NextCRM read payments)", provider="xero", connection_id=self._connection_id,
+                             endpoint="GET /Payments")  # fmt: skip
         return self._changed("Payments", "PaymentID", window)
 
     def _by_id(self, resource: str, ids: Sequence[str], **params: str) -> list[dict[str, Any]]:

@@ -430,6 +430,55 @@ def test_where_clauses_filter_like_doctrine(api: Api) -> None:
     assert contacts == {"total": "0", "contacts": {}}  # contacts take properties or columns (date_added)
 
 
+def test_id_paging_in_id_order_matches_the_same_filter_in_any_order(api: Api) -> None:
+    """Paging by id in id order is served from an index (a slice of the ids matching the rest); it answers
+    exactly what the same clauses give in another order, totals included."""
+    everything = api.ok("/contacts", limit=0)["contacts"]
+    watermark = sorted(c["dateAdded"] for c in everything.values())[len(everything) // 3]
+    for expr, bound in (("gt", "7"), ("gte", "7"), ("gt", "0"), ("gte", "100000")):
+        clauses = {"where[0][col]": "dateAdded", "where[0][expr]": "gte", "where[0][val]": watermark,
+                   "where[1][col]": "id", "where[1][expr]": expr, "where[1][val]": bound}  # fmt: skip
+        indexed = api.ok("/contacts", limit=5, orderBy="id", **clauses)
+        scanned = api.ok("/contacts", limit=0, orderBy="id", orderByDir="DESC", **clauses)
+        expected = sorted(int(k) for k in scanned["contacts"])
+        assert [int(k) for k in indexed["contacts"]] == expected[:5]
+        assert indexed["total"] == scanned["total"] and int(scanned["total"]) == len(expected)
+        low = int(bound) + (expr == "gt")
+        assert expected == sorted(int(k) for k, c in everything.items()
+                                  if int(k) >= low and c["dateAdded"] >= watermark)  # fmt: skip
+    word = {"where[0][col]": "id", "where[0][expr]": "gt", "where[0][val]": "x"}  # not an integer: compared as before
+    assert set(api.ok("/campaigns", limit=0, orderBy="id", **word)["campaigns"]) == set(
+        api.ok("/campaigns", limit=0, orderBy="id", orderByDir="DESC", **word)["campaigns"]
+    )
+
+
+def test_segment_memberships_by_contact_or_segment_are_those_of_the_whole_table(api: Api) -> None:
+    """`lead_lists_leads` looked up by `lead_id in (...)` or `leadlist_id eq` (as a primary key would be) answers
+    exactly the rows of the whole table that match, in the order asked, with their total."""
+    table = api.ok("/stats/lead_lists_leads", limit=100000)["stats"]
+    kept = [r for r in table if r["manually_removed"] == "0"]
+    assert len({r["leadlist_id"] for r in kept}) > 1
+    leads = [*sorted({int(r["lead_id"]) for r in table})[::3][:40], 999999]
+    ask = {"where[0][col]": "lead_id", "where[0][expr]": "in", "where[0][val]": ",".join(map(str, leads)),
+           "where[1][col]": "manually_removed", "where[1][expr]": "eq", "where[1][val]": "0",
+           "order[0][col]": "lead_id", "order[0][dir]": "ASC", "order[1][col]": "leadlist_id"}  # fmt: skip
+    found = api.ok("/stats/lead_lists_leads", limit=100000, **ask)
+    expected = sorted((r for r in kept if int(r["lead_id"]) in leads),
+                      key=lambda r: (int(r["lead_id"]), int(r["leadlist_id"])))  # fmt: skip
+    assert found["stats"] == expected and found["total"] == str(len(expected))
+    page = api.ok("/stats/lead_lists_leads", start=3, limit=5, **ask)
+    assert page["stats"] == expected[3:8] and page["total"] == str(len(expected))
+    segment = kept[0]["leadlist_id"]
+    counted = api.ok("/stats/lead_lists_leads", limit=1, **{
+        "where[0][col]": "leadlist_id", "where[0][expr]": "eq", "where[0][val]": segment,
+        "where[1][col]": "manually_removed", "where[1][expr]": "eq", "where[1][val]": "0"})  # fmt: skip
+    assert counted["total"] == str(sum(r["leadlist_id"] == segment for r in kept))
+    both = api.ok("/stats/lead_lists_leads", limit=100000, **{
+        "where[0][col]": "leadlist_id", "where[0][expr]": "in", "where[0][val]": f"{segment},{segment}",
+        "where[1][col]": "lead_id", "where[1][expr]": "eq", "where[1][val]": kept[0]["lead_id"]})  # fmt: skip
+    assert both["stats"] == [r for r in table if (r["leadlist_id"], r["lead_id"]) == (segment, kept[0]["lead_id"])]
+
+
 def test_keyset_paging_neither_skips_nor_duplicates_while_campaigns_arrive(
     server: SandboxServer, control: MauticControl
 ) -> None:

@@ -16,7 +16,9 @@ event for them, and adding a contact to a campaign does not save the contact."""
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
+import html
 import random
 import re
 from collections import OrderedDict
@@ -58,6 +60,7 @@ from nextcrm_sandbox.mautic.model import (
     _camel,
     _Column,
     _comparable,
+    _csv,
     _db_datetime,
     _entity_of,
     _like,
@@ -1265,9 +1268,14 @@ class MauticInstallation:
         if isinstance(search, str) and search.strip():
             preds.extend(self.search(entity, search, user_id))
         where = params.get("where")
+        order = self.order_keys(entity, params)
+        # Paging by id (`id gt <last>` in id order, as connectors do) is a slice of the ids matching the rest,
+        # which are selected once per data version: a database's index, not a scan of every row per page.
+        floor = None
+        if isinstance(where, dict) and order == [(self.column(entity, "id"), False)]:
+            where, floor = _split_id_floor(where)
         if isinstance(where, dict):
             preds.extend(self.where(entity, where))
-        order = self.order_keys(entity, params)
         signature = (
             _php_truthy(params.get("published")),
             search if isinstance(search, str) else "",
@@ -1278,6 +1286,9 @@ class MauticInstallation:
             user_id if isinstance(search, str) and "mine" in search else None,
         )
         ids = self.select_ids(entity, preds, order, signature)
+        if floor is not None:
+            ids = ids[bisect.bisect_left(ids, floor) :]
+            signature = (*signature, floor)
         start = max(0, _php_int(params.get("start"), 0))
         limit = _php_int(params.get("limit"), self.knobs["default_pagelimit"])
         if limit < 0:
@@ -1360,8 +1371,13 @@ class MauticInstallation:
     def _segment_member_rows(self, params: Mapping[str, Any]) -> tuple[str, list[dict[str, Any]]]:
         """``lead_lists_leads`` rows matching ``where[]``, sorted by ``order[]``, one ``start``/``limit`` page: the
         total (a string, as DBAL counts it) and the rows (strings)."""
+        segments, leads = _member_keys(params.get("where"))
+        wanted = sorted(self.segment_leads) if segments is None else sorted(segments & set(self.segment_leads))
         rows = (
-            (sid, lid, m) for sid in sorted(self.segment_leads) for lid, m in sorted(self.segment_leads[sid].items())
+            (sid, lid, members[lid])
+            for sid in wanted
+            for members in (self.segment_leads[sid],)
+            for lid in (sorted(members) if leads is None else sorted(lead for lead in leads if lead in members))
         )
         total, page = self._stats_page(params, _SEGMENT_MEMBER_COLUMNS, "segments", rows, CAMPAIGN_CONTACTS_LIMIT)
         return total, [
@@ -1516,3 +1532,41 @@ class MauticInstallation:
             "records": [self.render(entity, table[rid]) for rid in sorted(table)],
             "deleted_ids": sorted(self.deleted[entity]),
         }
+
+
+def _split_id_floor(where: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """``where[]`` without its top-level ``id gt|gte <integer>`` clauses, and the least id they leave (None: no
+    such clause). Anything else (nested, non-integer, other operators) stays a predicate."""
+    kept: dict[str, Any] = {}
+    floor: int | None = None
+    for key, clause in where.items():
+        column = (clause.get("col") or clause.get("column")) if isinstance(clause, dict) else None
+        if column == "id" and "internal" not in clause:
+            expr, value = clause.get("expr"), str(clause.get("value", clause.get("val", ""))).strip()
+            if expr in ("gt", "gte") and re.fullmatch(r"-?\d+", value):
+                bound = int(value) + (1 if expr == "gt" else 0)
+                floor = bound if floor is None else max(floor, bound)
+                continue
+        kept[key] = clause
+    return kept, floor
+
+
+def _member_keys(where: Any) -> tuple[set[int] | None, set[int] | None]:
+    """The segment ids and contact ids a ``lead_lists_leads`` query's top-level ``leadlist_id`` / ``lead_id``
+    ``eq`` or ``in`` clauses allow (None: any), looked up as a database's primary key would be instead of
+    scanning every membership. The clauses still filter the rows found; one that is not plain integers narrows
+    nothing."""
+    found: dict[str, set[int]] = {}
+    for clause in _values(where) if isinstance(where, dict) else []:
+        if not isinstance(clause, dict) or "internal" in clause or clause.get("expr") not in ("eq", "in"):
+            continue
+        column = str(clause.get("col") or clause.get("column") or "").split(".", 1)[-1]
+        raw = clause.get("value", clause.get("val", ""))
+        if column not in ("leadlist_id", "lead_id") or isinstance(raw, dict):
+            continue
+        items = _csv(html.unescape(str(raw))) if clause["expr"] == "in" else [str(raw).strip()]
+        if not items or not all(re.fullmatch(r"\d+", item.strip()) for item in items):
+            continue
+        values = {int(item) for item in items}
+        found[column] = found[column] & values if column in found else values
+    return found.get("leadlist_id"), found.get("lead_id")

@@ -1,7 +1,8 @@
 """Mautic contacts and segments against the sandbox, over real HTTP and a real Postgres, beyond the per-entity
 contract (`test_entity_contract.py`): segment membership on the contact and live member counts on the segment,
-paging by id stopping when the provider repeats a page, no contact named in logs, Mautic's error envelope, and
-segments synced whole in a job of their own.
+paging by id stopping when the provider repeats a page, no contact named in logs, Mautic's error envelope,
+segments synced whole in a job of their own, and joins and leaves (which do not date the contact) brought into the
+contacts' segment ids by the daily sweep.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import dagster as dg
 import httpx
 import pytest
 
 from nextcrm_pipelines.automation import daily_sweeps
 from nextcrm_pipelines.core.http import ProviderError
-from nextcrm_pipelines.core.runner import day_window, snapshot_window, sync_partitions
+from nextcrm_pipelines.core.runner import day_window, snapshot_window, sweep_connection, sync_partitions
+from nextcrm_pipelines.definitions import defs
 from nextcrm_pipelines.providers import get_provider
 from nextcrm_pipelines_tests.accounting import mirror
 from nextcrm_pipelines_tests.helpers import days_back, sandbox_now
@@ -91,6 +94,42 @@ def test_a_membership_change_shows_when_the_contact_and_segment_are_read_again(d
     run(database_url, schema, connection, "mautic_segments", today)
     counted = mirror(database_url, schema, "mautic_segments", connection.id)[segment]
     assert counted["member_count"] == member_counts(control, account)[segment]
+
+
+def test_the_daily_sweep_brings_joins_and_leaves_into_the_contacts_segment_ids(database_url, schema, sandbox,
+                                                                               mautic):  # fmt: skip
+    control, account, connection = mautic("client_credentials", settings={"id_page_size": 3}, contacts=40,
+                                          segments=4, days=6)  # fmt: skip
+    today = sandbox_now(sandbox).date()
+    run(database_url, schema, connection, "mautic_contacts", days_back(today, 6))
+    # Contacts of earlier days: today's sync does not read them again.
+    contacts = [str(c["id"]) for c in control.export(account, "contacts")["records"]
+                if (c["dateModified"] or c["dateAdded"])[:10] < (today - timedelta(days=1)).isoformat()]  # fmt: skip
+    joined = memberships(control, account)
+    segment = str(control.export(account, "segments")["records"][0]["id"])
+    outsiders = [c for c in contacts if segment not in joined.get(c, [])][:3]
+    members = [c for c in contacts if segment in joined.get(c, [])][:2]
+    assert len(outsiders) == 3 and len(members) == 2
+    for contact in outsiders:
+        control.add_to_segment(account, int(segment), int(contact))
+    for contact in members:
+        control.remove_from_segment(account, int(segment), int(contact))
+    # Their dateModified did not move: today's sync leaves them as they were.
+    run(database_url, schema, connection, "mautic_contacts", [today])
+    stale = mirror(database_url, schema, "mautic_contacts", connection.id)
+    assert all(segment not in stale[c]["segment_ids"] for c in outsiders)
+    with dg.instance_for_test() as instance:
+        result = defs.resolve_job_def("mautic_deletion_sweep").execute_in_process(instance=instance)
+        assert result.success
+        changed = {e.partition for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"
+                   and e.asset_key.path[-1] == "mautic_contacts"}  # fmt: skip
+    rows = assert_mirror_equals_sandbox(control, account, database_url, schema, connection, "mautic_contacts")
+    assert all(segment in rows[c]["segment_ids"] for c in outsiders)
+    assert all(segment not in rows[c]["segment_ids"] for c in members)
+    assert changed and all(p.startswith(connection.id) for p in changed)  # their partitions are materialised
+    again = sweep_connection(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                             entity_name="mautic_contacts", connection_id=connection.id)  # fmt: skip
+    assert again.counts.updated == 0  # read again only what differed
 
 
 @pytest.mark.parametrize("path", ["contacts", "segments", "campaigns"])

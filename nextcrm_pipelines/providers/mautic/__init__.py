@@ -2,7 +2,7 @@
 client credentials)."""
 
 from nextcrm_pipelines.core.provider import Provider, SecretField
-from nextcrm_pipelines.core.sweep import IdSweep
+from nextcrm_pipelines.core.sweep import Drift, IdSweep
 from nextcrm_pipelines.core.sync import EntitySpec
 from nextcrm_pipelines.providers.mautic.actions import ACTIONS
 from nextcrm_pipelines.providers.mautic.client import OAUTH, MauticApi, discover_tenants
@@ -66,7 +66,15 @@ PROVIDER = Provider(
     discover_tenants=discover_tenants,
     id_sweeps={
         CAMPAIGNS.name: IdSweep(list_ids=lambda api: api.campaign_ids(), is_gone=MauticApi.campaign_gone),
-        CONTACTS.name: IdSweep(list_ids=lambda api: api.contact_ids(), is_gone=MauticApi.contact_gone),
+        # Joining or leaving a segment does not date the contact: the daily sweep compares every membership with
+        # the stored segment_ids and reads the contacts that differ again.
+        CONTACTS.name: IdSweep(
+            list_ids=lambda api: api.contact_ids(),
+            is_gone=MauticApi.contact_gone,
+            drift=Drift(
+                "segment_ids", list_values=lambda api: api.segment_memberships(), reread=MauticApi.contacts_read_again
+            ),
+        ),
         SEGMENTS.name: IdSweep(list_ids=lambda api: api.segment_ids(), is_gone=MauticApi.segment_gone),
     },
     fixed_secrets={"grant_type": "client_credentials"},

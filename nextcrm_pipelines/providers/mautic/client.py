@@ -17,8 +17,9 @@ Contacts and segments are read the same way, by day and by id. A contact carries
 segments it is in (`segmentIds`): one `GET /api/stats/lead_lists_leads` per page of contacts, its
 memberships not manually removed. A segment carries its live member count (`memberCount`): the
 `total` of the same stats table for that segment. Neither a membership change nor a count is a
-change of the record in Mautic: they are current as of the record's last read (its day's sync, or a
-webhook about the contact).
+change of the record in Mautic: they are current as of the record's last read (its day's sync, a
+webhook about the contact, the hourly segments run, or for memberships the daily sweep, which lists
+them all, `segment_memberships`, and reads the contacts whose stored segment ids differ again).
 
 A provider that answers a page it already gave (an id filter it ignores) stops the read with a
 `ProviderError` rather than looping (`core.paging.PageCursors`).
@@ -138,6 +139,8 @@ class MauticApi:
             stats=ctx.stats,
         )
         self.page_size = int(settings.get("page_size", PAGE_SIZE))
+        # Rows per page when the sweep lists every segment membership (a setting, so small pages can be tested).
+        self.id_page_size = int(settings.get("id_page_size", max(self.page_size, ID_PAGE_SIZE)))
 
     def __enter__(self) -> MauticApi:
         return self
@@ -276,6 +279,33 @@ class MauticApi:
         """Every segment id, in pages (the deletion sweep)."""
         for page in self._pages("/api/segments", "lists", [], minimal="true"):
             yield [str(raw["id"]) for raw in page]
+
+    def segment_memberships(self) -> Iterator[list[tuple[str, str]]]:
+        """Every (contact id, segment id) membership not manually removed, segment by segment in pages by contact
+        id (the daily sweep's check of the contacts' `segment_ids`, which joins and leaves do not date)."""
+        size = self.id_page_size
+        for segments in self.segment_ids():
+            for segment in segments:
+                last = 0
+                while True:
+                    where = [
+                        ("leadlist_id", "eq", segment),
+                        ("manually_removed", "eq", "0"),
+                        ("lead_id", "gt", str(last)),
+                    ]
+                    params = {"start": "0", "limit": str(size), "order[0][col]": "lead_id", "order[0][dir]": "ASC"}
+                    for n, (col, expr, val) in enumerate(where):
+                        params.update({f"where[{n}][col]": col, f"where[{n}][expr]": expr, f"where[{n}][val]": val})
+                    rows = entities(self.http.get_json("/api/stats/lead_lists_leads", params=params), "stats")
+                    leads = sorted(int(row["lead_id"]) for row in rows)
+                    yield [(str(lead), segment) for lead in leads if lead > last]
+                    if len(rows) < size or not leads or leads[-1] <= last:
+                        break
+                    last = leads[-1]
+
+    def contacts_read_again(self, ids: list[str]) -> list[Record]:
+        """These contacts as the sync reads them (with segment ids), at their versions; absent ids are left out."""
+        return [(raw, changed_at(raw)) for raw in self.contacts_by_id(ids).values()]
 
     def segment_gone(self, segment_id: str, stored: dict[str, Any]) -> bool:
         """Whether Mautic answers 404 for the segment."""

@@ -161,7 +161,8 @@ def bench_stripe(sandbox: Any, database_url: str, count: int) -> dict[str, Any]:
 
 
 def bench_mautic(sandbox: Any, database_url: str, count: int) -> dict[str, Any]:
-    """N contact updates through the outbox (one PATCH each), and the same PATCHes through the client alone."""
+    """N contact updates through the outbox (a PATCH and a read of the contact's segments each), and the same
+    requests through the client alone."""
     import psycopg
 
     from nextcrm_pipelines.core import connections as vault
@@ -184,7 +185,8 @@ def bench_mautic(sandbox: Any, database_url: str, count: int) -> dict[str, Any]:
                                         box=box, base_url=f"{sandbox.url}{account['base_path']}",
                                         settings={"requests_per_second": 0})  # fmt: skip
 
-    # The baseline: the same PATCHes straight through the client, in a loop (no outbox, no mirror).
+    # The baseline: the same requests straight through the client, in a loop (no outbox, no mirror): the PATCH, then
+    # the contact's segments, which the outbox reads for the mirror's row.
     from nextcrm_pipelines.core.runner import open_connection
     from nextcrm_pipelines.providers import get_provider
 
@@ -197,6 +199,7 @@ def bench_mautic(sandbox: Any, database_url: str, count: int) -> dict[str, Any]:
         started = time.perf_counter()
         for n, contact_id in enumerate(ids):
             api.http.send("PATCH", f"/api/contacts/{contact_id}/edit", json={"position": f"base-{n}"}, once=True)
+            api.segments_of_contacts([str(contact_id)])
         baseline = count / (time.perf_counter() - started)
 
     schema = "bench_actions_mautic"

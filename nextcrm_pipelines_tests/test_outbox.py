@@ -147,6 +147,35 @@ def test_server_errors_are_retried_under_the_same_key_and_the_refund_happens_onc
     assert charge_now(sandbox, key, charge["id"])["amount_refunded"] == row["result"]["amount"]
 
 
+def test_a_row_the_mirror_refuses_leaves_its_action_to_retry_and_the_next_action_of_the_run_succeeds(
+    database_url, schema, sandbox, stripe_account, stripe_connection
+):
+    key = stripe_account(charges=30, subscriptions=0, days=1)
+    connection = stripe_connection(key)
+    refused, accepted = [c for c in sandbox.stripe_export(key, "charges") if c["status"] == "succeeded"
+                         and not c["amount_refunded"] and currency_exponent(c["currency"]) == 2
+                         and c["amount"] > 500][:2]  # fmt: skip
+    done = [submit(database_url, schema, connection.id, "refund_charge",
+                   {"charge": c["id"], "amount": "1", "currency": c["currency"]})
+            for c in (refused, accepted)]  # fmt: skip
+    target = table("stripe_payments", schema)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT test_refused CHECK (id <> {})").format(
+            target, sql.Literal(refused["id"])))  # fmt: skip
+    first = apply(database_url, schema)
+    stored = rows(database_url, schema)
+    # One writer per entity serves the run's actions: the first's refusal is not taken for the second's.
+    assert (first.retrying, first.succeeded) == (1, 1)
+    assert stored[done[0].id]["status"] == "unknown" and "the mirror refused" in stored[done[0].id]["error"]
+    assert stored[done[1].id]["status"] == "succeeded"
+    assert mirror(database_url, schema, "stripe_payments", connection.id)[accepted["id"]]["amount_refunded"] == 1
+    with psycopg.connect(database_url) as conn:
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT test_refused").format(target))
+    second = apply(database_url, schema)  # the same key: Stripe answers with the first refund
+    assert second.succeeded == 1 and rows(database_url, schema)[done[0].id]["status"] == "succeeded"
+    assert charge_now(sandbox, key, refused["id"])["amount_refunded"] == 100
+
+
 def test_a_worker_killed_after_stripe_accepted_leaves_one_refund_and_the_next_run_records_it(
     database_url, schema, sandbox, stripe_account, stripe_connection, secret_key
 ):

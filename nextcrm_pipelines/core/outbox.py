@@ -267,19 +267,26 @@ def _backoff(attempts: int, base: float) -> float:
 
 def _record_success(conn: psycopg.Connection, schema: str, provider: Provider, connection_id: str,
                     claimed: Claimed, claim: int, sent: Sent, started: datetime, outcome: ActionsOutcome,
-                    run_id: str | None) -> None:  # fmt: skip
+                    run_id: str | None, writers: dict[str, UpsertWriter] | None = None) -> None:  # fmt: skip
     """Upsert what the provider answered into the mirror, then mark the row `succeeded`. A crash in between
-    leaves the row to be sent again under its key (or found): the same object, which the mirror already holds."""
+    leaves the row to be sent again under its key (or found): the same object, which the mirror already holds.
+    `writers` keeps one writer per entity across a connection's actions (its staging table and statistics
+    check are then set up once, not per action)."""
+    writers = {} if writers is None else writers
     by_entity: dict[str, list[Any]] = defaultdict(list)
     for item in sent.mirrored:
         entity = provider.entity(item.entity)
         by_entity[item.entity].append(entity.to_row(item.raw, item.version))
     for name, rows in by_entity.items():
-        writer = UpsertWriter(conn, provider.entity(name).table, connection_id, schema)
+        writer = writers.get(name)
+        if writer is None:
+            writer = writers[name] = UpsertWriter(conn, provider.entity(name).table, connection_id, schema)
+        known = len(writer.failures)
         writer.write(rows, may_be_stored=True)
-        if writer.failures:
-            raise RuntimeError(f"the mirror refused {name} row(s) {', '.join(f.id for f in writer.failures[:5])}: "
-                               f"{writer.failures[0].error}")  # fmt: skip
+        if len(writer.failures) > known:
+            refused = writer.failures[known:]
+            raise RuntimeError(f"the mirror refused {name} row(s) {', '.join(f.id for f in refused[:5])}: "
+                               f"{refused[0].error}")  # fmt: skip
         outcome.written[name].add(connection_id)
     _set(conn, schema, claimed, claim,
          "status = 'succeeded', result = %(result)s, result_id = %(result_id)s, error = NULL, "
@@ -370,6 +377,7 @@ class _ConnectionRun:
     opener: Any
     _stack: ExitStack = field(default_factory=ExitStack)
     _client: Any = None
+    _writers: dict[str, UpsertWriter] = field(default_factory=dict)
 
     def __enter__(self) -> _ConnectionRun:
         return self
@@ -412,7 +420,7 @@ class _ConnectionRun:
             payload = validate_payload(spec, claimed.payload)
             sent, started, adopted = _carry_out(self.client(), spec, payload, claimed)
             _record_success(conn, schema, self.provider, self.connection_id, claimed, claim, sent, started, outcome,
-                            self.run_id)  # fmt: skip
+                            self.run_id, self._writers)  # fmt: skip
         except ActionInvalid as exc:
             conn.rollback()
             _set(conn, schema, claimed, claim,

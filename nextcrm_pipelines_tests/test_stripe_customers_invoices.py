@@ -253,3 +253,45 @@ def test_duplicated_newest_first_billing_events_end_like_an_in_order_delivery(
         "paid", "paid", "void", "uncollectible"]  # fmt: skip
     assert final[ids["draft"]]["deleted"] and mirror_rows(database_url, schema, "stripe_customers",
                                                           in_order.id)[ids["customer"]]["deleted"]  # fmt: skip
+
+
+def test_two_changes_in_one_second_end_as_stripe_holds_the_object_whatever_the_delivery_order(
+    database_url,
+    schema,
+    box,
+    own_sandbox,
+    hooks,  # noqa: F811
+):
+    """Stripe stamps events in whole seconds: two `customer.updated` of one second have one version. Delivered
+    newest first (with copies) or in order, the row ends as Stripe holds the customer, not as the event that
+    happened to come last says."""
+    key, (in_order, reordered) = hooked_account(own_sandbox, database_url, schema, box, ("In order", "Reordered"))
+    ids = _billing_setup(own_sandbox, key)
+    days = days_back(sandbox_now(own_sandbox).date(), 1)
+    for connection in (in_order, reordered):
+        assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, "stripe_customers",
+                                                             days))  # fmt: skip
+    with (
+        receiver(database_url, schema, box) as base,
+        dg.instance_for_test() as instance,
+        stripe_api(own_sandbox, key) as api,
+    ):
+        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
+        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
+        hooks.hold_webhooks(held)
+        own_sandbox.advance_clock(2)
+        for step in ("first", "second", "third"):  # the sandbox's clock stands still: all in one second
+            call(api, "POST", f"/v1/customers/{ids['customer']}", name=f"Name {step}", **{"metadata[step]": step})
+        assert hooks.flush_webhooks()
+        assert len(tick_and_apply(instance, "stripe")) == 1
+        hooks.release_webhooks(held, order="newest-first", copies=2)
+        assert hooks.flush_webhooks()
+        assert len(tick_and_apply(instance, "stripe")) == 1
+        assert all(run.is_success for run in instance.get_runs())
+        served = orjson.loads(api.get(f"/v1/customers/{ids['customer']}").content)
+    events = [orjson.loads(raw) for _, _, raw in inbox_bodies(database_url, schema, reordered.id)]
+    seconds = {e["created"] for e in events if e["type"] == "customer.updated"}
+    assert len(seconds) == 1 and len(events) == 3  # three changes in one second (the copies stored once)
+    for connection in (in_order, reordered):
+        row = mirror_row(database_url, schema, "stripe_customers", connection.id, ids["customer"])
+        assert (row["name"], row["raw"]) == ("Name third", served)

@@ -8,16 +8,25 @@ account. An event without `account` is the endpoint's own account's; when the re
 against the app-wide secret from the environment (the connection has none of its own), any
 connection's URL would have accepted it, so it is first read back from Stripe with this connection's
 key (`GET /v1/events/{id}`): an event Stripe does not know for this account changes nothing.
+
+Stripe stamps events in whole seconds and delivers them in any order. Events of one kind (`*.updated`)
+about one object in the same second have the same version, so which came last is unknown: when such a
+tie carries different content (two in one batch, or one against the stored row), the object is read
+from Stripe instead (`GET /v1/<objects>/{id}`, at least as new as either) and stored at that version.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from nextcrm_pipelines.core.upsert import BatchCounts
+from psycopg import sql
+
+from nextcrm_pipelines.core.db import table
+from nextcrm_pipelines.core.http import ProviderError
+from nextcrm_pipelines.core.upsert import BatchCounts, Row, TableSpec
 from nextcrm_pipelines.providers.stripe.records import (
     CUSTOMERS_TABLE,
     INVOICES_TABLE,
@@ -112,11 +121,51 @@ def apply(context: ApplyContext, rows: list[InboxRow]) -> BatchCounts:
     if foreign:
         log.warning("stripe webhooks of %s: %d event(s) of another account skipped", context.connection_id, foreign)
     counts = BatchCounts()
-    for spec, found in ((PAYMENTS_TABLE, payments), (SUBSCRIPTIONS_TABLE, subscriptions),
-                        (CUSTOMERS_TABLE, customers), (INVOICES_TABLE, invoices)):  # fmt: skip
+    for spec, found, path, build in ((PAYMENTS_TABLE, payments, "charges", charge_row),
+                                     (SUBSCRIPTIONS_TABLE, subscriptions, "subscriptions", subscription_row),
+                                     (CUSTOMERS_TABLE, customers, "customers", customer_row),
+                                     (INVOICES_TABLE, invoices, "invoices", invoice_row)):  # fmt: skip
         if found:
-            counts.add(context.upsert(spec, found))
+            counts.add(context.upsert(spec, _settle_ties(context, spec, found, path, build)))
     return counts
+
+
+def _settle_ties(context: ApplyContext, spec: TableSpec, rows: list[Row], path: str,
+                 build: Callable[[dict[str, Any], datetime], Row]) -> list[Row]:  # fmt: skip
+    """`rows`, with each object whose newest version ties with different content (in the batch, or against the
+    stored row) replaced by the object as Stripe serves it now, at that version (see the module doc)."""
+    newest: dict[str, tuple[datetime, set[bytes]]] = {}
+    for row in rows:
+        top = newest.get(row.id)
+        if top is None or row.version > top[0]:
+            newest[row.id] = (row.version, {row.raw_hash})
+        elif row.version == top[0]:
+            top[1].add(row.raw_hash)
+    tied = {rid for rid, (_, hashes) in newest.items() if len(hashes) > 1}
+    stored = context.conn.execute(
+        sql.SQL("SELECT id, source_updated_at, raw_hash FROM {} WHERE connection_id = %s AND id = ANY(%s)").format(
+            table(spec.name, context.schema)
+        ),
+        (context.connection_id, list(newest)),
+    ).fetchall()
+    tied |= {rid for rid, version, digest in stored
+             if version == newest[rid][0] and bytes(digest) not in newest[rid][1]}  # fmt: skip
+    if not tied:
+        return rows
+    read: dict[str, Row] = {}
+    for rid in sorted(tied):
+        try:
+            obj = context.client().get(f"/v1/{path}/{rid}", {})
+        except ProviderError as exc:
+            if exc.status != 404:
+                raise
+            continue  # gone (a deleted draft): its events say so
+        if not obj.get("deleted"):  # a deleted customer reads as a stub: its last data is in its events
+            read[rid] = build(obj, newest[rid][0])
+    if read:
+        log.info("stripe webhooks of %s: %d %s object(s) changed twice in one second, read from Stripe",
+                 context.connection_id, len(read), spec.name)  # fmt: skip
+    return [row for row in rows if row.id not in read] + list(read.values())
 
 
 WEBHOOKS = WebhookSpec("webhook_secret", "STRIPE_WEBHOOK_SECRET", verify, events, ("stripe-signature",), apply=apply)

@@ -1,9 +1,12 @@
-"""Mautic contacts memory check: peak RSS of syncing 20,000 and 200,000 sandbox contacts.
+"""Mautic contacts memory check: peak RSS of syncing 20,000 and 200,000 sandbox contacts, then sweeping them.
 
 The sandbox (in its own process) holds two installations of N contacts over D days (the same
 contacts per day at both sizes is not the point: the larger one has ten times the contacts per
 window). Each sync runs in a fresh process through the same `sync_partitions` the assets call, every
-day of the span, and reports its peak RSS: streaming keeps it flat whatever the number of contacts.
+day of the span. Then 300 segment joins and leaves are made (they date no contact) and the daily
+sweep runs in the same process: every contact id and every segment membership listed, the contacts
+whose segments differ read again. The process reports its peak RSS: streaming keeps it flat whatever
+the number of contacts.
 
     python benchmarks/mautic_contacts_memory.py [--sizes 20000 200000] [--days 10] [--page-size 1000]
 
@@ -35,7 +38,7 @@ def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, s
     import psycopg
 
     from nextcrm_pipelines.core import connections as vault
-    from nextcrm_pipelines.core.runner import day_window, sync_partitions
+    from nextcrm_pipelines.core.runner import day_window, sweep_connection, sync_partitions
     from nextcrm_pipelines.providers import get_provider
 
     secrets = {"client_id": client_id, "client_secret": f"{client_id}-secret", "grant_type": "client_credentials"}
@@ -50,16 +53,31 @@ def sync_contacts(database_url: str, base_url: str, client_id: str, days: int, s
     results = sync_partitions(database_url=database_url, schema=schema, provider=get_provider("mautic"),
                               entity_name="mautic_contacts", connection_id=connection.id, windows=windows,
                               box=box)  # fmt: skip
+    seconds = round(time.perf_counter() - started, 1)
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(f'SELECT count(*) FROM "{schema}".mautic_contacts').fetchone()[0]
         conn.commit()
+    # Joins and leaves that date no contact: 200 contacts join segment 1, 100 leave segment 2 (some no-ops).
+    account_id = base_url.split("/mautic/")[1].strip("/")
+    control = f"{sandbox}/_sandbox/mautic/accounts/{account_id}/segments"
+    with httpx.Client(timeout=60) as http:
+        for contact in range(1, 301):
+            segment, verb = (1, "add") if contact <= 200 else (2, "remove")
+            http.post(f"{control}/{segment}/contacts/{contact}/{verb}").raise_for_status()
+    started = time.perf_counter()
+    swept = sweep_connection(database_url=database_url, schema=schema, provider=get_provider("mautic"),
+                             entity_name="mautic_contacts", connection_id=connection.id, box=box)  # fmt: skip
     drop_schema(database_url, schema)
     return {
         "rows": rows,
         "records": sum(r.total for r in results),
         "failed_windows": sum(r.status == "failed" for r in results),
         "requests": sum(r.stats.requests for r in results),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": seconds,
+        "sweep_ids": swept.total,
+        "sweep_read_again": swept.counts.updated,
+        "sweep_requests": swept.stats.requests,
+        "sweep_seconds": round(time.perf_counter() - started, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
 
@@ -106,9 +124,10 @@ def main() -> None:
                               f"bench_mautic_{size}", args.page_size)  # fmt: skip
 
         report = each_size(args.sizes, control, add_account, measure)
-    print("\ncontacts  synced  seconds  peak RSS (MB)")
+    print("\ncontacts  synced  seconds  sweep: ids  read again  requests  seconds  peak RSS (MB)")
     for size, out in report.items():
-        print(f"{size:>8}  {out['rows']:>6}  {out['seconds']:>7}  {out['peak_rss_mb']:>13}")
+        print(f"{size:>8}  {out['rows']:>6}  {out['seconds']:>7}  {out['sweep_ids']:>10}  {out['sweep_read_again']:>10}"
+              f"  {out['sweep_requests']:>8}  {out['sweep_seconds']:>7}  {out['peak_rss_mb']:>13}")  # fmt: skip
     print_peak_verdict(report, LIMIT_MB)
 
 

@@ -32,6 +32,7 @@ from nextcrm_pipelines.core.runner import (
     snapshot_window,
     sweep_connection,
     sync_partitions,
+    whole_list_done,
     windows_done,
     windows_held_whole,
 )
@@ -310,6 +311,14 @@ def build_entity_asset(
                 if recent and entity.daily:
                     starts = {w.start for p in partitions for w in p.windows}
                     done |= windows_held_whole(reads, schema, entity.name, connection_id, starts)
+                swept = entity.name in provider.id_sweeps
+                if not entity.daily and whole_list_done(reads, schema, entity.name, connection_id, family, swept):
+                    # A retry, or a re-execution from failure, reads again only the connections that failed.
+                    for partition in partitions:
+                        partition.skipped = len(partition.windows)
+                    context.log.info(f"{entity.name} {connection_id}: read whole by an earlier attempt of this run; "
+                                     "not read again")  # fmt: skip
+                    continue
                 todo = [(p, w) for p in partitions for w in p.windows if w.start not in done]
                 for partition in partitions:
                     partition.skipped = sum(w.start in done for w in partition.windows)

@@ -35,7 +35,7 @@ from nextcrm_pipelines.core.http import AuthenticationFailed, DailyLimitExhauste
 from nextcrm_pipelines.core.oauth import TokenManager, reconnect_hint
 from nextcrm_pipelines.core.provider import ClientContext, Provider
 from nextcrm_pipelines.core.settings import db_schema, libpq_url
-from nextcrm_pipelines.core.sweep import sweep_deletions
+from nextcrm_pipelines.core.sweep import SWEEP_PARTITION, sweep_deletions
 from nextcrm_pipelines.core.sync import (
     BATCH_SIZE,
     Claim,
@@ -161,6 +161,24 @@ def windows_done(
         (connection_id, entity_name, list(run_ids)),
     ).fetchall()
     return {row[0] for row in rows}
+
+
+def whole_list_done(conn: psycopg.Connection, schema: str, entity_name: str, connection_id: str,
+                    run_ids: Collection[str], swept: bool) -> bool:  # fmt: skip
+    """Whether a sync of one of `run_ids` read this connection's whole list to the end (`success`, or
+    `partial` with its lost records logged) and, for an entity with an id sweep (`swept`), swept it: a retry
+    or re-execution of the run does not read that connection again."""
+    if not run_ids:
+        return False
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT partition = %s, bool_or(status IN ('success', 'partial')) FROM {} "
+            "WHERE connection_id = %s AND asset = %s AND run_id = ANY(%s) GROUP BY 1"
+        ).format(table("integration_sync_logs", schema)),
+        (SWEEP_PARTITION, connection_id, entity_name, list(run_ids)),
+    ).fetchall()
+    done = {bool(sweep): bool(ok) for sweep, ok in rows}
+    return done.get(False, False) and (not swept or done.get(True, False))
 
 
 def windows_held_whole(

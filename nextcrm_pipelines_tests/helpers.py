@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -15,6 +17,7 @@ from nextcrm_pipelines.core.money import minor_to_major
 from nextcrm_pipelines.core.runner import day_window, sync_partition
 from nextcrm_pipelines.core.sync import SyncResult
 from nextcrm_pipelines.providers import get_provider
+from nextcrm_pipelines.resources import ProviderClients
 from nextcrm_sandbox.server import SandboxServer
 
 
@@ -90,3 +93,19 @@ def wait_until_blocked(database_url: str, session: psycopg.Connection, what: str
         while not watch.execute(query, (session.info.backend_pid,)).fetchone()[0]:
             assert time.monotonic() < deadline, f"{what} never waited for a lock"
             time.sleep(0.01)
+
+
+class WrappingClients(ProviderClients):
+    """The real provider clients, each handed to `wrap(connection, client)` before the assets get it: a test's
+    faults go in at the seam the code location offers (the `clients` resource), all else stays real."""
+
+    def wrap(self, connection: Any, client: Any) -> Any:
+        return client
+
+    def open(self, **kwargs: Any):
+        @contextmanager
+        def opened() -> Iterator[tuple]:
+            with super(WrappingClients, self).open(**kwargs) as (conn, connection, client, stats):
+                yield conn, connection, self.wrap(connection, client), stats
+
+        return opened()

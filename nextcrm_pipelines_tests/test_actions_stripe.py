@@ -34,6 +34,7 @@ from nextcrm_pipelines_tests.outbox_helpers import (
 )
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET
 from nextcrm_pipelines_tests.test_webhooks_stripe_e2e import (
+    delivered_and_held,
     hook_url,
     hooked_account,
     hooks,  # noqa: F401 (a fixture)
@@ -910,10 +911,7 @@ def test_a_subscription_created_and_activated_in_one_second_ends_active_however_
     key, (in_order, reordered) = hooked_account(own_sandbox, database_url, schema, box, ("In order", "Reordered"))
     sdk = sdk_for(own_sandbox, key)
     customer = a_customer_with_a_card(sdk)
-    with receiver(database_url, schema, box) as base, dg.instance_for_test() as instance:
-        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
-        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
-        hooks.hold_webhooks(held)
+    with delivered_and_held(database_url, schema, box, hooks, key, in_order, reordered) as (instance, held):
         subscription = sdk.v1.subscriptions.create({"customer": customer.id,
                                                     "items": [{"price": monthly_prices(sdk)[0].id}]})  # fmt: skip
         assert subscription.status == "active"

@@ -8,8 +8,6 @@ Stripe client whose listing of that day fails: the resource is the seam the code
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -21,8 +19,7 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import ProviderError
 from nextcrm_pipelines.definitions import build_definitions
 from nextcrm_pipelines.partitions import connection_month_partitions, connections_partitions_name, month_key
-from nextcrm_pipelines.resources import ProviderClients
-from nextcrm_pipelines_tests.helpers import sandbox_now
+from nextcrm_pipelines_tests.helpers import WrappingClients, sandbox_now
 
 FAILING_DAY_ENV = "NEXTCRM_TEST_FAILING_DAY"
 
@@ -42,17 +39,12 @@ class _FailsOneDay:
         return getattr(self._client, name)
 
 
-class FailingDayClients(ProviderClients):
+class FailingDayClients(WrappingClients):
     """The real clients, except that the day named by NEXTCRM_TEST_FAILING_DAY (when set) cannot be listed."""
 
-    def open(self, **kwargs: Any):
-        @contextmanager
-        def opened() -> Iterator[tuple]:
-            with super(FailingDayClients, self).open(**kwargs) as (conn, connection, client, stats):
-                day = os.environ.get(FAILING_DAY_ENV)
-                yield conn, connection, (_FailsOneDay(client, day) if day else client), stats
-
-        return opened()
+    def wrap(self, connection: Any, client: Any) -> Any:
+        day = os.environ.get(FAILING_DAY_ENV)
+        return _FailsOneDay(client, day) if day else client
 
 
 def stripe_sync_with_a_failing_day() -> dg.JobDefinition:

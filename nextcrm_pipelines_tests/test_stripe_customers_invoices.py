@@ -19,6 +19,7 @@ from nextcrm_pipelines_tests.helpers import days_back, sandbox_now, sync_days
 from nextcrm_pipelines_tests.test_webhook_receiver import SECRET
 from nextcrm_pipelines_tests.test_webhooks_stripe_e2e import (
     call,
+    delivered_and_held,
     hook_url,
     hooked_account,
     hooks,  # noqa: F401 (a fixture)
@@ -220,13 +221,9 @@ def test_duplicated_newest_first_billing_events_end_like_an_in_order_delivery(
         for entity in ENTITIES:
             assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, entity, days))
     with (
-        receiver(database_url, schema, box) as base,
-        dg.instance_for_test() as instance,
+        delivered_and_held(database_url, schema, box, hooks, key, in_order, reordered) as (instance, held),
         stripe_api(own_sandbox, key) as api,
     ):
-        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
-        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
-        hooks.hold_webhooks(held)
         for method, path, form in changes:
             own_sandbox.advance_clock(2)  # each change strictly newer than the last
             _apply(api, method, path, form)
@@ -272,13 +269,9 @@ def test_two_changes_in_one_second_end_as_stripe_holds_the_object_whatever_the_d
         assert all(r.status == "success" for r in sync_days(database_url, schema, connection.id, "stripe_customers",
                                                              days))  # fmt: skip
     with (
-        receiver(database_url, schema, box) as base,
-        dg.instance_for_test() as instance,
+        delivered_and_held(database_url, schema, box, hooks, key, in_order, reordered) as (instance, held),
         stripe_api(own_sandbox, key) as api,
     ):
-        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
-        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
-        hooks.hold_webhooks(held)
         own_sandbox.advance_clock(2)
         for step in ("first", "second", "third"):  # the sandbox's clock stands still: all in one second
             call(api, "POST", f"/v1/customers/{ids['customer']}", name=f"Name {step}", **{"metadata[step]": step})

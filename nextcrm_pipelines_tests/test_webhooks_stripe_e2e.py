@@ -87,6 +87,18 @@ def hook_url(base: str, connection: Connection) -> str:
     return f"{base}/webhooks/stripe/{connection.id}"
 
 
+@contextmanager
+def delivered_and_held(database_url: str, schema: str, box, hooks: StripeControl, key: str, in_order: Connection,
+                       reordered: Connection) -> Iterator[tuple[dg.DagsterInstance, str]]:  # fmt: skip
+    """A receiver and a Dagster instance, the account's events delivered to `in_order` as they happen and held for
+    `reordered`; yields (the instance, the held webhook's id, for `hooks.release_webhooks`)."""
+    with receiver(database_url, schema, box) as base, dg.instance_for_test() as instance:
+        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
+        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
+        hooks.hold_webhooks(held)
+        yield instance, held
+
+
 def mirror_row(database_url: str, schema: str, name: str, connection_id: str, object_id: str) -> dict[str, Any]:
     """A whole row of a mirror table, as a dict of its columns."""
     with psycopg.connect(database_url) as conn:
@@ -194,13 +206,9 @@ def test_duplicates_and_reordering_leave_the_rows_of_an_in_order_delivery(databa
         ("DELETE", f"/v1/subscriptions/{subscription['id']}", {}),
     ]
     with (
-        receiver(database_url, schema, box) as base,
-        dg.instance_for_test() as instance,
+        delivered_and_held(database_url, schema, box, hooks, key, in_order, reordered) as (instance, held),
         stripe_api(own_sandbox, key) as api,
     ):
-        hooks.subscribe_webhooks(key, hook_url(base, in_order), SECRET)
-        held = hooks.subscribe_webhooks(key, hook_url(base, reordered), SECRET)["id"]
-        hooks.hold_webhooks(held)
         for method, path, form in changes:
             # In order: each change delivered once and applied by a run of its own; after each, the
             # mirror holds exactly what the API serves now.

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import dagster as dg
@@ -23,8 +21,8 @@ from nextcrm_pipelines.core.db import table
 from nextcrm_pipelines.core.http import ProviderError
 from nextcrm_pipelines.definitions import build_definitions
 from nextcrm_pipelines.partitions import connections_partitions_name
-from nextcrm_pipelines.resources import ProviderClients
 from nextcrm_pipelines_tests.accounting import mirror
+from nextcrm_pipelines_tests.helpers import WrappingClients
 from nextcrm_sandbox.billionmail import BillionMailControl
 
 FAILING_ENV = "NEXTCRM_TEST_FAILING_CONNECTION"
@@ -43,17 +41,11 @@ class _ContactsFail:
         return getattr(self._client, name)
 
 
-class FailingConnectionClients(ProviderClients):
+class FailingConnectionClients(WrappingClients):
     """The real clients, except that the connection named by NEXTCRM_TEST_FAILING_CONNECTION cannot list contacts."""
 
-    def open(self, **kwargs: Any):
-        @contextmanager
-        def opened() -> Iterator[tuple]:
-            with super(FailingConnectionClients, self).open(**kwargs) as (conn, connection, client, stats):
-                failing = os.environ.get(FAILING_ENV) == connection.id
-                yield conn, connection, (_ContactsFail(client) if failing else client), stats
-
-        return opened()
+    def wrap(self, connection: Any, client: Any) -> Any:
+        return _ContactsFail(client) if os.environ.get(FAILING_ENV) == connection.id else client
 
 
 def billionmail_sync() -> dg.JobDefinition:

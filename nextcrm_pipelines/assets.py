@@ -311,8 +311,8 @@ def build_entity_asset(
                 if recent and entity.daily:
                     starts = {w.start for p in partitions for w in p.windows}
                     done |= windows_held_whole(reads, schema, entity.name, connection_id, starts)
-                swept = entity.name in provider.id_sweeps
-                if not entity.daily and whole_list_done(reads, schema, entity.name, connection_id, family, swept):
+                if not entity.daily and whole_list_done(reads, schema, entity.name, connection_id, family,
+                                                        swept=entity.name in provider.id_sweeps):  # fmt: skip
                     # A retry, or a re-execution from failure, reads again only the connections that failed.
                     for partition in partitions:
                         partition.skipped = len(partition.windows)

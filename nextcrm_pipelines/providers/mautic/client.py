@@ -118,6 +118,14 @@ def _stamp(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _where_params(where: list[tuple[str, str, str]]) -> dict[str, str]:
+    """`where[n][col|expr|val]` query parameters of (column, expression, value) clauses, as Mautic's lists take them."""
+    params: dict[str, str] = {}
+    for n, (col, expr, val) in enumerate(where):
+        params.update({f"where[{n}][col]": col, f"where[{n}][expr]": expr, f"where[{n}][val]": val})
+    return params
+
+
 class MauticApi:
     """One Mautic install's campaigns, contacts and segments."""
 
@@ -163,9 +171,8 @@ class MauticApi:
         cursors = PageCursors("mautic", name=f"Mautic {path}", connection_id=self.http.connection_id, endpoint=path)
         last = 0
         while True:
-            params: dict[str, str] = {"start": "0", "limit": str(size), "orderBy": "id", "orderByDir": "ASC", **extra}
-            for n, (col, expr, val) in enumerate([*where, ("id", "gt", str(last))]):
-                params.update({f"where[{n}][col]": col, f"where[{n}][expr]": expr, f"where[{n}][val]": val})
+            params: dict[str, str] = {"start": "0", "limit": str(size), "orderBy": "id", "orderByDir": "ASC", **extra,
+                                      **_where_params([*where, ("id", "gt", str(last))])}  # fmt: skip
             items = entities(self.http.get_json(path, params=params), key)
             items.sort(key=lambda raw: int(raw["id"]))
             fresh = [raw for raw in items if int(raw["id"]) > last]
@@ -227,10 +234,9 @@ class MauticApi:
             chunk = ",".join(ordered[start : start + self.page_size])
             offset, limit = 0, max(self.page_size, 100)
             while True:
-                params = {"start": str(offset), "limit": str(limit), "where[0][col]": "lead_id",
-                          "where[0][expr]": "in", "where[0][val]": chunk, "where[1][col]": "manually_removed",
-                          "where[1][expr]": "eq", "where[1][val]": "0", "order[0][col]": "lead_id",
-                          "order[0][dir]": "ASC", "order[1][col]": "leadlist_id", "order[1][dir]": "ASC"}  # fmt: skip
+                params = {"start": str(offset), "limit": str(limit), "order[0][col]": "lead_id", "order[0][dir]": "ASC",
+                          "order[1][col]": "leadlist_id", "order[1][dir]": "ASC",
+                          **_where_params([("lead_id", "in", chunk), ("manually_removed", "eq", "0")])}  # fmt: skip
                 rows = entities(self.http.get_json("/api/stats/lead_lists_leads", params=params), "stats")
                 for row in rows:
                     found.setdefault(str(row["lead_id"]), set()).add(str(row["leadlist_id"]))
@@ -265,9 +271,8 @@ class MauticApi:
 
     def segment_member_count(self, segment_id: str) -> int:
         """How many contacts the segment has now (`lead_lists_leads` rows not manually removed)."""
-        params = {"start": "0", "limit": "1", "where[0][col]": "leadlist_id", "where[0][expr]": "eq",
-                  "where[0][val]": segment_id, "where[1][col]": "manually_removed", "where[1][expr]": "eq",
-                  "where[1][val]": "0"}  # fmt: skip
+        params = {"start": "0", "limit": "1",
+                  **_where_params([("leadlist_id", "eq", segment_id), ("manually_removed", "eq", "0")])}  # fmt: skip
         body = self.http.get_json("/api/stats/lead_lists_leads", params=params)
         return int(body.get("total") or 0) if isinstance(body, dict) else 0
 
@@ -288,14 +293,10 @@ class MauticApi:
             for segment in segments:
                 last = 0
                 while True:
-                    where = [
-                        ("leadlist_id", "eq", segment),
-                        ("manually_removed", "eq", "0"),
-                        ("lead_id", "gt", str(last)),
-                    ]
-                    params = {"start": "0", "limit": str(size), "order[0][col]": "lead_id", "order[0][dir]": "ASC"}
-                    for n, (col, expr, val) in enumerate(where):
-                        params.update({f"where[{n}][col]": col, f"where[{n}][expr]": expr, f"where[{n}][val]": val})
+                    where = [("leadlist_id", "eq", segment), ("manually_removed", "eq", "0"),
+                             ("lead_id", "gt", str(last))]  # fmt: skip
+                    params = {"start": "0", "limit": str(size), "order[0][col]": "lead_id", "order[0][dir]": "ASC",
+                              **_where_params(where)}  # fmt: skip
                     rows = entities(self.http.get_json("/api/stats/lead_lists_leads", params=params), "stats")
                     leads = sorted(int(row["lead_id"]) for row in rows)
                     yield [(str(lead), segment) for lead in leads if lead > last]

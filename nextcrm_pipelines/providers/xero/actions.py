@@ -183,8 +183,7 @@ def reference_of(key: str) -> str:
 
 
 def _need_scope(api: Any, action: str, any_of: tuple[str, ...]) -> None:
-    granted = api.granted_scopes()
-    if granted is not None and not granted & set(any_of):
+    if api.lacks_scope(any_of):
         raise ActionInvalid(f"{action}: the connection's Xero grant lacks the scope {' or '.join(any_of)}; "
                             "connect it again (`nextcrm-pipelines connect xero`) to grant it, then "
                             "`nextcrm-pipelines actions retry`: nothing was sent")  # fmt: skip

@@ -126,7 +126,6 @@ class XeroApi:
         )
         self.page_size = int(settings.get("page_size", PAGE_SIZE))
         self._tokens = ctx.tokens
-        self._connection_id = connection.id
 
     def __enter__(self) -> XeroApi:
         return self
@@ -162,10 +161,9 @@ class XeroApi:
     def payments(self, window: SyncWindow) -> Iterator[list[Record]]:
         """Payments made or changed in the window, deleted ones included. A grant made before NextCRM read
         payments lacks their scope: that is said without asking Xero, and the connection's other entities go on."""
-        granted = self.granted_scopes()
-        if granted is not None and not granted & set(PAYMENT_READ_SCOPES):
+        if self.lacks_scope(PAYMENT_READ_SCOPES):
             raise NotGranted(f"the connection's Xero grant lacks the scope {PAYMENT_READ_SCOPES[0]} (it was authorised "
-                             "before NextCRM read payments)", provider="xero", connection_id=self._connection_id,
+                             "before NextCRM read payments)", provider="xero", connection_id=self.http.connection_id,
                              endpoint="GET /Payments")  # fmt: skip
         return self._changed("Payments", "PaymentID", window)
 
@@ -207,6 +205,11 @@ class XeroApi:
         """The scopes the connection's grant holds, as Xero's token answer listed them (None: not recorded)."""
         scope = self._tokens.secret("scope") if self._tokens is not None else None
         return frozenset(scope.split()) if scope else None
+
+    def lacks_scope(self, any_of: Iterable[str]) -> bool:
+        """Whether the grant's recorded scopes hold none of `any_of` (False when no scopes are on record)."""
+        granted = self.granted_scopes()
+        return granted is not None and not granted & set(any_of)
 
     def write(self, method: str, resource: str, elements: list[dict[str, Any]], idempotency_key: str, *,
               record_id: str | None = None, params: Mapping[str, str] | None = None,
